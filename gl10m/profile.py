@@ -16,12 +16,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gl10m.concepts import RuleError, compile_rule
+from gl10m.errors import UserError
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 DEFAULT_PROFILE = MANIFESTS / "gl10m-66.yaml"
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError, ValueError):
     """A profile that cannot be used; the message is one line naming the file and field."""
 
 

@@ -1,0 +1,67 @@
+# gl10m: build GL-10M-style datasets. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+GL10M := $(VENV)/bin/gl10m
+PROFILE ?= manifests/gl10m-66.yaml
+WORKDIR ?= work
+STATES ?=
+WORKERS ?=
+DEMO ?= work/demo
+PYTEST_ARGS ?=
+
+STATES_FLAG := $(if $(STATES),--states $(STATES),)
+WORKERS_FLAG := $(if $(WORKERS),--workers $(WORKERS),)
+STAMP := $(VENV)/.installed
+
+.PHONY: help setup test test-slow demo testbed serve index download shard build train eval bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install gl10m with pinned constraints
+
+test: $(STAMP)  ## run the test suite (fast tests; `make test-slow` for the heavy ones)
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+test-slow: $(STAMP)  ## run only the slow end-to-end tests
+	$(VENV)/bin/pytest -q -m slow $(PYTEST_ARGS)
+
+testbed: $(STAMP)  ## build the offline testbed world into $(DEMO)/world
+	$(GL10M) testbed build --out $(DEMO)/world
+
+serve: $(STAMP)  ## serve the testbed world (STAC API + HTTP Range server) until Ctrl-C
+	$(GL10M) testbed serve $(DEMO)/world
+
+demo: $(STAMP)  ## the whole chain on the offline testbed: build the world, then index it
+	@test -f $(DEMO)/world/profile.yaml || $(GL10M) testbed build --out $(DEMO)/world
+	$(GL10M) index --profile $(DEMO)/world/profile.yaml --workdir $(DEMO) $(WORKERS_FLAG)
+	$(GL10M) testbed preview $(DEMO)/world --state CA --output $(DEMO)/preview-CA.png
+	@echo "demo: index outputs in $(DEMO)/osm and $(DEMO)/anchors, ledger $(DEMO)/ledger.sqlite, picture $(DEMO)/preview-CA.png"
+
+index: $(STAMP)  ## index stages (osm, anchors) for PROFILE into WORKDIR [STATES=CA,TX]
+	$(GL10M) index --profile $(PROFILE) --workdir $(WORKDIR) $(STATES_FLAG) $(WORKERS_FLAG)
+
+download: $(STAMP)  ## catalog, plan and fetch (not built yet: issue 4)
+	@echo "download: the catalog/plan/fetch stages are not built yet" >&2; exit 2
+
+shard: $(STAMP)  ## write WebDataset shards (not built yet: issue 5)
+	@echo "shard: the shard stage is not built yet" >&2; exit 2
+
+build: index download shard  ## index + download + shard
+
+train eval:
+	@echo "$@: the model is not built yet" >&2; exit 2
+
+bench: $(STAMP)  ## run every benchmark in bench/ (each prints a ratio against its own baseline)
+	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:  ## remove the demo work dir
+	rm -rf $(DEMO)

@@ -1,0 +1,228 @@
+"""The `gl10m` command line: build stages, standalone tools, the offline testbed."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gl10m.errors import UserError
+
+app = typer.Typer(
+    help="Build GL-10M-style paired Sentinel-2 / NAIP datasets from OpenStreetMap concepts.\n\n"
+         "Stages: index (osm -> anchors), then download and shard. Try it offline first:\n"
+         "`gl10m testbed build --out W/world` and `gl10m testbed serve W/world`.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+testbed_app = typer.Typer(help="The offline testbed world: build it, serve it, look at it.",
+                          no_args_is_help=True)
+app.add_typer(testbed_app, name="testbed")
+profile_app = typer.Typer(help="Inspect and validate dataset profiles.", no_args_is_help=True)
+app.add_typer(profile_app, name="profile")
+
+out = Console(soft_wrap=False)
+err = Console(stderr=True, soft_wrap=True)
+
+ProfileOpt = typer.Option(None, "--profile", "-p", help="Profile YAML (default: manifests/gl10m-66.yaml).")
+WorkdirOpt = typer.Option(..., "--workdir", "-w", help="Work dir: one folder per stage, the ledger, downloads.")
+StatesOpt = typer.Option(None, "--states", help="Comma-separated region codes, e.g. CA,TX (default: all).")
+WorkersOpt = typer.Option(None, "--workers", help="Dask workers of the local cluster (default: min(2, cores)).")
+ThreadsOpt = typer.Option(1, "--threads", help="Threads per Dask worker.")
+SchedulerOpt = typer.Option(None, "--scheduler", help="Use an existing Dask cluster (tcp://host:port).")
+NoDaskOpt = typer.Option(False, "--no-dask", help="Run every step in this process, in order (debugging).")
+
+
+def _profile(path: Optional[Path]):
+    from gl10m import profile as prof
+
+    return prof.load(path)
+
+
+def _client_opts(workers, threads, scheduler):
+    from gl10m.pipelines.runner import ClusterOptions
+
+    if workers is not None and workers < 1:
+        raise UserError("--workers must be at least 1")
+    if threads < 1:
+        raise UserError("--threads must be at least 1")
+    return ClusterOptions(workers=workers, threads=threads, scheduler=scheduler)
+
+
+@app.command()
+def index(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
+          stage: Optional[str] = typer.Option(None, "--stage", help="Run one stage only: osm or anchors."),
+          force: bool = typer.Option(False, "--force", help="Redo even what the ledger says is done."),
+          dry_run: bool = typer.Option(False, "--dry-run", help="Say what would run, run nothing."),
+          workers: Optional[int] = WorkersOpt, threads: int = ThreadsOpt,
+          scheduler: Optional[str] = SchedulerOpt, no_dask: bool = NoDaskOpt,
+          partitions: int = typer.Option(4, "--partitions", help="Spatial partitions per region for anchors."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
+    """Index stages: PBF -> concept features (osm) -> thinned scene candidates (anchors)."""
+    from gl10m.pipelines import index as ix
+    from gl10m.pipelines.runner import dask_client
+
+    prof = _profile(profile)
+    regions = prof.select_regions(states)
+    stages = ix.STAGES if stage is None else (stage,)
+    if stage is not None and stage not in ix.STAGES:
+        raise UserError(f"unknown stage {stage!r}; stages are {', '.join(ix.STAGES)}")
+    if dry_run:
+        res = ix.run_index(prof, workdir, regions=regions, stages=stages, force=force, dry_run=True)
+        t = Table("stage", "region", "would", "why", "source", title="gl10m index --dry-run")
+        for p in res.plans:
+            t.add_row(p.stage, p.region, "run" if p.run else "skip", p.why,
+                      prof.pbf_source(p.region) if p.stage == "osm" else str(ix.osm_path(workdir, p.region)))
+        out.print(t)
+        return
+    if no_dask:
+        res = ix.run_index(prof, workdir, regions=regions, stages=stages, force=force, quiet=quiet,
+                           n_partitions=partitions)
+    else:
+        with dask_client(_client_opts(workers, threads, scheduler), quiet=quiet) as client:
+            res = ix.run_index(prof, workdir, regions=regions, stages=stages, client=client, force=force,
+                               quiet=quiet, n_partitions=partitions)
+    ran = [k for k, v in res.outcomes.items() if not v.startswith("skipped")]
+    if not ran:
+        out.print("nothing to do: every requested stage is up to date (use --force to redo)")
+    _print_summary(workdir, stages=list(stages))
+    bad = [f"{s}/{r}: {v}" for (s, r), v in sorted(res.outcomes.items())
+           if v.startswith(("failed", "rejected", "waiting"))]
+    if bad:
+        for b in bad:
+            err.print(f"[red]{b}[/red]")
+        raise typer.Exit(1)
+
+
+def _print_summary(workdir: Path, stages: list[str] | None = None) -> None:
+    from gl10m.ledger import Ledger
+
+    path = Path(workdir) / "ledger.sqlite"
+    if not path.exists():
+        raise UserError(f"{workdir}: no ledger here (nothing has run in this work dir)")
+    with Ledger(path) as led:
+        rows = [r for r in led.summary() if stages is None or r[0] in stages]
+    t = Table("stage", "outcome", "units", title=f"ledger {path}")
+    for s, label, n in rows:
+        t.add_row(s, label, str(n))
+    out.print(t)
+
+
+@app.command()
+def status(workdir: Path = WorkdirOpt,
+           detail: bool = typer.Option(False, "--detail", help="One line per unit, not counts.")):
+    """Print the ledger's summary: per stage, how many units passed and why the others did not."""
+    if not detail:
+        _print_summary(workdir)
+        return
+    from gl10m.ledger import Ledger
+
+    with Ledger(Path(workdir) / "ledger.sqlite") as led:
+        t = Table("stage", "unit", "outcome", "attempts", "updated")
+        for o in led.outcomes():
+            t.add_row(o.stage, o.unit, o.label, str(o.attempts), o.updated)
+    out.print(t)
+
+
+@app.command("osm")
+def osm_cmd(pbf: Path = typer.Argument(..., help="Any .osm.pbf file."),
+            output: Path = typer.Option(..., "--output", "-o", help="GeoParquet to write."),
+            profile: Optional[Path] = ProfileOpt,
+            report: Optional[Path] = typer.Option(None, "--report", help="Also write the yield report (CSV).")):
+    """Standalone: extract the profile's concept features from any PBF into GeoParquet."""
+    from gl10m import osm
+
+    prof = _profile(profile)
+    if not pbf.exists():
+        raise UserError(f"{pbf}: no such file")
+    res = osm.extract(pbf, prof)
+    osm.write_features(res.features, output)
+    rep = osm.yield_report(res.features, prof)
+    if report:
+        from gl10m.io import atomic_path
+
+        with atomic_path(report) as t:
+            rep.to_csv(t, index=False)
+    out.print(f"{len(res.features)} features -> {output}")
+    out.print(" ".join(f"{k}={v}" for k, v in sorted(res.stats.items())))
+    zero = list(rep.loc[rep["zero"], "name"]) if "zero" in rep else []
+    if zero:
+        out.print(f"[yellow]zero yield: {', '.join(zero)}[/yellow]")
+
+
+@profile_app.command("check")
+def profile_check(path: Optional[Path] = typer.Argument(None, help="Profile YAML (default: gl10m-66).")):
+    """Validate a profile and print what it defines."""
+    prof = _profile(path)
+    scheme = prof.splits.schemes[prof.splits.scheme]
+    out.print(f"{prof.name} v{prof.version}: {prof.n_concepts} concepts, {len(prof.regions)} regions, "
+              f"footprint {prof.geometry.footprint_deg} deg, {prof.geometry.grid}x{prof.geometry.grid} tiles "
+              f"of {prof.geometry.tile_px} px; split '{prof.splits.scheme}' train={','.join(scheme.train)} "
+              f"val={','.join(scheme.val)} test={','.join(scheme.test)}; hash {prof.hash()}")
+
+
+# -- testbed ---------------------------------------------------------------------------------
+@testbed_app.command("build")
+def testbed_build(out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write the world into."),
+                  spec: Optional[Path] = typer.Option(None, "--spec", help="World spec (default: manifests/testbed.yaml)."),
+                  seed: Optional[int] = typer.Option(None, "--seed", help="Override the spec's seed.")):
+    """Generate the offline world: OSM PBF, NAIP and Sentinel-2 COGs, STAC items, a ready profile."""
+    from gl10m.testbed import build as tb
+
+    res = tb.build(out_dir, spec_path=spec, seed=seed)
+    out.print(f"world written to {out_dir}")
+    if hasattr(res, "summary"):
+        out.print(res.summary() if callable(res.summary) else res.summary)
+    out.print(f"next: gl10m testbed serve {out_dir}")
+
+
+@testbed_app.command("serve")
+def testbed_serve(world: Path = typer.Argument(..., help="A folder written by `gl10m testbed build`.")):
+    """Serve a built world: a STAC API and a Range-capable HTTP server on 127.0.0.1 (Ctrl-C stops)."""
+    from gl10m.testbed import serve
+
+    serve.run_forever(world)
+
+
+@testbed_app.command("preview")
+def testbed_preview(world: Path = typer.Argument(..., help="A folder written by `gl10m testbed build`."),
+                    state: str = typer.Option(..., "--state", help="Region code, e.g. CA."),
+                    output: Path = typer.Option(..., "--output", "-o", help="PNG to write.")):
+    """Draw one region: the HR mosaic with OSM outlines next to the LR view."""
+    from gl10m.testbed import build as tb
+
+    tb.render_preview(world, state.upper(), output)
+    out.print(f"wrote {output}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit code 2, no traceback."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(2)
+    except FileNotFoundError as e:
+        err.print(f"[red]error:[/red] {e.filename or e}: no such file or directory", highlight=False)
+        sys.exit(2)
+    except PermissionError as e:
+        err.print(f"[red]error:[/red] {e.filename or e}: permission denied", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:
+        # usage errors of the CLI framework (typer vendors click): print them as click would
+        if hasattr(e, "show") and isinstance(getattr(e, "exit_code", None), int):
+            e.show()
+            sys.exit(e.exit_code)
+        if type(e).__name__ == "Abort":
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The Dask client the pipelines run on.
+
+A LocalCluster by default (workers and threads from flags), or an existing cluster via
+``--scheduler tcp://host:port``. Pipelines only map plain step functions over units and gather
+outcomes back into the driver, which alone writes the ledger.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    workers: int | None = None     # default: min(2, cores)
+    threads: int = 1               # per worker
+    scheduler: str | None = None   # tcp://host:port of an existing cluster
+    processes: bool = True         # False: threads in this process (tests, debugging)
+    memory_limit: str = "auto"
+
+
+@contextlib.contextmanager
+def dask_client(opts: ClusterOptions | None = None, *, quiet: bool = False) -> Iterator["distributed.Client"]:
+    """Start (or connect to) a Dask cluster; print the dashboard address; close it afterwards."""
+    import distributed
+
+    opts = opts or ClusterOptions()
+    for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker",
+                 "distributed.core", "distributed.http.proxy"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if opts.scheduler:
+        client = distributed.Client(opts.scheduler)
+        cluster = None
+    else:
+        workers = opts.workers or max(1, min(2, os.cpu_count() or 1))
+        cluster = distributed.LocalCluster(
+            n_workers=workers, threads_per_worker=opts.threads, processes=opts.processes,
+            dashboard_address="127.0.0.1:0", host="127.0.0.1", memory_limit=opts.memory_limit,
+            silence_logs=logging.ERROR)
+        client = distributed.Client(cluster)
+    if not quiet:
+        console.print(f"[dim]dask: {len(client.scheduler_info()['workers'])} workers, "
+                      f"dashboard {client.dashboard_link}[/dim]")
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def progress_bar(quiet: bool = False) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, disable=quiet, transient=False)
+
+
+def map_units(client, fn: Callable, args: Sequence[tuple], *, keys: Sequence[str],
+              description: str, quiet: bool = False,
+              on_result: Callable[[str, object, BaseException | None], None]) -> None:
+    """Submit fn(*a) for each unit, call on_result(key, result, error) as each finishes.
+
+    A task that raises never stops the run: its exception is handed to on_result. With
+    client=None everything runs in this process (no Dask), in order.
+    """
+    if client is None:
+        with progress_bar(quiet) as bar:
+            task = bar.add_task(description, total=len(args))
+            for key, a in zip(keys, args):
+                try:
+                    res, err = fn(*a), None
+                except Exception as e:  # one bad unit never stops a run
+                    res, err = None, e
+                on_result(key, res, err)
+                bar.advance(task)
+        return
+    import distributed
+
+    futures = {}
+    for key, a in zip(keys, args):
+        fut = client.submit(fn, *a, key=f"{description}-{key}-{os.urandom(4).hex()}", pure=False)
+        futures[fut] = key
+    with progress_bar(quiet) as bar:
+        task = bar.add_task(description, total=len(futures))
+        for fut in distributed.as_completed(list(futures)):
+            key = futures[fut]
+            try:
+                res, err = fut.result(), None
+            except Exception as e:
+                res, err = None, e
+            on_result(key, res, err)
+            fut.release()
+            bar.advance(task)
+
+
+def error_label(err: BaseException) -> str:
+    """A one-line, ledger-safe description of an exception."""
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {msg}"[:300]
