@@ -131,11 +131,11 @@ def osm_cmd(pbf: Path = typer.Argument(..., help="Any .osm.pbf file."),
             profile: Optional[Path] = ProfileOpt,
             report: Optional[Path] = typer.Option(None, "--report", help="Also write the yield report (CSV).")):
     """Standalone: extract the profile's concept features from any PBF into GeoParquet."""
-    from gl10m import osm
-
-    prof = _profile(profile)
     if not pbf.exists():
         raise UserError(f"{pbf}: no such file")
+    prof = _profile(profile)
+    from gl10m import osm
+
     res = osm.extract(pbf, prof)
     osm.write_features(res.features, output)
     rep = osm.yield_report(res.features, prof)
