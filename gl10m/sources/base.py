@@ -1,0 +1,135 @@
+"""The imagery-provider interface shared by every backend (``stac``, ``earthengine``).
+
+A provider does three things for the download stages:
+
+* ``search_items(collection, bbox, start, end)`` yields every item of `collection` whose
+  footprint intersects `bbox` (west, south, east, north in EPSG:4326) and whose acquisition date
+  lies in ``start .. end`` (both inclusive, whole days, UTC), normalised to one internal shape
+  (:data:`ITEM_FIELDS`, below) whatever the backend calls things;
+* ``sign(href)`` returns a URL the fetch step can read (identity unless the provider signs);
+  ``resign(href)`` forces fresh credentials (fetch calls it after an HTTP 403, e.g. an expired
+  Planetary Computer SAS token);
+* ``name`` and ``max_concurrency`` (the cap on concurrent requests across all Dask workers).
+
+Normalised item (a plain dict):
+
+=============  ==============================================================================
+id             the provider's item id
+collection     the provider's collection id
+provider       the provider's ``name``
+datetime       acquisition time, ISO 8601 UTC with ``Z`` (``2023-06-10T18:39:19Z``)
+geometry       footprint, GeoJSON dict in EPSG:4326
+bbox           [west, south, east, north] (EPSG:4326)
+epsg           native CRS of the assets (int) or None
+gsd            ground sample distance in metres, or None
+cloud_cover    scene cloud cover in percent (Sentinel-2), or None
+mgrs_tile      Sentinel-2 MGRS tile (``11SLT``), or None
+baseline       Sentinel-2 processing baseline (``05.09``), or None
+datatake       Sentinel-2 datatake key, baseline-free (``S2B_20230610T183919_R070``), or None
+naip_state     NAIP state, upper case (``CA``), or None
+naip_year      NAIP year (int), or None
+hrefs          {canonical asset key: UNSIGNED href}; Sentinel-2 ``B02 B03 B04 SCL``, NAIP ``image``
+properties     the item's raw properties (provenance)
+=============  ==============================================================================
+"""
+from __future__ import annotations
+
+import abc
+import datetime as dt
+from typing import Any, Iterator, Protocol, runtime_checkable
+
+ITEM_FIELDS: tuple[str, ...] = (
+    "id", "collection", "provider", "datetime", "geometry", "bbox", "epsg", "gsd", "cloud_cover",
+    "mgrs_tile", "baseline", "datatake", "naip_state", "naip_year", "hrefs", "properties",
+)
+S2_ASSETS: tuple[str, ...] = ("B02", "B03", "B04", "SCL")
+NAIP_ASSETS: tuple[str, ...] = ("image",)
+
+Bbox = tuple[float, float, float, float]
+
+
+@runtime_checkable
+class ProviderLike(Protocol):
+    """What the pipeline needs of a provider (structural type, for type checking)."""
+
+    name: str
+    max_concurrency: int
+
+    def search_items(self, collection: str, bbox: Bbox, start: dt.date, end: dt.date) -> Iterator[dict]: ...
+
+    def sign(self, href: str) -> str: ...
+
+    def resign(self, href: str) -> str: ...
+
+
+class Provider(abc.ABC):
+    """Base class of the backends: identity signing, a concurrency cap, the search to implement."""
+
+    name: str = "provider"
+    max_concurrency: int = 8
+
+    @abc.abstractmethod
+    def search_items(self, collection: str, bbox: Bbox, start: dt.date, end: dt.date) -> Iterator[dict]:
+        """Yield normalised items (see the module doc) of `collection` over `bbox` and the dates."""
+
+    def sign(self, href: str) -> str:
+        """A readable URL for an unsigned asset href (identity here)."""
+        return href
+
+    def resign(self, href: str) -> str:
+        """Like :meth:`sign`, but with fresh credentials (after a 403). Identity here."""
+        return href
+
+    def describe(self) -> dict:
+        """What to record as provenance (no credentials)."""
+        return {"provider": self.name}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.describe()})"
+
+
+def empty_item(**values: Any) -> dict:
+    """A normalised item with every field present (None / empty), updated with `values`."""
+    item: dict[str, Any] = {k: None for k in ITEM_FIELDS}
+    item["hrefs"] = {}
+    item["properties"] = {}
+    unknown = set(values) - set(ITEM_FIELDS)
+    if unknown:
+        raise KeyError(f"not item fields: {sorted(unknown)}")
+    item.update(values)
+    return item
+
+
+def iso_utc(value: Any) -> str | None:
+    """Normalise a datetime / ISO string to ``YYYY-MM-DDTHH:MM:SSZ`` (UTC, seconds)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, dt.datetime):
+        t = value
+    elif isinstance(value, dt.date):
+        t = dt.datetime(value.year, value.month, value.day)
+    else:
+        s = str(value).strip().replace(" ", "T")
+        if s.endswith("Z") or s.endswith("z"):
+            s = s[:-1] + "+00:00"
+        # Python < 3.11 does not parse fractions of other than 3/6 digits: trim them.
+        if "." in s:
+            head, _, tail = s.partition(".")
+            frac = "".join(ch for ch in tail if ch.isdigit())
+            rest = tail[len(frac):]
+            s = head + ("." + (frac + "000000")[:6] if frac else "") + rest
+        t = dt.datetime.fromisoformat(s)
+    if t.tzinfo is not None:
+        t = t.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return t.replace(microsecond=0).isoformat() + "Z"
+
+
+def as_date(value: Any) -> dt.date:
+    """A date from a date, a datetime or an ISO string (the date part of its UTC time)."""
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    s = iso_utc(value)
+    assert s is not None
+    return dt.date.fromisoformat(s[:10])
