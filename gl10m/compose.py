@@ -1,0 +1,328 @@
+"""Pixels of a scene: footprint grids, the Sentinel-2 median composite, the NAIP mosaic.
+
+Plain array/raster functions, no I/O of their own beyond reading a window from an already open
+rasterio dataset (opening, signing, retrying and typed rejections live in ``gl10m.fetch``).
+
+Grids. A scene footprint ``(west, south, east, north)`` in EPSG:4326 gets two pixel grids: the
+LR grid (268 x 268) and the HR grid (2680 x 2680), both north-up, pixel (0, 0) at the north-west
+corner. The HR grid cut into 10 x 10 blocks of 268 x 268 gives the tiles, index ``row*10 + col``
+with row 0 at the north and col 0 at the west; the tiles tessellate the LR footprint exactly.
+Degree pixels are anisotropic on the ground: :func:`ground_px_m` says by how much.
+
+Sentinel-2 LR. Each selected granule contributes its B04/B03/B02 (10 m) and SCL (20 m) windows
+over the footprint, read in the granule's own UTM grid and reprojected to the LR grid (bilinear
+for reflectance, nearest for SCL). DN 0 is L2A no-data. Harmonisation subtracts the profile's
+offset (+1000) only when the item's processing baseline (item metadata, never the date) is at or
+above the profile's ``offset_baseline`` (04.00), then divides by 10000 and clips at 0 (as a
+harmonised collection does). Pixels whose SCL class is in the profile mask are dropped, and the
+per-pixel median over the remaining dates (the same dates for all three bands) is stretched from
+reflectance ``stretch[0]..stretch[1]`` to 0..255 (R, G, B = B04, B03, B02).
+
+NAIP HR. Quarter-quads of one state-year are read as bands 1, 2, 3 (R, G, B; band 4 is the N
+band and is never read), reprojected bilinearly onto the HR grid with their no-data (declared
+nodata / internal mask, and pixels black in all three bands, the DOQQ collar) kept as NaN, and
+mosaicked first-valid-wins, so overlapping quarter-quads fill each other's collars and no black
+seam can appear where one ends.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.transform import from_bounds
+from rasterio.warp import reproject, transform_bounds
+from rasterio.windows import Window, from_bounds as window_from_bounds
+
+WGS84 = CRS.from_epsg(4326)
+S2_NODATA_DN = 0          # L2A: DN 0 is no-data in every band
+SCL_NODATA = 0            # SCL class 0 = no data
+S2_SCALE = 10000.0        # L2A reflectance = DN / 10000 (after the offset)
+RGB_BANDS = (1, 2, 3)     # NAIP band order R, G, B, N: only these three are ever read
+
+Bounds = tuple[float, float, float, float]
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Grid:
+    """A north-up pixel grid in EPSG:4326 over a footprint."""
+
+    bounds: Bounds
+    width: int
+    height: int
+
+    @property
+    def transform(self) -> Affine:
+        w, s, e, n = self.bounds
+        return from_bounds(w, s, e, n, self.width, self.height)
+
+    @property
+    def crs(self) -> CRS:
+        return WGS84
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    @property
+    def px_deg(self) -> tuple[float, float]:
+        w, s, e, n = self.bounds
+        return ((e - w) / self.width, (n - s) / self.height)
+
+
+def _check_bounds(bounds: Bounds) -> Bounds:
+    w, s, e, n = (float(v) for v in bounds)
+    if not (all(math.isfinite(v) for v in (w, s, e, n)) and -180 <= w < e <= 180 and -90 <= s < n <= 90):
+        raise ValueError(f"footprint {bounds!r} is not (west, south, east, north) in degrees")
+    return (w, s, e, n)
+
+
+def footprint_grid(bounds: Bounds, size: int) -> Grid:
+    """A ``size x size`` grid over `bounds` (west, south, east, north)."""
+    if int(size) <= 0:
+        raise ValueError(f"grid size must be positive, got {size}")
+    return Grid(_check_bounds(bounds), int(size), int(size))
+
+
+def lr_grid(bounds: Bounds, profile) -> Grid:
+    return footprint_grid(bounds, profile.geometry.lr_px)
+
+
+def hr_grid(bounds: Bounds, profile) -> Grid:
+    return footprint_grid(bounds, profile.geometry.hr_px)
+
+
+def tile_bounds(bounds: Bounds, grid: int = 10) -> list[Bounds]:
+    """The `grid` x `grid` tile footprints, index ``row*grid + col`` (row 0 north, col 0 west).
+
+    Shared edges are computed by one formula, so neighbouring tiles meet exactly and the
+    outer edges equal the footprint's.
+    """
+    w, s, e, n = _check_bounds(bounds)
+    xs = [w + (e - w) * i / grid for i in range(grid + 1)]
+    ys = [n - (n - s) * i / grid for i in range(grid + 1)]
+    xs[-1], ys[-1] = e, s
+    return [(xs[c], ys[r + 1], xs[c + 1], ys[r]) for r in range(grid) for c in range(grid)]
+
+
+def cut_tiles(mosaic: np.ndarray, grid: int = 10) -> np.ndarray:
+    """[H, W, C] -> [grid*grid, H/grid, W/grid, C], index ``row*grid + col`` from the north-west."""
+    h, w, c = mosaic.shape
+    if h % grid or w % grid:
+        raise ValueError(f"mosaic {h}x{w} does not split into a {grid}x{grid} grid")
+    th, tw = h // grid, w // grid
+    return np.ascontiguousarray(mosaic.reshape(grid, th, grid, tw, c).swapaxes(1, 2).reshape(grid * grid, th, tw, c))
+
+
+def join_tiles(tiles: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`cut_tiles`: [grid*grid, th, tw, C] -> [grid*th, grid*tw, C]."""
+    n, th, tw, c = tiles.shape
+    grid = int(round(math.sqrt(n)))
+    if grid * grid != n:
+        raise ValueError(f"{n} tiles do not form a square grid")
+    return np.ascontiguousarray(tiles.reshape(grid, grid, th, tw, c).swapaxes(1, 2).reshape(grid * th, grid * tw, c))
+
+
+def ground_px_m(grid: Grid) -> tuple[float, float]:
+    """Ground size (metres) of one pixel along x (east) and y (north) at the footprint centre."""
+    from pyproj import Geod
+
+    geod = Geod(ellps="WGS84")
+    w, s, e, n = grid.bounds
+    lat, lon = (s + n) / 2, (w + e) / 2
+    _, _, dx = geod.inv(w, lat, e, lat)
+    _, _, dy = geod.inv(lon, s, lon, n)
+    return (dx / grid.width, dy / grid.height)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a window of an open dataset and putting it on a grid
+# ---------------------------------------------------------------------------------------------
+def source_window(ds, bounds: Bounds, pad: int = 3) -> Window | None:
+    """The window of open dataset `ds` covering the EPSG:4326 `bounds` (plus `pad` pixels for
+    the resampling kernel), clipped to the dataset; None when they do not overlap."""
+    b = transform_bounds(WGS84, ds.crs, *bounds, densify_pts=21)
+    win = window_from_bounds(*b, transform=ds.transform)
+    c0 = math.floor(win.col_off) - pad
+    r0 = math.floor(win.row_off) - pad
+    c1 = math.ceil(win.col_off + win.width) + pad
+    r1 = math.ceil(win.row_off + win.height) + pad
+    c0, r0, c1, r1 = max(c0, 0), max(r0, 0), min(c1, ds.width), min(r1, ds.height)
+    if c1 <= c0 or r1 <= r0:
+        return None
+    return Window(c0, r0, c1 - c0, r1 - r0)
+
+
+def warp_to_grid(src: np.ndarray, src_transform: Affine, src_crs, grid: Grid, resampling: Resampling,
+                 *, nodata) -> np.ndarray:
+    """Reproject [B, h, w] (or [h, w]) onto `grid`; pixels without a source stay `nodata`.
+
+    Single-threaded GDAL warp: the result does not depend on how many threads a machine has.
+    """
+    squeeze = src.ndim == 2
+    s = src[None] if squeeze else src
+    dst = np.full((s.shape[0], grid.height, grid.width), nodata, dtype=s.dtype)
+    reproject(s, dst, src_transform=src_transform, src_crs=src_crs, dst_transform=grid.transform,
+              dst_crs=grid.crs, resampling=resampling, src_nodata=nodata, dst_nodata=nodata, num_threads=1)
+    return dst[0] if squeeze else dst
+
+
+# ---------------------------------------------------------------------------------------------
+# Sentinel-2
+# ---------------------------------------------------------------------------------------------
+def parse_baseline(baseline) -> tuple[int, int] | None:
+    """'05.09' -> (5, 9); None or anything unparseable -> None."""
+    if baseline is None:
+        return None
+    try:
+        major, minor = str(baseline).strip().split(".")
+        return (int(major), int(minor))
+    except (ValueError, AttributeError):
+        return None
+
+
+def _s2(profile):
+    return profile.imagery.s2 if hasattr(profile, "imagery") else profile
+
+
+def offset_for(baseline, profile) -> int:
+    """The DN offset to subtract for an item of processing `baseline` (0 when none is due).
+
+    Raises ValueError when harmonisation is on and the baseline is unknown: the offset is read
+    from item metadata, never guessed from the acquisition date.
+    """
+    s2 = _s2(profile)
+    if not s2.harmonize:
+        return 0
+    b = parse_baseline(baseline)
+    if b is None:
+        raise ValueError(f"processing baseline {baseline!r} is unknown: cannot tell whether the +{s2.offset} offset applies")
+    return int(s2.offset) if b >= parse_baseline(s2.offset_baseline) else 0
+
+
+def harmonise(dn: np.ndarray, baseline, profile) -> np.ndarray:
+    """DN (uint16) -> float32 surface reflectance; NaN where DN is 0 (no data).
+
+    Subtracts the profile offset only when `baseline` >= the profile's ``offset_baseline``
+    (see :func:`offset_for`); reflectance below 0 after the subtraction is clipped to 0.
+    """
+    off = offset_for(baseline, profile)
+    x = dn.astype(np.float32)
+    nod = dn == S2_NODATA_DN
+    if off:
+        x -= off
+        np.maximum(x, 0, out=x)
+    x /= S2_SCALE
+    x[nod] = np.nan
+    return x
+
+
+def warp_reflectance(refl: np.ndarray, src_transform: Affine, src_crs, grid: Grid) -> np.ndarray:
+    """Float reflectance (NaN = no data) in the granule grid -> the LR grid, bilinear."""
+    return warp_to_grid(refl.astype(np.float32, copy=False), src_transform, src_crs, grid,
+                        Resampling.bilinear, nodata=np.nan)
+
+
+def warp_scl(scl: np.ndarray, src_transform: Affine, src_crs, grid: Grid) -> np.ndarray:
+    """SCL classes (uint8, 20 m) -> the LR grid, nearest; 0 (no data) outside the granule."""
+    return warp_to_grid(scl.astype(np.uint8, copy=False), src_transform, src_crs, grid,
+                        Resampling.nearest, nodata=SCL_NODATA)
+
+
+def mask_scl(refl: np.ndarray, scl: np.ndarray, classes: Iterable[int]) -> np.ndarray:
+    """Copy of [3, H, W] reflectance with every band NaN where SCL is in `classes` or where any
+    band has no data (a pixel is valid in all bands or in none)."""
+    bad = np.isin(scl, np.asarray(sorted(classes), dtype=scl.dtype)) | np.isnan(refl).any(axis=0)
+    out = refl.astype(np.float32, copy=True)
+    out[:, bad] = np.nan
+    return out
+
+
+def median_composite(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel median over dates of [N, 3, H, W] (NaN = masked).
+
+    Returns (median [3, H, W] float32, NaN where no date is valid; count [H, W] int16 of valid
+    dates per pixel).
+    """
+    stack = np.asarray(stack, dtype=np.float32)
+    if stack.ndim != 4 or stack.shape[0] == 0:
+        raise ValueError(f"expected a non-empty [N, bands, H, W] stack, got shape {stack.shape}")
+    count = (~np.isnan(stack[:, 0])).sum(axis=0).astype(np.int16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels stay NaN
+        med = np.nanmedian(stack, axis=0).astype(np.float32)
+    return med, count
+
+
+def stretch(refl: np.ndarray, lo: float = 0.0, hi: float = 0.3) -> np.ndarray:
+    """[3, H, W] reflectance -> [H, W, 3] uint8, ``lo..hi`` linearly to 0..255 (rounded, clipped);
+    NaN -> 0."""
+    x = (np.asarray(refl, dtype=np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+    x = np.nan_to_num(x, nan=0.0)
+    np.clip(np.floor(x + 0.5), 0, 255, out=x)
+    return np.ascontiguousarray(np.moveaxis(x.astype(np.uint8), 0, -1))
+
+
+def s2_composite(observations: Iterable[tuple[np.ndarray, np.ndarray]], mask_classes: Iterable[int],
+                 stretch_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(reflectance [3, H, W] in B04, B03, B02 order, SCL [H, W]) per date on the LR grid ->
+    (RGB uint8 [H, W, 3], valid-date count [H, W])."""
+    masked = [mask_scl(r, s, mask_classes) for r, s in observations]
+    if not masked:
+        raise ValueError("no Sentinel-2 observation to composite")
+    med, count = median_composite(np.stack(masked))
+    return stretch(med, *stretch_range), count
+
+
+# ---------------------------------------------------------------------------------------------
+# NAIP
+# ---------------------------------------------------------------------------------------------
+def naip_valid(rgb: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
+    """Valid pixels of a NAIP window [3, h, w]: inside the dataset mask (if given, [3, h, w] or
+    [h, w], 0 = no data) and not black in all three bands (the DOQQ collar)."""
+    valid = (rgb[0] | rgb[1] | rgb[2]) != 0
+    if masks is not None:
+        m = masks if masks.ndim == 2 else np.logical_and.reduce(masks > 0, axis=0)
+        valid &= m > 0
+    return valid
+
+
+def warp_naip(rgb: np.ndarray, valid: np.ndarray, src_transform: Affine, src_crs, grid: Grid) -> np.ndarray:
+    """NAIP window [3, h, w] uint8 + validity -> float32 [3, H, W] on `grid` (bilinear), NaN where
+    the quarter-quad has no valid data."""
+    if rgb.shape[0] != 3:
+        raise ValueError(f"NAIP mosaicking takes exactly the R, G, B bands, got {rgb.shape[0]} bands")
+    f = rgb.astype(np.float32)
+    f[:, ~valid] = np.nan
+    return warp_to_grid(f, src_transform, src_crs, grid, Resampling.bilinear, nodata=np.nan)
+
+
+def mosaic(layers: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """First-valid-wins mosaic of float [3, H, W] layers (NaN = no data), in priority order.
+
+    Layers are consumed one at a time (pass a generator to keep one in memory). Returns
+    (RGB uint8 [H, W, 3], covered bool [H, W]); uncovered pixels are 0.
+    """
+    acc = None
+    for layer in layers:
+        if acc is None:
+            acc = np.array(layer, dtype=np.float32, copy=True)
+            continue
+        hole = np.isnan(acc).any(axis=0)
+        if not hole.any():
+            continue
+        acc[:, hole] = layer[:, hole]
+    if acc is None:
+        raise ValueError("no NAIP layer to mosaic")
+    covered = ~np.isnan(acc).any(axis=0)
+    out = np.nan_to_num(acc, nan=0.0)
+    np.clip(np.floor(out + 0.5), 0, 255, out=out)
+    return np.ascontiguousarray(np.moveaxis(out.astype(np.uint8), 0, -1)), covered
