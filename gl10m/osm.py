@@ -533,8 +533,10 @@ def write_features(gdf, path: str | Path) -> Path:
     if missing:
         raise OsmError(f"features lack column(s) {', '.join(missing)}")
     out = gdf[COLUMNS].copy()
-    out["concepts"] = pd.array([list(map(int, c)) for c in out["concepts"]],
-                               dtype=pd.ArrowDtype(CONCEPTS_TYPE))
+    # numpy int16 arrays make pyarrow write list<int16> (and geopandas keeps the geo metadata)
+    cc = np.empty(len(out), dtype=object)
+    cc[:] = [np.asarray(c, dtype="int16") for c in out["concepts"]]
+    out["concepts"] = cc
     path = Path(path)
     with atomic_path(path) as tmp:
         out.to_parquet(tmp, index=False, compression="zstd", schema_version="1.0.0")
