@@ -146,6 +146,11 @@ def _check_features(features) -> None:
         raise AnchorsError(f"features must be in EPSG:4326, got {features.crs.to_string()}")
 
 
+def _check_state(state) -> None:
+    if not isinstance(state, str) or not state or "." in state or "/" in state:
+        raise AnchorsError(f"state must be a non-empty name without dots or slashes, got {state!r}")
+
+
 def _check_profile_geometry(profile) -> None:
     g = profile.geometry
     if g.footprint_deg <= 0 or g.grid < 1:
@@ -546,8 +551,7 @@ def scene_stats(scenes: gpd.GeoDataFrame, features: gpd.GeoDataFrame, profile, s
     for c in ("lon", "lat", "anchor_osm_type", "anchor_osm_id", "anchor_concept"):
         if c not in scenes.columns:
             raise AnchorsError(f"scenes lack column {c} (expected rows of anchor_points/thin)")
-    if not state or "." in state:
-        raise AnchorsError(f"state must be a non-empty name without dots, got {state!r}")
+    _check_state(state)
     idx = _index if _index is not None else _FeatureIndex.build(features, profile.n_concepts)
     parts = []
     for a in range(0, len(scenes), STATS_CHUNK):
@@ -613,6 +617,7 @@ def build_candidates(features: gpd.GeoDataFrame, profile, state: str, *, n_parti
     whatever its own validity."""
     if n_partitions < 1:
         raise AnchorsError(f"n_partitions must be >= 1, got {n_partitions}")
+    _check_state(state)
     _check_features(features)
     anchors = anchor_points(features, profile)
     idx = _FeatureIndex.build(features, profile.n_concepts)
