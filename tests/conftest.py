@@ -32,7 +32,7 @@ NAIP_PX, S2_PX = 320, 64  # NAIP 320x320 at 1 m; S2 64x64 at 10 m (SCL 32x32 at 
 def _write_cog(path: Path, data, epsg: int, west: float, north: float, res: float, nodata=None) -> None:
     import numpy as np
     import rasterio
-    from rasterio.transform import from_origin
+    from affine import Affine
 
     from gl10m.io import atomic_path
 
@@ -43,7 +43,7 @@ def _write_cog(path: Path, data, epsg: int, west: float, north: float, res: floa
     with atomic_path(path) as tmp:
         with rasterio.open(tmp, "w", driver="COG", width=data.shape[2], height=data.shape[1],
                            count=data.shape[0], dtype=data.dtype, crs=f"EPSG:{epsg}",
-                           transform=from_origin(west, north, res, res), nodata=nodata,
+                           transform=Affine(res, 0.0, west, 0.0, -res, north), nodata=nodata,
                            blocksize=128, compress="deflate", overview_resampling="nearest") as dst:
             dst.write(data)
 

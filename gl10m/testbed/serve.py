@@ -245,6 +245,19 @@ def rewrite_item(item: dict, base_url: str) -> dict:
     return out
 
 
+def rewrite_collection(collection: dict, base_url: str) -> dict:
+    """A copy of `collection` without file links (the API makes its own) and with relative
+    asset hrefs (thumbnails...) made absolute."""
+    out = json.loads(json.dumps(collection))
+    out["links"] = [ln for ln in out.get("links", []) if isinstance(ln, dict)
+                    and ln.get("rel") not in ("self", "root", "parent", "item", "child", "items")
+                    and not _is_relative(str(ln.get("href", "")))]
+    for asset in (out.get("assets") or {}).values():
+        if isinstance(asset, dict) and isinstance(asset.get("href"), str):
+            asset["href"] = absolute_href(asset["href"], base_url)
+    return out
+
+
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -319,10 +332,7 @@ def write_api_inputs(world: str | Path, base_url: str, out_dir: str | Path) -> l
     out_dir = Path(out_dir)
     files: list[Path] = []
     for i, c in enumerate(collections):
-        c = dict(c)
-        c["links"] = [ln for ln in c.get("links", []) if isinstance(ln, dict)
-                      and ln.get("rel") not in ("self", "root", "parent", "item", "child")
-                      and not _is_relative(str(ln.get("href", "")))]
+        c = rewrite_collection(c, base_url)
         p = out_dir / f"collection-{i:03d}.json"
         atomic_write_text(p, json.dumps(c))
         files.append(p)
@@ -508,7 +518,8 @@ class Servers:
 
     def info(self) -> dict:
         return {"stac_url": self.stac_url, "http_url": self.http_url, "world": str(self.world),
-                "pid": os.getpid(), "items": self.n_items, "collections": self.collections}
+                "pid": os.getpid(), "items": self.n_items, "collections": self.collections,
+                "server_pids": [p.pid for p in (self._http, self._stac) if p is not None]}
 
     def write_info(self, path: str | Path) -> Path:
         """Write ``served.json`` (the URLs) to `path` atomically, for other processes to find."""
