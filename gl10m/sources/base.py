@@ -35,6 +35,7 @@ properties     the item's raw properties (provenance)
 from __future__ import annotations
 
 import abc
+import re
 import datetime as dt
 from typing import Any, Iterator, Protocol, runtime_checkable
 
@@ -115,7 +116,7 @@ def iso_utc(value: Any) -> str | None:
         # Python < 3.11 does not parse fractions of other than 3/6 digits: trim them.
         if "." in s:
             head, _, tail = s.partition(".")
-            frac = "".join(ch for ch in tail if ch.isdigit())
+            frac = re.match(r"\d*", tail).group(0)
             rest = tail[len(frac):]
             s = head + ("." + (frac + "000000")[:6] if frac else "") + rest
         t = dt.datetime.fromisoformat(s)

@@ -269,7 +269,11 @@ def _pc_settings() -> tuple[str | None, str | None]:
     key = os.environ.get("PC_SDK_SUBSCRIPTION_KEY")
     if sas is None or key is None:
         try:
-            from planetary_computer.settings import Settings
+            import warnings
+
+            with warnings.catch_warnings():  # the package warns about its own pydantic use
+                warnings.simplefilter("ignore")
+                from planetary_computer.settings import Settings
 
             s = Settings.get()
             sas = sas or s.sas_url

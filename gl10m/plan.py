@@ -1,0 +1,584 @@
+"""The plan stage: scene candidates x the catalog -> the scenes to fetch, each with its NAIP
+state-year mosaic and its Sentinel-2 window, by local spatial joins (no provider calls).
+
+Rules (GL-10M, values from the profile's ``imagery`` section):
+
+* **NAIP eligibility** - an item is eligible when its ``naip:state`` is the region and its
+  acquisition date lies in ``naip.start <= date < naip.end`` (half-open, like Earth Engine's
+  ``filterDate`` in the reference builder: 2022-01-01 .. 2024-03-31 in GL-10M).
+* **NAIP matching** - items are grouped into state-years (``naip:year``); the newest state-year
+  whose eligible quarter-quads intersect *every* one of the ``grid x grid`` HR tiles (positive
+  area, not a touching edge) wins. All its quarter-quads intersecting the footprint are
+  collected (a mosaic, never ``first()``), sorted by id. ``naip_date`` is the newest acquisition
+  date among them. No such state-year: rejection ``no_naip``.
+* **Sentinel-2 window** - ``naip_date +- s2.window_days`` clipped to
+  ``s2.clip_start .. clip_end`` ("aligned"); if its items (cloud < ``s2.max_cloud_pct``) do not
+  cover the *whole* LR footprint, ``s2.fallback_start .. fallback_end`` ("fallback"); if neither
+  does: rejection ``no_s2``. Windows are inclusive. Of the items of one datatake on several
+  overlapping MGRS tiles, one tile that alone covers the footprint is kept (the
+  alphabetically first such tile); otherwise all of them. Items are sorted by (datetime, id).
+* **Class-aware subsampling** (:func:`subsample`) - among the scenes that passed, the state's
+  target is picked by a class-balancing greedy: repeatedly take the concept with the fewest
+  selected scenes so far (ties: the rarer by the profile's ``count`` prior, then the lower id)
+  and select its next scene in a seeded hash order. Rare concepts therefore get all their scenes
+  before frequent ones get more; co-occurring concepts are counted as they are selected. The
+  result depends on the seed and the scene ids only, never on input order. Scenes not selected
+  are recorded as ``subsampled_out`` (not an error).
+
+Outputs (:class:`PlanResult`): ``rows`` in the plan-row schema (:data:`PLAN_COLUMNS`, sorted by
+``key``), ``rejections`` (key, scene_id, state, reason, detail) and ``stats``.
+:func:`estimate` is the dry run: scenes, requests and bytes per state and per concept.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import heapq
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import shapely
+
+from gl10m import geometry as geo
+from gl10m.catalog import CATALOG_COLUMNS
+from gl10m.errors import UserError
+from gl10m.io import atomic_path
+from gl10m.ledger import hash_inputs
+from gl10m.sources.base import S2_ASSETS, as_date
+
+NO_NAIP, NO_S2, SUBSAMPLED_OUT = "no_naip", "no_s2", "subsampled_out"
+REJECTION_REASONS = (NO_NAIP, NO_S2, SUBSAMPLED_OUT)
+ALIGNED, FALLBACK = "aligned", "fallback"
+
+AREA_EPS = 1e-6        # an intersection counts when it is > this fraction of the tile / footprint
+COVER_EPS = 1e-6       # a footprint is covered when < this fraction of it is left uncovered
+
+# label columns carried from the candidates (anchors) to the plan rows, when present
+LABEL_COLUMNS = ("scene_frac", "rel_frac", "tile_idx", "tile_concept", "tile_frac", "tile_dominant",
+                 "hr_px_m_x", "hr_px_m_y", "lr_px_m_x", "lr_px_m_y")
+EXTRA_COLUMNS = ("anchor_osm_type", "anchor_osm_id", "anchor_concept")
+REQUIRED_CANDIDATE_COLUMNS = ("scene_id", "west", "south", "east", "north", "concepts")
+
+PLAN_SCHEMA = pa.schema([
+    ("key", pa.string()), ("scene_id", pa.string()), ("state", pa.string()), ("split", pa.string()),
+    ("west", pa.float64()), ("south", pa.float64()), ("east", pa.float64()), ("north", pa.float64()),
+    ("lon", pa.float64()), ("lat", pa.float64()),
+    ("concepts", pa.list_(pa.int16())),
+    ("scene_frac", pa.list_(pa.float32())), ("rel_frac", pa.list_(pa.float32())),
+    ("tile_idx", pa.list_(pa.int16())), ("tile_concept", pa.list_(pa.int16())),
+    ("tile_frac", pa.list_(pa.float32())), ("tile_dominant", pa.list_(pa.int16())),
+    ("hr_px_m_x", pa.float32()), ("hr_px_m_y", pa.float32()),
+    ("lr_px_m_x", pa.float32()), ("lr_px_m_y", pa.float32()),
+    ("anchor_osm_type", pa.string()), ("anchor_osm_id", pa.int64()), ("anchor_concept", pa.int16()),
+    ("naip_year", pa.int64()), ("naip_date", pa.string()), ("naip_items", pa.string()),
+    ("s2_window", pa.string()), ("s2_start", pa.string()), ("s2_end", pa.string()), ("s2_items", pa.string()),
+    ("provider", pa.string()), ("plan_hash", pa.string()),
+])
+PLAN_COLUMNS = tuple(f.name for f in PLAN_SCHEMA)
+_LIST_DTYPES = {f.name: np.dtype(f.type.value_type.to_pandas_dtype())
+                for f in PLAN_SCHEMA if pa.types.is_list(f.type)}
+REJECTION_COLUMNS = ("key", "scene_id", "state", "reason", "detail")
+
+
+class PlanError(UserError, ValueError):
+    """Bad input to the plan stage (one line)."""
+
+
+@dataclass
+class PlanResult:
+    rows: gpd.GeoDataFrame          # selected scenes, plan-row schema, sorted by key
+    rejections: pd.DataFrame        # key, scene_id, state, reason, detail; sorted by key
+    stats: dict = field(default_factory=dict)
+
+
+# -- small helpers ----------------------------------------------------------------------------
+def scene_key(state: str, scene_id: str) -> str:
+    """``{STATE}-{scene_id}`` with any dot replaced by ``_`` (WebDataset keys must not hold dots)."""
+    return f"{state}-{scene_id}".replace(".", "_")
+
+
+def _iso(d: dt.date) -> str:
+    return d.isoformat()
+
+
+def s2_window(naip_date: dt.date, profile) -> tuple[dt.date, dt.date] | None:
+    """The aligned window: ``naip_date +- window_days`` clipped to ``clip_start .. clip_end``
+    (inclusive); None when the clip leaves nothing (then only the fallback can serve)."""
+    s = profile.imagery.s2
+    a = max(naip_date - dt.timedelta(days=s.window_days), s.clip_start)
+    b = min(naip_date + dt.timedelta(days=s.window_days), s.clip_end)
+    return (a, b) if a <= b else None
+
+
+def _pos_area(geoms: np.ndarray, target, min_area: float) -> np.ndarray:
+    if len(geoms) == 0:
+        return np.zeros(0, dtype=bool)
+    return shapely.area(shapely.intersection(geoms, target)) > min_area
+
+
+def _covers(geoms: Sequence, target, target_area: float) -> bool:
+    """Do `geoms` together cover `target` (up to COVER_EPS of its area)?"""
+    if len(geoms) == 0:
+        return False
+    for g in geoms:  # the common case: one item covers it all
+        if shapely.covers(g, target):
+            return True
+    left = shapely.difference(target, shapely.union_all(list(geoms)))
+    return shapely.area(left) <= COVER_EPS * target_area
+
+
+def _json_list(rows: list[dict]) -> str:
+    return json.dumps(rows, sort_keys=True, separators=(",", ":"))
+
+
+# -- catalog preparation ----------------------------------------------------------------------
+def _check_catalog(cat: gpd.GeoDataFrame, what: str) -> None:
+    missing = [c for c in CATALOG_COLUMNS if c not in cat.columns]
+    if missing:
+        raise PlanError(f"{what} catalog lacks column(s) {', '.join(missing)}")
+
+
+def eligible_naip(naip: gpd.GeoDataFrame, profile, state: str) -> gpd.GeoDataFrame:
+    """NAIP catalog rows of `state` acquired in ``naip.start <= date < naip.end``."""
+    _check_catalog(naip, "NAIP")
+    n = profile.imagery.naip
+    d = naip["datetime"].map(lambda s: as_date(s) if isinstance(s, str) else None)
+    st = naip["naip_state"].astype("object").map(lambda v: str(v).upper() if v is not None and v == v else None)
+    ok = (st == state.upper()) & d.map(lambda x: x is not None and n.start <= x < n.end) & naip["naip_year"].notna()
+    return naip[ok.to_numpy(dtype=bool)].reset_index(drop=True)
+
+
+def usable_s2(s2: gpd.GeoDataFrame, profile) -> gpd.GeoDataFrame:
+    """Sentinel-2 catalog rows with cloud cover below the threshold and the four assets."""
+    _check_catalog(s2, "Sentinel-2")
+    cc = s2["cloud_cover"].astype("float64")
+    ok = cc.notna() & (cc < profile.imagery.s2.max_cloud_pct)
+    has = s2["hrefs"].map(lambda h: all(k in json.loads(h) for k in S2_ASSETS) if isinstance(h, str) else False)
+    return s2[(ok & has).to_numpy(dtype=bool)].reset_index(drop=True)
+
+
+def _naip_entry(row) -> dict:
+    hrefs = json.loads(row["hrefs"])
+    return {"id": row["id"], "href": hrefs.get("image"), "datetime": row["datetime"],
+            "epsg": None if pd.isna(row["epsg"]) else int(row["epsg"]),
+            "gsd": None if pd.isna(row["gsd"]) else float(row["gsd"]),
+            "state": row["naip_state"], "year": int(row["naip_year"]),
+            "bbox": [float(row["west"]), float(row["south"]), float(row["east"]), float(row["north"])]}
+
+
+def _s2_entry(row) -> dict:
+    hrefs = json.loads(row["hrefs"])
+    return {"id": row["id"], "datetime": row["datetime"],
+            "epsg": None if pd.isna(row["epsg"]) else int(row["epsg"]),
+            "mgrs_tile": row["mgrs_tile"], "baseline": row["baseline"],
+            "cloud_cover": float(row["cloud_cover"]),
+            "hrefs": {k: hrefs[k] for k in S2_ASSETS},
+            "bbox": [float(row["west"]), float(row["south"]), float(row["east"]), float(row["north"])]}
+
+
+# -- matching ---------------------------------------------------------------------------------
+def _pairs(tree: shapely.STRtree, fps: np.ndarray) -> list[np.ndarray]:
+    """For each footprint, the indices of tree geometries intersecting it (sorted)."""
+    out: list[list[int]] = [[] for _ in range(len(fps))]
+    if len(fps) == 0 or len(tree.geometries) == 0:
+        return [np.zeros(0, dtype=np.int64) for _ in fps]
+    q, t = tree.query(fps, predicate="intersects")
+    for a, b in zip(q.tolist(), t.tolist()):
+        out[a].append(b)
+    return [np.asarray(sorted(v), dtype=np.int64) for v in out]
+
+
+def match_naip(fp_bounds: np.ndarray, naip_elig: gpd.GeoDataFrame, hits: np.ndarray, grid: int) -> dict | None:
+    """The newest state-year whose items intersect every HR tile of the footprint
+    (``fp_bounds`` = west, south, east, north); None when there is none.
+
+    Returns ``{"year", "date", "items": [naip entries sorted by id]}``."""
+    if len(hits) == 0:
+        return None
+    fp = shapely.box(*fp_bounds)
+    tiles = geo.boxes(geo.tile_bounds(fp_bounds[None, :], grid)[0])
+    tile_area = float(shapely.area(tiles[0]))
+    geoms = naip_elig.geometry.values[hits]
+    inter = _pos_area(np.asarray(geoms), fp, AREA_EPS * tile_area)
+    hits, geoms = hits[inter], np.asarray(geoms)[inter]
+    years = naip_elig["naip_year"].to_numpy()[hits].astype(int)
+    for year in sorted(set(years.tolist()), reverse=True):
+        sel = years == year
+        g = geoms[sel]
+        if not _covers(g, fp, float(shapely.area(fp))):
+            u = shapely.union_all(list(g))
+            if not bool(np.all(_pos_area(tiles, u, AREA_EPS * tile_area))):
+                continue
+        rows = naip_elig.iloc[hits[sel]]
+        items = sorted((_naip_entry(r) for _, r in rows.iterrows()), key=lambda e: e["id"])
+        date = max(as_date(e["datetime"]) for e in items)
+        return {"year": int(year), "date": date, "items": items}
+    return None
+
+
+def match_s2(fp_bounds: np.ndarray, s2: gpd.GeoDataFrame, hits: np.ndarray, dates: np.ndarray,
+             window: tuple[dt.date, dt.date]) -> list[dict] | None:
+    """The usable Sentinel-2 items of `window` over the footprint, when together they cover all
+    of it (see the module doc for the per-datatake tile choice); None otherwise."""
+    if window is None or len(hits) == 0:
+        return None
+    a, b = window
+    hits = np.asarray([h for h in hits if a <= dates[h] <= b], dtype=np.int64)
+    if len(hits) == 0:
+        return None
+    fp = shapely.box(*fp_bounds)
+    fp_area = float(shapely.area(fp))
+    geoms = np.asarray(s2.geometry.values[hits])
+    inter = _pos_area(geoms, fp, AREA_EPS * fp_area)
+    hits, geoms = hits[inter], geoms[inter]
+    if not _covers(geoms, fp, fp_area):
+        return None
+    dtk = s2["datatake"].to_numpy()[hits]
+    tile = s2["mgrs_tile"].to_numpy()[hits]
+    keep: list[int] = []
+    groups: dict[str, list[int]] = {}
+    for i, h in enumerate(hits.tolist()):
+        if dtk[i] is None or (isinstance(dtk[i], float) and math.isnan(dtk[i])):
+            keep.append(i)
+        else:
+            groups.setdefault(str(dtk[i]), []).append(i)
+    for _, idx in sorted(groups.items()):
+        covering = sorted((str(tile[i]), i) for i in idx if shapely.covers(geoms[i], fp))
+        keep.extend([covering[0][1]] if covering else idx)
+    rows = s2.iloc[hits[sorted(keep)]]
+    items = [_s2_entry(r) for _, r in rows.iterrows()]
+    return sorted(items, key=lambda e: (e["datetime"], e["id"]))
+
+
+# -- subsampling ------------------------------------------------------------------------------
+def _hash_order(seed: int, scene_ids: Sequence[str]) -> np.ndarray:
+    """A seeded pseudo-random rank of each scene id (independent of input order)."""
+    hs = [int.from_bytes(hashlib.sha256(f"{seed}:{s}".encode()).digest()[:8], "big") for s in scene_ids]
+    return np.asarray(hs, dtype=np.uint64)
+
+
+def subsample(scene_ids: Sequence[str], concepts: Sequence[Sequence[int]], target: int,
+              priors: Sequence[float], seed: int = 0) -> list[str]:
+    """Class-aware subsample of `target` scenes (see the module doc). Returns the selected scene
+    ids in selection order. Deterministic given (seed, ids, concepts, priors)."""
+    n = len(scene_ids)
+    if len(concepts) != n:
+        raise PlanError("subsample: scene_ids and concepts differ in length")
+    if target < 0:
+        raise PlanError(f"subsample: target must be >= 0, got {target}")
+    ids = [str(s) for s in scene_ids]
+    if len(set(ids)) != n:
+        raise PlanError("subsample: scene ids are not unique")
+    h = _hash_order(seed, ids)
+    order = sorted(range(n), key=lambda i: (int(h[i]), ids[i]))
+    if target >= n:
+        return [ids[i] for i in order]
+    pri = np.asarray(priors, dtype="float64")
+    NONE = -1  # scenes without any concept form their own group, served last
+    lists: dict[int, list[int]] = {}
+    cons: list[list[int]] = []
+    for i in order:
+        cs = sorted({int(c) for c in concepts[i]}) or [NONE]
+        cons.append(cs)  # note: indexed by position in `order` below
+    cons_by_scene = {i: c for i, c in zip(order, cons)}
+    for i in order:
+        for c in cons_by_scene[i]:
+            lists.setdefault(c, []).append(i)
+
+    def prio(c: int) -> float:
+        return math.inf if c == NONE else (float(pri[c]) if 0 <= c < len(pri) else math.inf)
+
+    count = {c: 0 for c in lists}
+    ptr = {c: 0 for c in lists}
+    heap = [(0, prio(c), c) for c in lists]
+    heapq.heapify(heap)
+    chosen: set[int] = set()
+    picked: list[int] = []
+    while heap and len(picked) < target:
+        cnt, p, c = heapq.heappop(heap)
+        if cnt != count[c]:
+            heapq.heappush(heap, (count[c], p, c))
+            continue
+        lst = lists[c]
+        while ptr[c] < len(lst) and lst[ptr[c]] in chosen:
+            ptr[c] += 1
+        if ptr[c] >= len(lst):
+            continue  # exhausted: drop this concept
+        i = lst[ptr[c]]
+        ptr[c] += 1
+        chosen.add(i)
+        picked.append(i)
+        for cc in cons_by_scene[i]:
+            count[cc] += 1
+        heapq.heappush(heap, (count[c], p, c))
+    return [ids[i] for i in picked]
+
+
+def concept_priors(profile) -> np.ndarray:
+    return np.asarray([c.count for c in profile.concepts], dtype="float64")
+
+
+# -- the step ---------------------------------------------------------------------------------
+def _check_candidates(c: pd.DataFrame) -> None:
+    missing = [k for k in REQUIRED_CANDIDATE_COLUMNS if k not in c.columns]
+    if missing:
+        raise PlanError(f"candidates lack column(s) {', '.join(missing)}")
+    if c["scene_id"].duplicated().any():
+        dup = c.loc[c["scene_id"].duplicated(), "scene_id"].iloc[0]
+        raise PlanError(f"candidates repeat scene_id {dup!r}")
+
+
+def plan_region(candidates: gpd.GeoDataFrame, naip: gpd.GeoDataFrame, s2: gpd.GeoDataFrame, profile,
+                state: str, *, provider: str = "stac", seed: int = 0, target: int | None = None) -> PlanResult:
+    """Match, coverage-check and subsample one state's candidates (see the module doc).
+
+    `target` overrides the profile's per-state target (``regions.STATE.target``)."""
+    if state not in profile.regions:
+        raise PlanError(f"unknown state {state!r}; the profile has {', '.join(sorted(profile.regions))}")
+    _check_candidates(candidates)
+    target = profile.regions[state].target if target is None else int(target)
+    if target < 0:
+        raise PlanError(f"target must be >= 0, got {target}")
+    grid = profile.geometry.grid
+    cand = candidates.sort_values("scene_id", kind="mergesort").reset_index(drop=True)
+    n = len(cand)
+    bounds = cand[["west", "south", "east", "north"]].to_numpy(dtype="float64")
+    fps = geo.boxes(bounds) if n else np.zeros(0, dtype=object)
+
+    naip_e = eligible_naip(naip, profile, state)
+    s2_u = usable_s2(s2, profile)
+    naip_hits = _pairs(shapely.STRtree(naip_e.geometry.values), fps)
+    s2_hits = _pairs(shapely.STRtree(s2_u.geometry.values), fps)
+    s2_dates = np.asarray([as_date(s) for s in s2_u["datetime"]], dtype=object)
+    s = profile.imagery.s2
+    fallback = (s.fallback_start, s.fallback_end)
+
+    rej: list[dict] = []
+    matched: dict[int, dict] = {}
+    for i in range(n):
+        sid = str(cand.at[i, "scene_id"])
+        key = scene_key(state, sid)
+        nm = match_naip(bounds[i], naip_e, naip_hits[i], grid)
+        if nm is None:
+            rej.append({"key": key, "scene_id": sid, "state": state, "reason": NO_NAIP,
+                        "detail": f"no {state} NAIP state-year acquired in {profile.imagery.naip.start}.."
+                                  f"{profile.imagery.naip.end} (end excluded) covers every HR tile"})
+            continue
+        win = s2_window(nm["date"], profile)
+        mode, items = ALIGNED, match_s2(bounds[i], s2_u, s2_hits[i], s2_dates, win)
+        used = win
+        if items is None:
+            mode, items, used = FALLBACK, match_s2(bounds[i], s2_u, s2_hits[i], s2_dates, fallback), fallback
+        if items is None:
+            w = f"{win[0]}..{win[1]} and " if win else ""
+            rej.append({"key": key, "scene_id": sid, "state": state, "reason": NO_S2,
+                        "detail": f"Sentinel-2 items with cloud < {s.max_cloud_pct}% in {w}"
+                                  f"{fallback[0]}..{fallback[1]} do not cover the whole LR footprint"})
+            continue
+        matched[i] = {"naip": nm, "mode": mode, "window": used, "s2": items}
+
+    idx = sorted(matched)
+    sel_ids = subsample([str(cand.at[i, "scene_id"]) for i in idx],
+                        [list(cand.at[i, "concepts"]) for i in idx], target, concept_priors(profile), seed)
+    selected = set(sel_ids)
+    for i in idx:
+        sid = str(cand.at[i, "scene_id"])
+        if sid not in selected:
+            rej.append({"key": scene_key(state, sid), "scene_id": sid, "state": state, "reason": SUBSAMPLED_OUT,
+                        "detail": f"not among the {target} scenes picked by class-aware subsampling (seed {seed})"})
+
+    split = profile.split_of(state)
+    sect = profile.section_hash("imagery", "geometry")
+    out = []
+    for i in idx:
+        sid = str(cand.at[i, "scene_id"])
+        if sid not in selected:
+            continue
+        m = matched[i]
+        r = cand.iloc[i]
+        w, so, e, no = (float(v) for v in bounds[i])
+        row = {"key": scene_key(state, sid), "scene_id": sid, "state": state, "split": split,
+               "west": w, "south": so, "east": e, "north": no,
+               "lon": float(r["lon"]) if "lon" in cand.columns else (w + e) / 2,
+               "lat": float(r["lat"]) if "lat" in cand.columns else (so + no) / 2,
+               "concepts": np.asarray(r["concepts"], dtype="int16")}
+        for c in LABEL_COLUMNS + EXTRA_COLUMNS:
+            row[c] = r[c] if c in cand.columns else None
+        naip_json, s2_json = _json_list(m["naip"]["items"]), _json_list(m["s2"])
+        row.update({"naip_year": m["naip"]["year"], "naip_date": _iso(m["naip"]["date"]), "naip_items": naip_json,
+                    "s2_window": m["mode"], "s2_start": _iso(m["window"][0]), "s2_end": _iso(m["window"][1]),
+                    "s2_items": s2_json, "provider": provider})
+        row["plan_hash"] = hash_inputs(sect, row["key"], [w, so, e, no], row["naip_year"], naip_json,
+                                       row["s2_window"], row["s2_start"], row["s2_end"], s2_json, provider)
+        out.append(row)
+    rows = _rows_frame(out)
+    rejections = (pd.DataFrame(rej, columns=list(REJECTION_COLUMNS)).sort_values("key", kind="mergesort")
+                  .reset_index(drop=True))
+    stats = {"state": state, "candidates": n, "matched": len(idx), "selected": len(rows), "target": target,
+             "seed": seed, "rejected": {r: int((rejections["reason"] == r).sum()) for r in REJECTION_REASONS},
+             "s2_window": {ALIGNED: int((rows["s2_window"] == ALIGNED).sum()) if len(rows) else 0,
+                           FALLBACK: int((rows["s2_window"] == FALLBACK).sum()) if len(rows) else 0},
+             "naip_years": {str(k): int(v) for k, v in sorted(rows["naip_year"].value_counts().items())} if len(rows) else {},
+             "naip_items": len(naip_e), "s2_items": len(s2_u)}
+    return PlanResult(rows=rows, rejections=rejections, stats=stats)
+
+
+def _rows_frame(rows: list[dict]) -> gpd.GeoDataFrame:
+    df = pd.DataFrame(rows, columns=list(PLAN_COLUMNS))
+    if len(df):
+        df = df.sort_values("key", kind="mergesort").reset_index(drop=True)
+        geom = geo.boxes(df[["west", "south", "east", "north"]].to_numpy(dtype="float64"))
+    else:
+        geom = np.zeros(0, dtype=object)
+    return gpd.GeoDataFrame(df, geometry=gpd.GeoSeries(geom, crs="EPSG:4326"), crs="EPSG:4326")
+
+
+# -- dry run ----------------------------------------------------------------------------------
+def scene_cost(row, profile) -> dict:
+    """Estimated requests and bytes to fetch one plan row.
+
+    Requests: one window read per Sentinel-2 item and asset (B02 B03 B04 SCL) plus one per NAIP
+    quarter-quad. Bytes: the *uncompressed* pixels of those windows (Sentinel-2 three uint16
+    bands at 10 m + SCL uint8 at 20 m per item; NAIP ``len(naip.bands)`` uint8 bands at the
+    item's gsd over its share of the footprint). An estimate: real transfers are compressed COG
+    blocks, usually smaller, plus a few header reads per file."""
+    w, s, e, n = (float(row[k]) for k in ("west", "south", "east", "north"))
+    lat = (s + n) / 2
+    lon_m, lat_m = (float(v) for v in geo.metres_per_degree(lat))
+    wm, hm = (e - w) * lon_m, (n - s) * lat_m
+    s2_items = json.loads(row["s2_items"])
+    naip_items = json.loads(row["naip_items"])
+    px10 = math.ceil(wm / 10.0) * math.ceil(hm / 10.0)
+    px20 = math.ceil(wm / 20.0) * math.ceil(hm / 20.0)
+    s2_bytes = len(s2_items) * (3 * px10 * 2 + px20 * 1)
+    nb = len(profile.imagery.naip.bands)
+    naip_bytes = 0
+    fp_area = (e - w) * (n - s)
+    for it in naip_items:
+        bw, bs, be, bn = it["bbox"]
+        ix = max(0.0, min(e, be) - max(w, bw))
+        iy = max(0.0, min(n, bn) - max(s, bs))
+        frac = (ix * iy) / fp_area if fp_area > 0 else 0.0
+        gsd = float(it.get("gsd") or 1.0)
+        naip_bytes += int(math.ceil(frac * wm * hm / (gsd * gsd))) * nb
+    s2_reads = len(s2_items) * len(S2_ASSETS)
+    return {"s2_reads": s2_reads, "naip_reads": len(naip_items), "requests": s2_reads + len(naip_items),
+            "s2_bytes": int(s2_bytes), "naip_bytes": int(naip_bytes), "bytes": int(s2_bytes + naip_bytes)}
+
+
+ESTIMATE_COLUMNS = ("state", "concept", "scenes", "s2_reads", "naip_reads", "requests", "s2_bytes", "naip_bytes", "bytes")
+ALL = "*"
+
+
+def estimate(rows: pd.DataFrame, profile) -> pd.DataFrame:
+    """Dry-run cost of plan rows: one line per state for all its scenes (``concept == "*"``)
+    and one per (state, concept) for the scenes holding that concept (a scene counts under
+    each of its concepts, so concept lines overlap), sorted by state then concept id."""
+    per: list[dict] = []
+    names = [c.name for c in profile.concepts]
+    acc: dict[tuple[str, int], dict] = {}
+    for _, r in rows.iterrows():
+        cost = scene_cost(r, profile)
+        for c in [-1] + sorted({int(x) for x in r["concepts"]}):
+            a = acc.setdefault((str(r["state"]), c), {k: 0 for k in ESTIMATE_COLUMNS[2:]})
+            a["scenes"] += 1
+            for k, v in cost.items():
+                a[k] += v
+    for (state, c), a in sorted(acc.items()):
+        per.append({"state": state, "concept": ALL if c < 0 else names[c], **a})
+    return pd.DataFrame(per, columns=list(ESTIMATE_COLUMNS))
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(nbytes) < 1000 or unit == "TB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000.0
+    return f"{nbytes:.1f} TB"  # pragma: no cover
+
+
+def format_estimate(est: pd.DataFrame, rejections: pd.DataFrame | None = None) -> str:
+    """A plain-text table of :func:`estimate` (and rejection counts per state, when given)."""
+    lines = ["dry run: estimated cost (bytes are uncompressed window pixels, an estimate; "
+             "requests = S2 window reads x 4 assets + NAIP quarter-quads)",
+             f"{'state':<6} {'concept':<26} {'scenes':>8} {'requests':>10} {'bytes':>10}"]
+    for _, r in est.iterrows():
+        lines.append(f"{r['state']:<6} {str(r['concept']):<26} {int(r['scenes']):>8} {int(r['requests']):>10} "
+                     f"{_human(int(r['bytes'])):>10}")
+    tot = est[est["concept"] == ALL]
+    if len(tot) > 1:
+        lines.append(f"{'total':<6} {ALL:<26} {int(tot['scenes'].sum()):>8} {int(tot['requests'].sum()):>10} "
+                     f"{_human(int(tot['bytes'].sum())):>10}")
+    if rejections is not None and len(rejections):
+        lines.append("not planned:")
+        for (st, reason), k in rejections.groupby(["state", "reason"]).size().sort_index().items():
+            lines.append(f"  {st:<6} {reason:<16} {int(k):>8}")
+    return "\n".join(lines)
+
+
+# -- I/O --------------------------------------------------------------------------------------
+def plan_path(workdir: str | Path, state: str) -> Path:
+    """``W/plan/{STATE}.parquet``."""
+    return Path(workdir) / "plan" / f"{state}.parquet"
+
+
+def write_plan(rows: gpd.GeoDataFrame, path: str | Path, stats: dict | None = None) -> None:
+    """Write plan rows as GeoParquet (EPSG:4326, footprint geometry) with :data:`PLAN_SCHEMA`,
+    atomically; `stats` go into the file metadata."""
+    missing = [c for c in PLAN_COLUMNS if c not in rows.columns]
+    if missing:
+        raise PlanError(f"plan rows lack column(s) {', '.join(missing)}")
+    g = rows[list(PLAN_COLUMNS) + ["geometry"]].copy()
+    g = gpd.GeoDataFrame(g, geometry="geometry", crs=rows.crs or "EPSG:4326")
+    for c in _LIST_DTYPES:  # None -> empty list, arrays as lists for arrow
+        g[c] = g[c].map(lambda v: [] if v is None or (isinstance(v, float) and math.isnan(v)) else list(v))
+    with atomic_path(path, suffix=".parquet") as tmp:
+        g.to_parquet(tmp, index=False)
+        t = pq.read_table(tmp)
+        meta = {**(t.schema.metadata or {}), b"gl10m": json.dumps(stats or {}, sort_keys=True, default=str).encode()}
+        target = pa.schema(list(PLAN_SCHEMA) + [t.schema.field("geometry")], metadata=meta)
+        pq.write_table(t.select(list(PLAN_COLUMNS) + ["geometry"]).cast(target), tmp)
+
+
+def read_plan(path: str | Path) -> gpd.GeoDataFrame:
+    """Read plan rows written by :func:`write_plan` (list columns as numpy arrays; the stats in
+    ``attrs["stats"]``)."""
+    p = Path(path)
+    if not p.exists():
+        raise PlanError(f"plan {p}: no such file")
+    try:
+        gdf = gpd.read_parquet(p)
+        meta = pq.read_schema(p).metadata or {}
+    except Exception as e:
+        raise PlanError(f"plan {p}: unreadable ({type(e).__name__}: {e})") from None
+    missing = [c for c in PLAN_COLUMNS if c not in gdf.columns]
+    if missing:
+        raise PlanError(f"plan {p}: missing column(s) {', '.join(missing)}")
+    for c, d in _LIST_DTYPES.items():
+        gdf[c] = gdf[c].map(lambda v, d=d: np.asarray(v if v is not None else [], dtype=d))
+    gdf.attrs["stats"] = json.loads(meta[b"gl10m"]) if b"gl10m" in meta else {}
+    return gdf
+
+
+def write_rejections(rej: pd.DataFrame, path: str | Path) -> None:
+    """Write plan rejections as Parquet, atomically."""
+    with atomic_path(path, suffix=".parquet") as tmp:
+        rej[list(REJECTION_COLUMNS)].to_parquet(tmp, index=False)
+
+
+def naip_items_of(row) -> list[dict]:
+    """The NAIP quarter-quads of a plan row."""
+    return json.loads(row["naip_items"])
+
+
+def s2_items_of(row) -> list[dict]:
+    """The Sentinel-2 items of a plan row."""
+    return json.loads(row["s2_items"])
