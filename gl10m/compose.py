@@ -101,16 +101,11 @@ def hr_grid(bounds: Bounds, profile) -> Grid:
 
 
 def tile_bounds(bounds: Bounds, grid: int = 10) -> list[Bounds]:
-    """The `grid` x `grid` tile footprints, index ``row*grid + col`` (row 0 north, col 0 west).
+    """The `grid` x `grid` tile footprints, index ``row*grid + col`` (row 0 north, col 0 west);
+    :func:`gl10m.geometry.tile_bounds` for one footprint (shared edges are the same floats)."""
+    from gl10m.geometry import tile_bounds as _tb
 
-    Shared edges are computed by one formula, so neighbouring tiles meet exactly and the
-    outer edges equal the footprint's.
-    """
-    w, s, e, n = _check_bounds(bounds)
-    xs = [w + (e - w) * i / grid for i in range(grid + 1)]
-    ys = [n - (n - s) * i / grid for i in range(grid + 1)]
-    xs[-1], ys[-1] = e, s
-    return [(xs[c], ys[r + 1], xs[c + 1], ys[r]) for r in range(grid) for c in range(grid)]
+    return [tuple(float(v) for v in b) for b in _tb([_check_bounds(bounds)], grid)[0]]
 
 
 def cut_tiles(mosaic: np.ndarray, grid: int = 10) -> np.ndarray:
@@ -132,15 +127,13 @@ def join_tiles(tiles: np.ndarray) -> np.ndarray:
 
 
 def ground_px_m(grid: Grid) -> tuple[float, float]:
-    """Ground size (metres) of one pixel along x (east) and y (north) at the footprint centre."""
-    from pyproj import Geod
+    """Ground size (metres) of one pixel along x (east) and y (north) at the footprint's centre
+    latitude (:func:`gl10m.geometry.pixel_size_m` on the WGS84 ellipsoid)."""
+    from gl10m.geometry import metres_per_degree
 
-    geod = Geod(ellps="WGS84")
     w, s, e, n = grid.bounds
-    lat, lon = (s + n) / 2, (w + e) / 2
-    _, _, dx = geod.inv(w, lat, e, lat)
-    _, _, dy = geod.inv(lon, s, lon, n)
-    return (dx / grid.width, dy / grid.height)
+    lon_m, lat_m = metres_per_degree((s + n) / 2)
+    return (float(lon_m) * (e - w) / grid.width, float(lat_m) * (n - s) / grid.height)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +228,25 @@ def warp_scl(scl: np.ndarray, src_transform: Affine, src_crs, grid: Grid) -> np.
     """SCL classes (uint8, 20 m) -> the LR grid, nearest; 0 (no data) outside the granule."""
     return warp_to_grid(scl.astype(np.uint8, copy=False), src_transform, src_crs, grid,
                         Resampling.nearest, nodata=SCL_NODATA)
+
+
+def scl_to_band_grid(scl: np.ndarray, scl_transform: Affine, band_shape: tuple[int, int],
+                     band_transform: Affine, crs) -> np.ndarray:
+    """SCL (20 m) onto a band window's own grid (10 m, same CRS), nearest; 0 where absent."""
+    dst = np.full(band_shape, SCL_NODATA, dtype=np.uint8)
+    reproject(scl.astype(np.uint8, copy=False), dst, src_transform=scl_transform, src_crs=crs,
+              dst_transform=band_transform, dst_crs=crs, resampling=Resampling.nearest,
+              src_nodata=SCL_NODATA, dst_nodata=SCL_NODATA, num_threads=1)
+    return dst
+
+
+def mask_native(refl: np.ndarray, scl_native: np.ndarray, classes: Iterable[int]) -> np.ndarray:
+    """Reflectance in the granule grid with NaN where SCL (on the same grid) is masked, in place.
+
+    Masking before the bilinear warp keeps masked pixels (bright clouds) out of the resampling
+    kernel; masking only after it would leak a cloud's edge into its neighbours."""
+    refl[np.isin(scl_native, np.asarray(sorted(classes), dtype=np.uint8))] = np.nan
+    return refl
 
 
 def mask_scl(refl: np.ndarray, scl: np.ndarray, classes: Iterable[int]) -> np.ndarray:

@@ -1,0 +1,442 @@
+"""The fetch step: one plan row (one scene) -> one staged sample, or a typed rejection.
+
+``fetch_scene(row, profile, workdir)`` reads every selected Sentinel-2 granule's B04/B03/B02 and
+SCL windows and every NAIP quarter-quad of the chosen state-year over the scene footprint,
+composes the LR image and the HR mosaic (:mod:`gl10m.compose`), checks them (:mod:`gl10m.qc`)
+and writes the staged sample (:mod:`gl10m.samples`) with its full provenance.
+
+Outcomes:
+
+* ``ok``: the sample is at ``W/staged/{split}/{key}/`` (``FetchOutcome.path``);
+* ``rejected`` with a reason (deterministic; the ledger records ``rejected:<reason>``):
+  ``asset_missing`` (HTTP 404/410 or a missing file), ``asset_corrupt`` (unreadable or
+  truncated COG, twice in a row; a NAIP image without R, G, B bands), ``s2_masked`` (an LR pixel
+  without any valid observation after SCL masking, no usable S2 item, or an LR black ratio
+  >= ``qc.max_black_ratio``), ``hr_black`` (HR tiles at or above that ratio, listed in the
+  detail), ``naip_gap`` (mosaic pixels inside the footprint that no quarter-quad covers);
+* an exception for transient trouble (HTTP 429/5xx, timeouts, refused connections after the
+  retries; a 403 that survives re-signing): the pipeline records ``failed:<error>`` and a
+  later run tries again.
+
+Reads: hrefs in the plan are unsigned; ``sign(href)`` is called right before each open and
+``resign(href)`` (default: ``sign``) once more after an HTTP 403. Each asset open+read runs
+inside ``limiter`` (a context manager, e.g. a ``distributed.Semaphore`` per provider, capping
+concurrent requests across all Dask workers) and inside ``rasterio.Env(**gdal_http_env())``.
+Transient errors are retried with exponential backoff and full jitter, honouring Retry-After
+(:func:`gl10m.sources.retry.retry`). GDAL caches a failed ``/vsicurl/`` answer per URL, so the
+cache entry of a URL is dropped after each failure before trying again.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from gl10m import __version__, compose, qc, samples
+from gl10m.sources.retry import RETRY_STATUSES, TransientError, is_transient, parse_retry_after, retry
+
+OK, REJECTED = "ok", "rejected"
+ASSET_MISSING = "asset_missing"
+ASSET_CORRUPT = "asset_corrupt"
+S2_MASKED = "s2_masked"
+HR_BLACK = "hr_black"
+NAIP_GAP = "naip_gap"
+REASONS = (ASSET_MISSING, ASSET_CORRUPT, S2_MASKED, HR_BLACK, NAIP_GAP)
+S2_RGB = ("B04", "B03", "B02")  # R, G, B
+ROW_FIELDS = ("key", "scene_id", "state", "split", "west", "south", "east", "north", "concepts",
+              "tile_idx", "tile_concept", "tile_frac", "naip_year", "naip_date", "naip_items",
+              "s2_window", "s2_start", "s2_end", "s2_items")
+DEFAULT_RETRY = {"attempts": 5, "base_delay": 0.5, "max_delay": 30.0}
+
+
+def identity(href: str) -> str:
+    """The default signer: hrefs are read as they are."""
+    return href
+
+
+@dataclass(frozen=True)
+class FetchOutcome:
+    status: str                      # "ok" | "rejected"
+    reason: str | None = None        # one of REASONS when rejected
+    detail: dict = field(default_factory=dict)
+    path: Path | None = None         # the staged sample folder when ok
+
+    @property
+    def label(self) -> str:
+        return self.status if not self.reason else f"{self.status}:{self.reason}"
+
+
+class Rejection(Exception):
+    """A deterministic reason to drop the scene (becomes ``rejected:<reason>``)."""
+
+    def __init__(self, reason: str, message: str, **detail: Any):
+        super().__init__(message)
+        self.reason = reason
+        self.detail = {"message": message, **detail}
+
+
+class AccessDenied(Exception):
+    """HTTP 401/403 even after re-signing: credentials, not data (recorded as failed)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one asset: sign, limit, open, classify errors, retry
+# ---------------------------------------------------------------------------------------------
+_QUERY = re.compile(r"\?[^\s'\"]*")
+_HTTP_CODE = re.compile(r"HTTP (?:response )?code:?\s*(\d{3})", re.I)
+
+
+def redact(text: str) -> str:
+    """Drop query strings (signatures, tokens) from URLs in a message."""
+    return _QUERY.sub("?<redacted>", str(text))
+
+
+def _is_http(href: str) -> bool:
+    return href.startswith(("http://", "https://"))
+
+
+@functools.lru_cache(maxsize=1)
+def _clear_cache_fn() -> Callable[[bytes], None] | None:
+    """GDAL's ``VSICurlPartialClearCache`` from the libgdal rasterio uses, or None."""
+    import rasterio
+
+    here = os.path.dirname(rasterio.__file__)
+    cands = sorted(glob.glob(os.path.join(here, os.pardir, "rasterio.libs", "libgdal*")))
+    cands += [p for p in (ctypes.util.find_library("gdal"),) if p]
+    for path in cands:
+        try:
+            fn = ctypes.CDLL(path).VSICurlPartialClearCache
+        except (OSError, AttributeError):
+            continue
+        fn.argtypes = [ctypes.c_char_p]
+        fn.restype = None
+        return fn
+    return None
+
+
+def forget_url(url: str) -> None:
+    """Drop GDAL's cached state (existence, size, blocks) of a remote `url`."""
+    fn = _clear_cache_fn()
+    if fn is not None and _is_http(url):
+        fn(("/vsicurl/" + url).encode())
+
+
+def _probe(url: str) -> tuple[int | None, float | None]:
+    """(HTTP status, Retry-After) of a one-byte ranged GET; (None, None) when it cannot connect."""
+    import requests
+
+    try:
+        r = requests.get(url, headers={"Range": "bytes=0-0"}, timeout=(10, 30), stream=True)
+        r.close()
+        return r.status_code, parse_retry_after(r.headers.get("Retry-After"))
+    except requests.RequestException:
+        return None, None
+
+
+def _classify(exc: BaseException, url: str) -> tuple[str, int | None, float | None]:
+    """('missing' | 'forbidden' | 'transient' | 'corrupt', status, retry_after) of a read error."""
+    texts, e, seen = [], exc, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        texts.append(str(e))
+        e = e.__cause__ or e.__context__
+    text = " | ".join(texts)
+    m = _HTTP_CODE.search(text)
+    status, retry_after = (int(m.group(1)) if m else None), None
+    if status is None and _is_http(url):
+        if is_transient(exc):
+            return "transient", None, None
+        status, retry_after = _probe(url)  # GDAL said "read failed": ask the server itself
+        if status is None:
+            return "transient", None, None
+    if status is None:  # a local file
+        return ("corrupt" if os.path.exists(url) else "missing"), None, None
+    if status in (404, 410):
+        return "missing", status, None
+    if status in (401, 403):
+        return "forbidden", status, None
+    if status in RETRY_STATUSES or status >= 500:
+        return "transient", status, retry_after
+    if 200 <= status < 300 or status == 416:
+        return "corrupt", status, None
+    return "missing", status, None
+
+
+def read_asset(href: str, fn: Callable[[Any], Any], *, item: str, asset: str,
+               sign: Callable[[str], str] = identity, resign: Callable[[str], str] | None = None,
+               limiter: Any = None, gdal_env: Mapping[str, Any] | None = None,
+               retry_opts: Mapping[str, Any] | None = None) -> Any:
+    """Open `href` (signed right before) and return ``fn(dataset)``.
+
+    Raises :class:`Rejection` (asset_missing / asset_corrupt), :class:`AccessDenied`, or
+    :class:`TransientError` once the retries are spent.
+    """
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    try:
+        from rasterio._err import CPLE_BaseError
+    except ImportError:  # pragma: no cover
+        CPLE_BaseError = RasterioError
+    from gl10m.sources.gdalenv import gdal_http_env
+
+    resign = resign or sign
+    env = gdal_http_env(gdal_env)
+    lim = limiter if limiter is not None else contextlib.nullcontext()
+    where = {"item": item, "asset": asset}
+
+    def once():
+        url = sign(href)
+        for attempt in range(2):  # a second try after a 403 (re-signed) or a suspected corrupt read
+            try:
+                with lim, rasterio.Env(**env):
+                    with rasterio.open(url) as ds:
+                        return fn(ds)
+            except (RasterioError, CPLE_BaseError) as exc:
+                forget_url(url)
+                kind, status, retry_after = _classify(exc, url)
+                msg = f"{item} {asset}: {redact(exc)}"
+                if kind == "forbidden":
+                    if attempt == 0:
+                        url = resign(href)
+                        continue
+                    raise AccessDenied(f"{msg} (HTTP {status} after re-signing)") from None
+                if kind == "missing":
+                    raise Rejection(ASSET_MISSING, msg, status=status, **where) from None
+                if kind == "transient":
+                    raise TransientError(msg, retry_after=retry_after, status=status) from None
+                if attempt == 0:
+                    continue
+                raise Rejection(ASSET_CORRUPT, msg, status=status, **where) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    opts = {**DEFAULT_RETRY, **(retry_opts or {})}
+    return retry(once, retry_on=lambda e: isinstance(e, TransientError), **opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# What is read from each dataset (inside the limiter; CPU work happens outside it)
+# ---------------------------------------------------------------------------------------------
+def _window_reader(grid: compose.Grid, indexes, *, need_rgb: bool = False, item: str = "", asset: str = ""):
+    def fn(ds):
+        if need_rgb and ds.count < 3:
+            raise Rejection(ASSET_CORRUPT, f"{item} {asset}: {ds.count} band(s), needs R, G, B",
+                            item=item, asset=asset)
+        win = compose.source_window(ds, grid.bounds)
+        if win is None:
+            return None
+        data = ds.read(indexes, window=win)
+        masks = None
+        if need_rgb:
+            from rasterio.enums import MaskFlags
+
+            if any(MaskFlags.all_valid not in f for f in ds.mask_flag_enums[:3]):
+                masks = ds.read_masks(indexes, window=win)
+        return data, masks, ds.window_transform(win), ds.crs
+    return fn
+
+
+def _json_list(v: Any, what: str) -> list:
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"plan row {what} is not valid JSON ({e})") from None
+    if not isinstance(v, list):
+        raise ValueError(f"plan row {what} must be a JSON list")
+    return v
+
+
+def _check_row(row: Mapping) -> None:
+    missing = [k for k in ROW_FIELDS if k not in row]
+    if missing:
+        raise ValueError(f"plan row {row.get('key', '?')} lacks field(s) {', '.join(missing)}")
+    samples.check_key(str(row["key"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# LR and HR
+# ---------------------------------------------------------------------------------------------
+def _compose_lr(s2_items: list[dict], profile, grid: compose.Grid, read) -> tuple[np.ndarray, dict]:
+    s2p = profile.imagery.s2
+    obs, used, excluded = [], [], []
+    for it in s2_items:
+        iid = str(it["id"])
+        try:
+            offset = compose.offset_for(it.get("baseline"), profile)
+        except ValueError as e:
+            excluded.append({"id": iid, "datetime": it.get("datetime"), "why": str(e)})
+            continue
+        hrefs = it.get("hrefs") or {}
+        for band in (*S2_RGB, "SCL"):
+            if not hrefs.get(band):
+                raise Rejection(ASSET_MISSING, f"{iid} {band}: no href in the plan", item=iid, asset=band)
+        scl_got = read(hrefs["SCL"], _window_reader(grid, 1), iid, "SCL")
+        bands = []
+        for band in S2_RGB:
+            got = read(hrefs[band], _window_reader(grid, 1), iid, band)
+            if got is None or scl_got is None:
+                bands.append(np.full(grid.shape, np.nan, np.float32))
+                continue
+            dn, _, tr, crs = got
+            refl = compose.harmonise(dn, it.get("baseline"), profile)
+            native = compose.scl_to_band_grid(scl_got[0], scl_got[2], dn.shape, tr, crs)
+            compose.mask_native(refl, native, s2p.scl_mask)
+            bands.append(compose.warp_reflectance(refl, tr, crs, grid))
+        scl = (np.zeros(grid.shape, np.uint8) if scl_got is None
+               else compose.warp_scl(scl_got[0], scl_got[2], scl_got[3], grid))
+        obs.append((np.stack(bands), scl))
+        used.append({"id": iid, "datetime": it.get("datetime"), "baseline": it.get("baseline"),
+                     "offset_subtracted": offset, "cloud_cover": it.get("cloud_cover"),
+                     "mgrs_tile": it.get("mgrs_tile"), "epsg": it.get("epsg"),
+                     "scl": qc.scl_stats(scl, s2p.scl_mask)})
+    info = {"items": used, "excluded": excluded}
+    if not obs:
+        raise Rejection(S2_MASKED, "no usable Sentinel-2 item", **info)
+    rgb, count = compose.s2_composite(obs, s2p.scl_mask, tuple(s2p.stretch))
+    info["composite"] = qc.composite_stats(count, len(obs))
+    if info["composite"]["uncovered"] > 0:
+        raise Rejection(S2_MASKED, f"{info['composite']['uncovered']:.4f} of the LR pixels have no valid "
+                        f"Sentinel-2 observation after SCL masking", **info)
+    info["black_ratio"] = round(qc.black_ratio(rgb, profile.qc.black_level), 6)
+    if info["black_ratio"] >= profile.qc.max_black_ratio:
+        raise Rejection(S2_MASKED, f"LR black ratio {info['black_ratio']:.3f} >= {profile.qc.max_black_ratio}", **info)
+    return rgb, info
+
+
+def _compose_hr(naip_items: list[dict], profile, grid: compose.Grid, read) -> tuple[np.ndarray, dict]:
+    if not naip_items:
+        raise Rejection(NAIP_GAP, "no NAIP item in the plan row", uncovered=1.0)
+    # priority: newest first, then id (deterministic); each fills the others' holes
+    order = sorted(naip_items, key=lambda it: str(it["id"]))
+    order = sorted(order, key=lambda it: str(it.get("datetime") or ""), reverse=True)  # stable
+    used: list[dict] = []
+
+    def layers():
+        for it in order:
+            iid = str(it["id"])
+            if not it.get("href"):
+                raise Rejection(ASSET_MISSING, f"{iid} image: no href in the plan", item=iid, asset="image")
+            got = read(it["href"], _window_reader(grid, list(compose.RGB_BANDS), need_rgb=True,
+                                                  item=iid, asset="image"), iid, "image")
+            used.append({"id": iid, "datetime": it.get("datetime"), "epsg": it.get("epsg"), "gsd": it.get("gsd"),
+                         "overlaps": got is not None})
+            if got is None:
+                continue
+            rgb, masks, tr, crs = got
+            yield compose.warp_naip(rgb, compose.naip_valid(rgb, masks), tr, crs, grid)
+
+    try:
+        mosaic, covered = compose.mosaic(layers())
+    except ValueError:  # no layer overlapped
+        mosaic, covered = np.zeros((*grid.shape, 3), np.uint8), np.zeros(grid.shape, bool)
+    info: dict = {"items": used}
+    gap = 1.0 - np.count_nonzero(covered) / covered.size
+    if gap > 0:
+        info["uncovered"] = round(gap, 6)
+        raise Rejection(NAIP_GAP, f"{gap:.4f} of the HR footprint is not covered by any quarter-quad", **info)
+    tiles = compose.cut_tiles(mosaic, profile.geometry.grid)
+    ratios = qc.black_ratios(tiles, profile.qc.black_level)
+    info["black_ratios"] = [round(float(r), 4) for r in ratios]
+    info["black_ratio_max"] = round(float(ratios.max()), 6)
+    bad = qc.failing_tiles(ratios, profile.qc.max_black_ratio)
+    if bad:
+        raise Rejection(HR_BLACK, f"{len(bad)} HR tile(s) with black ratio >= {profile.qc.max_black_ratio}",
+                        tiles=bad, **info)
+    return tiles, info
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------
+def build_meta(row: Mapping, profile, lr_grid: compose.Grid, hr_grid: compose.Grid, lr: dict, hr: dict) -> dict:
+    s2p = profile.imagery.s2
+    g = profile.geometry
+    concepts = sorted({int(c) for c in row["concepts"]})
+    lr_m, hr_m = compose.ground_px_m(lr_grid), compose.ground_px_m(hr_grid)
+    return {
+        "key": str(row["key"]), "scene_id": str(row["scene_id"]), "state": str(row["state"]),
+        "split": str(row["split"]),
+        "footprint": {"west": float(row["west"]), "south": float(row["south"]),
+                      "east": float(row["east"]), "north": float(row["north"])},
+        "crs": "EPSG:4326",
+        "lr": {"width": lr_grid.width, "height": lr_grid.height, "px_deg": list(lr_grid.px_deg),
+               "px_m_x": round(lr_m[0], 4), "px_m_y": round(lr_m[1], 4), "bands": list(S2_RGB)},
+        "hr": {"width": hr_grid.width, "height": hr_grid.height, "px_deg": list(hr_grid.px_deg),
+               "px_m_x": round(hr_m[0], 4), "px_m_y": round(hr_m[1], 4), "bands": ["R", "G", "B"],
+               "grid": g.grid, "tile_px": g.tile_px,
+               "tile_index": "row*grid + col, row 0 = north, col 0 = west"},
+        "concepts": [profile.concepts[c].name for c in concepts],
+        "concept_ids": concepts,
+        "naip": {"year": int(row["naip_year"]), "date": str(row["naip_date"]), "items": hr["items"],
+                 "resampling": "bilinear", "mosaic": "newest first, first valid pixel wins"},
+        "s2": {"window": str(row["s2_window"]), "start": str(row["s2_start"]), "end": str(row["s2_end"]),
+               "items": lr["items"], "excluded": lr["excluded"],
+               "harmonisation": {"enabled": bool(s2p.harmonize), "offset": int(s2p.offset),
+                                 "offset_baseline": s2p.offset_baseline, "scale": compose.S2_SCALE,
+                                 "rule": "subtract offset when processing baseline >= offset_baseline (item metadata)"},
+               "scl_mask": list(s2p.scl_mask), "composite": "per-pixel median of unmasked dates",
+               "resampling": {"reflectance": "bilinear", "scl": "nearest"},
+               "stretch": list(s2p.stretch)},
+        "qc": {"black_level": profile.qc.black_level, "max_black_ratio": profile.qc.max_black_ratio,
+               "lr_black_ratio": lr["black_ratio"], "s2_composite": lr["composite"],
+               "hr_black_ratio_max": hr["black_ratio_max"], "hr_black_ratios": hr["black_ratios"]},
+        "provider": str(row.get("provider") or profile.provider.name),
+        "plan_hash": str(row.get("plan_hash") or ""),
+        "profile": {"name": profile.name, "version": profile.version, "hash": profile.hash()},
+        "builder": {"name": "gl10m", "version": __version__},
+    }
+
+
+def fetch_scene(row: Mapping, profile, out_root: str | Path, *, sign: Callable[[str], str] = identity,
+                resign: Callable[[str], str] | None = None, limiter: Any = None,
+                gdal_env: Mapping[str, Any] | None = None,
+                retry_opts: Mapping[str, Any] | None = None) -> FetchOutcome:
+    """Fetch, compose, check and stage one scene (see the module docstring).
+
+    `out_root` is the work dir W (the sample goes to ``W/staged/{split}/{key}/``). `gdal_env`
+    overrides GDAL options; `retry_opts` overrides ``attempts``/``base_delay``/``max_delay``.
+    Raises ValueError for a malformed row, TransientError / AccessDenied for transient trouble.
+    """
+    _check_row(row)
+    bounds = (float(row["west"]), float(row["south"]), float(row["east"]), float(row["north"]))
+    lrg, hrg = compose.lr_grid(bounds, profile), compose.hr_grid(bounds, profile)
+    s2_items = _json_list(row["s2_items"], "s2_items")
+    naip_items = _json_list(row["naip_items"], "naip_items")
+
+    def read(href, fn, item, asset):
+        return read_asset(href, fn, item=item, asset=asset, sign=sign, resign=resign, limiter=limiter,
+                          gdal_env=gdal_env, retry_opts=retry_opts)
+
+    try:
+        lr_rgb, lr_info = _compose_lr(s2_items, profile, lrg, read)
+        tiles, hr_info = _compose_hr(naip_items, profile, hrg, read)
+    except Rejection as r:
+        return FetchOutcome(REJECTED, r.reason, _clean(r.detail))
+    n = profile.n_concepts
+    sample = samples.Sample(
+        key=str(row["key"]), split=str(row["split"]), lr=lr_rgb, hr=tiles,
+        labels=samples.labels_from_concepts(row["concepts"], n),
+        tile_frac=samples.dense_tile_frac(list(row["tile_idx"]), list(row["tile_concept"]), list(row["tile_frac"]),
+                                          n, profile.geometry.grid ** 2),
+        meta=build_meta(row, profile, lrg, hrg, lr_info, hr_info))
+    path = samples.write_staged(out_root, sample)
+    detail = {"lr_black_ratio": lr_info["black_ratio"], "hr_black_ratio_max": hr_info["black_ratio_max"],
+              "s2_items": len(lr_info["items"]), "s2_excluded": len(lr_info["excluded"]),
+              "naip_items": len(hr_info["items"]), "s2_min_obs": lr_info["composite"]["min_obs"]}
+    return FetchOutcome(OK, None, detail, path)
+
+
+def _clean(detail: dict) -> dict:
+    """JSON-safe detail without signed URLs."""
+    return json.loads(redact(json.dumps(detail, default=str)))
