@@ -212,7 +212,11 @@ def _http_main(argv: list[str]) -> int:
     threading.Thread(target=_watch_parent, daemon=True).start()
     srv.serve_forever(poll_interval=0.2)
     srv.server_close()
-    return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # skip interpreter finalisation: the stdin watcher thread is blocked in a read, and
+    # finalising would wait ~1 s for its buffer lock (then print a fatal error)
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,7 +442,7 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float, what: st
             err = _tail(proc)
             raise ServeError(f"{what} exited with code {proc.returncode} before it was ready{err}")
         try:
-            if check(_get_json(url)):
+            if check(_get_json(url, timeout=0.5)):
                 return
         except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError, OSError) as e:
             last = str(e)
