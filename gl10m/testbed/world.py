@@ -1542,7 +1542,7 @@ def _wind(b: _Builder, rect):
             i = b.area(poly, {"landuse": "farmland", "crop": "wheat"}, "farmland", Z_COVER, "farmland")
             b.mark(i, "crop_row", _lines_across(poly, 4.0, 0, rng))
     from shapely.geometry import LineString
-    for gx in np.linspace(x0 + 60, x1 - 60, 3):
+    for gx in np.linspace(x0 + 80, x1 - 80, 2):
         for gy in np.linspace(y0 + 70, y1 - 70, 2):
             x, y = gx + rng.uniform(-20, 20), gy + rng.uniform(-20, 20)
             tags = {"power": "generator", "generator:source": "wind", "generator:method": "wind_turbine",
