@@ -331,7 +331,11 @@ def write_staged(workdir: str | Path, sample: Sample) -> Path:
         if final.exists():
             old = parent / f".{sample.key}.{uuid.uuid4().hex[:8]}.old.tmp"
             os.rename(final, old)
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except BaseException:
+                os.rename(old, final)  # put the previous sample back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)

@@ -1,0 +1,222 @@
+"""compose: grids and tile convention, harmonisation by baseline, SCL masking, median, stretch,
+NAIP warping and mosaicking (real GDAL warps on small synthetic UTM rasters)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pyproj import Transformer
+from rasterio.transform import from_origin
+
+from gl10m import compose, profile as profile_mod
+
+BOUNDS = (-117.0, 34.0, -116.976, 34.024)
+
+
+@pytest.fixture(scope="module")
+def prof():
+    return profile_mod.load()
+
+
+# -- grids -----------------------------------------------------------------------------------------
+def test_grids_nw_origin_and_size(prof):
+    lr, hr = compose.lr_grid(BOUNDS, prof), compose.hr_grid(BOUNDS, prof)
+    assert (lr.width, lr.height, hr.width, hr.height) == (268, 268, 2680, 2680)
+    assert lr.transform * (0, 0) == (BOUNDS[0], BOUNDS[3])  # pixel (0, 0) corner is the NW corner
+    x, y = hr.transform * (2680, 2680)
+    assert x == pytest.approx(BOUNDS[2], abs=1e-12) and y == pytest.approx(BOUNDS[1], abs=1e-12)
+
+
+def test_tiles_tessellate_and_match_hr_blocks(prof):
+    hr = compose.hr_grid(BOUNDS, prof)
+    tb = compose.tile_bounds(BOUNDS, 10)
+    assert len(tb) == 100
+    assert tb[0][0] == BOUNDS[0] and tb[0][3] == BOUNDS[3]      # tile 0: north-west
+    assert tb[9][2] == BOUNDS[2] and tb[9][3] == BOUNDS[3]      # tile 9: north-east
+    assert tb[90][0] == BOUNDS[0] and tb[90][1] == BOUNDS[1]    # tile 90: south-west
+    area = sum((e - w) * (n - s) for w, s, e, n in tb)
+    assert area == pytest.approx((BOUNDS[2] - BOUNDS[0]) * (BOUNDS[3] - BOUNDS[1]), rel=1e-12)
+    for i in (0, 9, 37, 90, 99):
+        r, c = divmod(i, 10)
+        x0, y0 = hr.transform * (c * 268, r * 268)
+        x1, y1 = hr.transform * ((c + 1) * 268, (r + 1) * 268)
+        assert tb[i] == pytest.approx((x0, y1, x1, y0), abs=1e-12)
+        if c < 9:
+            assert tb[i][2] == tb[i + 1][0]  # shared edges are the same float
+        if r < 9:
+            assert tb[i][1] == tb[i + 10][3]
+
+
+def test_cut_tiles_index_convention_and_join():
+    r = np.repeat(np.arange(10), 4)[:, None].repeat(40, 1)
+    c = np.repeat(np.arange(10), 4)[None, :].repeat(40, 0)
+    mosaic = np.stack([r, c, r * 10 + c], -1).astype(np.uint8)
+    tiles = compose.cut_tiles(mosaic, 10)
+    assert tiles.shape == (100, 4, 4, 3)
+    for i in range(100):
+        assert (tiles[i, ..., 2] == i).all() and (tiles[i, ..., 0] == i // 10).all() and (tiles[i, ..., 1] == i % 10).all()
+    assert np.array_equal(compose.join_tiles(tiles), mosaic)
+    with pytest.raises(ValueError, match="does not split"):
+        compose.cut_tiles(mosaic[:39], 10)
+
+
+def test_ground_pixel_size_is_anisotropic(prof):
+    x, y = compose.ground_px_m(compose.lr_grid(BOUNDS, prof))
+    assert y == pytest.approx(0.024 * 110_950 / 268, rel=0.01)
+    assert x == pytest.approx(y * np.cos(np.radians(34.012)), rel=0.01)
+
+
+def test_bad_footprint_is_one_line_error():
+    with pytest.raises(ValueError, match="west, south, east, north"):
+        compose.footprint_grid((10, 5, 9, 6), 268)
+
+
+# -- Sentinel-2 ------------------------------------------------------------------------------------
+def test_harmonise_by_baseline_only(prof):
+    dn = np.array([[0, 1000, 1500, 4000]], np.uint16)
+    new = compose.harmonise(dn, "05.09", prof)
+    old = compose.harmonise(dn, "03.01", prof)
+    edge = compose.harmonise(dn, "04.00", prof)
+    assert np.isnan(new[0, 0]) and np.isnan(old[0, 0])  # DN 0 is no data
+    assert new[0, 1:].tolist() == pytest.approx([0.0, 0.05, 0.3])
+    assert old[0, 1:].tolist() == pytest.approx([0.1, 0.15, 0.4])
+    assert np.array_equal(new, edge, equal_nan=True)
+    assert compose.offset_for("02.14", prof) == 0 and compose.offset_for("04.00", prof) == 1000
+    with pytest.raises(ValueError, match="baseline None is unknown"):
+        compose.harmonise(dn, None, prof)
+    off = prof.model_copy(update={"imagery": prof.imagery.model_copy(
+        update={"s2": prof.imagery.s2.model_copy(update={"harmonize": False})})})
+    assert np.array_equal(compose.harmonise(dn, "05.09", off), old, equal_nan=True)
+
+
+def test_harmonise_clips_below_zero(prof):
+    assert compose.harmonise(np.array([[900]], np.uint16), "05.00", prof)[0, 0] == 0.0
+
+
+def test_scl_masking_keeps_clouds_out_of_the_median(prof):
+    classes = prof.imagery.s2.scl_mask
+    clear = np.full((3, 4, 4), 0.1, np.float32)
+    cloudy = np.full((3, 4, 4), 0.1, np.float32)
+    cloudy[:, :2] = 0.9
+    scl_clear = np.full((4, 4), 4, np.uint8)
+    scl_cloudy = scl_clear.copy()
+    scl_cloudy[:2] = 9
+    rgb, count = compose.s2_composite([(clear, scl_clear), (cloudy, scl_cloudy)], classes, (0.0, 0.3))
+    assert (rgb == 85).all()  # 0.1 / 0.3 * 255 everywhere: the cloud did not leak
+    assert count[:2].tolist() == [[1] * 4] * 2 and (count[2:] == 2).all()
+    leaky, _ = compose.s2_composite([(clear, scl_clear), (cloudy, scl_clear)], classes, (0.0, 0.3))
+    assert (leaky[:2] == 255).all()  # the same data without the SCL flag: the test can fail
+
+
+def test_mask_scl_every_class_and_joint_bands(prof):
+    refl = np.full((3, 1, 12), 0.2, np.float32)
+    refl[1, 0, 4] = np.nan  # one band missing -> the whole pixel is dropped
+    scl = np.arange(12, dtype=np.uint8)[None]
+    out = compose.mask_scl(refl, scl, prof.imagery.s2.scl_mask)
+    dropped = np.isnan(out).any(axis=0)[0]
+    assert np.flatnonzero(dropped).tolist() == [0, 1, 3, 4, 8, 9, 10]
+    assert (np.isnan(out).all(axis=0) == np.isnan(out).any(axis=0)).all()
+
+
+def test_median_of_three_dates():
+    stack = np.stack([np.full((3, 2, 2), v, np.float32) for v in (0.3, 0.1, 0.2)])
+    stack[0, :, 0, 0] = np.nan
+    med, count = compose.median_composite(stack)
+    assert med[:, 1, 1].tolist() == pytest.approx([0.2] * 3)
+    assert med[:, 0, 0].tolist() == pytest.approx([0.15] * 3)  # median of the two remaining
+    assert count.tolist() == [[2, 3], [3, 3]]
+    allnan = np.full((2, 3, 1, 1), np.nan, np.float32)
+    med, count = compose.median_composite(allnan)
+    assert np.isnan(med).all() and count[0, 0] == 0
+
+
+def test_stretch_range_order_and_rounding():
+    refl = np.zeros((3, 1, 5), np.float32)
+    refl[0] = [0.0, 0.15, 0.3, 0.5, np.nan]
+    refl[1] = 0.3
+    out = compose.stretch(refl, 0.0, 0.3)
+    assert out.shape == (1, 5, 3) and out.dtype == np.uint8
+    assert out[0, :, 0].tolist() == [0, 128, 255, 255, 0]
+    assert (out[0, :, 1] == 255).all() and (out[0, :, 2] == 0).all()  # B04, B03, B02 -> R, G, B
+
+
+def test_warp_scl_is_nearest_and_masks_before_bilinear(prof):
+    """SCL stays a class map after the warp; a cloud masked on the native grid never bleeds into
+    its neighbours through the bilinear kernel."""
+    tr = Transformer.from_crs(4326, 32611, always_xy=True)
+    x0, y1 = tr.transform(BOUNDS[0], BOUNDS[3])
+    x0, y1 = np.floor(x0 / 20) * 20 - 400, np.ceil(y1 / 20) * 20 + 400
+    scl = np.full((180, 180), 4, np.uint8)
+    scl[60:90, 60:90] = 9
+    scl[100:120, 10:40] = 6
+    g = compose.lr_grid(BOUNDS, prof)
+    out = compose.warp_scl(scl, from_origin(x0, y1, 20, 20), "EPSG:32611", g)
+    assert set(np.unique(out)) == {4, 6, 9}
+    dn = np.full((360, 360), 2000, np.uint16)
+    dn[120:180, 120:180] = 9500  # the cloud in the 10 m bands, same place as SCL 9
+    refl = compose.harmonise(dn, "05.09", prof)
+    native = compose.scl_to_band_grid(scl, from_origin(x0, y1, 20, 20), dn.shape, from_origin(x0, y1, 10, 10), "EPSG:32611")
+    assert (native[120:180, 120:180] == 9).all() and (native[:120] != 9).all()
+    compose.mask_native(refl, native, prof.imagery.s2.scl_mask)
+    warped = compose.warp_reflectance(refl, from_origin(x0, y1, 10, 10), "EPSG:32611", g)
+    valid = warped[~np.isnan(warped)]
+    assert valid.size > 0.8 * warped.size and np.allclose(valid, 0.1, atol=1e-5)
+
+
+# -- NAIP ------------------------------------------------------------------------------------------
+def _qq(x0, w, h, y1, seed):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(30, 220, size=(3, 1, 1), dtype=np.uint8)
+    return np.broadcast_to(base, (3, h, w)).copy(), from_origin(x0, y1, 1.0, 1.0)
+
+
+def test_naip_mosaic_fills_collars_without_black_seams():
+    """Two overlapping quarter-quads; the west one has a black wedge in the overlap. The mosaic
+    is covered everywhere and nowhere black; the east QQ shows only where the west has none."""
+    tr = Transformer.from_crs(4326, 26911, always_xy=True)
+    b = (-117.0, 34.0, -116.997, 34.003)
+    xs, ys = tr.transform([b[0], b[2], b[0], b[2]], [b[1], b[1], b[3], b[3]])
+    x0, x1, y0, y1 = np.floor(min(xs)) - 5, np.ceil(max(xs)) + 5, np.floor(min(ys)) - 5, np.ceil(max(ys)) + 5
+    mid = int((x0 + x1) / 2)
+    h = int(y1 - y0)
+    west, wt = _qq(x0, int(mid + 40 - x0), h, y1, 1)
+    east, et = _qq(mid - 40, int(x1 - mid + 40), h, y1, 2)
+    cols = np.arange(west.shape[2])[None, :]
+    rows = np.arange(h)[:, None]
+    wedge = cols > west.shape[2] - 40 + rows * 40 // h - 1
+    west[:, wedge] = 0
+    g = compose.footprint_grid(b, 300)
+    lw = compose.warp_naip(west, compose.naip_valid(west), wt, "EPSG:26911", g)
+    le = compose.warp_naip(east, compose.naip_valid(east), et, "EPSG:26911", g)
+    rgb, covered = compose.mosaic([lw, le])
+    assert covered.all()
+    assert np.count_nonzero(rgb.max(axis=-1) <= 5) == 0
+    colours = {tuple(p) for p in rgb.reshape(-1, 3)}
+    w_col, e_col = tuple(west[:, 0, 0]), tuple(east[:, 0, 0])
+    assert w_col in colours and e_col in colours
+    # without the collar treated as no data, the wedge would be black (the test can fail)
+    bad = compose.warp_naip(west, np.ones(west.shape[1:], bool), wt, "EPSG:26911", g)
+    rgb_bad, _ = compose.mosaic([bad, le])
+    assert np.count_nonzero(rgb_bad.max(axis=-1) <= 5) > 0
+
+
+def test_naip_takes_only_rgb_and_declared_masks():
+    rgbn = np.ones((4, 5, 5), np.uint8)
+    with pytest.raises(ValueError, match="exactly the R, G, B"):
+        compose.warp_naip(rgbn, np.ones((5, 5), bool), from_origin(0, 5, 1, 1), "EPSG:26911",
+                          compose.footprint_grid(BOUNDS, 4))
+    rgb = np.full((3, 2, 2), 50, np.uint8)
+    masks = np.full((3, 2, 2), 255, np.uint8)
+    masks[2, 0, 0] = 0
+    assert compose.naip_valid(rgb, masks).tolist() == [[False, True], [True, True]]
+
+
+def test_mosaic_priority_and_uncovered():
+    a = np.full((3, 2, 2), np.nan, np.float32)
+    a[:, 0, 0] = 10
+    b = np.full((3, 2, 2), 20, np.float32)
+    b[:, 1, 1] = np.nan
+    rgb, covered = compose.mosaic(iter([a, b]))
+    assert rgb[..., 0].tolist() == [[10, 20], [20, 0]]
+    assert covered.tolist() == [[True, True], [True, False]]
+    with pytest.raises(ValueError, match="no NAIP layer"):
+        compose.mosaic([])
