@@ -22,10 +22,21 @@ import numpy as np
 import pytest
 
 from gl10m.sources.gdalenv import DEFAULTS, gdal_http_env
-from gl10m.testbed.serve import ServeError, absolute_href, load_world_stac, parse_range, serve
+from gl10m.testbed.serve import ServeError, absolute_href, load_world_stac, parse_range, require_rustac, serve
 
 pystac_client = pytest.importorskip("pystac_client")
 rasterio = pytest.importorskip("rasterio")
+
+
+def _have_rustac() -> bool:
+    try:
+        require_rustac()
+    except ServeError:
+        return False
+    return True
+
+
+needs_rustac = pytest.mark.skipif(not _have_rustac(), reason="rustac is not installed (pip install 'gl10m[test]')")
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -302,6 +313,7 @@ def _live_children() -> set[int]:
     return out
 
 
+@needs_rustac
 def test_close_stops_both_servers_and_frees_the_ports(testbed_world):
     s = serve(testbed_world)
     pids = [s._http.pid, s._stac.pid]
@@ -321,6 +333,7 @@ def test_close_stops_both_servers_and_frees_the_ports(testbed_world):
             sock.bind(("127.0.0.1", urllib.parse.urlsplit(url).port))
 
 
+@needs_rustac
 def test_a_failed_start_leaves_no_process(testbed_world, tmp_path):
     before = _live_children()
     with socket.socket() as busy:  # hold the STAC port: rustac cannot bind it
@@ -399,6 +412,7 @@ def test_missing_rustac_gives_a_one_line_error(testbed_world):
     assert out.stdout.count("\n") == 1
 
 
+@needs_rustac
 def test_run_forever_prints_urls_and_stops_on_ctrl_c(testbed_world, tmp_path):
     info = tmp_path / "served.json"
     p = subprocess.Popen([sys.executable, "-m", "gl10m.testbed.serve", str(testbed_world), "--served-json", str(info)],

@@ -16,12 +16,14 @@ What each option does, and why:
   at the HTTP layer with backoff starting at the delay (seconds).
 * ``GDAL_HTTP_TIMEOUT`` / ``GDAL_HTTP_CONNECTTIMEOUT``: fail a stuck request instead of hanging
   a worker; the stage's own retry records it as ``failed`` and tries again later.
-* ``VSI_CACHE=TRUE`` + ``VSI_CACHE_SIZE``: per-file block cache, so re-reading the header and
-  neighbouring tiles of the same COG costs no request; ``CPL_VSIL_CURL_CACHE_SIZE`` is the
-  global /vsicurl/ chunk cache shared by all files.
+* ``VSI_CACHE=TRUE`` + ``VSI_CACHE_SIZE``: block cache per open file (32 MB each), so
+  re-reading the header and neighbouring tiles of the same COG costs no request;
+  ``CPL_VSIL_CURL_CACHE_SIZE`` (128 MB) is the /vsicurl/ chunk cache shared by all files of a
+  process. Both are per worker process: mind them when running many workers.
 * ``GDAL_INGESTED_BYTES_AT_OPEN``: fetch the first 32 kB on open, enough for the IFDs of a COG
   with overviews, instead of several small header requests.
-* ``GDAL_HTTP_VERSION=2``: HTTP/2 where the server offers it (falls back to 1.1 otherwise).
+* ``GDAL_HTTP_VERSION=2TLS``: HTTP/2 over https where the server offers it; plain http stays
+  HTTP/1.1 (no h2c upgrade dance with simple servers such as the testbed's).
 * ``GDAL_HTTP_USERAGENT``: identifies the builder to the provider.
 
 Values already set in the process environment win over these defaults, so a user can tune a
@@ -42,10 +44,10 @@ DEFAULTS: dict[str, str] = {
     "GDAL_HTTP_TIMEOUT": "60",
     "GDAL_HTTP_CONNECTTIMEOUT": "15",
     "VSI_CACHE": "TRUE",
-    "VSI_CACHE_SIZE": str(64 * 1024 * 1024),
-    "CPL_VSIL_CURL_CACHE_SIZE": str(256 * 1024 * 1024),
+    "VSI_CACHE_SIZE": str(32 * 1024 * 1024),
+    "CPL_VSIL_CURL_CACHE_SIZE": str(128 * 1024 * 1024),
     "GDAL_INGESTED_BYTES_AT_OPEN": "32768",
-    "GDAL_HTTP_VERSION": "2",
+    "GDAL_HTTP_VERSION": "2TLS",
     "GDAL_HTTP_USERAGENT": "gl10m",
 }
 
