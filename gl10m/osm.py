@@ -40,7 +40,7 @@ import pyarrow as pa
 import shapely
 from pyproj import Transformer
 
-from gl10m.concepts import ConceptMatcher, compile_rule
+from gl10m.concepts import compile_rule
 from gl10m.errors import UserError
 from gl10m.io import atomic_path
 
@@ -63,31 +63,51 @@ class OsmResult:
 
 
 # -- rule analysis ---------------------------------------------------------------------------
-def _trigger_keys(rule) -> set[str] | None:
-    """Keys of which at least one must be present for `rule` to hold; None if not expressible
-    as exact keys (a prefix key, or a rule that is only a negation)."""
+# A trigger is (key, values): the tag `key` with one of `values` (None: any value). A key ending
+# in "*" is a prefix. A rule's triggers are a set of which at least one holds whenever the rule
+# holds, so an object need only be tested against the rules its tags trigger.
+Trigger = tuple[str, frozenset | None]
+
+
+def _triggers(rule) -> set[Trigger] | None:
+    """Necessary triggers of `rule` (one of them holds whenever it holds); None when the rule
+    can hold without any (a rule that is only a negation)."""
     if not isinstance(rule, dict):
         return None
-    best: set[str] | None = None
-    for key, spec in rule.items():  # conjunction: any one conjunct's triggers suffice
+    best: set[Trigger] | None = None
+    for key, spec in rule.items():  # a conjunction: any one conjunct's triggers are necessary
         if key == "any":
-            subs = [_trigger_keys(r) for r in spec]
-            cand = None if any(s is None for s in subs) else set().union(*subs)
+            subs = [_triggers(r) for r in spec]
+            cand = None if any(x is None for x in subs) else set().union(*subs)
         elif key == "all":
             cand = None
             for r in spec:
-                s = _trigger_keys(r)
-                if s is not None and (cand is None or len(s) < len(cand)):
-                    cand = s
+                x = _triggers(r)
+                if x is not None and (cand is None or _weight(x) < _weight(cand)):
+                    cand = x
         elif key == "not":
             cand = None
-        elif key.endswith("*"):
-            cand = None
-        else:
-            cand = {key}
-        if cand is not None and (best is None or len(cand) < len(best)):
+        elif isinstance(spec, (str, int, float)) and spec != "*" and not key.endswith("*"):
+            cand = {(key, frozenset([str(spec)]))}
+        elif isinstance(spec, list):
+            cand = {(key, frozenset(str(v) for v in spec))}
+        else:  # "*", {token: ...} or a prefix key
+            cand = {(key, None)}
+        if cand is not None and (best is None or _weight(cand) < _weight(best)):
             best = cand
     return best
+
+
+def _weight(trig: set[Trigger]) -> int:
+    """Prefer exact values over any-value keys, and few triggers over many."""
+    return sum(1 if v is not None else 100 for _, v in trig)
+
+
+def _trigger_keys(rule) -> set[str] | None:
+    t = _triggers(rule)
+    if t is None or any(k.endswith("*") for k, _ in t):
+        return None
+    return {k for k, _ in t}
 
 
 def prefilter_keys(concepts) -> list[str] | None:
@@ -100,6 +120,55 @@ def prefilter_keys(concepts) -> list[str] | None:
             return None
         keys |= k
     return sorted(keys)
+
+
+class TriggerIndex:
+    """Which concepts a tag set may match, from the rules' triggers; `match` then evaluates
+    only those rules (ConceptMatcher semantics, in class-index order)."""
+
+    def __init__(self, concepts):
+        self.preds = {c.id: compile_rule(c.rule) for c in concepts}
+        self.by_key: dict[str, list[tuple[frozenset | None, int]]] = {}
+        self.by_prefix: list[tuple[str, int]] = []
+        self.always: list[int] = []
+        for c in concepts:
+            trig = _triggers(c.rule)
+            if trig is None:
+                self.always.append(c.id)
+                continue
+            for key, values in sorted(trig, key=lambda t: (t[0], sorted(t[1] or ()))):
+                if key.endswith("*"):
+                    self.by_prefix.append((key[:-1], c.id))
+                else:
+                    self.by_key.setdefault(key, []).append((values, c.id))
+        self.prefixes = tuple(sorted({p for p, _ in self.by_prefix}))
+
+    def match(self, taglist) -> list[int]:
+        """Concept ids (sorted) whose rule holds for an osmium TagList (or (k, v) objects)."""
+        by_key, prefixes = self.by_key, self.prefixes
+        cand: set[int] | None = None
+        tags: dict[str, str] = {}
+        for t in taglist:
+            k, v = t.k, t.v
+            tags[k] = v
+            hits = by_key.get(k)
+            if hits:
+                for values, cid in hits:
+                    if values is None or v in values:
+                        if cand is None:
+                            cand = set()
+                        cand.add(cid)
+            if prefixes and k.startswith(prefixes):
+                for p, cid in self.by_prefix:
+                    if k.startswith(p):
+                        if cand is None:
+                            cand = set()
+                        cand.add(cid)
+        if cand is None and not self.always:
+            return []
+        ids = sorted((cand or set()).union(self.always))
+        preds = self.preds
+        return [cid for cid in ids if preds[cid](tags)]
 
 
 # -- node index ------------------------------------------------------------------------------
@@ -124,16 +193,13 @@ class _Collector:
         import osmium
 
         self.concepts = list(profile.concepts)
-        self.matcher = ConceptMatcher(self.concepts)
-        self.preds = [(c.id, compile_rule(c.rule)) for c in self.concepts]
+        self.index = TriggerIndex(self.concepts)
         self.takes_area = {c.id for c in self.concepts if "area" in c.kinds}
         self.takes_line = {c.id for c in self.concepts if "line" in c.kinds}
         self.takes_point = {c.id for c in self.concepts if "point" in c.kinds}
         self.line_buf = {c.id: c.buffer_m.line for c in self.concepts}
         self.point_buf = {c.id: c.buffer_m.point for c in self.concepts}
         self.ends = {c.id for c in self.concepts if c.line_as == "ends"}
-        self.exact = self.matcher.exact_keys
-        self.prefixes = self.matcher.prefixes
         self.wkb = osmium.geom.WKBFactory()
         # areas: (osm_type, id, concepts, geometry source)
         self.area_rows: list[tuple[str, int, tuple[int, ...]]] = []
@@ -149,19 +215,8 @@ class _Collector:
                           repaired=0, dropped=0, dropped_unassembled=0, dropped_geometry=0,
                           missing_locations=0)
 
-    # tags -> concept ids
     def _match(self, taglist) -> list[int]:
-        exact, prefixes = self.exact, self.prefixes
-        hit = False
-        tags = {}
-        for t in taglist:
-            k = t.k
-            tags[k] = t.v
-            if not hit and (k in exact or (prefixes and k.startswith(prefixes))):
-                hit = True
-        if not hit:
-            return []
-        return [cid for cid, p in self.preds if p(tags)]
+        return self.index.match(taglist)
 
     # pass 1: relations. Return True to drop (not an area candidate).
     def relation(self, r) -> bool:

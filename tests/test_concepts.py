@@ -197,3 +197,26 @@ def test_sport_tokens():
 def test_bad_rules_raise(bad):
     with pytest.raises(RuleError):
         compile_rule(bad)
+
+
+def _taglist(tags):
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(k=k, v=v) for k, v in tags.items()]
+
+
+def test_trigger_index_agrees_with_matcher(prof, matcher):
+    """gl10m.osm only evaluates the rules an object's tags trigger: same answers, always."""
+    import random
+
+    from gl10m.osm import TriggerIndex
+
+    idx = TriggerIndex(prof.concepts)
+    sets = [t for good, miss in CASES.values() for t in (good, miss)] + [t for _, t, _ in EXTRA]
+    pool = sorted({(k, v) for t in sets for k, v in t.items()} | {("building", "yes"), ("name", "x"),
+                                                                  ("mooring:right", "yes"), ("aquaculture:fish", "x")})
+    rng = random.Random(0)
+    for _ in range(3000):
+        sets.append(dict(rng.sample(pool, rng.randint(1, 4))))
+    for t in sets:
+        assert idx.match(_taglist(t)) == matcher.match(t), t
