@@ -253,6 +253,11 @@ def test_truth_draw_order_marks_and_nodata(regions):
     x, y = Transformer.from_crs(4326, crs, always_xy=True).transform(p.x, p.y)
     row, col = rowcol(tr, x, y)
     assert classes[row, col] == W.CID["religious_building"]
+    # the material layer tells the roof from the ground around it
+    layers = W.rasterize_layers(region, crs, tr, shape)
+    assert (layers["classes"] == classes).all() and (layers["marks"] == marks).all()
+    assert layers["material"][row, col] == W.MATERIAL["roof"]
+    assert W.MATERIAL["roof"] not in layers["material"][classes == W.BG["residential"]]
     assert (classes == W.BG["residential"]).any()
     # a parking lot carries stripes; a tennis court its lines
     lot = _pick(region, "parking_lot")

@@ -50,6 +50,35 @@ MARK_NAMES: list[str] = [
 ]
 MARK: dict[str, int] = {n: i for i, n in enumerate(MARK_NAMES)}
 
+# Surface materials (the `material` layer of rasterize_layers): what the ground or roof is made
+# of, so the renderer can tell a church roof from its parking lot though both carry a class.
+MATERIALS: list[str] = [
+    "none", "grass", "lawn", "dry_grass", "crop", "trees", "shrub", "marsh", "water", "sea", "sand", "desert",
+    "soil", "rock", "gravel", "asphalt", "concrete", "roof", "roof_metal", "court", "turf", "pool", "solar", "track",
+]
+MATERIAL: dict[str, int] = {n: i for i, n in enumerate(MATERIALS)}
+_CLASS_MATERIAL: dict[str, str] = {
+    "tennis": "court", "skate_park": "concrete", "american_football": "turf", "swimming_pool": "pool",
+    "golf_course": "lawn", "baseball_field": "turf", "stadium": "concrete", "roundabout": "asphalt",
+    "airport": "dry_grass", "port": "concrete", "railway_station": "roof", "runway": "asphalt",
+    "airport_hangar": "roof_metal", "airport_terminal": "roof", "helipad": "concrete", "dam": "concrete",
+    "electric_substation": "gravel", "shipyard": "concrete", "solar_farm": "solar", "wind_farm": "dry_grass",
+    "surface_mine": "rock", "waste_disposal": "soil", "water_treatment_facility": "concrete", "marina": "water",
+    "beach": "sand", "parking_garage": "concrete", "parking_lot": "asphalt", "soccer": "turf", "farmland": "crop",
+    "forest": "trees", "lake": "water", "wetland": "marsh", "park": "lawn", "river": "water", "desert": "desert",
+    "meadow": "grass", "bareland": "rock", "chaparral": "shrub", "industrial": "concrete", "aquaculture": "water",
+    "construction_site": "soil", "nature_reserve": "grass", "school": "lawn", "university": "lawn",
+    "hospital": "lawn", "supermarket": "roof", "shopping_mall": "roof", "warehouse": "roof_metal", "office": "roof",
+    "religious_building": "roof", "fire_station": "roof", "police_station": "roof", "prison": "gravel",
+    "gas_station": "asphalt", "barn": "roof_metal", "car_dealership": "asphalt", "railroad": "track",
+    "highway": "asphalt", "overpass": "concrete", "viaduct": "concrete", "tower": "concrete", "toll_booth": "roof",
+    "tunnel_opening": "concrete", "pond": "water", "sand": "sand", "cemetery": "lawn",
+    "grass": "grass", "bare_soil": "soil", "residential": "lawn", "building": "roof", "minor_road": "asphalt",
+    "sea": "sea", "paved": "concrete", "trees": "trees",
+}
+# default material of each truth id (index = truth id)
+CLASS_MATERIAL: list[int] = [MATERIAL[_CLASS_MATERIAL[n]] for n in TRUTH_CLASSES]
+
 Z_CONTAINER, Z_COVER, Z_WATER, Z_GROUND, Z_MINOR, Z_MAJOR, Z_BUILDING, Z_SMALL, Z_BRIDGE = range(1, 10)
 
 # Biomes: base land cover and concept affinity multipliers (default 1.0).
@@ -356,6 +385,10 @@ class _Builder:
             return True
         return False
 
+    def set_material(self, i: int, material: str) -> int:
+        self.feats[i]["material"] = MATERIAL[material]
+        return i
+
     def _add(self, osm_type, geom, tags, cover, z, width, intended=None) -> int:
         tags = {k: str(v) for k, v in tags.items()}
         matches = self.matcher.match(tags)
@@ -366,7 +399,8 @@ class _Builder:
         if isinstance(cover, str):
             cover = CID[cover] if cover in CID else BG[cover]
         self.feats.append(dict(osm_type=osm_type, geometry=geom, tags=tags, concept=int(concept),
-                               cover=int(cover), z=int(z), width_m=float(width)))
+                               cover=int(cover), z=int(z), width_m=float(width),
+                               material=CLASS_MATERIAL[int(cover)]))
         return len(self.feats) - 1
 
     def area(self, geom, tags, cover, z, intended=None) -> int:
@@ -797,6 +831,8 @@ _STREETS = ["Oak", "Pine", "Maple", "Cedar", "Elm", "Walnut", "Spruce", "Birch",
 def _building(b: _Builder, rect_or_poly, tags, cover, intended=None, ridge=True):
     poly = _box(*rect_or_poly) if isinstance(rect_or_poly, tuple) else rect_or_poly
     i = b.area(poly, tags, cover, Z_BUILDING, intended)
+    metal = tags.get("building") in ("warehouse", "hangar", "barn", "industrial", "roof")
+    b.set_material(i, "roof_metal" if metal else "roof")
     if ridge:
         x0, y0, x1, y1 = poly.bounds
         from shapely.geometry import LineString
@@ -989,8 +1025,8 @@ def _school(b: _Builder):
     top = (fx0, (fy0 + fy1) / 2, fx1, fy1)
     bot = (fx0, fy0, fx1, (fy0 + fy1) / 2 - 4)
     placed = False
-    for sport, (w, h) in (("american_football", (90, 49)), ("soccer", (90, 55))):
-        r = _fit(top, w, min(h, top[3] - top[1] - 2), rng)
+    for sport, (w, h) in (("american_football", (80, 42)), ("soccer", (78, 46))):
+        r = _fit(top, min(w, top[2] - top[0] - 2), min(h, top[3] - top[1] - 2), rng)
         if r and _pitch(b, r, sport) is not None:
             placed = True
             break
@@ -998,7 +1034,7 @@ def _school(b: _Builder):
         r = _fit(top, 34, 17, rng)
         if r:
             _pitch(b, r, "tennis")
-    r = _fit(bot, 60, 60, rng) if rng.random() < 0.6 else None
+    r = _fit(bot, 62, 62, rng) if rng.random() < 0.6 else None
     if r and _pitch(b, r, "baseball") is not None:
         pass
     else:
@@ -1257,8 +1293,8 @@ def _stadium(b: _Builder, rect):
     outer = affinity.scale(_pt(cx, cy).buffer(1, 32), 95, 70)
     inner = affinity.scale(_pt(cx, cy).buffer(1, 32), 70, 45)
     sport = "american_football" if b.budget.get("american_football", 0) >= b.budget.get("soccer", 0) else "soccer"
-    i = b.area(outer, {"leisure": "stadium", "name": "Memorial Stadium", "sport": sport}, "stadium", Z_GROUND,
-               "stadium")
+    b.area(outer, {"leisure": "stadium", "name": "Memorial Stadium", "sport": sport}, "stadium", Z_GROUND,
+           "stadium")
     _building(b, outer.difference(inner), {"building": "grandstand"}, "stadium", ridge=False)
     r = (cx - 50, cy - 25, cx + 50, cy + 25)
     _pitch(b, r, sport) or _pitch(b, r, "soccer" if sport != "soccer" else "american_football")
@@ -1355,8 +1391,7 @@ def _golf(b: _Builder, rect):
                "pond")
     for k in range(5):
         c = _pt(rng.uniform(x0 + 40, x1 - 40), rng.uniform(y0 + 40, y1 - 40))
-        b.area(c.buffer(rng.uniform(5, 9), 8), {"golf": "bunker", "natural": "sand"} if False else {"golf": "bunker"},
-               "golf_course", Z_GROUND)
+        b.set_material(b.area(c.buffer(rng.uniform(5, 9), 8), {"golf": "bunker"}, "golf_course", Z_GROUND), "sand")
 
 
 @_lot_site(size=(3, 3), zones=(0, 5), fallback=(0,))
@@ -1438,7 +1473,8 @@ def _farm_recipe(b, rect):
             b.mark(i, "crop_row", _lines_across(poly2, 4.0, 90 - ang, rng))
     if b.take("barn"):
         bx, by = barn_in[0] + 8, barn_in[1] + 8
-        b.area(_box(bx - 4, by - 4, bx + 50, by + 40), {"landuse": "farmyard"}, "bare_soil", Z_GROUND)
+        b.set_material(b.area(_box(bx - 4, by - 4, bx + 50, by + 40), {"landuse": "farmyard"}, "bare_soil", Z_GROUND),
+                       "gravel")
         _building(b, (bx, by, bx + 30, by + 18), {"building": "barn"}, "barn", "barn")
     if b.budget.get("pond", 0) > 0 and rng.random() < 0.3:
         b.take("pond")
@@ -1596,13 +1632,15 @@ def _water_treatment(b: _Builder, rect):
     for k in range(3):
         cx, cy = x0 + 30 + k * 45, y1 - 35
         c = _pt(cx, cy).buffer(17, 24)
-        j = b.area(c, {"man_made": "storage_tank", "content": "water"}, "water_treatment_facility", Z_BUILDING)
+        j = b.set_material(b.area(c, {"man_made": "storage_tank", "content": "water"}, "water_treatment_facility",
+                                  Z_BUILDING), "water")
         b.mark(j, "tank_rim", c.buffer(-1).exterior)
         b.mark(j, "tank_rim", _pt(cx, cy).buffer(3).exterior)
     for k in range(2):
         bx = x0 + 15 + k * 65
-        j = b.area(_box(bx, y0 + 15, bx + 55, y0 + 70), {"man_made": "basin", "natural": "water",
-                                                         "water": "basin"}, "water_treatment_facility", Z_WATER)
+        j = b.set_material(b.area(_box(bx, y0 + 15, bx + 55, y0 + 70), {"man_made": "basin", "natural": "water",
+                                                                        "water": "basin"},
+                                  "water_treatment_facility", Z_WATER), "water")
         b.mark(j, "fence", _box(bx, y0 + 15, bx + 55, y0 + 70).exterior)
 
 
@@ -1750,7 +1788,8 @@ def _shipyard(b: _Builder):
     um = (u0 + u1) / 2
     xa, ya = b.coast_xy(um - 15, b.coast_v(um) - 10)
     xb, yb = b.coast_xy(um + 15, b.coast_v(um) + 90)
-    j = b.area(_box(xa, ya, xb, yb), {"waterway": "dock", "dock": "drydock"}, "shipyard", Z_WATER)
+    b.set_material(b.area(_box(xa, ya, xb, yb), {"waterway": "dock", "dock": "drydock"}, "shipyard", Z_WATER),
+                   "water")
     xa, ya = b.coast_xy(u0 + 5, depth - 60)
     xb, yb = b.coast_xy(um - 25, depth - 5)
     _building(b, _box(xa, ya, xb, yb), {"building": "industrial"}, "shipyard", ridge=False)
@@ -1803,8 +1842,8 @@ def _tower_site(b: _Builder):
     x, y = (x0 + x1) / 2, (y0 + y1) / 2
     if _tower(b, x, y) is None:
         return False
-    b.area(_box(x - 12, y - 12, x + 12, y + 12), {"landuse": "industrial"} if False else {"man_made": "works"} if False
-           else {"surface": "gravel", "area:highway": "service"}, "bare_soil", Z_GROUND)
+    b.set_material(b.area(_box(x - 12, y - 12, x + 12, y + 12), {"surface": "gravel", "area:highway": "service"},
+                          "bare_soil", Z_GROUND), "gravel")
     if b.budget.get("electric_substation", 0) > 0:
         _lot_substation(b, (x0, y0, (x0 + x1) / 2, (y0 + y1) / 2 - 15))
     return True
@@ -1935,6 +1974,7 @@ def generate(spec: TestbedSpec, seed: int | None = None) -> list[RegionWorld]:
             "cover": np.asarray([f["cover"] for f in b.feats], dtype=np.int64),
             "z": np.asarray([f["z"] for f in b.feats], dtype=np.int64),
             "width_m": np.asarray([f["width_m"] for f in b.feats], dtype=np.float64),
+            "material": np.asarray([f["material"] for f in b.feats], dtype=np.int64),
         }, geometry=list(geoms), crs="EPSG:4326")
         mgeoms = shapely.transform(np.array([m[3] for m in b.marks], dtype=object), to_ll) if b.marks else []
         marks = gpd.GeoDataFrame({
@@ -1995,7 +2035,7 @@ def _to_crs(geoms, crs):
 
 
 def draw_shapes(region: RegionWorld, crs) -> tuple[list, np.ndarray, np.ndarray]:
-    """The features as drawable polygons in `crs` (metric), in draw order; plus their cover and z."""
+    """The features as drawable polygons in `crs` (metric), in draw order; plus cover, z and material."""
     import shapely
     df = region.features
     order = np.lexsort((df["fid"].to_numpy(), df["z"].to_numpy()))
@@ -2017,7 +2057,7 @@ def draw_shapes(region: RegionWorld, crs) -> tuple[list, np.ndarray, np.ndarray]
         a, b = shapely.get_point(g, 0), shapely.get_point(g, -1)
         out[i] = shapely.union(shapely.buffer(a, width[i] / 2, cap_style="square"),
                                shapely.buffer(b, width[i] / 2, cap_style="square"))
-    return list(out), df["cover"].to_numpy(), df["z"].to_numpy()
+    return list(out), df["cover"].to_numpy(), df["z"].to_numpy(), df["material"].to_numpy()
 
 
 def rasterize_truth(region: RegionWorld, crs, transform, shape) -> tuple[np.ndarray, np.ndarray]:
@@ -2027,12 +2067,19 @@ def rasterize_truth(region: RegionWorld, crs, transform, shape) -> tuple[np.ndar
     mapped, 255 outside the region's bbox. marks: MARK id of thin markings (0 none), only where
     the feature they belong to is on top.
     """
+    layers = rasterize_layers(region, crs, transform, shape)
+    return layers["classes"], layers["marks"]
+
+
+def rasterize_layers(region: RegionWorld, crs, transform, shape) -> dict[str, np.ndarray]:
+    """rasterize_truth's layers plus `material` (uint8 MATERIALS id per pixel, 0 outside the region):
+    what the top feature is made of (a church is class religious_building, material roof)."""
     from rasterio import features as rfeat
     import shapely
     from shapely.geometry import box
 
     H, W = int(shape[0]), int(shape[1])
-    shapes, cover, z = draw_shapes(region, crs)
+    shapes, cover, z, mat = draw_shapes(region, crs)
     # one burn of feature indices in draw order (later shapes overwrite earlier ones)
     idx = rfeat.rasterize(((g, i + 1) for i, g in enumerate(shapes) if g is not None and not g.is_empty),
                           out_shape=(H, W), transform=transform, fill=0, dtype="int32")
@@ -2040,10 +2087,12 @@ def rasterize_truth(region: RegionWorld, crs, transform, shape) -> tuple[np.ndar
     lut_z = np.concatenate([[0], z]).astype(np.int16)
     classes = lut_c[idx]
     ztop = lut_z[idx]
+    material = np.concatenate([[CLASS_MATERIAL[region.base_cover]], mat]).astype(np.uint8)[idx]
     del idx
     inside = rfeat.rasterize([(_to_crs([box(*region.bbox)], crs)[0], 1)], out_shape=(H, W), transform=transform,
                              fill=0, dtype="uint8")
     classes[inside == 0] = NODATA
+    material[inside == 0] = 0
     marks = np.zeros((H, W), dtype=np.uint8)
     m = region.marks
     if m is not None and len(m):
@@ -2058,7 +2107,7 @@ def rasterize_truth(region: RegionWorld, crs, transform, shape) -> tuple[np.ndar
         mk = lut_m[j]
         keep = (lut_mz[j] >= ztop) & (classes != NODATA)
         marks[keep] = mk[keep]
-    return classes, marks
+    return {"classes": classes, "marks": marks, "material": material}
 
 
 def truth_grid(region: RegionWorld, res_m: float = 1.0, crs: int | None = None):
