@@ -58,7 +58,6 @@ NO_NAIP, NO_S2, SUBSAMPLED_OUT = "no_naip", "no_s2", "subsampled_out"
 REJECTION_REASONS = (NO_NAIP, NO_S2, SUBSAMPLED_OUT)
 ALIGNED, FALLBACK = "aligned", "fallback"
 
-AREA_EPS = 1e-6        # an intersection counts when it is > this fraction of the tile / footprint
 COVER_EPS = 1e-6       # a footprint is covered when < this fraction of it is left uncovered
 
 # label columns carried from the candidates (anchors) to the plan rows, when present
@@ -118,21 +117,21 @@ def s2_window(naip_date: dt.date, profile) -> tuple[dt.date, dt.date] | None:
     return (a, b) if a <= b else None
 
 
-def _pos_area(geoms: np.ndarray, target, min_area: float) -> np.ndarray:
+def _interiors_meet(geoms: np.ndarray, target) -> np.ndarray:
+    """Which of `geoms` overlap `target` with positive area (a shared edge or corner does not count)."""
     if len(geoms) == 0:
         return np.zeros(0, dtype=bool)
-    return shapely.area(shapely.intersection(geoms, target)) > min_area
+    return shapely.intersects(geoms, target) & ~shapely.touches(geoms, target)
 
 
-def _covers(geoms: Sequence, target, target_area: float) -> bool:
+def _covers(geoms: np.ndarray, target, target_area: float) -> bool:
     """Do `geoms` together cover `target` (up to COVER_EPS of its area)?"""
     if len(geoms) == 0:
         return False
-    for g in geoms:  # the common case: one item covers it all
-        if shapely.covers(g, target):
-            return True
-    left = shapely.difference(target, shapely.union_all(list(geoms)))
-    return shapely.area(left) <= COVER_EPS * target_area
+    if bool(np.any(shapely.covers(geoms, target))):  # the common case: one item covers it all
+        return True
+    left = shapely.difference(target, shapely.union_all(geoms))
+    return float(shapely.area(left)) <= COVER_EPS * target_area
 
 
 def _json_list(rows: list[dict]) -> str:
@@ -184,77 +183,87 @@ def _s2_entry(row) -> dict:
             "bbox": [float(row["west"]), float(row["south"]), float(row["east"]), float(row["north"])]}
 
 
-# -- matching ---------------------------------------------------------------------------------
-def _pairs(tree: shapely.STRtree, fps: np.ndarray) -> list[np.ndarray]:
-    """For each footprint, the indices of tree geometries intersecting it (sorted)."""
-    out: list[list[int]] = [[] for _ in range(len(fps))]
-    if len(fps) == 0 or len(tree.geometries) == 0:
-        return [np.zeros(0, dtype=np.int64) for _ in fps]
-    q, t = tree.query(fps, predicate="intersects")
-    for a, b in zip(q.tolist(), t.tolist()):
-        out[a].append(b)
-    return [np.asarray(sorted(v), dtype=np.int64) for v in out]
+class IndexedCatalog:
+    """A catalog frame with what the per-scene joins need precomputed once: prepared footprints,
+    an STR-tree, plan entries, dates, years, datatakes and tiles (row order of the frame)."""
+
+    def __init__(self, gdf: gpd.GeoDataFrame, entry):
+        self.frame = gdf
+        self.geoms = np.asarray(gdf.geometry.values, dtype=object)
+        shapely.prepare(self.geoms)
+        self.tree = shapely.STRtree(self.geoms)
+        self.entries = [entry(r) for _, r in gdf.iterrows()]
+        self.dates = np.asarray([as_date(v) for v in gdf["datetime"]], dtype=object)
+        self.years = gdf["naip_year"].fillna(-1).to_numpy(dtype="int64")
+        self.datatake = gdf["datatake"].to_numpy(dtype=object)
+        self.tile = gdf["mgrs_tile"].to_numpy(dtype=object)
+
+    def hits(self, fps: np.ndarray) -> list[np.ndarray]:
+        """For each footprint, the indices of items whose bounding geometry intersects it."""
+        out: list[list[int]] = [[] for _ in range(len(fps))]
+        if len(fps) and len(self.geoms):
+            q, t = self.tree.query(fps, predicate="intersects")
+            for a, b in zip(q.tolist(), t.tolist()):
+                out[a].append(b)
+        return [np.asarray(sorted(v), dtype=np.int64) for v in out]
 
 
-def match_naip(fp_bounds: np.ndarray, naip_elig: gpd.GeoDataFrame, hits: np.ndarray, grid: int) -> dict | None:
+def match_naip(fp_bounds: np.ndarray, naip: IndexedCatalog, hits: np.ndarray, grid: int) -> dict | None:
     """The newest state-year whose items intersect every HR tile of the footprint
-    (``fp_bounds`` = west, south, east, north); None when there is none.
+    (``fp_bounds`` = west, south, east, north); None when there is none. `naip` holds the
+    eligible items only (:func:`eligible_naip`); `hits` the candidates from ``naip.hits``.
 
     Returns ``{"year", "date", "items": [naip entries sorted by id]}``."""
     if len(hits) == 0:
         return None
     fp = shapely.box(*fp_bounds)
-    tiles = geo.boxes(geo.tile_bounds(fp_bounds[None, :], grid)[0])
-    tile_area = float(shapely.area(tiles[0]))
-    geoms = naip_elig.geometry.values[hits]
-    inter = _pos_area(np.asarray(geoms), fp, AREA_EPS * tile_area)
-    hits, geoms = hits[inter], np.asarray(geoms)[inter]
-    years = naip_elig["naip_year"].to_numpy()[hits].astype(int)
+    hits = hits[_interiors_meet(naip.geoms[hits], fp)]
+    if len(hits) == 0:
+        return None
+    years = naip.years[hits]
+    tiles = None
     for year in sorted(set(years.tolist()), reverse=True):
-        sel = years == year
-        g = geoms[sel]
+        sel = hits[years == year]
+        g = naip.geoms[sel]
         if not _covers(g, fp, float(shapely.area(fp))):
-            u = shapely.union_all(list(g))
-            if not bool(np.all(_pos_area(tiles, u, AREA_EPS * tile_area))):
+            if tiles is None:
+                tiles = geo.boxes(geo.tile_bounds(np.asarray(fp_bounds)[None, :], grid)[0])
+            if not bool(np.all(_interiors_meet(tiles, shapely.union_all(g)))):
                 continue
-        rows = naip_elig.iloc[hits[sel]]
-        items = sorted((_naip_entry(r) for _, r in rows.iterrows()), key=lambda e: e["id"])
+        items = sorted((naip.entries[h] for h in sel), key=lambda e: e["id"])
         date = max(as_date(e["datetime"]) for e in items)
         return {"year": int(year), "date": date, "items": items}
     return None
 
 
-def match_s2(fp_bounds: np.ndarray, s2: gpd.GeoDataFrame, hits: np.ndarray, dates: np.ndarray,
-             window: tuple[dt.date, dt.date]) -> list[dict] | None:
+def match_s2(fp_bounds: np.ndarray, s2: IndexedCatalog, hits: np.ndarray,
+             window: tuple[dt.date, dt.date] | None) -> list[dict] | None:
     """The usable Sentinel-2 items of `window` over the footprint, when together they cover all
     of it (see the module doc for the per-datatake tile choice); None otherwise."""
     if window is None or len(hits) == 0:
         return None
     a, b = window
-    hits = np.asarray([h for h in hits if a <= dates[h] <= b], dtype=np.int64)
+    hits = np.asarray([h for h in hits.tolist() if a <= s2.dates[h] <= b], dtype=np.int64)
     if len(hits) == 0:
         return None
     fp = shapely.box(*fp_bounds)
-    fp_area = float(shapely.area(fp))
-    geoms = np.asarray(s2.geometry.values[hits])
-    inter = _pos_area(geoms, fp, AREA_EPS * fp_area)
-    hits, geoms = hits[inter], geoms[inter]
-    if not _covers(geoms, fp, fp_area):
+    hits = hits[_interiors_meet(s2.geoms[hits], fp)]
+    geoms = s2.geoms[hits]
+    if not _covers(geoms, fp, float(shapely.area(fp))):
         return None
-    dtk = s2["datatake"].to_numpy()[hits]
-    tile = s2["mgrs_tile"].to_numpy()[hits]
+    full = shapely.covers(geoms, fp)
     keep: list[int] = []
     groups: dict[str, list[int]] = {}
     for i, h in enumerate(hits.tolist()):
-        if dtk[i] is None or (isinstance(dtk[i], float) and math.isnan(dtk[i])):
-            keep.append(i)
+        d = s2.datatake[h]
+        if d is None or (isinstance(d, float) and math.isnan(d)):
+            keep.append(h)
         else:
-            groups.setdefault(str(dtk[i]), []).append(i)
+            groups.setdefault(str(d), []).append(i)
     for _, idx in sorted(groups.items()):
-        covering = sorted((str(tile[i]), i) for i in idx if shapely.covers(geoms[i], fp))
-        keep.extend([covering[0][1]] if covering else idx)
-    rows = s2.iloc[hits[sorted(keep)]]
-    items = [_s2_entry(r) for _, r in rows.iterrows()]
+        covering = sorted((str(s2.tile[hits[i]]), int(hits[i])) for i in idx if full[i])
+        keep.extend([covering[0][1]] if covering else [int(hits[i]) for i in idx])
+    items = [s2.entries[h] for h in sorted(keep)]
     return sorted(items, key=lambda e: (e["datetime"], e["id"]))
 
 
@@ -336,33 +345,38 @@ def _check_candidates(c: pd.DataFrame) -> None:
         raise PlanError(f"candidates repeat scene_id {dup!r}")
 
 
-def plan_region(candidates: gpd.GeoDataFrame, naip: gpd.GeoDataFrame, s2: gpd.GeoDataFrame, profile,
-                state: str, *, provider: str = "stac", seed: int = 0, target: int | None = None) -> PlanResult:
-    """Match, coverage-check and subsample one state's candidates (see the module doc).
+def _rejections_frame(rej: list[dict] | pd.DataFrame) -> pd.DataFrame:
+    df = rej if isinstance(rej, pd.DataFrame) else pd.DataFrame(rej, columns=list(REJECTION_COLUMNS))
+    return df[list(REJECTION_COLUMNS)].sort_values("key", kind="mergesort").reset_index(drop=True)
 
-    `target` overrides the profile's per-state target (``regions.STATE.target``)."""
+
+def match_region(candidates: gpd.GeoDataFrame, naip: gpd.GeoDataFrame, s2: gpd.GeoDataFrame, profile,
+                 state: str, *, provider: str = "stac") -> tuple[gpd.GeoDataFrame, pd.DataFrame]:
+    """NAIP matching, Sentinel-2 window and coverage for candidates of one state (no subsampling).
+
+    Returns (rows in the plan-row schema for every matched scene, sorted by key; rejections
+    ``no_naip`` / ``no_s2``). Any spatial partition of a state's candidates can be matched on its
+    own: the pipeline may map this over partitions and concatenate before :func:`select_rows`."""
     if state not in profile.regions:
         raise PlanError(f"unknown state {state!r}; the profile has {', '.join(sorted(profile.regions))}")
     _check_candidates(candidates)
-    target = profile.regions[state].target if target is None else int(target)
-    if target < 0:
-        raise PlanError(f"target must be >= 0, got {target}")
     grid = profile.geometry.grid
     cand = candidates.sort_values("scene_id", kind="mergesort").reset_index(drop=True)
     n = len(cand)
     bounds = cand[["west", "south", "east", "north"]].to_numpy(dtype="float64")
     fps = geo.boxes(bounds) if n else np.zeros(0, dtype=object)
 
-    naip_e = eligible_naip(naip, profile, state)
-    s2_u = usable_s2(s2, profile)
-    naip_hits = _pairs(shapely.STRtree(naip_e.geometry.values), fps)
-    s2_hits = _pairs(shapely.STRtree(s2_u.geometry.values), fps)
-    s2_dates = np.asarray([as_date(s) for s in s2_u["datetime"]], dtype=object)
+    naip_e = IndexedCatalog(eligible_naip(naip, profile, state), _naip_entry)
+    s2_u = IndexedCatalog(usable_s2(s2, profile), _s2_entry)
+    naip_hits, s2_hits = naip_e.hits(fps), s2_u.hits(fps)
     s = profile.imagery.s2
     fallback = (s.fallback_start, s.fallback_end)
+    split = profile.split_of(state)
+    sect = profile.section_hash("imagery", "geometry")
+    has = set(cand.columns)
 
     rej: list[dict] = []
-    matched: dict[int, dict] = {}
+    out: list[dict] = []
     for i in range(n):
         sid = str(cand.at[i, "scene_id"])
         key = scene_key(state, sid)
@@ -370,65 +384,75 @@ def plan_region(candidates: gpd.GeoDataFrame, naip: gpd.GeoDataFrame, s2: gpd.Ge
         if nm is None:
             rej.append({"key": key, "scene_id": sid, "state": state, "reason": NO_NAIP,
                         "detail": f"no {state} NAIP state-year acquired in {profile.imagery.naip.start}.."
-                                  f"{profile.imagery.naip.end} (end excluded) covers every HR tile"})
+                                  f"{profile.imagery.naip.end} (end excluded) reaches every HR tile"})
             continue
         win = s2_window(nm["date"], profile)
-        mode, items = ALIGNED, match_s2(bounds[i], s2_u, s2_hits[i], s2_dates, win)
-        used = win
+        mode, items, used = ALIGNED, match_s2(bounds[i], s2_u, s2_hits[i], win), win
         if items is None:
-            mode, items, used = FALLBACK, match_s2(bounds[i], s2_u, s2_hits[i], s2_dates, fallback), fallback
+            mode, items, used = FALLBACK, match_s2(bounds[i], s2_u, s2_hits[i], fallback), fallback
         if items is None:
             w = f"{win[0]}..{win[1]} and " if win else ""
             rej.append({"key": key, "scene_id": sid, "state": state, "reason": NO_S2,
                         "detail": f"Sentinel-2 items with cloud < {s.max_cloud_pct}% in {w}"
                                   f"{fallback[0]}..{fallback[1]} do not cover the whole LR footprint"})
             continue
-        matched[i] = {"naip": nm, "mode": mode, "window": used, "s2": items}
-
-    idx = sorted(matched)
-    sel_ids = subsample([str(cand.at[i, "scene_id"]) for i in idx],
-                        [list(cand.at[i, "concepts"]) for i in idx], target, concept_priors(profile), seed)
-    selected = set(sel_ids)
-    for i in idx:
-        sid = str(cand.at[i, "scene_id"])
-        if sid not in selected:
-            rej.append({"key": scene_key(state, sid), "scene_id": sid, "state": state, "reason": SUBSAMPLED_OUT,
-                        "detail": f"not among the {target} scenes picked by class-aware subsampling (seed {seed})"})
-
-    split = profile.split_of(state)
-    sect = profile.section_hash("imagery", "geometry")
-    out = []
-    for i in idx:
-        sid = str(cand.at[i, "scene_id"])
-        if sid not in selected:
-            continue
-        m = matched[i]
         r = cand.iloc[i]
         w, so, e, no = (float(v) for v in bounds[i])
-        row = {"key": scene_key(state, sid), "scene_id": sid, "state": state, "split": split,
+        row = {"key": key, "scene_id": sid, "state": state, "split": split,
                "west": w, "south": so, "east": e, "north": no,
-               "lon": float(r["lon"]) if "lon" in cand.columns else (w + e) / 2,
-               "lat": float(r["lat"]) if "lat" in cand.columns else (so + no) / 2,
+               "lon": float(r["lon"]) if "lon" in has else (w + e) / 2,
+               "lat": float(r["lat"]) if "lat" in has else (so + no) / 2,
                "concepts": np.asarray(r["concepts"], dtype="int16")}
         for c in LABEL_COLUMNS + EXTRA_COLUMNS:
-            row[c] = r[c] if c in cand.columns else None
-        naip_json, s2_json = _json_list(m["naip"]["items"]), _json_list(m["s2"])
-        row.update({"naip_year": m["naip"]["year"], "naip_date": _iso(m["naip"]["date"]), "naip_items": naip_json,
-                    "s2_window": m["mode"], "s2_start": _iso(m["window"][0]), "s2_end": _iso(m["window"][1]),
+            row[c] = r[c] if c in has else None
+        naip_json, s2_json = _json_list(nm["items"]), _json_list(items)
+        row.update({"naip_year": nm["year"], "naip_date": _iso(nm["date"]), "naip_items": naip_json,
+                    "s2_window": mode, "s2_start": _iso(used[0]), "s2_end": _iso(used[1]),
                     "s2_items": s2_json, "provider": provider})
-        row["plan_hash"] = hash_inputs(sect, row["key"], [w, so, e, no], row["naip_year"], naip_json,
-                                       row["s2_window"], row["s2_start"], row["s2_end"], s2_json, provider)
+        row["plan_hash"] = hash_inputs(sect, key, [w, so, e, no], row["naip_year"], naip_json,
+                                       mode, row["s2_start"], row["s2_end"], s2_json, provider)
         out.append(row)
-    rows = _rows_frame(out)
-    rejections = (pd.DataFrame(rej, columns=list(REJECTION_COLUMNS)).sort_values("key", kind="mergesort")
-                  .reset_index(drop=True))
-    stats = {"state": state, "candidates": n, "matched": len(idx), "selected": len(rows), "target": target,
-             "seed": seed, "rejected": {r: int((rejections["reason"] == r).sum()) for r in REJECTION_REASONS},
-             "s2_window": {ALIGNED: int((rows["s2_window"] == ALIGNED).sum()) if len(rows) else 0,
-                           FALLBACK: int((rows["s2_window"] == FALLBACK).sum()) if len(rows) else 0},
-             "naip_years": {str(k): int(v) for k, v in sorted(rows["naip_year"].value_counts().items())} if len(rows) else {},
-             "naip_items": len(naip_e), "s2_items": len(s2_u)}
+    return _rows_frame(out), _rejections_frame(rej)
+
+
+def select_rows(matched: gpd.GeoDataFrame, rejections: pd.DataFrame, profile, state: str, *,
+                seed: int = 0, target: int | None = None) -> PlanResult:
+    """Class-aware subsampling of one state's matched rows to its target (the profile's
+    ``regions.STATE.target`` unless `target` is given); the others become ``subsampled_out``."""
+    if state not in profile.regions:
+        raise PlanError(f"unknown state {state!r}; the profile has {', '.join(sorted(profile.regions))}")
+    target = profile.regions[state].target if target is None else int(target)
+    if target < 0:
+        raise PlanError(f"target must be >= 0, got {target}")
+    if matched["key"].duplicated().any():
+        raise PlanError(f"matched rows repeat key {matched.loc[matched['key'].duplicated(), 'key'].iloc[0]!r}")
+    sel = set(subsample(matched["scene_id"].astype(str).tolist(), [list(c) for c in matched["concepts"]],
+                        target, concept_priors(profile), seed))
+    keep = matched["scene_id"].astype(str).isin(sel).to_numpy()
+    out = matched[~keep]
+    rej = pd.concat([rejections[list(REJECTION_COLUMNS)], pd.DataFrame({
+        "key": out["key"].astype(str), "scene_id": out["scene_id"].astype(str), "state": state,
+        "reason": SUBSAMPLED_OUT,
+        "detail": f"not among the {target} scenes picked by class-aware subsampling (seed {seed})"})],
+        ignore_index=True) if len(out) else rejections
+    rows = matched[keep].sort_values("key", kind="mergesort").reset_index(drop=True)
+    rejections = _rejections_frame(rej)
+    stats = {"state": state, "candidates": int(len(matched) + len(rejections) - len(out)),
+             "matched": int(len(matched)), "selected": int(len(rows)), "target": target, "seed": seed,
+             "rejected": {r: int((rejections["reason"] == r).sum()) for r in REJECTION_REASONS},
+             "s2_window": {m: int((rows["s2_window"] == m).sum()) for m in (ALIGNED, FALLBACK)},
+             "naip_years": {str(k): int(v) for k, v in sorted(rows["naip_year"].value_counts().items())}}
     return PlanResult(rows=rows, rejections=rejections, stats=stats)
+
+
+def plan_region(candidates: gpd.GeoDataFrame, naip: gpd.GeoDataFrame, s2: gpd.GeoDataFrame, profile,
+                state: str, *, provider: str = "stac", seed: int = 0, target: int | None = None) -> PlanResult:
+    """Match, coverage-check and subsample one state's candidates: :func:`match_region` then
+    :func:`select_rows` (see the module doc). `target` overrides the profile's per-state target."""
+    if target is not None and int(target) < 0:
+        raise PlanError(f"target must be >= 0, got {target}")
+    matched, rej = match_region(candidates, naip, s2, profile, state, provider=provider)
+    return select_rows(matched, rej, profile, state, seed=seed, target=target)
 
 
 def _rows_frame(rows: list[dict]) -> gpd.GeoDataFrame:

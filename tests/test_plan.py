@@ -198,6 +198,13 @@ def test_plan_region_subsampling_rows_and_rejections(profile, tmp_path):
     res2 = pl.plan_region(shuffled, naip, s2, profile, "CA", target=12, seed=3)
     assert res2.rows["key"].tolist() == res.rows["key"].tolist()
     assert res2.rows["plan_hash"].tolist() == res.rows["plan_hash"].tolist()
+    # matching partitions separately, then selecting once, gives the same plan
+    parts = [pl.match_region(cands[cands["lat"] < 34.05], naip, s2, profile, "CA"),
+             pl.match_region(cands[cands["lat"] >= 34.05], naip, s2, profile, "CA")]
+    merged = pl.select_rows(pd.concat([p[0] for p in parts], ignore_index=True),
+                            pd.concat([p[1] for p in parts], ignore_index=True), profile, "CA", target=12, seed=3)
+    assert merged.rows["plan_hash"].tolist() == res.rows["plan_hash"].tolist()
+    assert merged.rejections["key"].tolist() == res.rejections["key"].tolist()
     # write / read
     path = pl.plan_path(tmp_path, "CA")
     pl.write_plan(res.rows, path, res.stats)
