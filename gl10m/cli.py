@@ -178,11 +178,13 @@ def testbed_build(out_dir: Path = typer.Option(..., "--out", "-o", help="Folder 
 
 
 @testbed_app.command("serve")
-def testbed_serve(world: Path = typer.Argument(..., help="A folder written by `gl10m testbed build`.")):
+def testbed_serve(world: Path = typer.Argument(..., help="A folder written by `gl10m testbed build`."),
+                  served_json: Optional[Path] = typer.Option(
+                      None, "--served-json", help="Also write the two URLs here (removed on exit).")):
     """Serve a built world: a STAC API and a Range-capable HTTP server on 127.0.0.1 (Ctrl-C stops)."""
     from gl10m.testbed import serve
 
-    serve.run_forever(world)
+    serve.run_forever(world, info_path=served_json)
 
 
 @testbed_app.command("preview")

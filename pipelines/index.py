@@ -99,15 +99,44 @@ def osm_step(region: str, source: str, sha256: str | None, profile: Profile, wor
     return {"features": int(len(res.features)), "stats": _jsonable(res.stats), "zero_yield": zero}
 
 
-def anchors_step(region: str, profile: Profile, workdir: str, n_partitions: int = 1) -> dict:
+def anchors_select_step(region: str, profile: Profile, workdir: str, n_partitions: int):
+    """Anchor points and thinning of one region; returns (spatial partitions of kept anchors, counts)."""
     from gl10m import anchors, osm
 
+    feats = osm.read_features(osm_path(Path(workdir), region))
+    pts = anchors.anchor_points(feats, profile)
+    status, counts = anchors.thin_status(pts, profile, feats)
+    kept = pts[status == 1].reset_index(drop=True)
+    parts = anchors.partitions(kept, n_partitions) if len(kept) else []
+    counts = {"features": int(len(feats)), **counts, "partitions": len(parts)}
+    return parts, counts
+
+
+def anchors_stats_step(part, region: str, profile: Profile, workdir: str):
+    """Scene statistics of one spatial partition, against the features that meet it."""
+    from gl10m import anchors, osm
+
+    feats = osm.read_features(osm_path(Path(workdir), region))
+    return anchors.scene_stats(part, anchors.features_for(part, feats, profile), profile, region)
+
+
+def anchors_write_step(region: str, parts: list, counts: dict, workdir: str) -> dict:
+    """Concatenate the partitions' candidates, write them and the counts atomically."""
+    import geopandas as gpd
+    import pandas as pd
+
+    from gl10m import anchors
+
     wd = Path(workdir)
-    feats = osm.read_features(osm_path(wd, region))
-    scenes, stats = anchors.build_candidates(feats, profile, region, n_partitions=n_partitions)
-    anchors.write_candidates(scenes, anchors_path(wd, region))
-    stats = _jsonable(dict(stats))
-    stats["scenes"] = int(len(scenes))
+    if parts:
+        cand = gpd.GeoDataFrame(pd.concat(parts, ignore_index=True), geometry="geometry", crs="EPSG:4326")
+        cand = cand.sort_values("scene_id", kind="mergesort").reset_index(drop=True)
+    else:
+        cand = anchors._empty_candidates()
+    anchors.write_candidates(cand, anchors_path(wd, region))
+    stats = _jsonable(dict(counts))
+    stats["scenes"] = int(len(cand))
+    stats["late_dropped"] = int(stats.get("kept", 0) - len(cand))
     atomic_write_text(wd / "anchors" / f"{region}.stats.json", json.dumps(stats, indent=1, sort_keys=True))
     return stats
 
@@ -172,15 +201,8 @@ def run_index(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
             if not todo:
                 continue
             by_region = {p.region: p for p in todo}
-            if stage == "osm":
-                args = [(p.region, profile.pbf_source(p.region), profile.regions[p.region].sha256,
-                         profile, str(workdir)) for p in todo]
-                fn = osm_step
-            else:
-                args = [(p.region, profile, str(workdir), n_partitions) for p in todo]
-                fn = anchors_step
 
-            def on_result(region, res, err, stage=stage):
+            def record(stage, region, res, err):
                 p = by_region[region]
                 if err is None:
                     ledger.record(stage, region, OK, p.input_hash, detail=res)
@@ -191,9 +213,54 @@ def run_index(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
                     ledger.record(stage, region, status, p.input_hash, reason=label)
                     result.outcomes[(stage, region)] = f"{status}:{label}"
 
-            map_units(client, fn, args, keys=[p.region for p in todo], description=stage,
-                      quiet=quiet, on_result=on_result)
+            if stage == "osm":
+                args = [(p.region, profile.pbf_source(p.region), profile.regions[p.region].sha256,
+                         profile, str(workdir)) for p in todo]
+                map_units(client, osm_step, args, keys=[p.region for p in todo], description="osm",
+                          quiet=quiet, on_result=lambda r, res, err: record("osm", r, res, err))
+            else:
+                _run_anchors(client, profile, workdir, [p.region for p in todo], n_partitions, quiet,
+                             lambda r, res, err: record("anchors", r, res, err))
     return result
+
+
+def _run_anchors(client, profile, workdir, regions, n_partitions, quiet, record) -> None:
+    """Thin per region, map scene statistics over spatial partitions, write per region."""
+    selected: dict[str, tuple[list, dict]] = {}
+
+    def on_select(region, res, err):
+        if err is not None:
+            record(region, None, err)
+        else:
+            selected[region] = res
+
+    map_units(client, anchors_select_step, [(r, profile, str(workdir), n_partitions) for r in regions],
+              keys=regions, description="anchors: thin", quiet=quiet, on_result=on_select)
+    jobs = [(region, i) for region in sorted(selected) for i in range(len(selected[region][0]))]
+    stats_parts: dict[str, dict[int, object]] = {r: {} for r in selected}
+    failed: dict[str, BaseException] = {}
+
+    def on_stats(key, res, err):
+        region, i = key.rsplit("/", 1)
+        if err is not None:
+            failed.setdefault(region, err)
+        else:
+            stats_parts[region][int(i)] = res
+
+    map_units(client, anchors_stats_step,
+              [(selected[r][0][i], r, profile, str(workdir)) for r, i in jobs],
+              keys=[f"{r}/{i}" for r, i in jobs], description="anchors: scene stats", quiet=quiet,
+              on_result=on_stats)
+    for region in sorted(selected):
+        if region in failed:
+            record(region, None, failed[region])
+            continue
+        parts = [stats_parts[region][i] for i in sorted(stats_parts[region])]
+        try:
+            res, err = anchors_write_step(region, parts, selected[region][1], str(workdir)), None
+        except Exception as e:
+            res, err = None, e
+        record(region, res, err)
 
 
 def _is_user_error(err: BaseException) -> bool:

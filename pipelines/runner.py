@@ -41,10 +41,12 @@ def dask_client(opts: ClusterOptions | None = None, *, quiet: bool = False) -> I
         cluster = None
     else:
         workers = opts.workers or max(1, min(2, os.cpu_count() or 1))
+        # processes: real worker processes on 127.0.0.1; otherwise threads in this process (inproc)
+        extra = {"host": "127.0.0.1"} if opts.processes else {}
         cluster = distributed.LocalCluster(
             n_workers=workers, threads_per_worker=opts.threads, processes=opts.processes,
-            dashboard_address="127.0.0.1:0", host="127.0.0.1", memory_limit=opts.memory_limit,
-            silence_logs=logging.ERROR)
+            dashboard_address="127.0.0.1:0", memory_limit=opts.memory_limit,
+            silence_logs=logging.ERROR, **extra)
         client = distributed.Client(cluster)
     if not quiet:
         console.print(f"[dim]dask: {len(client.scheduler_info()['workers'])} workers, "
