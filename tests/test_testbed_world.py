@@ -299,3 +299,16 @@ def test_write_truth_cog(regions, tmp_path):
         assert ds.res == (8.0, 8.0) and ds.overviews(1)
         a = ds.read(1)
     assert (a != W.NODATA).mean() > 0.9 and a[a != W.NODATA].max() < len(W.TRUTH_CLASSES)
+
+
+def test_write_truth_takes_precomputed_classes_on_its_grid(regions, tmp_path):
+    import rasterio
+    region = regions[0]
+    crs, tr, shape = W.truth_grid(region, res_m=20.0)
+    classes, _ = W.rasterize_truth(region, crs, tr, shape)
+    path = W.write_truth(region, tmp_path / "t.tif", res_m=20.0, classes=classes)
+    with rasterio.open(path) as ds:
+        assert (ds.read(1) == classes).all()
+    with pytest.raises(ValueError, match="classes must be uint8"):
+        W.write_truth(region, tmp_path / "u.tif", res_m=10.0, classes=classes)
+    assert not (tmp_path / "u.tif").exists()

@@ -1032,8 +1032,14 @@ def _school(b: _Builder):
             break
     if not placed:
         r = _fit(top, 34, 17, rng)
-        if r:
-            _pitch(b, r, "tennis")
+        if not (r and _pitch(b, r, "tennis") is not None):
+            # a running track (not a concept) so the grounds still look like a school's
+            from shapely import affinity
+            cx, cy = (top[0] + top[2]) / 2, (top[1] + top[3]) / 2
+            rx, ry = (top[2] - top[0]) / 2 - 4, (top[3] - top[1]) / 2 - 4
+            oval = affinity.scale(_pt(cx, cy).buffer(1, 24), rx, ry)
+            t = b.set_material(b.area(oval, {"leisure": "track", "sport": "running"}, "paved", Z_GROUND), "court")
+            b.mark(t, "court_line", oval.buffer(-3).exterior)
     r = _fit(bot, 62, 62, rng) if rng.random() < 0.6 else None
     if r and _pitch(b, r, "baseball") is not None:
         pass
@@ -2020,6 +2026,16 @@ def write_pbfs(regions: list[RegionWorld], osm_dir: str | Path) -> dict[str, Pat
     return {r.code: write_pbf([r], Path(osm_dir) / f"{r.code}.osm.pbf") for r in regions}
 
 
+def write_vector_world(regions: list[RegionWorld], out: str | Path, truth_res_m: float | None = 1.0) -> dict:
+    """Write DIR/osm/{CODE}.osm.pbf and (unless truth_res_m is None) DIR/truth/{CODE}.tif; returns the paths."""
+    out = Path(out)
+    paths = {"osm": write_pbfs(regions, out / "osm"), "truth": {}}
+    if truth_res_m is not None:
+        for r in regions:
+            paths["truth"][r.code] = write_truth(r, out / "truth" / f"{r.code}.tif", truth_res_m)
+    return paths
+
+
 # ------------------------------------------------------------------------------------------
 # Truth raster
 # ------------------------------------------------------------------------------------------
@@ -2126,12 +2142,18 @@ def truth_grid(region: RegionWorld, res_m: float = 1.0, crs: int | None = None):
     return crs, from_origin(x0, y1, res_m, res_m), shape
 
 
-def write_truth(region: RegionWorld, path: str | Path, res_m: float = 1.0) -> Path:
-    """Write the region's truth classes as a uint8 COG (nodata 255), atomically; returns the path."""
+def write_truth(region: RegionWorld, path: str | Path, res_m: float = 1.0, classes: np.ndarray | None = None) -> Path:
+    """Write the region's truth classes on truth_grid(region, res_m) as a uint8 COG (nodata 255), atomically.
+
+    Pass `classes` when already rasterised on that same grid (the imagery renderer does) to skip a burn.
+    """
     import rasterio
     from gl10m.io import atomic_path
     crs, transform, shape = truth_grid(region, res_m)
-    classes, _ = rasterize_truth(region, crs, transform, shape)
+    if classes is None:
+        classes, _ = rasterize_truth(region, crs, transform, shape)
+    elif classes.shape != shape or classes.dtype != np.uint8:
+        raise ValueError(f"classes must be uint8 {shape} (truth_grid at {res_m} m), got {classes.dtype} {classes.shape}")
     path = Path(path)
     with atomic_path(path) as tmp:
         with rasterio.open(tmp, "w", driver="COG", width=shape[1], height=shape[0], count=1, dtype="uint8",
