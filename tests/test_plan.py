@@ -267,3 +267,79 @@ def test_bad_input_is_one_line(profile):
         pl.plan_region(pd.concat([c, c]), empty, empty, profile, "CA")
     res = pl.plan_region(c, empty, empty, profile, "CA")
     assert res.rows.empty and res.rejections["reason"].tolist() == [pl.NO_NAIP]
+
+
+# -- end to end over the served testbed (the `testbed_server` fixture) ------------------------
+def _world_items(world, collection):
+    from gl10m.testbed.serve import load_world_stac
+
+    return [normalise_item(i) for i in load_world_stac(world)[1] if i.get("collection") == collection]
+
+
+def _world_profile(servers):
+    path = servers.world / "profile.yaml"
+    return servers.profile_for(prof.load(path if path.exists() else None))
+
+
+def test_catalog_and_plan_against_the_served_testbed(testbed_server):
+    import requests
+    import shapely
+    from shapely.geometry import shape
+
+    from gl10m.sources.stac import provider_from_profile
+
+    servers = testbed_server
+    profile = _world_profile(servers)
+    provider = provider_from_profile(profile)
+    naip_disk = _world_items(servers.world, profile.imagery.naip.collection)
+    states = sorted({i["naip_state"] for i in naip_disk if i["naip_state"] in profile.regions})
+    assert states, "the served world has no NAIP item of a profile region"
+    planned = 0
+    for state in states:
+        bbox = profile.regions[state].bbox
+        naip = cat.catalog_region(provider, profile, state, profile.imagery.naip.collection)
+        s2 = cat.catalog_region(provider, profile, state, profile.imagery.s2.collection)
+        # the catalog holds exactly the world's items over the bbox and dates, less duplicates and clouds
+        box = shapely.box(*bbox)
+        a, b = cat.search_range(profile, profile.imagery.s2.collection)
+        disk = [i for i in _world_items(servers.world, profile.imagery.s2.collection)
+                if shape(i["geometry"]).intersects(box) and a <= dt.date.fromisoformat(i["datetime"][:10]) <= b]
+        st = s2.attrs["stats"]
+        assert st["searched"] == len(disk) and st["kept"] == len(s2)
+        dedup, n_dup = cat.drop_reprocessed(cat.items_to_frame(disk))
+        assert st["duplicates"] == n_dup
+        assert (s2["cloud_cover"] < profile.imagery.s2.max_cloud_pct).all()
+        # a candidate inside (newest eligible NAIP year) x (usable S2), one well outside S2
+        elig = pl.eligible_naip(naip, profile, state)
+        usable = pl.usable_s2(s2, profile)
+        if elig.empty or usable.empty:
+            continue
+        newest = elig[elig["naip_year"] == elig["naip_year"].max()]
+        region = shapely.intersection(shapely.union_all(newest.geometry.values), shapely.union_all(usable.geometry.values))
+        if region.is_empty or region.area == 0:
+            continue
+        p = region.representative_point()
+        h = profile.geometry.footprint_deg / 2
+        while not region.contains(shapely.box(p.x - h, p.y - h, p.x + h, p.y + h)) and h > 1e-6:
+            h /= 2
+        far = (bbox[0] - 5.0, bbox[1] - 5.0)
+        cands = candidates([("inside", p.x, p.y, [3, 29]), ("far", far[0], far[1], [3, 29])], state=state)
+        for c in ("west", "south", "east", "north"):
+            cands.loc[0, c] = {"west": p.x - h, "south": p.y - h, "east": p.x + h, "north": p.y + h}[c]
+        res = pl.plan_region(cands, naip, s2, profile, state, provider=provider.name, target=10)
+        assert res.rejections.set_index("scene_id").loc["far", "reason"] in (pl.NO_NAIP, pl.NO_S2)
+        assert res.rows["scene_id"].tolist() == ["inside"]
+        row = res.rows.iloc[0]
+        fp = shapely.box(row["west"], row["south"], row["east"], row["north"])
+        assert row["naip_year"] == int(newest["naip_year"].iloc[0])
+        for it in json.loads(row["naip_items"]):
+            assert it["state"] == state and shapely.box(*it["bbox"]).intersects(fp)
+            assert requests.head(it["href"], timeout=10).status_code == 200  # unsigned, readable as planned
+        s2_items = json.loads(row["s2_items"])
+        assert s2_items and all(i["cloud_cover"] < profile.imagery.s2.max_cloud_pct for i in s2_items)
+        assert all(row["s2_start"] <= i["datetime"][:10] <= row["s2_end"] for i in s2_items)
+        assert requests.head(s2_items[0]["hrefs"]["B04"], timeout=10).status_code == 200
+        est = pl.estimate(res.rows, profile)
+        assert est.loc[est["concept"] == pl.ALL, "requests"].iloc[0] == 4 * len(s2_items) + len(json.loads(row["naip_items"]))
+        planned += 1
+    assert planned, "no state of the served world could be planned"
