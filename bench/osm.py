@@ -5,7 +5,8 @@
 Generates (seeded) a PBF of >= 1e6 nodes with a realistic mix: many irrelevant buildings and
 residential roads, untagged way nodes, tagged POI nodes (some concepts, mostly not), concept
 areas, concept lines (highways, railways, rivers, tunnels), multipolygon relations with holes,
-route relations; spread over two UTM zones. Then runs, each in a fresh subprocess (so peak RSS
+route relations; spread over two UTM zones. Rings are random star shapes, so a few self-intersect
+(as in real OSM): they show up as repaired (ways) and dropped (relations osmium cannot assemble). Then runs, each in a fresh subprocess (so peak RSS
 is per variant):
 
   baseline   FileProcessor(...).with_areas(), Python sees only areas and reads their tags

@@ -1,7 +1,8 @@
 """The osm stage: one OSM PBF -> concept features (GeoParquet, EPSG:4326).
 
 `extract(pbf, profile)` reads the file with pyosmium (libosmium) and maps every object to the
-profile's concepts with `ConceptMatcher`:
+profile's concepts with the compiled rules of gl10m.concepts (`TriggerIndex` evaluates only the
+rules an object's tags can trigger; tests check it agrees with `ConceptMatcher` everywhere):
 
 * area  = closed ways (ring of >= 4 node refs, first == last) and multipolygon/boundary
   relations, for concepts whose `kinds` contain "area". Relations are assembled by osmium's
@@ -20,7 +21,13 @@ right for all of its concepts; rows for the same (object, kind, buffer) are merg
 
 Reading: pass 1 reads relations only (area candidates for osmium's assembler); pass 2 reads the
 whole file once, storing node locations in the chosen index, assembling the candidate relations
-and handing tagged objects to Python (a C++ tag pre-filter keeps untagged nodes out of Python).
+and handing tagged objects to Python. A C++ pre-filter keeps objects out of Python: a KeyFilter
+on the rules' trigger keys, or, when a rule reads a key prefix (marina's `mooring*`), an
+EmptyTagFilter (untagged objects only). stats["read"] counts the objects Python saw.
+
+Node locations: `sparse_file_array` (the profile default) keeps them in a memory-mapped file
+under `tmpdir` (16 bytes per node, ~3 GB for California, paged by the OS, not held in RAM);
+`flex_mem` keeps them in RAM and is faster for small extracts.
 
 Output columns, sorted by (osm_type, osm_id, kind) then buffer:
 osm_type str, osm_id int64, kind str, concepts list<int16>, geometry (Polygon/MultiPolygon),
