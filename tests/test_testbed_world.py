@@ -312,3 +312,15 @@ def test_write_truth_takes_precomputed_classes_on_its_grid(regions, tmp_path):
     with pytest.raises(ValueError, match="classes must be uint8"):
         W.write_truth(region, tmp_path / "u.tif", res_m=10.0, classes=classes)
     assert not (tmp_path / "u.tif").exists()
+
+
+def test_osm_stage_extracts_every_concept_from_the_pbfs(pbfs, profile):
+    """The pipeline's own reader (gl10m.osm.extract) finds all 66 concepts, dropping nothing."""
+    from gl10m import osm
+    seen = collections.Counter()
+    for code, path in sorted(pbfs.items()):
+        res = osm.extract(path, profile)
+        assert res.stats["dropped_unassembled"] == 0 and res.stats["missing_locations"] == 0, code
+        for ids in res.features["concepts"]:
+            seen.update(ids)
+    assert sorted(seen) == list(range(66))
