@@ -312,6 +312,8 @@ def test_provider_interface_and_factory(served):
 
     p2 = pickle.loads(pickle.dumps(p))
     assert p2.url == p.url and p2._client is None
+    pc2 = pickle.loads(pickle.dumps(pc))  # Dask ships providers to workers, signer included
+    assert pc2._signer is not None and pc2._signer._cache == {} and pc2.sign("http://127.0.0.1/a") == "http://127.0.0.1/a"
 
 
 def test_search_retries_a_429_from_the_stac_api(scripted):

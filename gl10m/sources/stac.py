@@ -283,6 +283,10 @@ def _pc_settings() -> tuple[str | None, str | None]:
     return sas, key
 
 
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
 class PlanetaryComputerSigner:
     """Sign Azure blob hrefs with Planetary Computer SAS tokens, cached per container.
 
@@ -302,7 +306,7 @@ class PlanetaryComputerSigner:
         self.min_ttl_s = float(min_ttl_s)
         self.timeout = timeout
         self.retry_kw = dict(retry_kw or {})
-        self._clock = clock or (lambda: dt.datetime.now(dt.timezone.utc))
+        self._clock = clock or _utcnow
         self._cache: dict[tuple[str, str], tuple[str, dt.datetime]] = {}
         self._lock = threading.Lock()
         self._session = None
