@@ -33,7 +33,6 @@ from typing import Iterable
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
 from shapely.geometry import shape
