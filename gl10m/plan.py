@@ -156,12 +156,13 @@ def eligible_naip(naip: gpd.GeoDataFrame, profile, state: str) -> gpd.GeoDataFra
 
 
 def usable_s2(s2: gpd.GeoDataFrame, profile) -> gpd.GeoDataFrame:
-    """Sentinel-2 catalog rows with cloud cover below the threshold and the four assets."""
+    """Sentinel-2 catalog rows with cloud cover below the threshold. Items lacking one of the
+    four assets are kept (their href is None in the plan) so that fetch records the defect as a
+    typed rejection instead of the plan hiding it."""
     _check_catalog(s2, "Sentinel-2")
     cc = s2["cloud_cover"].astype("float64")
     ok = cc.notna() & (cc < profile.imagery.s2.max_cloud_pct)
-    has = s2["hrefs"].map(lambda h: all(k in json.loads(h) for k in S2_ASSETS) if isinstance(h, str) else False)
-    return s2[(ok & has).to_numpy(dtype=bool)].reset_index(drop=True)
+    return s2[ok.to_numpy(dtype=bool)].reset_index(drop=True)
 
 
 def _naip_entry(row) -> dict:
@@ -179,7 +180,7 @@ def _s2_entry(row) -> dict:
             "epsg": None if pd.isna(row["epsg"]) else int(row["epsg"]),
             "mgrs_tile": row["mgrs_tile"], "baseline": row["baseline"],
             "cloud_cover": float(row["cloud_cover"]),
-            "hrefs": {k: hrefs[k] for k in S2_ASSETS},
+            "hrefs": {k: hrefs.get(k) for k in S2_ASSETS},
             "bbox": [float(row["west"]), float(row["south"]), float(row["east"]), float(row["north"])]}
 
 

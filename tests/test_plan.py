@@ -138,6 +138,11 @@ def test_windows_aligned_fallback_and_cloud(profile):
     its = json.loads(r["s2_items"])
     assert [i["datetime"][:10] for i in its] == ["2023-01-15"]
     assert set(its[0]["hrefs"]) == {"B02", "B03", "B04", "SCL"} and its[0]["baseline"] == "05.09"
+    # an item that lacks an asset stays in the plan with a None href: fetch rejects it, typed
+    broken = pc_s2_item("11SLT", "2023-01-15T18:39:19", BIG_S2, 0.5)
+    del broken["assets"]["SCL"]
+    r = pl.plan_region(cands, naip, frame([broken]), profile, "CA").rows.iloc[0]
+    assert json.loads(r["s2_items"])[0]["hrefs"]["SCL"] is None
     # NAIP mid-2023: +-183 days covers almost all 2023; items sorted by datetime
     naip23 = frame([pc_naip_item("ca_2023", "ca", 2023, "2023-06-12", around(lon, lat, 0.05))])
     r = pl.plan_region(cands, naip23, frame(list(reversed(s2_all_year()))), profile, "CA").rows.iloc[0]
