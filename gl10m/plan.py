@@ -25,8 +25,11 @@ Rules (GL-10M, values from the profile's ``imagery`` section):
   result depends on the seed and the scene ids only, never on input order. Scenes not selected
   are recorded as ``subsampled_out`` (not an error).
 
-Outputs (:class:`PlanResult`): ``rows`` in the plan-row schema (:data:`PLAN_COLUMNS`, sorted by
-``key``), ``rejections`` (key, scene_id, state, reason, detail) and ``stats``.
+Entry points: :func:`plan_region` = :func:`match_region` (NAIP + Sentinel-2 matching and
+coverage; any spatial partition of a state's candidates on its own) then :func:`select_rows`
+(subsampling, once per state). Outputs (:class:`PlanResult`): ``rows`` in the plan-row schema
+(:data:`PLAN_COLUMNS`, sorted by ``key``; hrefs UNSIGNED), ``rejections`` (key, scene_id, state,
+reason, detail) and ``stats``.
 :func:`estimate` is the dry run: scenes, requests and bytes per state and per concept.
 """
 from __future__ import annotations
