@@ -87,11 +87,82 @@ def index(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, stat
     if not ran:
         out.print("nothing to do: every requested stage is up to date (use --force to redo)")
     _print_summary(workdir, stages=list(stages))
-    bad = [f"{s}/{r}: {v}" for (s, r), v in sorted(res.outcomes.items())
+    _exit_on_bad(res.outcomes)
+
+
+StacUrlOpt = typer.Option(None, "--stac-url", help="Override the profile's provider.stac_url (e.g. the testbed's).")
+MaxScenesOpt = typer.Option(None, "--max-scenes", help="At most this many scenes per state (caps the profile target).")
+SeedOpt = typer.Option(0, "--seed", help="Seed of the class-aware subsampling.")
+
+
+@app.command()
+def plan(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
+         stac_url: Optional[str] = StacUrlOpt, max_scenes: Optional[int] = MaxScenesOpt, seed: int = SeedOpt,
+         dry_run: bool = typer.Option(False, "--dry-run", help="Search and plan in memory, write nothing, print the cost."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
+    """Catalog the providers' items and plan the scenes to fetch; print scenes, requests and bytes."""
+    from gl10m import plan as planmod
+    from gl10m.pipelines import download as dl
+
+    prof = _profile(profile)
+    regions = prof.select_regions(states)
+    if dry_run:
+        res = dl.run_download(prof, workdir, regions=regions, stac_url=stac_url, max_scenes=max_scenes,
+                              seed=seed, dry_run=True, quiet=quiet)
+        out.print(planmod.format_estimate(res.estimate, res.rejections), highlight=False)
+        return
+    res = dl.run_download(prof, workdir, regions=regions, stages=("catalog", "plan"), stac_url=stac_url,
+                          max_scenes=max_scenes, seed=seed, quiet=quiet)
+    import pandas as pd
+
+    rows = [planmod.read_plan(planmod.plan_path(workdir, r)) for r in regions
+            if planmod.plan_path(workdir, r).exists()]
+    if rows:
+        out.print(planmod.format_estimate(planmod.estimate(pd.concat(rows, ignore_index=True), prof)),
+                  highlight=False)
+    _print_summary(workdir, stages=["catalog", "plan", "plan-scene"])
+    _exit_on_bad(res.outcomes)
+
+
+@app.command()
+def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
+             stac_url: Optional[str] = StacUrlOpt, max_scenes: Optional[int] = MaxScenesOpt, seed: int = SeedOpt,
+             dry_run: bool = typer.Option(False, "--dry-run", help="Plan only and print what would be fetched."),
+             force: bool = typer.Option(False, "--force", help="Redo even what the ledger says is done."),
+             workers: Optional[int] = WorkersOpt, threads: int = ThreadsOpt,
+             scheduler: Optional[str] = SchedulerOpt, no_dask: bool = NoDaskOpt,
+             quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
+    """Catalog, plan and fetch: one staged sample (LR composite + 100 HR tiles) per scene."""
+    from gl10m import plan as planmod
+    from gl10m.pipelines import download as dl
+    from gl10m.pipelines.runner import dask_client
+
+    prof = _profile(profile)
+    regions = prof.select_regions(states)
+    if dry_run:
+        res = dl.run_download(prof, workdir, regions=regions, stac_url=stac_url, max_scenes=max_scenes,
+                              seed=seed, dry_run=True, quiet=quiet)
+        out.print(planmod.format_estimate(res.estimate, res.rejections), highlight=False)
+        return
+    kw = dict(regions=regions, stac_url=stac_url, max_scenes=max_scenes, seed=seed, force=force, quiet=quiet)
+    if no_dask:
+        res = dl.run_download(prof, workdir, **kw)
+    else:
+        with dask_client(_client_opts(workers, threads, scheduler), quiet=quiet) as client:
+            res = dl.run_download(prof, workdir, client=client, **kw)
+    fetched = res.counts.get("fetch", {})
+    if fetched and all(k.startswith("skipped") for k in fetched):
+        out.print("nothing to fetch: every planned scene is done (use --force to redo)")
+    _print_summary(workdir, stages=["catalog", "plan", "fetch"])
+    _exit_on_bad(res.outcomes)
+
+
+def _exit_on_bad(outcomes: dict) -> None:
+    bad = [f"{s}/{r}: {v}" for (s, r), v in sorted(outcomes.items())
            if v.startswith(("failed", "rejected", "waiting"))]
+    for b in bad:
+        err.print(f"[red]{b}[/red]")
     if bad:
-        for b in bad:
-            err.print(f"[red]{b}[/red]")
         raise typer.Exit(1)
 
 

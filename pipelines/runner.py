@@ -66,18 +66,20 @@ def progress_bar(quiet: bool = False) -> Progress:
 
 def map_units(client, fn: Callable, args: Sequence[tuple], *, keys: Sequence[str],
               description: str, quiet: bool = False,
-              on_result: Callable[[str, object, BaseException | None], None]) -> None:
-    """Submit fn(*a) for each unit, call on_result(key, result, error) as each finishes.
+              on_result: Callable[[str, object, BaseException | None], None],
+              kwargs: Sequence[dict] | None = None) -> None:
+    """Submit fn(*a, **kw) for each unit, call on_result(key, result, error) as each finishes.
 
     A task that raises never stops the run: its exception is handed to on_result. With
     client=None everything runs in this process (no Dask), in order.
     """
+    kwargs = list(kwargs) if kwargs is not None else [{}] * len(args)
     if client is None:
         with progress_bar(quiet) as bar:
             task = bar.add_task(description, total=len(args))
-            for key, a in zip(keys, args):
+            for key, a, kw in zip(keys, args, kwargs):
                 try:
-                    res, err = fn(*a), None
+                    res, err = fn(*a, **kw), None
                 except Exception as e:  # one bad unit never stops a run
                     res, err = None, e
                 on_result(key, res, err)
@@ -86,8 +88,8 @@ def map_units(client, fn: Callable, args: Sequence[tuple], *, keys: Sequence[str
     import distributed
 
     futures = {}
-    for key, a in zip(keys, args):
-        fut = client.submit(fn, *a, key=f"{description}-{key}-{os.urandom(4).hex()}", pure=False)
+    for key, a, kw in zip(keys, args, kwargs):
+        fut = client.submit(fn, *a, **kw, key=f"{description}-{key}-{os.urandom(4).hex()}", pure=False)
         futures[fut] = key
     with progress_bar(quiet) as bar:
         task = bar.add_task(description, total=len(futures))

@@ -1,0 +1,311 @@
+"""The download stages: catalog (per state and collection) -> plan (per state) -> fetch (per scene).
+
+    W/catalog/{STATE}/{collection}.parquet   provider item footprints + properties
+    W/plan/{STATE}.parquet                    the scenes to fetch (plan-row schema)
+    W/plan/{STATE}.rejections.parquet         no_naip / no_s2 / subsampled_out, per scene
+    W/staged/{split}/{key}/                   one staged sample per fetched scene
+
+Ledger units: ``{STATE}/{collection}`` for catalog, ``{STATE}`` for plan (plus one row per scene
+under the stage ``plan-scene``), the scene key for fetch. Input hashes name content, not
+location: the fetch hash is built from item ids, baselines, the footprint and the profile values
+fetch depends on, so a provider reached at another URL (a testbed served on another port) does
+not refetch anything.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from gl10m.errors import UserError
+from gl10m.ledger import FAILED, OK, REJECTED, Ledger, hash_inputs
+from gl10m.pipelines.runner import console, error_label, map_units
+from gl10m.profile import Profile
+
+STAGES = ("catalog", "plan", "fetch")
+STAGE_VERSION = {"catalog": 1, "plan": 1, "fetch": 1}
+
+
+@dataclass
+class DownloadResult:
+    outcomes: dict[tuple[str, str], str] = field(default_factory=dict)  # (stage, unit) -> label
+    estimate: object = None        # plan.estimate() frame of the planned rows
+    rejections: object = None      # plan rejections of the states planned in this run
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> label -> n
+
+    def count(self, stage: str, label: str) -> None:
+        c = self.counts.setdefault(stage, {})
+        c[label] = c.get(label, 0) + 1
+
+
+def collections(profile: Profile) -> tuple[str, str]:
+    return profile.imagery.naip.collection, profile.imagery.s2.collection
+
+
+def staged_dir(workdir: Path, split: str, key: str) -> Path:
+    return Path(workdir) / "staged" / split / key
+
+
+# -- input hashes --------------------------------------------------------------------------
+def catalog_hash(profile: Profile, provider, state: str, collection: str) -> str:
+    return hash_inputs("catalog", STAGE_VERSION["catalog"], provider.describe() if hasattr(provider, "describe")
+                       else provider.name, state, collection, profile.regions[state].bbox,
+                       profile.imagery.model_dump(mode="json"))
+
+
+def plan_hash(profile: Profile, state: str, anchors_hash: str, cat_hashes: Sequence[str], target: int,
+              seed: int) -> str:
+    return hash_inputs("plan", STAGE_VERSION["plan"], state, anchors_hash, list(cat_hashes), target, seed,
+                       profile.imagery.model_dump(mode="json"), profile.geometry.model_dump(mode="json"),
+                       [c.count for c in profile.concepts], profile.splits.model_dump(mode="json"))
+
+
+def fetch_hash(profile: Profile, row) -> str:
+    """What a staged sample depends on: identities of its inputs, never their URLs."""
+    naip = [(i["id"], i.get("datetime")) for i in json.loads(row["naip_items"])]
+    s2 = [(i["id"], i.get("datetime"), i.get("baseline")) for i in json.loads(row["s2_items"])]
+    return hash_inputs("fetch", STAGE_VERSION["fetch"], str(row["key"]), str(row["split"]),
+                       [float(row[c]) for c in ("west", "south", "east", "north")],
+                       [int(c) for c in row["concepts"]], naip, s2, str(row["s2_window"]),
+                       profile.imagery.model_dump(mode="json"), profile.qc.model_dump(mode="json"),
+                       profile.geometry.model_dump(mode="json"))
+
+
+# -- steps (plain functions; run on workers) -------------------------------------------------
+def catalog_step(provider, profile: Profile, state: str, collection: str, workdir: str) -> dict:
+    from gl10m import catalog
+
+    gdf = catalog.catalog_region(provider, profile, state, collection)
+    catalog.write_catalog(gdf, catalog.catalog_path(workdir, state, collection))
+    return dict(gdf.attrs.get("stats", {}))
+
+
+def plan_step(profile: Profile, state: str, workdir: str, *, target: int | None, seed: int,
+              provider_name: str, write: bool = True):
+    from gl10m import anchors, catalog, plan
+    from gl10m.pipelines.index import anchors_path
+
+    wd = Path(workdir)
+    cand = anchors.read_candidates(anchors_path(wd, state))
+    naip_c, s2_c = collections(profile)
+    naip = catalog.read_catalog(catalog.catalog_path(wd, state, naip_c))
+    s2 = catalog.read_catalog(catalog.catalog_path(wd, state, s2_c))
+    res = plan.plan_region(cand, naip, s2, profile, state, provider=provider_name, seed=seed, target=target)
+    if write:
+        plan.write_plan(res.rows, plan.plan_path(wd, state), stats=res.stats)
+        plan.write_rejections(res.rejections, wd / "plan" / f"{state}.rejections.parquet")
+    return res
+
+
+def fetch_step(row: dict, profile: Profile, workdir: str, stac_url: str | None, limiter=None):
+    """Fetch one scene; a stale staged sample of a rejected scene is removed."""
+    from gl10m import fetch
+    from gl10m.sources.stac import provider_from_profile
+
+    prov = provider_from_profile(profile, stac_url=stac_url) if profile.provider.name == "stac" else None
+    sign = prov.sign if prov is not None else fetch.identity
+    resign = getattr(prov, "resign", None)
+    out = fetch.fetch_scene(row, profile, workdir, sign=sign, resign=resign, limiter=limiter)
+    if out.status != OK:
+        stale = staged_dir(Path(workdir), str(row["split"]), str(row["key"]))
+        if stale.exists():
+            shutil.rmtree(stale)
+    return {"status": out.status, "reason": out.reason, "detail": out.detail}
+
+
+# -- the pipeline ----------------------------------------------------------------------------
+def _limiter(client, provider_name: str, max_leases: int):
+    """A cap on concurrent provider requests shared by every Dask worker."""
+    if client is None:
+        return None
+    import distributed
+
+    return distributed.Semaphore(max_leases=max_leases, name=f"gl10m-provider-{provider_name}")
+
+
+def run_download(profile: Profile, workdir: str | Path, *, regions: Sequence[str] | None = None,
+                 stages: Sequence[str] = STAGES, client=None, stac_url: str | None = None,
+                 max_scenes: int | None = None, seed: int = 0, dry_run: bool = False, force: bool = False,
+                 quiet: bool = False, provider=None) -> DownloadResult:
+    """Run catalog, plan and fetch for the regions (all by default). With dry_run, catalog and plan
+    run in memory only (nothing is written, no imagery is read) and the estimate is returned."""
+    from gl10m import plan as planmod
+    from gl10m.pipelines.index import anchors_path
+    from gl10m.sources.stac import provider_from_profile
+
+    workdir = Path(workdir).resolve()
+    regions = list(regions) if regions else profile.select_regions(None)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise UserError(f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGES)}")
+    if max_scenes is not None and max_scenes < 0:
+        raise UserError("--max-scenes must be >= 0")
+    provider = provider or provider_from_profile(profile, stac_url=stac_url)
+    pname = getattr(provider, "name", "stac")
+    result = DownloadResult()
+    workdir.mkdir(parents=True, exist_ok=True)
+    with Ledger.for_workdir(workdir) as ledger:
+        # anchors must be done for every region we download
+        anchors_h = {}
+        for r in regions:
+            o = ledger.get("anchors", r)
+            if o is None or o.status != OK or not anchors_path(workdir, r).exists():
+                raise UserError(f"region {r}: run `gl10m index` first (no anchors in {workdir})")
+            anchors_h[r] = o.input_hash
+
+        # ---- catalog ----
+        cat_units = [(r, c) for r in regions for c in collections(profile)]
+        cat_h = {u: catalog_hash(profile, provider, *u) for u in cat_units}
+        from gl10m import catalog as catmod
+
+        todo = []
+        for u in cat_units:
+            run, why = ledger.decide("catalog", f"{u[0]}/{u[1]}", cat_h[u])
+            if not run and not catmod.catalog_path(workdir, *u).exists():
+                run = True
+            if run or force:
+                todo.append(u)
+            else:
+                result.outcomes[("catalog", f"{u[0]}/{u[1]}")] = f"skipped ({why})"
+        if "catalog" in stages or dry_run:
+            if dry_run:
+                # in memory: search into a throwaway folder, nothing written under W
+                import tempfile
+
+                tmp = Path(tempfile.mkdtemp(prefix="gl10m-dry-"))
+                try:
+                    return _dry_run(profile, provider, regions, workdir, tmp, max_scenes, seed, pname, result)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+
+            def on_cat(unit, res, err):
+                state, coll = unit.split("/", 1)
+                _record(ledger, result, "catalog", unit, cat_h[(state, coll)], res, err)
+
+            map_units(client, catalog_step, [(provider, profile, s, c, str(workdir)) for s, c in todo],
+                      keys=[f"{s}/{c}" for s, c in todo], description="catalog", quiet=quiet, on_result=on_cat)
+
+        # ---- plan ----
+        plan_h = {}
+        ready = []
+        for r in regions:
+            cats = [ledger.get("catalog", f"{r}/{c}") for c in collections(profile)]
+            if any(o is None or o.status != OK for o in cats):
+                result.outcomes[("plan", r)] = "waiting for catalog"
+                continue
+            target = _target(profile, r, max_scenes)
+            plan_h[r] = plan_hash(profile, r, anchors_h[r], [o.input_hash for o in cats], target, seed)
+            run, why = ledger.decide("plan", r, plan_h[r])
+            if not run and not planmod.plan_path(workdir, r).exists():
+                run = True
+            if run or force:
+                ready.append(r)
+            else:
+                result.outcomes[("plan", r)] = f"skipped ({why})"
+        if "plan" in stages and ready:
+            def on_plan(state, res, err):
+                if err is None:
+                    _record(ledger, result, "plan", state, plan_h[state], res.stats, None)
+                    rows = [(k, OK, plan_h[state], None, None) for k in res.rows["key"]]
+                    rows += [(k, REJECTED, plan_h[state], reason, None)
+                             for k, reason in zip(res.rejections["key"], res.rejections["reason"])]
+                    ledger.forget("plan-scene", _keys_of_state(ledger, "plan-scene", state))
+                    ledger.record_many("plan-scene", rows)
+                else:
+                    _record(ledger, result, "plan", state, plan_h[state], None, err)
+
+            map_units(client, plan_step,
+                      [(profile, r, str(workdir)) for r in ready], keys=ready, description="plan", quiet=quiet,
+                      on_result=on_plan, kwargs=[dict(target=_target(profile, r, max_scenes), seed=seed,
+                                                      provider_name=pname) for r in ready])
+
+        # ---- fetch ----
+        if "fetch" not in stages:
+            return result
+        rows = []
+        for r in regions:
+            o = ledger.get("plan", r)
+            if o is None or o.status != OK or o.input_hash != plan_h.get(r):
+                result.outcomes[("fetch", r)] = "waiting for plan"
+                continue
+            rows.extend(planmod.read_plan(planmod.plan_path(workdir, r)).drop(columns="geometry")
+                        .to_dict("records"))
+        todo, hashes = [], {}
+        for row in rows:
+            key = str(row["key"])
+            hashes[key] = fetch_hash(profile, row)
+            run, why = ledger.decide("fetch", key, hashes[key])
+            o = ledger.get("fetch", key)
+            if not run and o.status == OK and not staged_dir(workdir, str(row["split"]), key).exists():
+                run, why = True, "output missing"
+            if run or force:
+                todo.append(row)
+            else:
+                result.count("fetch", f"skipped ({why})")
+        if todo:
+            limiter = _limiter(client, pname, getattr(provider, "max_concurrency", 8))
+
+            def on_fetch(key, res, err):
+                if err is None:
+                    status = OK if res["status"] == OK else REJECTED
+                    ledger.record("fetch", key, status, hashes[key], reason=res["reason"], detail=res["detail"])
+                    label = status if status == OK else f"{status}:{res['reason']}"
+                else:
+                    label = f"{FAILED}:{error_label(err)}"
+                    ledger.record("fetch", key, FAILED, hashes[key], reason=error_label(err))
+                result.count("fetch", label.split(":")[0] if label.startswith(FAILED) else label)
+
+            map_units(client, fetch_step, [(row, profile, str(workdir), stac_url, limiter) for row in todo],
+                      keys=[str(r["key"]) for r in todo], description="fetch", quiet=quiet, on_result=on_fetch)
+    return result
+
+
+def _dry_run(profile, provider, regions, workdir, tmp, max_scenes, seed, pname, result):
+    import pandas as pd
+
+    from gl10m import catalog as catmod
+    from gl10m import plan as planmod
+    from gl10m.pipelines.index import anchors_path
+
+    ests, rejs = [], []
+    for r in regions:
+        for c in collections(profile):
+            cached = catmod.catalog_path(workdir, r, c)
+            gdf = catmod.read_catalog(cached) if cached.exists() else catmod.catalog_region(provider, profile, r, c)
+            catmod.write_catalog(gdf, catmod.catalog_path(tmp, r, c))
+        (tmp / "anchors").mkdir(exist_ok=True)
+        shutil.copy(anchors_path(workdir, r), anchors_path(tmp, r))
+        res = plan_step(profile, r, str(tmp), target=_target(profile, r, max_scenes), seed=seed,
+                        provider_name=pname, write=False)
+        ests.append(planmod.estimate(res.rows, profile))
+        rejs.append(res.rejections)
+    result.estimate = pd.concat(ests, ignore_index=True) if ests else None
+    result.rejections = pd.concat(rejs, ignore_index=True) if rejs else None
+    return result
+
+
+def _target(profile: Profile, state: str, max_scenes: int | None) -> int:
+    t = profile.regions[state].target
+    return t if max_scenes is None else min(t, max_scenes)
+
+
+def _keys_of_state(ledger: Ledger, stage: str, state: str) -> list[str]:
+    return [o.unit for o in ledger.outcomes(stage) if o.unit.startswith(f"{state}-")]
+
+
+def _record(ledger, result, stage, unit, h, res, err):
+    if err is None:
+        ledger.record(stage, unit, OK, h, detail=_jsonable(res or {}))
+        result.outcomes[(stage, unit)] = OK
+    else:
+        status = REJECTED if isinstance(err, UserError) else FAILED
+        label = error_label(err)
+        ledger.record(stage, unit, status, h, reason=label)
+        result.outcomes[(stage, unit)] = f"{status}:{label}"
+
+
+def _jsonable(d):
+    return json.loads(json.dumps(d, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
