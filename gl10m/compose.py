@@ -126,6 +126,23 @@ def join_tiles(tiles: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(tiles.reshape(grid, grid, th, tw, c).swapaxes(1, 2).reshape(grid * th, grid * tw, c))
 
 
+def sub_grid(grid: Grid, bounds: Bounds, pad: int = 1) -> tuple[Grid, int, int] | None:
+    """The part of `grid` (whole pixels, plus `pad`) that covers `bounds` (EPSG:4326), as
+    (sub-grid, row offset, col offset); None when they do not overlap. The sub-grid's pixels
+    are the parent's pixels."""
+    w, s, e, n = grid.bounds
+    dx, dy = grid.px_deg
+    c0 = max(math.floor((bounds[0] - w) / dx) - pad, 0)
+    c1 = min(math.ceil((bounds[2] - w) / dx) + pad, grid.width)
+    r0 = max(math.floor((n - bounds[3]) / dy) - pad, 0)
+    r1 = min(math.ceil((n - bounds[1]) / dy) + pad, grid.height)
+    if c1 <= c0 or r1 <= r0:
+        return None
+    sb = (w + (e - w) * c0 / grid.width, n - (n - s) * r1 / grid.height,
+          w + (e - w) * c1 / grid.width, n - (n - s) * r0 / grid.height)
+    return Grid(sb, c1 - c0, r1 - r0), r0, c0
+
+
 def ground_px_m(grid: Grid) -> tuple[float, float]:
     """Ground size (metres) of one pixel along x (east) and y (north) at the footprint's centre
     latitude (:func:`gl10m.geometry.pixel_size_m` on the WGS84 ellipsoid)."""
@@ -317,24 +334,28 @@ def warp_naip(rgb: np.ndarray, valid: np.ndarray, src_transform: Affine, src_crs
     return warp_to_grid(f, src_transform, src_crs, grid, Resampling.bilinear, nodata=np.nan)
 
 
-def mosaic(layers: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """First-valid-wins mosaic of float [3, H, W] layers (NaN = no data), in priority order.
+def mosaic(layers: Iterable, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """First-valid-wins mosaic of float [3, h, w] layers (NaN = no data), in priority order.
 
-    Layers are consumed one at a time (pass a generator to keep one in memory). Returns
-    (RGB uint8 [H, W, 3], covered bool [H, W]); uncovered pixels are 0.
+    A layer is an array over the whole grid, or ``(array, row_off, col_off)`` for a part of a
+    grid of `shape` (H, W). Layers are consumed one at a time (pass a generator to keep one in
+    memory). Returns (RGB uint8 [H, W, 3], covered bool [H, W]); uncovered pixels are 0.
     """
     acc = None
     for layer in layers:
+        arr, r0, c0 = layer if isinstance(layer, tuple) else (layer, 0, 0)
         if acc is None:
-            acc = np.array(layer, dtype=np.float32, copy=True)
-            continue
-        hole = np.isnan(acc).any(axis=0)
-        if not hole.any():
-            continue
-        acc[:, hole] = layer[:, hole]
+            full = shape or arr.shape[1:]
+            acc = np.full((arr.shape[0], *full), np.nan, dtype=np.float32)
+        h, w = arr.shape[1:]
+        view = acc[:, r0:r0 + h, c0:c0 + w]
+        hole = np.isnan(view).any(axis=0)
+        if hole.any():
+            view[:, hole] = arr[:, hole]
     if acc is None:
         raise ValueError("no NAIP layer to mosaic")
     covered = ~np.isnan(acc).any(axis=0)
-    out = np.nan_to_num(acc, nan=0.0)
-    np.clip(np.floor(out + 0.5), 0, 255, out=out)
-    return np.ascontiguousarray(np.moveaxis(out.astype(np.uint8), 0, -1)), covered
+    np.nan_to_num(acc, copy=False, nan=0.0)
+    np.floor(acc + 0.5, out=acc)
+    np.clip(acc, 0, 255, out=acc)
+    return np.ascontiguousarray(np.moveaxis(acc.astype(np.uint8), 0, -1)), covered

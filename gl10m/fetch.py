@@ -334,10 +334,19 @@ def _compose_hr(naip_items: list[dict], profile, grid: compose.Grid, read) -> tu
             if got is None:
                 continue
             rgb, masks, tr, crs = got
-            yield compose.warp_naip(rgb, compose.naip_valid(rgb, masks), tr, crs, grid)
+            # warp only onto the part of the HR grid this quarter-quad's window can reach
+            from rasterio.transform import array_bounds
+            from rasterio.warp import transform_bounds
+
+            src_b = transform_bounds(crs, compose.WGS84, *array_bounds(rgb.shape[1], rgb.shape[2], tr), densify_pts=21)
+            sub = compose.sub_grid(grid, src_b)
+            if sub is None:
+                continue
+            g, r0, c0 = sub
+            yield compose.warp_naip(rgb, compose.naip_valid(rgb, masks), tr, crs, g), r0, c0
 
     try:
-        mosaic, covered = compose.mosaic(layers())
+        mosaic, covered = compose.mosaic(layers(), grid.shape)
     except ValueError:  # no layer overlapped
         mosaic, covered = np.zeros((*grid.shape, 3), np.uint8), np.zeros(grid.shape, bool)
     info: dict = {"items": used}

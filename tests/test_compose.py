@@ -220,3 +220,16 @@ def test_mosaic_priority_and_uncovered():
     assert covered.tolist() == [[True, True], [True, False]]
     with pytest.raises(ValueError, match="no NAIP layer"):
         compose.mosaic([])
+
+
+def test_sub_grid_pixels_are_the_parent_pixels(prof):
+    g = compose.hr_grid(BOUNDS, prof)
+    sub, r0, c0 = compose.sub_grid(g, (-116.99, 34.005, -116.98, 34.2), pad=0)
+    assert r0 == 0 and sub.height == 2680 - r0 - (2680 - round((34.024 - 34.005) / 0.024 * 2680))
+    x, y = g.transform * (c0, r0)
+    assert sub.transform.c == pytest.approx(x, abs=1e-12) and sub.transform.f == pytest.approx(y, abs=1e-12)
+    assert sub.transform.a == pytest.approx(g.transform.a, rel=1e-9)
+    assert compose.sub_grid(g, (10.0, 10.0, 11.0, 11.0)) is None
+    a = np.full((3, 2, 2), 7, np.float32)
+    rgb, covered = compose.mosaic([(a, 1, 1)], (4, 4))
+    assert covered.sum() == 4 and covered[1:3, 1:3].all() and rgb[1, 1, 0] == 7
