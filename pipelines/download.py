@@ -246,6 +246,9 @@ def run_download(profile: Profile, workdir: str | Path, *, regions: Sequence[str
             else:
                 result.count("fetch", f"skipped ({why})")
         if todo:
+            from gl10m import samples
+
+            samples.clean_staged_temp(workdir)  # leftovers of a killed run are never samples
             limiter = _limiter(client, pname, getattr(provider, "max_concurrency", 8))
 
             def on_fetch(key, res, err):
