@@ -133,6 +133,9 @@ class ImagerySpec(_Strict):
     s2_psf_sigma_px: float = Field(default=0.5, ge=0, le=2.0)
     faults: list[Fault] = Field(default_factory=_default_faults)
     blocksize: int = Field(default=512, ge=128, le=2048)
+    extent_deg: float | None = Field(default=None, gt=0.001, le=1.0,
+                                     description="render imagery over the central extent_deg square of each "
+                                                 "region only (None: the whole region); for small test worlds")
 
     @field_validator("naip_years")
     @classmethod
@@ -892,6 +895,22 @@ def naip_item_id(state: str, qq_name: str, date: dt.date) -> str:
     return f"{state.lower()}_{qq_name}_{date:%Y%m%d}"
 
 
+def imagery_bbox(bbox, spec: ImagerySpec) -> tuple[float, float, float, float]:
+    """The part of a region bbox that gets imagery (all of it unless spec.extent_deg is set)."""
+    if not spec.extent_deg:
+        return tuple(bbox)
+    w, s, e, n = bbox
+    cx, cy, h = (w + e) / 2, (s + n) / 2, spec.extent_deg / 2
+    return (round(max(w, cx - h), 7), round(max(s, cy - h), 7), round(min(e, cx + h), 7), round(min(n, cy + h), 7))
+
+
+def imagery_region(region, spec: ImagerySpec):
+    """The region with its bbox cut to `imagery_bbox` (truth outside it is nodata)."""
+    import dataclasses
+    bb = imagery_bbox(region.bbox, spec)
+    return region if tuple(bb) == tuple(region.bbox) else dataclasses.replace(region, bbox=bb)
+
+
 def region_parts(region, spec: ImagerySpec) -> list[str]:
     """Independent work units of a region: "base" (truth, 1 m NAIP years, Sentinel-2) and one
     "naip:{year}" per state-year at another GSD (rendered on its own grid)."""
@@ -913,6 +932,7 @@ def render_region(region, spec: ImagerySpec, out_dir: str | Path, seed: int, par
     if rasterize is None:
         from gl10m.testbed.world import rasterize_layers as rasterize
     tables = tables or default_tables()
+    region = imagery_region(region, spec)
     parts = region_parts(region, spec) if part == "all" else [part]
     out: dict = {"state": region.code, "truth": None, "naip": [], "s2": [], "faults": []}
     for p in parts:
