@@ -158,3 +158,205 @@ def split_member(name: str) -> tuple[str, str]:
 
 def manifest_json(data: dict) -> bytes:
     return (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
+
+
+# -- the whole stage: staged samples -> shards + index + manifest ------------------------------
+INDEX_NAME = "index.parquet"
+MANIFEST_NAME = "manifest.json"
+
+
+def shard_path(out_dir: Path, split: str, n: int) -> Path:
+    return Path(out_dir) / split / SHARD_NAME.format(split=split, n=n)
+
+
+def _index_table(rows: list[dict]):
+    import pyarrow as pa
+
+    schema = pa.schema([
+        ("key", pa.string()), ("split", pa.string()), ("state", pa.string()), ("shard", pa.string()),
+        ("fields", pa.list_(pa.string())), ("offsets", pa.list_(pa.int64())), ("sizes", pa.list_(pa.int64())),
+        ("sha256", pa.string()), ("labels", pa.list_(pa.uint8())), ("nbytes", pa.int64()),
+    ])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def write_index(rows: list[dict], path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    with atomic_path(path, suffix=".parquet") as tmp:
+        pq.write_table(_index_table(rows), tmp, compression="zstd")
+
+
+def read_index(path: Path):
+    """The sidecar index as a pandas DataFrame (one row per sample)."""
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if not p.exists():
+        raise ShardError(f"{p}: no shard index here")
+    return pq.read_table(p).to_pandas()
+
+
+@dataclass
+class Entry:
+    """One staged sample to shard."""
+    key: str
+    split: str
+    state: str
+    folder: Path
+
+
+def build(entries: Sequence[Entry], out_dir: str | Path, *, max_bytes: int = DEFAULT_SHARD_BYTES,
+          manifest_extra: dict | None = None, progress=None) -> dict:
+    """Write the shards of every split, then the index, then the manifest (all atomic).
+
+    Shards of a split that the new build does not produce are removed at the end, so a rebuild
+    from fewer samples leaves no stale shard behind. Returns the manifest.
+    """
+    from gl10m import samples as smp
+
+    out_dir = Path(out_dir)
+    by_split: dict[str, list[Entry]] = {}
+    for e in entries:
+        by_split.setdefault(e.split, []).append(e)
+    index_rows: list[dict] = []
+    shard_files: dict[str, list[dict]] = {}
+    for split in sorted(by_split):
+        ents = {e.key: e for e in by_split[split]}
+        if len(ents) != len(by_split[split]):
+            raise ShardError(f"split {split}: a key appears twice")
+        sizes = {k: sum(p.stat().st_size for p in e.folder.iterdir() if not p.name.startswith("."))
+                 for k, e in ents.items()}
+        written = []
+        for n, group in enumerate(plan_shards(sizes, max_bytes)):
+            batch = []
+            for key in group:
+                files = read_sample_files(ents[key].folder)
+                missing = sorted(set(smp.FIELDS) - set(files))
+                extra = sorted(set(files) - set(smp.FIELDS))
+                if missing or extra:
+                    raise ShardError(f"staged sample {key}: fields differ from the schema "
+                                     f"(missing {missing[:3]}, unexpected {extra[:3]})")
+                batch.append((key, files))
+            path = shard_path(out_dir, split, n)
+            rows = write_shard(path, batch, split)
+            by_key: dict[str, list[IndexRow]] = {}
+            for r in rows:
+                by_key.setdefault(r.key, []).append(r)
+            for key, files in batch:
+                rs = by_key[key]
+                labels = smp.decode_labels(files[smp.LABELS_FIELD])
+                index_rows.append({
+                    "key": key, "split": split, "state": ents[key].state, "shard": path.name,
+                    "fields": [r.member.split(".", 1)[1] for r in rs], "offsets": [r.offset for r in rs],
+                    "sizes": [r.size for r in rs], "sha256": sample_digest(files),
+                    "labels": [int(x) for x in labels], "nbytes": sum(r.size for r in rs)})
+            written.append({"name": path.name, "bytes": path.stat().st_size, "samples": len(group),
+                            "sha256": _file_sha256(path)})
+            if progress:
+                progress(len(group))
+        shard_files[split] = written
+        keep = {w["name"] for w in written}
+        for old in (out_dir / split).glob("gl10m-*.tar"):
+            if old.name not in keep:
+                old.unlink()
+    for split_dir in out_dir.glob("*/"):
+        if split_dir.is_dir() and split_dir.name not in by_split:
+            for old in split_dir.glob("gl10m-*.tar"):
+                old.unlink()
+    write_index(index_rows, out_dir / INDEX_NAME)
+    manifest = {
+        "format": "webdataset", "index": INDEX_NAME, "shards": shard_files,
+        "samples": {s: len(v) for s, v in sorted(by_split.items())},
+        "states": _count(index_rows, lambda r: [(r["split"], r["state"])]),
+        **(manifest_extra or {}),
+    }
+    (out_dir).mkdir(parents=True, exist_ok=True)
+    from gl10m.io import atomic_write_bytes
+
+    atomic_write_bytes(out_dir / MANIFEST_NAME, manifest_json(manifest))
+    return manifest
+
+
+def _count(rows, keys_of) -> dict:
+    out: dict = {}
+    for r in rows:
+        for a, b in keys_of(r):
+            out.setdefault(a, {})
+            out[a][b] = out[a].get(b, 0) + 1
+    return {a: dict(sorted(v.items())) for a, v in sorted(out.items())}
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- verify ----------------------------------------------------------------------------------
+def verify(out_dir: str | Path, *, decode: bool = True, progress=None) -> dict:
+    """Check every shard against the index: member names, field sets, offsets and sizes, sample
+    checksums, image sizes and labels. Raises ShardError naming the first bad sample."""
+    from gl10m import samples as smp
+
+    out_dir = Path(out_dir)
+    idx = read_index(out_dir / INDEX_NAME)
+    expected = list(smp.FIELDS)
+    by_shard = {s: g for s, g in idx.groupby(["split", "shard"], sort=True)}
+    seen: set[str] = set()
+    n = 0
+    for (split, shard), g in by_shard.items():
+        path = out_dir / split / shard
+        if not path.exists():
+            raise ShardError(f"{split}/{shard}: listed in the index but missing")
+        want = {r.key: r for r in g.itertuples()}
+        cur_key, files = None, {}
+
+        def finish(key, files):
+            r = want.get(key)
+            if r is None:
+                raise ShardError(f"sample {key} ({split}/{shard}): not in the index")
+            if sorted(files) != sorted(expected):
+                raise ShardError(f"sample {key} ({split}/{shard}): field set differs from the schema")
+            if sample_digest(files) != r.sha256:
+                raise ShardError(f"sample {key} ({split}/{shard}): checksum mismatch")
+            if list(r.fields) != member_order(files):
+                raise ShardError(f"sample {key} ({split}/{shard}): member order differs from the index")
+            if decode:
+                s = smp.decode_sample(files)
+                if s.lr.shape != (smp.TILE_PX, smp.TILE_PX, 3) or s.hr.shape != (smp.N_TILES, smp.TILE_PX, smp.TILE_PX, 3):
+                    raise ShardError(f"sample {key} ({split}/{shard}): image sizes {s.lr.shape} / {s.hr.shape}")
+                if [int(x) for x in s.labels] != [int(x) for x in r.labels]:
+                    raise ShardError(f"sample {key} ({split}/{shard}): labels differ from the index")
+
+        with open(path, "rb") as raw:
+            for name, data in iter_members(path):
+                key, field_ = split_member(name)
+                if key != cur_key:
+                    if cur_key is not None:
+                        finish(cur_key, files)
+                        n += 1
+                        if progress:
+                            progress(1)
+                    if key in seen:
+                        raise ShardError(f"sample {key}: appears twice")
+                    seen.add(key)
+                    cur_key, files = key, {}
+                files[field_] = data
+                r = want.get(key)
+                if r is not None and field_ in list(r.fields):
+                    i = list(r.fields).index(field_)
+                    raw.seek(int(r.offsets[i]))
+                    if raw.read(int(r.sizes[i])) != data:
+                        raise ShardError(f"sample {key} ({split}/{shard}): {field_} is not at the indexed offset")
+            if cur_key is not None:
+                finish(cur_key, files)
+                n += 1
+                if progress:
+                    progress(1)
+        missing = set(want) - seen
+        if missing:
+            raise ShardError(f"sample {sorted(missing)[0]} ({split}/{shard}): in the index but not in the shard")
+    return {"samples": n, "shards": len(by_shard)}

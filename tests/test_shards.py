@@ -1,0 +1,127 @@
+"""Shards: deterministic byte-copy tars, the sidecar index, verify, safe member names."""
+import io
+import random
+import tarfile
+
+import numpy as np
+import pytest
+
+from gl10m import samples as smp
+from gl10m import shards
+
+
+def make_sample(key, split, seed):
+    rng = np.random.default_rng(seed)
+    lr = rng.integers(0, 255, (268, 268, 3), dtype=np.uint8)
+    hr = rng.integers(0, 255, (100, 268, 268, 3), dtype=np.uint8)
+    labels = np.zeros(66, np.uint8)
+    labels[rng.choice(66, 3, replace=False)] = 1
+    frac = np.zeros((100, 66), np.float16)
+    return smp.Sample(key=key, split=split, lr=lr, hr=hr, labels=labels, tile_frac=frac,
+                      meta={"key": key, "split": split, "state": key.split("-")[0]})
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    root = tmp_path_factory.mktemp("w")
+    entries = []
+    for i, (state, split) in enumerate([("CA", "train")] * 5 + [("WA", "val")] * 2 + [("AZ", "test")] * 2):
+        key = f"{state}-w{1000 + i}"
+        folder = smp.write_staged(root, make_sample(key, split, i))
+        entries.append(shards.Entry(key, split, state, folder))
+    return root, entries
+
+
+def test_rebuild_is_byte_identical_and_order_independent(staged, tmp_path):
+    root, entries = staged
+    m1 = shards.build(entries, tmp_path / "a", max_bytes=4 * 1024 * 1024)
+    shuffled = entries[:]
+    random.Random(3).shuffle(shuffled)
+    m2 = shards.build(shuffled, tmp_path / "b", max_bytes=4 * 1024 * 1024)
+    assert m1 == m2
+    tars = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.tar"))
+    assert len(tars) > 3  # several shards per split at this size
+    for t in tars:
+        assert (tmp_path / "a" / t).read_bytes() == (tmp_path / "b" / t).read_bytes()
+    assert (tmp_path / "a" / "index.parquet").read_bytes() == (tmp_path / "b" / "index.parquet").read_bytes()
+    assert m1["samples"] == {"test": 2, "train": 5, "val": 2}
+    with tarfile.open(tmp_path / "a" / tars[0]) as tar:
+        for ti in tar:
+            assert (ti.mtime, ti.uid, ti.gid, ti.mode, ti.uname) == (0, 0, 0, 0o444, "")
+
+
+def test_index_offsets_point_at_the_member_bytes(staged, tmp_path):
+    root, entries = staged
+    shards.build(entries, tmp_path / "s")
+    idx = shards.read_index(tmp_path / "s" / "index.parquet")
+    assert len(idx) == 9 and set(idx["split"]) == {"train", "val", "test"}
+    r = idx[idx["key"] == "CA-w1002"].iloc[0]
+    fields = list(r["fields"])
+    assert fields[0] == "meta.json" and fields[-1] == "hr_99.jpg" and len(fields) == len(smp.FIELDS)
+    raw = (tmp_path / "s" / r["split"] / r["shard"]).read_bytes()
+    i = fields.index("hr_37.jpg")
+    tile = smp.decode_tile(raw[r["offsets"][i]: r["offsets"][i] + r["sizes"][i]])
+    full = smp.read_staged(entries[2].folder, tiles=[37])
+    assert np.array_equal(tile, full.hr[0])
+    assert list(r["labels"]) == [int(x) for x in full.labels]
+
+
+def test_verify_passes_then_names_a_flipped_byte(staged, tmp_path):
+    root, entries = staged
+    out = tmp_path / "s"
+    shards.build(entries, out)
+    assert shards.verify(out) == {"samples": 9, "shards": 3}
+    idx = shards.read_index(out / "index.parquet")
+    r = idx[idx["key"] == "WA-w1005"].iloc[0]
+    path = out / r["split"] / r["shard"]
+    data = bytearray(path.read_bytes())
+    j = list(r["fields"]).index("hr_50.jpg")
+    data[r["offsets"][j] + 100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(shards.ShardError, match="WA-w1005.*checksum"):
+        shards.verify(out, decode=False)
+
+
+def test_webdataset_reads_every_field(staged, tmp_path):
+    import webdataset as wds
+
+    root, entries = staged
+    shards.build(entries, tmp_path / "s")
+    urls = sorted(str(p) for p in (tmp_path / "s" / "train").glob("*.tar"))
+    got = list(wds.WebDataset(urls, shardshuffle=False))
+    assert sorted(s["__key__"] for s in got) == sorted(e.key for e in entries if e.split == "train")
+    assert all(set(k for k in s if not k.startswith("__")) == set(smp.FIELDS) for s in got)
+
+
+def test_rebuild_from_fewer_samples_removes_stale_shards(staged, tmp_path):
+    root, entries = staged
+    out = tmp_path / "s"
+    shards.build(entries, out, max_bytes=2 * 1024 * 1024)
+    before = sorted(p.name for p in (out / "train").glob("*.tar"))
+    shards.build([e for e in entries if e.split != "val"][:3], out, max_bytes=2 * 1024 * 1024)
+    after = sorted(p.name for p in (out / "train").glob("*.tar"))
+    assert len(after) < len(before)
+    assert not list((out / "val").glob("*.tar"))
+    assert shards.verify(out)["samples"] == 3
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../x.jpg", "a/../../b.png", "dir/k.lr.png"])
+def test_unsafe_member_names_are_rejected(tmp_path, name):
+    p = tmp_path / "evil.tar"
+    with tarfile.open(p, "w") as tar:
+        ti = tarfile.TarInfo(name)
+        ti.size = 1
+        tar.addfile(ti, io.BytesIO(b"x"))
+    with pytest.raises(shards.ShardError, match="unsafe"):
+        list(shards.iter_members(p))
+
+
+def test_a_sample_missing_a_field_is_refused(staged, tmp_path):
+    root, entries = staged
+    bad = tmp_path / "bad" / "CA-w9"
+    bad.mkdir(parents=True)
+    for f in entries[0].folder.iterdir():
+        if f.name != "hr_42.jpg":
+            (bad / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(shards.ShardError, match="CA-w9.*missing \\['hr_42.jpg'\\]"):
+        shards.build([shards.Entry("CA-w9", "train", "CA", bad)], tmp_path / "s")
