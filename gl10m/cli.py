@@ -157,6 +157,43 @@ def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, s
     _exit_on_bad(res.outcomes)
 
 
+@app.command()
+def shard(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
+          shard_mb: Optional[int] = typer.Option(None, "--shard-mb", help="Target shard size in MB (default 768)."),
+          force: bool = typer.Option(False, "--force", help="Rewrite even if nothing changed."),
+          no_card: bool = typer.Option(False, "--no-card", help="Skip the dataset card and its plots."),
+          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
+    """Write WebDataset shards per split (byte copies of the staged samples), the index and the card."""
+    from gl10m.pipelines import shard as sh
+
+    prof = _profile(profile)
+    regions = prof.select_regions(states)
+    if shard_mb is not None and shard_mb < 1:
+        raise UserError("--shard-mb must be at least 1")
+    res = sh.run_shard(prof, workdir, regions=regions, max_bytes=shard_mb * 1024 * 1024 if shard_mb else None,
+                       force=force, quiet=quiet, card=not no_card)
+    if res.status.startswith("skipped"):
+        out.print(f"nothing to do: shards are up to date ({res.status})")
+    counts = ", ".join(f"{k} {v}" for k, v in res.samples.items()) or "no samples"
+    out.print(f"shards in {res.out_dir}: {counts}; dropped at split borders: {len(res.dropped)}; "
+              f"planned but not fetched: {len(res.missing)}")
+
+
+@app.command()
+def verify(shards_dir: Path = typer.Argument(..., help="A shards folder (W/shards)."),
+           no_decode: bool = typer.Option(False, "--no-decode", help="Checksums and layout only; skip image decoding.")):
+    """Check every shard against the index (checksums, fields, offsets, image sizes, labels)."""
+    from gl10m import shards
+
+    if not shards_dir.exists():
+        raise UserError(f"{shards_dir}: no such folder")
+    try:
+        res = shards.verify(shards_dir, decode=not no_decode)
+    except shards.ShardError as e:
+        raise UserError(f"verify failed: {e}") from None
+    out.print(f"ok: {res['samples']} samples in {res['shards']} shards match the index")
+
+
 def _exit_on_bad(outcomes: dict) -> None:
     bad = [f"{s}/{r}: {v}" for (s, r), v in sorted(outcomes.items())
            if v.startswith(("failed", "rejected", "waiting"))]

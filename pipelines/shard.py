@@ -1,0 +1,110 @@
+"""The shard stage: staged samples -> WebDataset shards per split, index, manifest, card.
+
+Takes every scene that is in the current plan, fetched ``ok`` and staged; drops scenes that
+break the border rule (gl10m/splits.py) and counts them; writes ``W/shards/`` with
+gl10m.shards.build (byte copies, deterministic) and the dataset card. The ledger has one row
+for the whole stage (unit ``all``) whose input hash names every sample's fetch hash, the shard
+size and the profile values involved, so a rerun with nothing new does nothing, and one row per
+dropped scene under ``shard-scene``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from gl10m import __version__
+from gl10m.ledger import OK, REJECTED, Ledger, hash_inputs
+from gl10m.pipelines.runner import progress_bar
+from gl10m.profile import Profile
+
+STAGE_VERSION = 1
+
+
+@dataclass
+class ShardResult:
+    status: str = ""
+    samples: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    out_dir: Path | None = None
+
+
+def shards_dir(workdir: Path) -> Path:
+    return Path(workdir) / "shards"
+
+
+def collect(profile: Profile, workdir: Path, regions: Sequence[str], ledger: Ledger):
+    """(scenes ready to shard, keys planned but not fetched ok): plan rows joined with the ledger."""
+    from gl10m import plan as planmod
+    from gl10m import samples
+
+    ready, missing = [], []
+    for r in regions:
+        p = planmod.plan_path(workdir, r)
+        if not p.exists():
+            continue
+        rows = planmod.read_plan(p)
+        for row in rows.drop(columns="geometry").to_dict("records"):
+            o = ledger.get("fetch", str(row["key"]))
+            folder = samples.staged_dir(workdir, str(row["split"]), str(row["key"]))
+            if o is None or o.status != OK or not folder.exists():
+                if o is None or o.status == "failed":
+                    missing.append(str(row["key"]))
+                continue
+            ready.append({"key": str(row["key"]), "split": str(row["split"]), "state": str(row["state"]),
+                          "west": row["west"], "south": row["south"], "east": row["east"], "north": row["north"],
+                          "folder": folder, "fetch_hash": o.input_hash})
+    return sorted(ready, key=lambda s: s["key"]), sorted(missing)
+
+
+def run_shard(profile: Profile, workdir: str | Path, *, regions: Sequence[str] | None = None,
+              max_bytes: int | None = None, force: bool = False, quiet: bool = False,
+              card: bool = True) -> ShardResult:
+    from gl10m import shards
+    from gl10m.splits import border_drops
+
+    workdir = Path(workdir).resolve()
+    regions = list(regions) if regions else profile.select_regions(None)
+    max_bytes = max_bytes or shards.DEFAULT_SHARD_BYTES
+    out = shards_dir(workdir)
+    res = ShardResult(out_dir=out)
+    with Ledger.for_workdir(workdir) as ledger:
+        scenes, res.missing = collect(profile, workdir, regions, ledger)
+        res.dropped = border_drops(scenes, profile)
+        kept = [s for s in scenes if s["key"] not in res.dropped]
+        h = hash_inputs("shard", STAGE_VERSION, max_bytes, [(s["key"], s["fetch_hash"]) for s in kept],
+                        sorted(res.dropped.items()), profile.splits.model_dump(mode="json"), card)
+        run, why = ledger.decide("shard", "all", h)
+        if not run and not (out / shards.MANIFEST_NAME).exists():
+            run = True
+        if not (run or force):
+            res.status = f"skipped ({why})"
+            res.samples = _count_splits(kept)
+            return res
+        entries = [shards.Entry(s["key"], s["split"], s["state"], s["folder"]) for s in kept]
+        extra = {"profile": {"name": profile.name, "version": profile.version, "hash": profile.hash()},
+                 "builder": {"name": "gl10m", "version": __version__},
+                 "split_scheme": profile.splits.scheme,
+                 "dropped_border": len(res.dropped), "not_fetched": len(res.missing)}
+        with progress_bar(quiet) as bar:
+            task = bar.add_task("shard", total=len(entries))
+            manifest = shards.build(entries, out, max_bytes=max_bytes, manifest_extra=extra,
+                                    progress=lambda n: bar.advance(task, n))
+        if card:
+            from gl10m import card as cardmod
+
+            cardmod.write_card(out, profile)
+        ledger.forget("shard-scene")
+        ledger.record_many("shard-scene", [(k, REJECTED, h, reason, None) for k, reason in sorted(res.dropped.items())])
+        ledger.record("shard", "all", OK, h, detail={"samples": manifest["samples"]})
+        res.status = OK
+        res.samples = manifest["samples"]
+    return res
+
+
+def _count_splits(scenes) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in scenes:
+        out[s["split"]] = out.get(s["split"], 0) + 1
+    return dict(sorted(out.items()))
