@@ -49,10 +49,16 @@ class BuildResult:
     seconds: float = 0.0
 
 
+# Regions reach forked workers by inheritance, not by pickling: a pickled-and-restored
+# RegionWorld has been seen to rasterise its marks differently (see the lead's notes), which
+# would break byte-identical rebuilds.
+_REGIONS: dict[str, object] = {}
+
+
 def _work(args):
-    region, spec, out_dir, seed, part, wedge = args
+    code, spec, out_dir, seed, part, wedge = args
     from gl10m.testbed.imagery import render_region
-    return render_region(region, spec, out_dir, seed, part=part, wedge=wedge)
+    return render_region(_REGIONS[code], spec, out_dir, seed, part=part, wedge=wedge)
 
 
 def _sha256(path: Path) -> str:
@@ -102,14 +108,16 @@ def build(out_dir: str | Path, spec_path: str | Path | None = None, seed: int | 
         tasks = []
         for r in regions:
             for part in region_parts(r, img):
-                tasks.append((r, img, str(tmp), seed, part, r.code == wedge_state))
-        tasks.sort(key=lambda t: (t[4] == "base", t[0].code, t[4]))  # heavy direct-GSD parts first
+                tasks.append((r.code, img, str(tmp), seed, part, r.code == wedge_state))
+        tasks.sort(key=lambda t: (t[4] == "base", t[0], t[4]))  # heavy direct-GSD parts first
+        _REGIONS.clear()
+        _REGIONS.update({r.code: r for r in regions})
+        can_fork = "fork" in mp.get_all_start_methods()
         results_by_task: dict[tuple[str, str], dict] = {}
-        n_workers = max(1, min(workers, len(tasks)))
+        n_workers = max(1, min(workers, len(tasks))) if can_fork else 1
         if n_workers > 1:
-            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-            with cf.ProcessPoolExecutor(n_workers, mp_context=ctx) as ex:
-                futs = {ex.submit(_work, t): (t[0].code, t[4]) for t in tasks}
+            with cf.ProcessPoolExecutor(n_workers, mp_context=mp.get_context("fork")) as ex:
+                futs = {ex.submit(_work, t): (t[0], t[4]) for t in tasks}
                 say("writing OSM extracts")
                 world.write_pbfs(regions, tmp / "osm")
                 for fut in cf.as_completed(futs):
@@ -118,8 +126,8 @@ def build(out_dir: str | Path, spec_path: str | Path | None = None, seed: int | 
         else:
             world.write_pbfs(regions, tmp / "osm")
             for t in tasks:
-                results_by_task[(t[0].code, t[4])] = _work(t)
-                say(f"rendered {t[0].code} {t[4]}")
+                results_by_task[(t[0], t[4])] = _work(t)
+                say(f"rendered {t[0]} {t[4]}")
         from gl10m.testbed.imagery import merge_parts
         results = [merge_parts([results_by_task[k] for k in sorted(results_by_task) if k[0] == c]) for c in codes]
 
@@ -150,6 +158,8 @@ def build(out_dir: str | Path, spec_path: str | Path | None = None, seed: int | 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _REGIONS.clear()
     secs = time.perf_counter() - t0
     say(f"world written to {out_dir} ({nbytes / 1e6:.1f} MB, {secs:.1f} s)")
     return BuildResult(out_dir, seed, codes, len(naip_items), len(s2_items), faults, nbytes, secs)
