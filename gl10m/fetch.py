@@ -13,7 +13,8 @@ Outcomes:
   truncated COG, twice in a row; a NAIP image without R, G, B bands), ``s2_masked`` (an LR pixel
   without any valid observation after SCL masking, no usable S2 item, or an LR black ratio
   >= ``qc.max_black_ratio``), ``hr_black`` (HR tiles at or above that ratio, listed in the
-  detail), ``naip_gap`` (mosaic pixels inside the footprint that no quarter-quad covers);
+  detail), ``naip_gap`` (no quarter-quad covers any of the footprint; pixels a partial mosaic leaves
+  uncovered stay black and the black-pixel QC decides, as in GL-10M);
 * an exception for transient trouble (HTTP 429/5xx, timeouts, refused connections after the
   retries; a 403 that survives re-signing): the pipeline records ``failed:<error>`` and a
   later run tries again.
@@ -351,9 +352,11 @@ def _compose_hr(naip_items: list[dict], profile, grid: compose.Grid, read) -> tu
         mosaic, covered = np.zeros((*grid.shape, 3), np.uint8), np.zeros(grid.shape, bool)
     info: dict = {"items": used}
     gap = 1.0 - np.count_nonzero(covered) / covered.size
-    if gap > 0:
-        info["uncovered"] = round(gap, 6)
-        raise Rejection(NAIP_GAP, f"{gap:.4f} of the HR footprint is not covered by any quarter-quad", **info)
+    info["uncovered"] = round(gap, 6)
+    if gap >= 1.0:
+        raise Rejection(NAIP_GAP, "no quarter-quad covers any of the HR footprint", **info)
+    # As in GL-10M, pixels no quarter-quad covers stay black (0) and the black-pixel QC below
+    # decides: a tile with too many of them fails as hr_black; a sliver along an edge does not.
     tiles = compose.cut_tiles(mosaic, profile.geometry.grid)
     ratios = qc.black_ratios(tiles, profile.qc.black_level)
     info["black_ratios"] = [round(float(r), 4) for r in ratios]

@@ -317,10 +317,12 @@ def test_unknown_baseline_is_excluded_not_guessed(world, small, tmp_path):
     assert res.detail["excluded"][0]["id"] == "S2X"
 
 
-def test_wedge_without_neighbour_is_naip_gap(world, small, tmp_path):
+def test_wedge_without_neighbour_leaves_black_tiles(world, small, tmp_path):
+    # uncovered pixels stay black and the black-pixel QC rejects the tiles they fill (GL-10M rule)
     res = fetch.fetch_scene(_small_row(world, naip=[naip_item("ca_m_w", world["qq_w_only"])]), small, tmp_path)
-    assert (res.status, res.reason) == ("rejected", "naip_gap")
+    assert (res.status, res.reason) == ("rejected", "hr_black")
     assert 0.3 < res.detail["uncovered"] < 0.6
+    assert len(res.detail["tiles"]) >= 25
 
 
 def test_dark_tile_is_hr_black(world, small, tmp_path):

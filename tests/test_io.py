@@ -27,3 +27,13 @@ def test_clean_temp_removes_leftovers(tmp_path):
     (tmp_path / "keep.parquet").write_text("y")
     assert clean_temp(tmp_path) == 1
     assert [x.name for x in tmp_path.iterdir()] == ["keep.parquet"]
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    p = tmp_path / "f.bin"
+    atomic_write_bytes(p, b"x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (p.stat().st_mode & 0o777) == 0o666 & ~mask
