@@ -61,7 +61,7 @@ TYPE_INITIAL = {"node": "n", "way": "w", "relation": "r"}
 FEATURE_COLUMNS = ("osm_type", "osm_id", "concepts", "geometry")
 TILE_FRAC_MIN = 1e-6
 VALIDATE_BATCH = 512
-STATS_CHUNK = 2048
+STATS_CHUNK = 512
 
 CANDIDATE_SCHEMA = pa.schema([
     ("scene_id", pa.string()),
