@@ -41,6 +41,7 @@ footprint in degrees and the pieces projected vertex by vertex):
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -271,7 +272,7 @@ def _greedy(order: np.ndarray, lon: np.ndarray, lat: np.ndarray, size_deg: float
     cy = np.floor(lat / size_deg).astype("int64").tolist()
     thr = max_overlap + 1e-9
     kept_in: dict[tuple[int, int], list[int]] = {}
-    valid = np.full(len(lon), -1, dtype="int8")
+    valid = bytearray(len(lon))  # 0 not measured yet, 1 valid, 2 invalid
     n_validated = 0
     order_l = order.tolist()
 
@@ -300,17 +301,17 @@ def _greedy(order: np.ndarray, lon: np.ndarray, lat: np.ndarray, size_deg: float
             st[i] = 2
             continue
         if validate is not None:
-            if valid[i] < 0:
+            if not valid[i]:
                 # Speculative batch: i and the next undecided candidates that conflict neither
                 # with a kept scene (those are thinned now: the kept set only grows) nor with an
                 # earlier member of the batch (likely to lose to it). Which ones are validated
                 # ahead of time only affects speed, never the result: a miss starts a new batch.
                 todo = [i]
                 tcells: dict[tuple[int, int], list[int]] = {(cx[i], cy[i]): [i]}
-                for j in order_l[k + 1:]:
+                for j in itertools.islice(order_l, k + 1, None):
                     if len(todo) >= batch:
                         break
-                    if st[j] == 2 or valid[j] >= 0:
+                    if st[j] == 2 or valid[j]:
                         continue
                     if conflicts(j, kept_in):
                         st[j] = 2
@@ -319,10 +320,11 @@ def _greedy(order: np.ndarray, lon: np.ndarray, lat: np.ndarray, size_deg: float
                         continue
                     todo.append(j)
                     tcells.setdefault((cx[j], cy[j]), []).append(j)
-                idx = np.array(todo, dtype="int64")
-                valid[idx] = np.asarray(validate(idx), dtype=bool)
-                n_validated += len(idx)
-            if not valid[i]:
+                ok = np.asarray(validate(np.array(todo, dtype="int64")), dtype=bool)
+                for j, v in zip(todo, ok.tolist()):
+                    valid[j] = 1 if v else 2
+                n_validated += len(todo)
+            if valid[i] == 2:
                 st[i] = 3
                 continue
         st[i] = 1
