@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import io
 import json
+import os
 import textwrap
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -449,14 +450,21 @@ def _labels_from_meta(sample: smp.Sample, n: int) -> list[str]:
     return labels
 
 
+def write_public(path: str | Path, data: bytes) -> Path:
+    """Atomic write (gl10m.io) of a file meant to be read by others: mode 0644, not the 0600 of
+    the temp file."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+        os.chmod(tmp, 0o644)
+    return path
+
+
 def save_figure(fig, path: str | Path) -> Path:
     """Write a Figure as PNG atomically, without the software/date metadata (same bytes on rerun)."""
-    path = Path(path)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
-    return path
+    return write_public(path, buf.getvalue())
 
 
 def show(key: str, shards_dir: str | Path, out_png: str | Path, *, mode: str = "dominant", profile=None,
