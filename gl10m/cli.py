@@ -278,10 +278,10 @@ def testbed_build(out_dir: Path = typer.Option(..., "--out", "-o", help="Folder 
     """Generate the offline world: OSM PBF, NAIP and Sentinel-2 COGs, STAC items, a ready profile."""
     from gl10m.testbed import build as tb
 
-    res = tb.build(out_dir, spec_path=spec, seed=seed)
-    out.print(f"world written to {out_dir}")
-    if hasattr(res, "summary"):
-        out.print(res.summary() if callable(res.summary) else res.summary)
+    res = tb.build(out_dir, spec_path=spec, seed=seed, progress=lambda msg: err.print(f"[dim]{msg}[/dim]"))
+    out.print(f"world written to {res.out_dir}: regions {', '.join(res.regions)}, {res.n_naip} NAIP and "
+              f"{res.n_s2} Sentinel-2 items, {res.bytes / 1e6:.0f} MB in {res.seconds:.0f} s (seed {res.seed}); "
+              f"deliberate faults: {', '.join(f.get('kind', '?') for f in res.faults) or 'none'}")
     out.print(f"next: gl10m testbed serve {out_dir}")
 
 

@@ -10,9 +10,9 @@ Outcomes:
 * ``ok``: the sample is at ``W/staged/{split}/{key}/`` (``FetchOutcome.path``);
 * ``rejected`` with a reason (deterministic; the ledger records ``rejected:<reason>``):
   ``asset_missing`` (HTTP 404/410 or a missing file), ``asset_corrupt`` (unreadable or
-  truncated COG, twice in a row; a NAIP image without R, G, B bands), ``s2_masked`` (an LR pixel
-  without any valid observation after SCL masking, no usable S2 item, or an LR black ratio
-  >= ``qc.max_black_ratio``), ``hr_black`` (HR tiles at or above that ratio, listed in the
+  truncated COG, twice in a row; a NAIP image without R, G, B bands), ``s2_masked`` (no usable S2
+  item, or an LR black ratio >= ``qc.max_black_ratio``; pixels without any valid observation
+  after SCL masking are black), ``hr_black`` (HR tiles at or above that ratio, listed in the
   detail), ``naip_gap`` (no quarter-quad covers any of the footprint; pixels a partial mosaic leaves
   uncovered stay black and the black-pixel QC decides, as in GL-10M);
 * an exception for transient trouble (HTTP 429/5xx, timeouts, refused connections after the
@@ -306,9 +306,8 @@ def _compose_lr(s2_items: list[dict], profile, grid: compose.Grid, read) -> tupl
         raise Rejection(S2_MASKED, "no usable Sentinel-2 item", **info)
     rgb, count = compose.s2_composite(obs, s2p.scl_mask, tuple(s2p.stretch))
     info["composite"] = qc.composite_stats(count, len(obs))
-    if info["composite"]["uncovered"] > 0:
-        raise Rejection(S2_MASKED, f"{info['composite']['uncovered']:.4f} of the LR pixels have no valid "
-                        f"Sentinel-2 observation after SCL masking", **info)
+    # As in GL-10M (a masked median), LR pixels without any valid observation are black (0) and
+    # the black-pixel QC below decides; a fully masked footprint fails it.
     info["black_ratio"] = round(qc.black_ratio(rgb, profile.qc.black_level), 6)
     if info["black_ratio"] >= profile.qc.max_black_ratio:
         raise Rejection(S2_MASKED, f"LR black ratio {info['black_ratio']:.3f} >= {profile.qc.max_black_ratio}", **info)

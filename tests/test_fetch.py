@@ -462,3 +462,16 @@ def test_http_403_after_resign_raises(world, http, small, tmp_path):
     http.faults.append(["/s2/", 403, -1, {}])
     with pytest.raises(fetch.AccessDenied):
         fetch.fetch_scene(_http_row(world, http), small, tmp_path, **FAST)
+
+
+def test_unobserved_lr_pixels_are_black_and_the_black_ratio_decides(world, small, tmp_path, monkeypatch):
+    # one date with a cloud and a no-data strip: those LR pixels have no valid observation
+    written = []
+    monkeypatch.setattr(samples, "write_staged", lambda root, s: written.append(s) or Path(root))
+    res = fetch.fetch_scene(_small_row(world, s2=[s2_item("S2C", "2023-07-01", "05.10", world["s2_c"])]),
+                            small, tmp_path)
+    assert res.status == "ok", res.detail
+    lr = written[0].lr
+    black = ((lr[..., 0] | lr[..., 1] | lr[..., 2]) == 0).mean()
+    assert 0 < black < small.qc.max_black_ratio
+    assert res.detail["s2_min_obs"] == 0
