@@ -194,6 +194,32 @@ def verify(shards_dir: Path = typer.Argument(..., help="A shards folder (W/shard
     out.print(f"ok: {res['samples']} samples in {res['shards']} shards match the index")
 
 
+@app.command()
+def stats(shards_dir: Path = typer.Argument(..., help="A shards folder (W/shards)."),
+          profile: Optional[Path] = ProfileOpt):
+    """Samples per split and state, concept counts, shard sizes (from the index; no decoding)."""
+    from gl10m import inspect as insp
+
+    prof = _profile(profile) if profile else None
+    out.print(insp.format_stats(insp.stats(shards_dir, prof)), highlight=False)
+
+
+@app.command()
+def show(key: str = typer.Argument(..., help="Sample key, e.g. CA-w20000019."),
+         shards_dir: Path = typer.Option(..., "--shards", help="A shards folder (W/shards)."),
+         output: Path = typer.Option(..., "--output", "-o", help="PNG to write."),
+         mode: str = typer.Option("dominant", "--mode", help="dominant (per-tile dominant concept) or outlines."),
+         profile: Optional[Path] = ProfileOpt):
+    """Draw one sample: the LR image, the 10x10 HR mosaic and its per-tile concepts."""
+    from gl10m import inspect as insp
+
+    if mode not in ("dominant", "outlines"):
+        raise UserError(f"--mode must be dominant or outlines, got {mode!r}")
+    prof = _profile(profile) if profile else None
+    insp.show(key, shards_dir, output, mode=mode, profile=prof)
+    out.print(f"wrote {output}")
+
+
 def _exit_on_bad(outcomes: dict) -> None:
     bad = [f"{s}/{r}: {v}" for (s, r), v in sorted(outcomes.items())
            if v.startswith(("failed", "rejected", "waiting"))]

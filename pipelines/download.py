@@ -26,7 +26,7 @@ from gl10m.pipelines.runner import console, error_label, map_units
 from gl10m.profile import Profile
 
 STAGES = ("catalog", "plan", "fetch")
-STAGE_VERSION = {"catalog": 1, "plan": 1, "fetch": 1}
+STAGE_VERSION = {"catalog": 1, "plan": 1, "fetch": 2}
 
 
 @dataclass

@@ -86,6 +86,7 @@ def run_shard(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
         extra = {"profile": {"name": profile.name, "version": profile.version, "hash": profile.hash()},
                  "builder": {"name": "gl10m", "version": __version__},
                  "split_scheme": profile.splits.scheme,
+                 "concepts": [{"id": c.id, "name": c.name, "label": c.label} for c in profile.concepts],
                  "dropped_border": len(res.dropped), "not_fetched": len(res.missing)}
         with progress_bar(quiet) as bar:
             task = bar.add_task("shard", total=len(entries))
