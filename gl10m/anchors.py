@@ -16,8 +16,9 @@ Steps (plain functions of explicit inputs):
    valid neighbour. Thinning first and filtering after would lose both. To avoid computing
    scene statistics for every anchor, validity is computed lazily (in vectorised batches of
    candidates that do not yet conflict with a kept scene), which gives the same result.
-3. :func:`scene_stats` - per scene statistics, one spatial partition at a time (the pipeline
-   maps it over :func:`partitions`): concept areas with the features of one concept unioned
+3. :func:`scene_stats` - per scene statistics, one spatial partition at a time. A pipeline maps
+   ``scene_stats(part, features_for(part, features, profile), profile, state)`` over
+   ``partitions(kept, n)``; :func:`build_candidates` does the whole stage in-process. Concept areas with the features of one concept unioned
    first (overlaps of the same concept count once), per-tile fractions, dominant concepts and
    ground pixel sizes.
 
@@ -44,7 +45,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import geopandas as gpd
 import numpy as np
