@@ -367,18 +367,11 @@ META_KEYS = [
 
 
 def _data_load_call() -> str | None:
-    """How to call gl10m.data.load on these shards, from its signature; None when there is none."""
+    """How to call gl10m.data.load on these shards; None when gl10m has no data module (it is
+    looked up, not imported: importing it pulls in torch)."""
     if importlib.util.find_spec("gl10m.data") is None:
         return None
-    import inspect as pyinspect
-
-    try:
-        from gl10m import data
-
-        params = pyinspect.signature(data.load).parameters
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return None
-    return 'data.load("W/shards"' + (', split="train"' if "split" in params else "") + ")"
+    return 'data.load("W/shards", split="train")  # a torch IterableDataset of sample dicts'
 
 
 def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], values: dict,

@@ -159,14 +159,29 @@ def resolve_profile(profile, shards_dir: str | Path | None, n: int):
     return p if p.n_concepts == n and named in (None, p.name) else None
 
 
+def _manifest_concepts(shards_dir: str | Path | None, n: int) -> list[dict] | None:
+    """The manifest's ``concepts`` list ({id, name, label}) when it has `n` entries."""
+    if shards_dir is None:
+        return None
+    cs = read_manifest(shards_dir).get("concepts")
+    if isinstance(cs, list) and len(cs) == n and all(isinstance(c, dict) and "name" in c for c in cs):
+        return sorted(cs, key=lambda c: int(c.get("id", 0)))
+    return None
+
+
 def concept_labels(n: int, profile=None, shards_dir: str | Path | None = None) -> list[str]:
-    """Display labels of the `n` concepts (``Pool``) from :func:`resolve_profile`, else ``c00``.."""
+    """Display labels of the `n` concepts (``Pool``): the given profile's, else the shards'
+    manifest's, else the default profile's (:func:`resolve_profile`), else ``c00``, ``c01``.."""
+    if profile is None and (cs := _manifest_concepts(shards_dir, n)):
+        return [str(c.get("label") or c["name"]) for c in cs]
     p = resolve_profile(profile, shards_dir, n)
     return [c.label for c in p.concepts] if p is not None else [f"c{i:02d}" for i in range(n)]
 
 
 def concept_names(n: int, profile=None, shards_dir: str | Path | None = None) -> list[str]:
-    """Snake_case names of the `n` concepts (``swimming_pool``) from :func:`resolve_profile`, else ``c00``.."""
+    """Snake_case names of the `n` concepts (``swimming_pool``), looked up like :func:`concept_labels`."""
+    if profile is None and (cs := _manifest_concepts(shards_dir, n)):
+        return [str(c["name"]) for c in cs]
     p = resolve_profile(profile, shards_dir, n)
     return [c.name for c in p.concepts] if p is not None else [f"c{i:02d}" for i in range(n)]
 
@@ -181,7 +196,8 @@ def stats(shards_dir: str | Path, profile=None) -> dict:
     ``total_samples``, ``hr_tiles``, ``states`` {split: {state: n}}, ``concepts`` (names),
     ``concept_counts`` {split: [n per concept]} (scenes containing each concept) and ``all``,
     ``shards`` {split: n}, ``shard_bytes`` {split: bytes}, ``total_shards``, ``total_bytes``,
-    ``mean_sample_bytes`` (sample payload, the index ``nbytes``), ``missing_shards``. All plain
+    ``mean_sample_bytes`` and ``mean_sample_bytes_split`` (sample payload without tar headers: the
+    index ``nbytes``), ``missing_shards``. All plain
     JSON types.
     """
     root = shards_root(shards_dir)
@@ -224,6 +240,7 @@ def stats(shards_dir: str | Path, profile=None) -> dict:
         "total_shards": int(sum(shards_n.values())),
         "total_bytes": int(sum(shard_bytes.values())),
         "mean_sample_bytes": float(idx["nbytes"].mean()) if n else 0.0,
+        "mean_sample_bytes_split": {s: float(idx.loc[idx["split"] == s, "nbytes"].mean()) for s in splits},
         "missing_shards": missing,
     }
 
@@ -251,12 +268,11 @@ def format_stats(d: dict) -> str:
     for s in splits:
         n = d["samples"][s]
         st = " ".join(f"{k}:{v}" for k, v in d["states"][s].items())
-        mean = d["shard_bytes"][s] / n if n else 0
+        mean = d.get("mean_sample_bytes_split", {}).get(s, 0.0)
         lines.append(f"{s:<7} {n:>8} {d['shards'][s]:>7} {human_bytes(d['shard_bytes'][s]):>10} "
                      f"{human_bytes(mean):>12}  {st}")
     lines.append(f"{'total':<7} {d['total_samples']:>8} {d['total_shards']:>7} {human_bytes(d['total_bytes']):>10} "
-                 f"{human_bytes(d['mean_sample_bytes']):>12}  ({d['hr_tiles']} HR tiles; mean/sample of the "
-                 f"total is the payload without tar headers)")
+                 f"{human_bytes(d['mean_sample_bytes']):>12}  {d['hr_tiles']} HR tiles")
     if d["missing_shards"]:
         lines.append(f"MISSING shard files: {', '.join(d['missing_shards'][:5])}"
                      + (" ..." if len(d["missing_shards"]) > 5 else ""))
@@ -474,7 +490,8 @@ def show(key: str, shards_dir: str | Path, out_png: str | Path, *, mode: str = "
         raise UserError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     s = load_sample(shards_dir, key)
     n = np.asarray(s.tile_frac).shape[1]
-    p = resolve_profile(profile, shards_dir, n)
-    labels = [c.label for c in p.concepts] if p is not None else _labels_from_meta(s, n)
+    labels = concept_labels(n, profile, shards_dir)
+    if labels[0] == "c00":
+        labels = _labels_from_meta(s, n)
     fig = render(s, mode=mode, concept_labels=labels, zoom=zoom)
     return save_figure(fig, out_png)

@@ -90,6 +90,8 @@ def test_stats_numbers_equal_the_index(built):
     assert st["shards"]["train"] >= 2  # several shards per split are counted
     assert st["concept_counts"]["all"] == np.sum([s.labels for s in made.values()], axis=0).tolist()
     assert st["mean_sample_bytes"] == pytest.approx(idx["nbytes"].mean())
+    for split in ("train", "val", "test"):
+        assert st["mean_sample_bytes_split"][split] == pytest.approx(idx.loc[idx["split"] == split, "nbytes"].mean())
     assert st["concepts"][3] == "swimming_pool" and st["missing_shards"] == []
     text = gi.format_stats(st)
     assert "train" in text and " 8 " in text
@@ -191,3 +193,20 @@ def test_outline_segments_trace_the_tile_region():
     inset = gi.outline_segments(mask, 0.25, res=4)
     assert inset[..., 0].min() == pytest.approx(3.25) and inset[..., 1].max() == pytest.approx(3.75)
     assert len(gi.outline_segments(np.zeros((10, 10), bool))) == 0
+
+
+def test_concept_names_come_from_the_manifest_when_no_profile_is_given(built, tmp_path):
+    import json
+    import shutil
+
+    root, _ = built
+    copy = tmp_path / "shards"
+    shutil.copytree(root, copy)
+    man = json.loads((copy / "manifest.json").read_text())
+    man["concepts"] = [{"id": i, "name": f"thing_{i}", "label": f"Thing {i}"} for i in range(66)]
+    (copy / "manifest.json").write_text(json.dumps(man))
+    assert gi.stats(copy)["concepts"][3] == "thing_3"
+    assert gi.concept_labels(66, None, copy)[65] == "Thing 65"
+    from gl10m import profile as prof_mod
+
+    assert gi.stats(copy, prof_mod.load())["concepts"][3] == "swimming_pool"  # an explicit profile wins
