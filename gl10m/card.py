@@ -153,6 +153,7 @@ QC_PANELS = [
      lambda m: [len(m["s2"]["items"])] if isinstance(_get(m, "s2.items"), list) else [], None),
     ("S2 min valid dates per LR pixel", "int", lambda m: [_get(m, "qc.s2_composite.min_obs")], None),
     ("S2 mean valid dates per LR pixel", "hist", lambda m: [_get(m, "qc.s2_composite.mean_obs")], None),
+    ("S2 LR pixels with no valid date (fraction)", "hist", lambda m: [_get(m, "qc.s2_composite.uncovered")], None),
     ("NAIP year", "cat", lambda m: [_get(m, "naip.year")], None),
     ("S2 window mode", "cat", lambda m: [_get(m, "s2.window")], None),
     ("NAIP quarter-quads per scene", "int",
@@ -211,12 +212,13 @@ def plot_qc(values: dict[str, dict[str, list]], profile, path: Path, n_meta: int
                 hi = max(hi, thr_v)
             if hi <= lo:  # one value: a narrow range around it
                 d = max(abs(lo) * 0.05, 0.01)
-                lo, hi = lo - d, hi + d
+                lo, hi = (max(0.0, lo - d) if lo >= 0 else lo - d), hi + d
             bins = np.linspace(lo, hi, 31)
             ax.hist([np.asarray(per[s], float) for s in splits], bins=bins, stacked=True,
                     color=[_colour(s, k) for k, s in enumerate(splits)], label=splits)
             if thr_v is not None:
                 ax.axvline(thr_v, color="red", ls="--", lw=1, label=f"reject at >= {thr_v}")
+            ax.locator_params(axis="x", nbins=6)
         else:
             if kind == "int":
                 cats = sorted({int(v) for s in splits for v in per[s]})
@@ -545,7 +547,8 @@ def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], 
       f"black ratio is >= {qc.max_black_ratio:g}. An invalid LR image drops the scene; so does any missing, corrupt "
       f"or invalid HR tile, so every sample has one LR image and {smp.N_TILES} HR tiles.")
     A(f"- Sentinel-2: scene-level cloudy pixels < {s2p.max_cloud_pct:g} %; SCL classes {s2p.scl_mask} masked per "
-      "pixel; every LR pixel must keep at least one valid date (no uncovered pixel).")
+      "pixel; the composite is the per-pixel median of the remaining dates, and an LR pixel left with no valid "
+      "date is black, so it counts toward the LR black ratio above (as in GL-10M's masked median).")
     A("- Coverage: the whole LR footprint inside Sentinel-2 coverage and the HR footprint fully covered by the "
       "state's NAIP quarter-quads.")
     A(f"- Labels: at least {geo.min_concepts} concepts per scene, each covering at least "
