@@ -665,22 +665,50 @@ def features_for(scenes: gpd.GeoDataFrame, features: gpd.GeoDataFrame, profile) 
 
 
 # -- the whole stage --------------------------------------------------------------------------
+def inside_region(anchors: gpd.GeoDataFrame, profile, state: str) -> np.ndarray:
+    """Mask of anchors whose whole footprint lies inside the region's bounding box.
+
+    A footprint that leaves the box certainly leaves the state (a state's box holds all of it),
+    so its scene would straddle a border; dropping such anchors before thinning lets a valid
+    neighbour take the place. For a real state this trims a thin band along the box edges only.
+    """
+    w, s, e, n = profile.regions[state].bbox
+    b = geo.footprint_bounds(anchors["lon"].to_numpy(dtype="float64"), anchors["lat"].to_numpy(dtype="float64"),
+                             profile.geometry.footprint_deg)
+    return (b[:, 0] >= w) & (b[:, 1] >= s) & (b[:, 2] <= e) & (b[:, 3] <= n)
+
+
+def select_anchors(features: gpd.GeoDataFrame, profile, state: str, *, _index: "_FeatureIndex | None" = None
+                   ) -> tuple[gpd.GeoDataFrame, dict]:
+    """Anchor points of one region, those whose footprint leaves the region's box removed, then
+    thinned (with the min-concepts rule). Returns (kept anchors, counts); counts add up:
+    anchors = outside_region + kept + thinned_overlap + dropped_min_concepts."""
+    pts = anchor_points(features, profile)
+    if state in profile.regions:
+        inside = inside_region(pts, profile, state)
+    else:
+        inside = np.ones(len(pts), bool)
+    n_all = len(pts)
+    pts = pts[inside].reset_index(drop=True)
+    status, counts = thin_status(pts, profile, features if _index is None else None, _index=_index)
+    counts = {**counts, "anchors": int(n_all), "outside_region": int(n_all - len(pts))}
+    return pts[status == 1].reset_index(drop=True), counts
+
+
 def build_candidates(features: gpd.GeoDataFrame, profile, state: str, *, n_partitions: int = 1
                      ) -> tuple[gpd.GeoDataFrame, dict]:
     """The anchors stage in-process: anchors -> thinning (with the min-concepts rule) -> scene
     statistics per spatial partition. Returns (candidates sorted by scene_id, counts):
-    features, anchors (OSM objects), thinned_overlap, dropped_min_concepts, kept, validated
-    (scenes whose concepts were measured while thinning), partitions. anchors = kept +
-    thinned_overlap + dropped_min_concepts; an anchor overlapping a kept scene counts as thinned
-    whatever its own validity."""
+    features, anchors (OSM objects), outside_region, thinned_overlap, dropped_min_concepts, kept,
+    validated (scenes whose concepts were measured while thinning), partitions. anchors =
+    outside_region + kept + thinned_overlap + dropped_min_concepts; an anchor overlapping a kept
+    scene counts as thinned whatever its own validity."""
     if n_partitions < 1:
         raise AnchorsError(f"n_partitions must be >= 1, got {n_partitions}")
     _check_state(state)
     _check_features(features)
-    anchors = anchor_points(features, profile)
     idx = _FeatureIndex.build(features, profile.n_concepts)
-    status, counts = thin_status(anchors, profile, _index=idx)
-    kept = anchors[status == 1].reset_index(drop=True)
+    kept, counts = select_anchors(features, profile, state, _index=idx)
     parts = partitions(kept, n_partitions) if len(kept) else []
     outs = [scene_stats(p, None, profile, state, _index=idx) for p in parts]
     cand = (gpd.GeoDataFrame(pd.concat(outs, ignore_index=True), geometry="geometry", crs="EPSG:4326")

@@ -26,7 +26,7 @@ from gl10m.pipelines.runner import console, error_label, map_units
 
 STAGES = ("osm", "anchors")
 # Bump when a stage's code changes its output for the same inputs.
-STAGE_VERSION = {"osm": 1, "anchors": 1}
+STAGE_VERSION = {"osm": 1, "anchors": 2}
 
 
 @dataclass
@@ -79,7 +79,8 @@ def anchors_input_hash(profile: Profile, region: str, osm_hash: str) -> str:
     """Anchors depend on the osm output, the geometry parameters and the concept priors."""
     priors = [c.count for c in profile.concepts]
     return hash_inputs("anchors", STAGE_VERSION["anchors"], region, osm_hash,
-                       profile.geometry.model_dump(mode="json"), priors)
+                       profile.geometry.model_dump(mode="json"), priors,
+                       profile.regions[region].bbox)
 
 
 # -- steps (run on workers; plain functions of explicit inputs) -----------------------------
@@ -104,9 +105,7 @@ def anchors_select_step(region: str, profile: Profile, workdir: str, n_partition
     from gl10m import anchors, osm
 
     feats = osm.read_features(osm_path(Path(workdir), region))
-    pts = anchors.anchor_points(feats, profile)
-    status, counts = anchors.thin_status(pts, profile, feats)
-    kept = pts[status == 1].reset_index(drop=True)
+    kept, counts = anchors.select_anchors(feats, profile, region)
     parts = anchors.partitions(kept, n_partitions) if len(kept) else []
     counts = {"features": int(len(feats)), **counts, "partitions": len(parts)}
     return parts, counts

@@ -18,7 +18,11 @@ TENNIS, SHIPYARD, WIND, FARMLAND, FOREST, PARK, POND = 0, 17, 19, 28, 29, 32, 63
 
 @pytest.fixture(scope="module")
 def prof():
-    return P.load()
+    # the synthetic layouts sit around (-100, 40); give CO a box that holds them (the region-box
+    # filter itself is tested in test_footprints_leaving_the_region_box_are_dropped_first)
+    p = P.load()
+    co = p.regions["CO"].model_copy(update={"bbox": (-110.0, 30.0, -90.0, 45.0)})
+    return p.model_copy(update={"regions": {**p.regions, "CO": co}})
 
 
 def with_geometry(profile, **kw):
@@ -366,3 +370,22 @@ def test_end_to_end_from_pbf(prof, tmp_path):
     assert r["anchor_concept"] == WIND and r["scene_id"].startswith("n")
     assert list(r["concepts"]) == [TENNIS, 3, WIND, PARK]
     assert stats["dropped_min_concepts"] == 1 and stats["thinned_overlap"] == 3
+
+
+def test_footprints_leaving_the_region_box_are_dropped_first(prof):
+    # two valid scenes; the rarer one's footprint crosses the region box's east edge, so it is
+    # dropped before thinning and the common one survives instead of being thinned away
+    edge = -90.0 - 0.005
+    box = prof.regions["CO"].bbox
+    assert box[2] == -90.0
+    f = feats([
+        ("node", 1, [SHIPYARD], square(edge, 40.0, 30)),
+        ("node", 2, [FOREST], square(edge + 0.002, 40.0, 200)),
+        ("node", 3, [TENNIS], square(edge - 0.015, 40.0, 30)),
+        ("node", 4, [FOREST], square(edge - 0.02, 40.0, 200)),
+    ])
+    cand, stats = A.build_candidates(f, prof, "CO")
+    assert stats["outside_region"] == 2
+    assert stats["anchors"] == stats["outside_region"] + stats["kept"] + stats["thinned_overlap"] + stats["dropped_min_concepts"]
+    assert set(cand["scene_id"]) <= {"n3", "n4"} and len(cand) == 1
+    assert (cand["east"] <= box[2]).all()
