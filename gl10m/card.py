@@ -295,8 +295,14 @@ def write_card(shards_dir: str | Path, profile, *, n_examples: int = 3, max_qc_s
     root = gi.shards_root(shards_dir)
     index = gi.read_index(root)
     manifest = gi.read_manifest(root)
-    if len(index) == 0:
-        raise UserError(f"{root}: the shard index holds no samples; nothing to describe")
+    if len(index) == 0:  # an empty build still gets a card that says so (and no stale plots)
+        for old in (root / CARD_DIR).glob("*.png"):
+            old.unlink()
+        return gi.write_public(root / README, (
+            f"# {profile.name}: a GL-10M-style Sentinel-2 / NAIP dataset with OpenStreetMap concepts\n\n"
+            f"This shards folder holds no samples: the build (profile `{profile.name}` version {profile.version}, "
+            f"hash `{profile.hash()}`) produced none. Run `gl10m download` and `gl10m shard` again once scenes "
+            "are fetched.\n").encode("utf-8"))
     n_lab = len(index["labels"].iloc[0])
     if n_lab != profile.n_concepts:
         raise UserError(f"{root}: samples have {n_lab} labels but profile {profile.name} has "

@@ -140,3 +140,13 @@ def test_bad_inputs_are_user_errors(written, profile, tmp_path):
     shutil.copytree(root, copy)
     with pytest.raises(UserError, match="66 labels but profile .* has 10 concepts"):
         card.write_card(copy, small)
+
+
+def test_an_empty_build_gets_a_card_that_says_so(profile, tmp_path):
+    out = tmp_path / "shards"
+    shards.build([], out)
+    (out / "card").mkdir()
+    (out / "card" / "qc.png").write_bytes(b"stale")
+    readme = card.write_card(out, profile)
+    assert "holds no samples" in readme.read_text()
+    assert not list((out / "card").glob("*.png"))
