@@ -182,7 +182,7 @@ class _Index:
     keys: list
     sha256: list
     offsets: np.ndarray  # [n, N_FIELDS] int64, FIELDS order
-    sizes: np.ndarray
+    sizes: np.ndarray    # [n, N_FIELDS] int32
 
 
 def _read_index(raw: bytes, split: str | None, shard_names: Iterable[str]) -> tuple[_Index, dict[str, np.ndarray]]:
@@ -203,7 +203,7 @@ def _read_index(raw: bytes, split: str | None, shard_names: Iterable[str]) -> tu
     t = t.filter(mask)
     n = t.num_rows
     if n == 0:
-        return _Index([], [], np.zeros((0, N_FIELDS), np.int64), np.zeros((0, N_FIELDS), np.int64)), {}
+        return _Index([], [], np.zeros((0, N_FIELDS), np.int64), np.zeros((0, N_FIELDS), np.int32)), {}
 
     def square(col: str) -> pa.Array:
         arr = t[col].combine_chunks()
@@ -220,7 +220,10 @@ def _read_index(raw: bytes, split: str | None, shard_names: Iterable[str]) -> tu
     if not (np.sort(canon, axis=1) == np.arange(N_FIELDS)).all():
         raise LoaderError(f"{INDEX_NAME}: a sample's field set differs from the schema")
     offs = square("offsets").to_numpy().reshape(n, N_FIELDS).astype(np.int64)
-    sizes = square("sizes").to_numpy().reshape(n, N_FIELDS).astype(np.int64)
+    sizes = square("sizes").to_numpy().reshape(n, N_FIELDS)
+    if offs.min() < _BLOCK or sizes.min() < 0 or sizes.max() > np.iinfo(np.int32).max:
+        raise LoaderError(f"{INDEX_NAME}: offsets/sizes out of range")
+    sizes = sizes.astype(np.int32)  # a member is < 2 GiB; halves the index in memory
     o2, s2 = np.empty_like(offs), np.empty_like(sizes)
     np.put_along_axis(o2, canon, offs, axis=1)
     np.put_along_axis(s2, canon, sizes, axis=1)
@@ -333,9 +336,15 @@ class _LocalReader:
 
 class _HttpReader:
     def __init__(self, url: str):
+        import requests
+
         self.url, self.s = url, _http_session()
-        r = self.s.get(url, headers={"Range": "bytes=0-0"}, stream=True, timeout=60)
-        r.close()
+        try:
+            r = self.s.get(url, headers={"Range": "bytes=0-0"}, stream=True, timeout=60)
+            r.close()
+        except requests.RequestException as e:
+            self.s.close()
+            raise LoaderError(f"{url}: cannot open shard ({e})") from None
         if r.status_code != 206:
             self.s.close()
             if r.status_code in (200, 416):
@@ -343,7 +352,12 @@ class _HttpReader:
             raise LoaderError(f"{url}: HTTP {r.status_code}")
 
     def read(self, offset: int, size: int) -> bytes:
-        r = self.s.get(self.url, headers={"Range": f"bytes={offset}-{offset + size - 1}"}, timeout=60)
+        import requests
+
+        try:
+            r = self.s.get(self.url, headers={"Range": f"bytes={offset}-{offset + size - 1}"}, timeout=60)
+        except requests.RequestException as e:
+            raise LoaderError(f"{self.url}: range read failed ({e})") from None
         if r.status_code != 206 or len(r.content) != size:
             raise LoaderError(f"{self.url}: range read failed (HTTP {r.status_code}, {len(r.content)} of {size} bytes)")
         return r.content
@@ -384,16 +398,41 @@ def _open_reader(url: str):
     return _FsspecReader(url)
 
 
+class _HttpStream(io.RawIOBase):
+    """A streaming GET as a readable file that closes its session too."""
+
+    def __init__(self, url: str):
+        self.s = _http_session()
+        try:
+            self.r = self.s.get(url, stream=True, timeout=60)
+            self.r.raise_for_status()
+        except Exception:
+            self.s.close()
+            raise
+        self.r.raw.decode_content = True
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.r.raw.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.r.close()
+            self.s.close()
+        super().close()
+
+
 def _open_stream(url: str):
     loc = _local(url)
     try:
         if loc is not None:
             return open(loc, "rb")
         if url.startswith(("http://", "https://")):
-            r = _http_session().get(url, stream=True, timeout=60)
-            r.raise_for_status()
-            r.raw.decode_content = True
-            return r.raw
+            return io.BufferedReader(_HttpStream(url), 1 << 20)
         fs, path = _fsspec_fs(url)
         return fs.open(path, "rb")
     except OSError as e:
