@@ -591,7 +591,9 @@ class ShardDataset(IterableDataset):
         self._shards, self._index, self.split = shards, index, split
         self._tiles_fn = tiles if callable(tiles) else None
         self._tiles = None if callable(tiles) else (
-            tuple(range(smp.N_TILES)) if isinstance(tiles, str) else _tile_indices(list(tiles), "tiles"))
+            tuple(range(smp.N_TILES)) if isinstance(tiles, str)
+            else _tile_indices(tiles if isinstance(tiles, np.ndarray) or (torch is not None and isinstance(tiles, torch.Tensor))
+                               else list(tiles), "tiles"))
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.with_epoch, self.verify, self.decode_meta, self.split_by = with_epoch, verify, decode_meta, split_by
         self.epoch = 0
