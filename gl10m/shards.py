@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from gl10m.errors import UserError
 from gl10m.io import atomic_path
 
 SHARD_NAME = "gl10m-{split}-{n:06d}.tar"
 DEFAULT_SHARD_BYTES = 768 * 1024 * 1024  # ~0.75 GB, inside the 0.5-1 GB that streams well
 
 
-class ShardError(Exception):
+class ShardError(UserError, ValueError):
     """A staged sample or shard that is not what the index says."""
 
 

@@ -237,6 +237,8 @@ def _write_profile(root: Path, spec, regions) -> Path:
                                "pbf": f"osm/{r.code}.osm.pbf",
                                "sha256": _sha256(pbf) if pbf.exists() else None}
     data["regions"] = new_regions
+    if spec.max_overlap is not None:
+        data["geometry"]["max_overlap"] = float(spec.max_overlap)
     for sch in data["splits"]["schemes"].values():
         for k in ("train", "val", "test"):
             sch[k] = [c for c in sch[k] if c in codes]

@@ -141,6 +141,10 @@ class TestbedSpec(_Strict):
     frequency: Frequency
     regions: dict[str, RegionSpec] = Field(min_length=1)
     imagery: dict[str, Any] = Field(default_factory=dict)
+    # geometry.max_overlap of the world's profile.yaml (None: the base profile's value). A small
+    # region holds only a few non-overlapping 0.024-degree scenes; letting the testbed's scenes
+    # overlap gives the demo more of them without rendering a bigger world.
+    max_overlap: float | None = Field(default=None, ge=0, le=1)
     source: Path | None = Field(default=None, exclude=True)
 
     def profile_path(self) -> Path:
