@@ -40,20 +40,18 @@ testbed: $(STAMP)  ## build the offline testbed world into $(DEMO)/world
 serve: $(STAMP)  ## serve the testbed world (STAC API + HTTP Range server) until Ctrl-C
 	$(GL10M) testbed serve $(DEMO)/world
 
-demo: $(STAMP)  ## the whole chain on the offline testbed: build the world, then index it
-	@test -f $(DEMO)/world/profile.yaml || $(GL10M) testbed build --out $(DEMO)/world
-	$(GL10M) index --profile $(DEMO)/world/profile.yaml --workdir $(DEMO) $(WORKERS_FLAG)
-	$(GL10M) testbed preview $(DEMO)/world --state CA --output $(DEMO)/preview-CA.png
-	@echo "demo: index outputs in $(DEMO)/osm and $(DEMO)/anchors, ledger $(DEMO)/ledger.sqlite, picture $(DEMO)/preview-CA.png"
+demo: $(STAMP)  ## the whole chain offline: build + serve the testbed, index, download, shard, verify
+	$(GL10M) demo --workdir $(DEMO) $(WORKERS_FLAG)
 
 index: $(STAMP)  ## index stages (osm, anchors) for PROFILE into WORKDIR [STATES=CA,TX]
 	$(GL10M) index --profile $(PROFILE) --workdir $(WORKDIR) $(STATES_FLAG) $(WORKERS_FLAG)
 
-download: $(STAMP)  ## catalog, plan and fetch (not built yet: issue 4)
-	@echo "download: the catalog/plan/fetch stages are not built yet" >&2; exit 2
+download: $(STAMP)  ## catalog, plan and fetch for PROFILE into WORKDIR [STATES=..] [STAC_URL=..] [MAX_SCENES=N]
+	$(GL10M) download --profile $(PROFILE) --workdir $(WORKDIR) $(STATES_FLAG) $(WORKERS_FLAG) \
+	  $(if $(STAC_URL),--stac-url $(STAC_URL),) $(if $(MAX_SCENES),--max-scenes $(MAX_SCENES),)
 
-shard: $(STAMP)  ## write WebDataset shards (not built yet: issue 5)
-	@echo "shard: the shard stage is not built yet" >&2; exit 2
+shard: $(STAMP)  ## write WebDataset shards, index and dataset card into WORKDIR/shards
+	$(GL10M) shard --profile $(PROFILE) --workdir $(WORKDIR) $(STATES_FLAG)
 
 build: index download shard  ## index + download + shard
 

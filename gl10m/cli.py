@@ -220,6 +220,24 @@ def show(key: str = typer.Argument(..., help="Sample key, e.g. CA-w20000019."),
     out.print(f"wrote {output}")
 
 
+@app.command()
+def demo(workdir: Path = typer.Option(Path("work/demo"), "--workdir", "-w", help="Where the world and outputs go."),
+         workers: Optional[int] = WorkersOpt,
+         rebuild: bool = typer.Option(False, "--rebuild", help="Regenerate the testbed world even if it exists."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
+    """The whole chain offline: build and serve the testbed, index, download, shard, verify, draw."""
+    from gl10m.pipelines.demo import run_demo
+
+    res = run_demo(workdir, workers=workers, quiet=quiet, rebuild=rebuild)
+    counts = ", ".join(f"{k} {v}" for k, v in res.samples.items())
+    out.print(f"\n[bold]demo done[/bold] in {sum(res.seconds.values()):.0f} s "
+              f"({', '.join(f'{k} {v:.0f} s' for k, v in res.seconds.items())})")
+    out.print(f"shards:        {res.shards}  ({counts})")
+    out.print(f"dataset card:  {res.shards / 'README.md'}")
+    out.print(f"pictures:      {', '.join(str(p) for p in res.pictures)}")
+    out.print(f"ledger:        gl10m status -w {res.workdir}")
+
+
 def _exit_on_bad(outcomes: dict) -> None:
     bad = [f"{s}/{r}: {v}" for (s, r), v in sorted(outcomes.items())
            if v.startswith(("failed", "rejected", "waiting"))]
