@@ -138,3 +138,41 @@ def testbed_server(testbed_world):
 
     with serve(testbed_world) as servers:
         yield servers
+
+
+# -- a small real world (gl10m.testbed.build) for the end-to-end pipeline tests ----------------
+E2E_REGIONS = ("TX", "WA", "AZ")  # train, val, test of the default split
+
+
+@pytest.fixture(scope="session")
+def built_world(tmp_path_factory) -> Path:
+    """A real testbed world of three regions (one per split), built once per session: the
+    default spec with fewer regions and the three deliberate faults in the val/test regions."""
+    import yaml
+
+    from gl10m.testbed import build as tb
+    from gl10m.testbed.world import DEFAULT_SPEC
+
+    root = tmp_path_factory.mktemp("e2e")
+    spec = yaml.safe_load(Path(DEFAULT_SPEC).read_text())
+    spec["regions"] = {k: v for k, v in spec["regions"].items() if k in E2E_REGIONS}
+    spec["region_size_deg"] = 0.048
+    spec["profile"] = str((Path(DEFAULT_SPEC).parent / spec["profile"]).resolve())
+    spec["imagery"]["faults"] = [
+        {"kind": "black_wedge", "state": "AZ", "collection": "naip"},
+        {"kind": "missing_href", "state": "WA", "collection": "naip"},
+        {"kind": "corrupt_cog", "state": "WA", "collection": "naip"},
+    ]
+    path = root / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    tb.build(root / "world", spec_path=path)
+    return root / "world"
+
+
+@pytest.fixture(scope="session")
+def built_server(built_world):
+    pytest.importorskip("rustac", reason="rustac is not installed (pip install 'gl10m[test]')")
+    from gl10m.testbed.serve import serve
+
+    with serve(built_world) as servers:
+        yield servers

@@ -1,0 +1,189 @@
+"""End to end against the served testbed: index -> catalog -> plan -> fetch -> shard.
+
+A real world (gl10m.testbed.build: three regions, one per split, with the deliberate faults),
+a real STAC API and Range HTTP server on 127.0.0.1, the real pipelines and the ledger.
+"""
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from gl10m import plan as planmod
+from gl10m import profile as prof
+from gl10m import samples, shards
+from gl10m.ledger import Ledger
+from gl10m.pipelines import download, index, shard
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def run(built_world, built_server, tmp_path_factory):
+    """One complete, uninterrupted run of the index and download stages."""
+    wd = tmp_path_factory.mktemp("run")
+    p = prof.load(built_world / "profile.yaml")
+    ix = index.run_index(p, wd, quiet=True)
+    assert set(ix.outcomes.values()) == {"ok"}, ix.outcomes
+    snapshot = tmp_path_factory.mktemp("indexed")
+    shutil.copytree(wd, snapshot, dirs_exist_ok=True)  # for the kill-and-resume run
+    res = download.run_download(p, wd, stac_url=built_server.stac_url, quiet=True)
+    return {"wd": wd, "profile": p, "res": res, "indexed": snapshot}
+
+
+def ledger_rows(wd, stage):
+    with Ledger.for_workdir(wd) as led:
+        return {o.unit: o for o in led.outcomes(stage)}
+
+
+def plan_rows(wd, p):
+    rows = []
+    for r in sorted(p.regions):
+        rows += planmod.read_plan(planmod.plan_path(wd, r)).drop(columns="geometry").to_dict("records")
+    return {r["key"]: r for r in rows}
+
+
+def test_every_planned_scene_has_a_fetch_outcome(run):
+    wd, p = run["wd"], run["profile"]
+    planned = plan_rows(wd, p)
+    fetched = ledger_rows(wd, "fetch")
+    assert planned and set(fetched) == set(planned)
+    assert {o.status for o in fetched.values()} <= {"ok", "rejected"}  # nothing transient here
+    ok = [k for k, o in fetched.items() if o.status == "ok"]
+    assert ok
+    for k in ok:
+        assert samples.staged_dir(wd, planned[k]["split"], k).is_dir()
+    for k, o in fetched.items():
+        if o.status != "ok":
+            assert not samples.staged_dir(wd, planned[k]["split"], k).exists()
+
+
+def test_deliberate_faults_become_the_right_typed_rejections(run, built_world):
+    wd, p = run["wd"], run["profile"]
+    faults = json.loads((built_world / "world.json").read_text())["faults"]
+    kind_to_reason = {"black_wedge": "hr_black", "missing_href": "asset_missing", "corrupt_cog": "asset_corrupt"}
+    planned = plan_rows(wd, p)
+    fetched = ledger_rows(wd, "fetch")
+    by_item = {f["item_id"]: f for f in faults}
+    seen = set()
+    for k, r in planned.items():
+        used = [by_item[i["id"]] for i in json.loads(r["naip_items"]) if i["id"] in by_item]
+        broken = [f for f in used if f["kind"] != "black_wedge"]
+        o = fetched[k]
+        if broken:
+            # a missing or a corrupt quarter-quad: the scene is rejected for the one read first
+            assert o.status == "rejected", (k, o.label)
+            f = next(f for f in broken if f["item_id"] == o.detail.get("item"))
+            assert o.reason == kind_to_reason[f["kind"]], (k, o.label)
+            seen.add(f["kind"])
+        elif used:
+            # the wedge blackens part of a quarter-quad: scenes it reaches lose tiles, others pass
+            assert o.status == "ok" or o.reason == "hr_black", (k, o.label)
+            if o.reason == "hr_black":
+                seen.add("black_wedge")
+                assert o.detail["tiles"]
+        else:
+            assert o.reason not in ("asset_missing", "asset_corrupt", "hr_black"), (k, o.label)
+    assert seen == {"black_wedge", "missing_href", "corrupt_cog"}
+
+
+def test_samples_are_what_gl10m_defines(run):
+    wd, p = run["wd"], run["profile"]
+    planned = plan_rows(wd, p)
+    ok = sorted(k for k, o in ledger_rows(wd, "fetch").items() if o.status == "ok")
+    for k in ok:
+        row = planned[k]
+        s = samples.read_staged(samples.staged_dir(wd, row["split"], k))
+        m = s.meta
+        # footprint and grid: 268 px LR, 100 tiles of 268 px that tessellate the same footprint
+        assert s.lr.shape == (268, 268, 3) and s.hr.shape == (100, 268, 268, 3)
+        assert [m["footprint"][c] for c in ("west", "south", "east", "north")] == \
+            pytest.approx([row[c] for c in ("west", "south", "east", "north")])
+        assert m["footprint"]["east"] - m["footprint"]["west"] == pytest.approx(0.024)
+        assert m["hr"]["width"] == m["hr"]["height"] == 2680 and m["lr"]["width"] == 268
+        # the newest eligible NAIP state-year: TX 2024 is outside 2022-01-01..2024-04-01
+        assert m["naip"]["year"] == {"TX": 2022, "WA": 2023, "AZ": 2023}[m["state"]]
+        # harmonisation follows each item's baseline, never its date
+        for it in m["s2"]["items"]:
+            assert it["offset_subtracted"] == (1000 if it["baseline"] >= "04.00" else 0)
+            assert it["cloud_cover"] < 2.0
+        # the HR mosaic agrees with the LR composite (block means over the LR grid)
+        mosaic = s.hr.reshape(10, 10, 268, 268, 3).transpose(0, 2, 1, 3, 4).reshape(2680, 2680, 3)
+        down = mosaic.reshape(268, 10, 268, 10, 3).mean(axis=(1, 3))
+        r = np.corrcoef(down.ravel(), s.lr.astype(float).ravel())[0, 1]
+        assert r > 0.7, (k, r)
+        # no black seams across quarter-quad borders in a kept sample
+        black = ((mosaic[..., 0] <= 5) & (mosaic[..., 1] <= 5) & (mosaic[..., 2] <= 5)).mean()
+        assert black < 0.01, (k, black)
+        assert m["qc"]["hr_black_ratio_max"] < p.qc.max_black_ratio
+        assert list(np.flatnonzero(s.labels)) == sorted(int(c) for c in row["concepts"])
+
+
+def test_rerun_after_completion_fetches_nothing(run, built_server):
+    wd, p = run["wd"], run["profile"]
+    before = {k: o.updated for k, o in ledger_rows(wd, "fetch").items()}
+    again = download.run_download(p, wd, stac_url=built_server.stac_url, quiet=True)
+    assert again.counts["fetch"] and all(k.startswith("skipped") for k in again.counts["fetch"])
+    assert all(v.startswith("skipped") for (s, _), v in again.outcomes.items() if s in ("catalog", "plan"))
+    assert {k: o.updated for k, o in ledger_rows(wd, "fetch").items()} == before
+
+
+def test_server_on_another_port_refetches_nothing(run, built_world):
+    """Fetch hashes name item ids, not URLs: a world served again elsewhere is the same input."""
+    from gl10m.testbed.serve import serve
+
+    wd, p = run["wd"], run["profile"]
+    with serve(built_world) as other:
+        again = download.run_download(p, wd, stac_url=other.stac_url, quiet=True)
+    assert all(k.startswith("skipped") for k in again.counts["fetch"])
+
+
+def test_killed_download_resumes_to_the_same_samples(run, built_server, tmp_path):
+    """kill -9 the CLI in the middle of fetch; a rerun completes with byte-identical samples."""
+    wd_ref, p = run["wd"], run["profile"]
+    wd = tmp_path / "w"
+    shutil.copytree(run["indexed"], wd)
+    cmd = [sys.executable, "-m", "gl10m.cli", "download", "-p", str(p.source), "-w", str(wd),
+           "--stac-url", built_server.stac_url, "--no-dask", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    killed = False
+    while time.time() < deadline and proc.poll() is None:
+        if (wd / "ledger.sqlite").exists() and len(ledger_rows(wd, "fetch")) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.2)
+    proc.wait()
+    assert killed, "the download finished before it could be killed"
+    assert len(ledger_rows(wd, "fetch")) < len(ledger_rows(wd_ref, "fetch"))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    ref = {k: (o.status, o.reason) for k, o in ledger_rows(wd_ref, "fetch").items()}
+    assert {k: (o.status, o.reason) for k, o in ledger_rows(wd, "fetch").items()} == ref
+    a, b = wd_ref / "staged", wd / "staged"
+    files_a = sorted(x.relative_to(a) for x in a.rglob("*") if x.is_file())
+    files_b = sorted(x.relative_to(b) for x in b.rglob("*") if x.is_file())
+    assert files_a == files_b and files_a
+    for f in files_a:
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    assert not [x for x in b.rglob(".*")]  # no temp files or folders left
+
+
+def test_shards_from_the_run_verify_and_load(run):
+    wd, p = run["wd"], run["profile"]
+    res = shard.run_shard(p, wd, quiet=True)
+    ok = {k for k, o in ledger_rows(wd, "fetch").items() if o.status == "ok"}
+    assert sum(res.samples.values()) == len(ok) - len(res.dropped)
+    assert shards.verify(res.out_dir)["samples"] == sum(res.samples.values())
+    assert (res.out_dir / "README.md").exists()
+    again = shard.run_shard(p, wd, quiet=True)
+    assert again.status.startswith("skipped")
+    data = pytest.importorskip("gl10m.data")
+    train = list(data.load(res.out_dir, split="train", tiles=[0, 55, 99]))
+    assert len(train) == res.samples.get("train", 0) > 0
+    assert train[0]["hr"].shape == (3, 3, 268, 268)
