@@ -67,7 +67,6 @@ class IndexRow:
     member: str      # full member name, "{key}.{field}"
     offset: int      # byte offset of the member's data in the shard
     size: int
-    sha256: str      # of this member's bytes
 
 
 def read_sample_files(folder: Path) -> dict[str, bytes]:
@@ -111,23 +110,36 @@ def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     return groups
 
 
-def write_shard(path: Path, samples: Sequence[tuple[str, dict[str, bytes]]], split: str) -> list[IndexRow]:
-    """Write one tar shard atomically; return the index rows of its members."""
+_BLOCK = 512
+_RECORD = 20 * _BLOCK  # tar's record size: archives end on a multiple of it
+
+
+def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]], split: str) -> list[IndexRow]:
+    """Write one ustar shard atomically; return the index rows of its members.
+
+    Members are written directly (512-byte ustar header, data, zero padding; two zero blocks and
+    padding to the record size at the end): exactly what tarfile writes, one write per member.
+    """
     rows: list[IndexRow] = []
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            with tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, files in samples:
-                    if "." in key or "/" in key:
-                        raise ShardError(f"sample key {key!r} must not contain dots or slashes")
-                    for name in member_order(files):
-                        data = files[name]
-                        ti = _tarinfo(f"{key}.{name}", len(data))
-                        header = len(ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
-                        start = tar.offset
-                        tar.addfile(ti, io.BytesIO(data))
-                        rows.append(IndexRow(key, split, path.name, ti.name, start + header, len(data),
-                                             hashlib.sha256(data).hexdigest()))
+        with open(tmp, "wb", buffering=1 << 20) as fh:
+            pos = 0
+            for key, files in samples:
+                if "." in key or "/" in key:
+                    raise ShardError(f"sample key {key!r} must not contain dots or slashes")
+                for name in member_order(files):
+                    data = files[name]
+                    ti = _tarinfo(f"{key}.{name}", len(data))
+                    header = ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+                    fh.write(header)
+                    fh.write(data)
+                    pad = -len(data) % _BLOCK
+                    if pad:
+                        fh.write(b"\0" * pad)
+                    rows.append(IndexRow(key, split, path.name, ti.name, pos + len(header), len(data)))
+                    pos += len(header) + len(data) + pad
+            end = pos + 2 * _BLOCK
+            fh.write(b"\0" * (2 * _BLOCK + (-end % _RECORD)))
     return rows
 
 
@@ -216,7 +228,17 @@ def build(entries: Sequence[Entry], out_dir: str | Path, *, max_bytes: int = DEF
     """
     from gl10m import samples as smp
 
+    from concurrent.futures import ThreadPoolExecutor
+
     out_dir = Path(out_dir)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gl10m-digest")
+    try:
+        return _build(entries, out_dir, max_bytes, manifest_extra, progress, pool, smp)
+    finally:
+        pool.shutdown(wait=True)
+
+
+def _build(entries, out_dir: Path, max_bytes: int, manifest_extra, progress, pool, smp) -> dict:
     by_split: dict[str, list[Entry]] = {}
     for e in entries:
         by_split.setdefault(e.split, []).append(e)
@@ -230,30 +252,36 @@ def build(entries: Sequence[Entry], out_dir: str | Path, *, max_bytes: int = DEF
                  for k, e in ents.items()}
         written = []
         for n, group in enumerate(plan_shards(sizes, max_bytes)):
-            batch = []
-            for key in group:
-                files = read_sample_files(ents[key].folder)
-                missing = sorted(set(smp.FIELDS) - set(files))
-                extra = sorted(set(files) - set(smp.FIELDS))
-                if missing or extra:
-                    raise ShardError(f"staged sample {key}: fields differ from the schema "
-                                     f"(missing {missing[:3]}, unexpected {extra[:3]})")
-                batch.append((key, files))
             path = shard_path(out_dir, split, n)
-            rows = write_shard(path, batch, split)
+            digests: dict[str, object] = {}
+            labels: dict[str, list[int]] = {}
+
+            def stream(group=group, digests=digests, labels=labels):
+                # one sample in memory at a time; its checksum is computed on a second thread
+                # (hashlib releases the GIL) while the shard writer copies its bytes
+                for key in group:
+                    files = read_sample_files(ents[key].folder)
+                    missing = sorted(set(smp.FIELDS) - set(files))
+                    extra = sorted(set(files) - set(smp.FIELDS))
+                    if missing or extra:
+                        raise ShardError(f"staged sample {key}: fields differ from the schema "
+                                         f"(missing {missing[:3]}, unexpected {extra[:3]})")
+                    digests[key] = pool.submit(sample_digest, files)
+                    labels[key] = [int(x) for x in smp.decode_labels(files[smp.LABELS_FIELD])]
+                    yield key, files
+
+            rows = write_shard(path, stream(), split)
             by_key: dict[str, list[IndexRow]] = {}
             for r in rows:
                 by_key.setdefault(r.key, []).append(r)
-            for key, files in batch:
+            for key in group:
                 rs = by_key[key]
-                labels = smp.decode_labels(files[smp.LABELS_FIELD])
                 index_rows.append({
                     "key": key, "split": split, "state": ents[key].state, "shard": path.name,
                     "fields": [r.member.split(".", 1)[1] for r in rs], "offsets": [r.offset for r in rs],
-                    "sizes": [r.size for r in rs], "sha256": sample_digest(files),
-                    "labels": [int(x) for x in labels], "nbytes": sum(r.size for r in rs)})
-            written.append({"name": path.name, "bytes": path.stat().st_size, "samples": len(group),
-                            "sha256": _file_sha256(path)})
+                    "sizes": [r.size for r in rs], "sha256": digests[key].result(),
+                    "labels": labels[key], "nbytes": sum(r.size for r in rs)})
+            written.append({"name": path.name, "bytes": path.stat().st_size, "samples": len(group)})
             if progress:
                 progress(len(group))
         shard_files[split] = written
@@ -286,14 +314,6 @@ def _count(rows, keys_of) -> dict:
             out.setdefault(a, {})
             out[a][b] = out[a].get(b, 0) + 1
     return {a: dict(sorted(v.items())) for a, v in sorted(out.items())}
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- verify ----------------------------------------------------------------------------------
