@@ -95,6 +95,15 @@ MaxScenesOpt = typer.Option(None, "--max-scenes", help="At most this many scenes
 SeedOpt = typer.Option(0, "--seed", help="Seed of the class-aware subsampling.")
 
 
+def _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet) -> None:
+    from gl10m import plan as planmod
+    from gl10m.pipelines import download as dl
+
+    res = dl.run_download(prof, workdir, regions=regions, stac_url=stac_url, max_scenes=max_scenes,
+                          seed=seed, dry_run=True, quiet=quiet)
+    out.print(planmod.format_estimate(res.estimate, res.rejections), highlight=False)
+
+
 @app.command()
 def plan(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
          stac_url: Optional[str] = StacUrlOpt, max_scenes: Optional[int] = MaxScenesOpt, seed: int = SeedOpt,
@@ -107,10 +116,7 @@ def plan(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, state
     prof = _profile(profile)
     regions = prof.select_regions(states)
     if dry_run:
-        res = dl.run_download(prof, workdir, regions=regions, stac_url=stac_url, max_scenes=max_scenes,
-                              seed=seed, dry_run=True, quiet=quiet)
-        out.print(planmod.format_estimate(res.estimate, res.rejections), highlight=False)
-        return
+        return _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet)
     res = dl.run_download(prof, workdir, regions=regions, stages=("catalog", "plan"), stac_url=stac_url,
                           max_scenes=max_scenes, seed=seed, quiet=quiet)
     import pandas as pd
@@ -133,17 +139,13 @@ def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, s
              scheduler: Optional[str] = SchedulerOpt, no_dask: bool = NoDaskOpt,
              quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
     """Catalog, plan and fetch: one staged sample (LR composite + 100 HR tiles) per scene."""
-    from gl10m import plan as planmod
     from gl10m.pipelines import download as dl
     from gl10m.pipelines.runner import dask_client
 
     prof = _profile(profile)
     regions = prof.select_regions(states)
     if dry_run:
-        res = dl.run_download(prof, workdir, regions=regions, stac_url=stac_url, max_scenes=max_scenes,
-                              seed=seed, dry_run=True, quiet=quiet)
-        out.print(planmod.format_estimate(res.estimate, res.rejections), highlight=False)
-        return
+        return _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet)
     kw = dict(regions=regions, stac_url=stac_url, max_scenes=max_scenes, seed=seed, force=force, quiet=quiet)
     if no_dask:
         res = dl.run_download(prof, workdir, **kw)

@@ -271,7 +271,8 @@ class Profile(_Strict):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _fmt_error(e: ValidationError) -> str:
+def format_validation_error(e: ValidationError) -> str:
+    """The first pydantic error as `dotted.field: message` (one line), for every strict schema here."""
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
     msg = err["msg"]
@@ -290,7 +291,7 @@ def from_dict(data: dict, source: Path | str | None = None) -> Profile:
     try:
         prof = Profile.model_validate(data)
     except ValidationError as e:
-        raise ProfileError(f"profile {label}: {_fmt_error(e)}") from None
+        raise ProfileError(f"profile {label}: {format_validation_error(e)}") from None
     if source is not None:
         prof = prof.model_copy(update={"source": Path(source).resolve()})
     return prof

@@ -13,7 +13,6 @@ byte-identical shards. Each shard is written to a temp file, fsynced and renamed
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 from dataclasses import dataclass

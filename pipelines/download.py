@@ -13,7 +13,6 @@ not refetch anything.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Sequence
 
 from gl10m.errors import UserError
 from gl10m.ledger import FAILED, OK, REJECTED, Ledger, hash_inputs
-from gl10m.pipelines.runner import console, error_label, map_units
+from gl10m.pipelines.runner import error_label, map_units
 from gl10m.profile import Profile
 
 STAGES = ("catalog", "plan", "fetch")

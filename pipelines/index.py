@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from gl10m import __version__
 from gl10m.io import atomic_path, atomic_write_text
 from gl10m.ledger import FAILED, OK, REJECTED, Ledger, hash_inputs
 from gl10m.profile import Profile
-from gl10m.pipelines.runner import console, error_label, map_units
+from gl10m.pipelines.runner import error_label, map_units
 
 STAGES = ("osm", "anchors")
 # Bump when a stage's code changes its output for the same inputs.

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -28,7 +28,7 @@ class ClusterOptions:
 
 
 @contextlib.contextmanager
-def dask_client(opts: ClusterOptions | None = None, *, quiet: bool = False) -> Iterator["distributed.Client"]:
+def dask_client(opts: ClusterOptions | None = None, *, quiet: bool = False) -> Iterator:
     """Start (or connect to) a Dask cluster; print the dashboard address; close it afterwards."""
     import distributed
 

@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gl10m.errors import UserError
-from gl10m.profile import DEFAULT_PROFILE, MANIFESTS, Profile, load as load_profile
+from gl10m.profile import DEFAULT_PROFILE, MANIFESTS, Profile, format_validation_error, load as load_profile
 
 DEFAULT_SPEC = MANIFESTS / "testbed.yaml"
 
@@ -162,13 +162,6 @@ class TestbedSpec(_Strict):
         return (round(lon - h, 7), round(lat - h, 7), round(lon + h, 7), round(lat + h, 7))
 
 
-def _fmt(e: ValidationError) -> str:
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-    return f"{loc}: {msg}"
-
-
 def spec_from_dict(data: Any, source: Path | str | None = None) -> TestbedSpec:
     """Validate a spec mapping against the schema and its profile (regions, splits, sizes)."""
     label = Path(source).name if source else "<dict>"
@@ -177,7 +170,7 @@ def spec_from_dict(data: Any, source: Path | str | None = None) -> TestbedSpec:
     try:
         spec = TestbedSpec.model_validate(data)
     except ValidationError as e:
-        raise TestbedSpecError(f"testbed spec {label}: {_fmt(e)}") from None
+        raise TestbedSpecError(f"testbed spec {label}: {format_validation_error(e)}") from None
     if source is not None:
         spec = spec.model_copy(update={"source": Path(source).resolve()})
     try:
