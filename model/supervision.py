@@ -1,0 +1,133 @@
+"""Offline supervision for the sampler: the 10x10 utility map G*.
+
+GL-10M's sampler regresses G* = s_vis * s_gain, normalised over the 100 HR tiles of a scene:
+
+- ``s_vis`` [B, 100]: structural saliency of each HR tile (from frozen dense features; it is
+  computed upstream and read from the feature cache).
+- ``s_gain(p) = max(0, cos(F_h_p, F_T) - lam * cos(F_g, F_T))``: how much more the HR tile p
+  says about the scene's concepts than the LR scene embedding already does, in a
+  vision-language space. ``F_h_p`` is the HR tile embedding (``hr_embed``), ``F_g`` the global
+  LR embedding (``lr_embed``) and ``F_T`` the text embeddings of the scene's concepts.
+
+A scene usually has several concepts. We aggregate over them by **max**: a tile is worth
+observing if it adds information about at least one of the scene's concepts,
+``s_gain(p) = max(0, max_{c in labels} (cos(F_h_p, T_c) - lam * cos(F_g, T_c)))``.
+A scene without any label has no concept to gain information about: its s_gain is 0 on every
+tile (so its multiplicative and semantic G* are all zeros, see the constant-map rule below).
+
+Normalisation (:func:`minmax`) is min-max over the 100 tiles of each scene to [0, 1]. A map
+whose range is at most ``eps`` (constant, e.g. all zeros) has no preferred tile and becomes
+all zeros: the sampler is then taught to request nothing there, and no division by zero
+happens.
+
+Variants (ablations of the paper's supervision):
+
+- ``multiplicative`` (default, the paper's): minmax(s_vis * s_gain)
+- ``structural``: minmax(s_vis)
+- ``semantic``: minmax(s_gain)
+- ``additive``: minmax((minmax(s_vis) + minmax(s_gain)) / 2); each term is normalised first
+  and the mean is normalised again so that every variant's G* has the same range (max 1
+  unless the map is constant).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from gl10m.errors import UserError
+
+N_TILES = 100
+VARIANTS = ("multiplicative", "structural", "semantic", "additive")
+
+
+def minmax(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Min-max normalise ``x`` [B, N] to [0, 1] along the last dim; rows whose range is
+    ``<= eps`` (constant maps) become all zeros."""
+    lo = x.amin(dim=-1, keepdim=True)
+    hi = x.amax(dim=-1, keepdim=True)
+    rng = hi - lo
+    flat = rng <= eps
+    out = (x - lo) / torch.where(flat, torch.ones_like(rng), rng)
+    return torch.where(flat, torch.zeros_like(out), out)
+
+
+def _check(name: str, t, shape: tuple) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise UserError(f"{name}: expected a torch tensor, got {type(t).__name__}")
+    if t.dim() != len(shape) or any(s is not None and a != s for a, s in zip(t.shape, shape)):
+        want = "[" + ", ".join("?" if s is None else str(s) for s in shape) + "]"
+        raise UserError(f"{name}: expected shape {want}, got {list(t.shape)}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise UserError(f"{name}: contains NaN or infinite values")
+
+
+def s_gain(hr_embed: torch.Tensor, lr_embed: torch.Tensor, text: torch.Tensor,
+           labels: torch.Tensor, *, lam: float = 0.5) -> torch.Tensor:
+    """Information gain of each HR tile over the LR scene embedding, [B, 100] (>= 0).
+
+    Cosine similarities are taken after L2-normalising ``hr_embed`` and ``lr_embed``; ``text``
+    is normalised too (a no-op for the cache's already normalised embeddings). Aggregated over
+    the scene's concepts by max; scenes without labels get 0."""
+    _check("hr_embed", hr_embed, (None, N_TILES, None))
+    b, _, e = hr_embed.shape
+    _check("lr_embed", lr_embed, (b, e))
+    _check("text", text, (None, e))
+    _check("labels", labels, (b, text.shape[0]))
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam)):
+        raise UserError(f"lam: expected a finite number, got {lam!r}")
+    f_h = F.normalize(hr_embed.float(), dim=-1)
+    f_g = F.normalize(lr_embed.float(), dim=-1)
+    f_t = F.normalize(text.float(), dim=-1)
+    sim_h = torch.einsum("bpe,ce->bpc", f_h, f_t)  # [B, 100, C]
+    sim_g = f_g @ f_t.T  # [B, C]
+    gain = sim_h - lam * sim_g[:, None, :]
+    present = (labels > 0)[:, None, :]
+    gain = gain.masked_fill(~present, float("-inf")).amax(dim=-1)  # -inf when no label
+    return gain.clamp(min=0.0)
+
+
+def g_star(s_vis: torch.Tensor, hr_embed: torch.Tensor, lr_embed: torch.Tensor,
+           text: torch.Tensor, labels: torch.Tensor, *, lam: float = 0.5,
+           variant: str = "multiplicative", eps: float = 1e-6) -> torch.Tensor:
+    """The sampler's soft target G* [B, 100] in [0, 1] (see the module docstring)."""
+    if variant not in VARIANTS:
+        raise UserError(f"unknown G* variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise UserError(f"eps: expected a number >= 0, got {eps!r}")
+    _check("s_vis", s_vis, (None, N_TILES))
+    vis = s_vis.float()
+    if variant == "structural":
+        # Still validate the other inputs: a bad cache should fail the same way in every variant.
+        s_gain(hr_embed, lr_embed, text, labels, lam=lam)
+        return minmax(vis, eps)
+    gain = s_gain(hr_embed, lr_embed, text, labels, lam=lam)
+    if gain.shape[0] != vis.shape[0]:
+        raise UserError(f"s_vis has batch size {vis.shape[0]}, hr_embed {gain.shape[0]}")
+    if variant == "multiplicative":
+        return minmax(vis * gain, eps)
+    if variant == "semantic":
+        return minmax(gain, eps)
+    return minmax((minmax(vis, eps) + minmax(gain, eps)) / 2, eps)
+
+
+def cache_g_star(batches: Iterable[dict], text: torch.Tensor, *, lam: float = 0.5,
+                 variant: str = "multiplicative", eps: float = 1e-6
+                 ) -> Iterator[tuple[list, torch.Tensor]]:
+    """Compute G* over an iterable of collated feature batches (e.g. a DataLoader over the
+    feature cache). Yields ``(keys, g_star [B, 100])``; ``keys`` is the batch's ``"key"``
+    (or ``"__key__"``) entry when present, else running integer indices."""
+    seen = 0
+    for batch in batches:
+        missing = [k for k in ("s_vis", "hr_embed", "lr_embed", "labels") if k not in batch]
+        if missing:
+            raise UserError(f"feature batch lacks {', '.join(missing)}")
+        g = g_star(batch["s_vis"], batch["hr_embed"], batch["lr_embed"], text, batch["labels"],
+                   lam=lam, variant=variant, eps=eps)
+        keys = batch.get("key", batch.get("__key__"))
+        if keys is None:
+            keys = list(range(seen, seen + g.shape[0]))
+        seen += g.shape[0]
+        yield list(keys), g

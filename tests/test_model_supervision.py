@@ -1,0 +1,162 @@
+"""G* supervision: hand-computed values on tiny tensors for every variant."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gl10m.errors import UserError
+from gl10m.model.supervision import cache_g_star, g_star, minmax, s_gain
+
+
+def unit(*v):
+    t = torch.tensor(v, dtype=torch.float32)
+    return t / t.norm()
+
+
+def scene(tile_dirs, lr_dir, labels, s_vis=None):
+    """One scene (B=1) whose 100 HR tile embeddings cycle through `tile_dirs` (2-d vectors),
+    with text = the two axes e0, e1."""
+    hr = torch.stack([tile_dirs[i % len(tile_dirs)] for i in range(100)])[None]
+    lr = lr_dir[None]
+    text = torch.eye(2)
+    lab = torch.tensor([labels], dtype=torch.uint8)
+    vis = torch.ones(1, 100) if s_vis is None else s_vis
+    return vis, hr, lr, text, lab
+
+
+def test_minmax_and_constant_rule():
+    x = torch.tensor([[1.0, 3.0, 2.0], [5.0, 5.0, 5.0], [0.0, 0.0, 1e-9]])
+    out = minmax(x)
+    assert torch.allclose(out[0], torch.tensor([0.0, 1.0, 0.5]))
+    assert torch.equal(out[1], torch.zeros(3))  # constant -> zeros, no NaN
+    assert torch.equal(out[2], torch.zeros(3))  # range below eps counts as constant
+    assert torch.isfinite(out).all()
+    assert torch.allclose(minmax(x[2:], eps=0.0)[0], torch.tensor([0.0, 0.0, 1.0]))
+
+
+def test_s_gain_hand_values_lam_and_clamp():
+    # Tile a along e0, tile b at 45 degrees, tile c along e1; LR embedding along e0.
+    a, b, c = unit(1, 0), unit(1, 1), unit(0, 1)
+    r = 1 / math.sqrt(2)
+    _, hr, lr, text, lab = scene([a, b, c], unit(1, 0), [1, 0])  # concept 0 only
+    # cos(F_h, T0) = 1, r, 0; cos(F_g, T0) = 1.
+    g = s_gain(hr, lr, text, lab, lam=0.5)[0]
+    assert torch.allclose(g[:3], torch.tensor([0.5, r - 0.5, 0.0]), atol=1e-6)  # 0 - 0.5 -> 0
+    g = s_gain(hr, lr, text, lab, lam=0.0)[0]
+    assert torch.allclose(g[:3], torch.tensor([1.0, r, 0.0]), atol=1e-6)
+    g = s_gain(hr, lr, text, lab, lam=1.0)[0]
+    assert torch.allclose(g[:3], torch.zeros(3), atol=1e-6)  # r - 1 < 0 clamped
+    # Both concepts: max over concepts. Concept 1: cos(F_h, T1) = 0, r, 1; cos(F_g, T1) = 0.
+    _, hr, lr, text, lab = scene([a, b, c], unit(1, 0), [1, 1])
+    g = s_gain(hr, lr, text, lab, lam=0.5)[0]
+    assert torch.allclose(g[:3], torch.tensor([0.5, r, 1.0]), atol=1e-6)
+
+
+def test_s_gain_no_labels_is_zero_and_unnormalised_embeddings():
+    _, hr, lr, text, lab = scene([unit(1, 0), unit(0, 1)], unit(0, 1), [0, 0])
+    assert torch.equal(s_gain(hr, lr, text, lab), torch.zeros(1, 100))
+    # Cosine does not depend on the embeddings' scale.
+    _, hr, lr, text, lab = scene([unit(1, 0), unit(1, 1)], unit(1, 0), [1, 0])
+    assert torch.allclose(s_gain(hr * 7.0, lr * 0.1, text, lab), s_gain(hr, lr, text, lab))
+
+
+def _variants_case():
+    # 4 distinct tile directions, s_vis cycling 1, 2, 3, 4.
+    dirs = [unit(1, 0), unit(1, 1), unit(0, 1), unit(1, 2)]
+    vis = torch.tensor([[float(1 + i % 4) for i in range(100)]])
+    return scene(dirs, unit(1, 0), [1, 0], s_vis=vis)
+
+
+def test_g_star_variants_hand_computed():
+    vis, hr, lr, text, lab = _variants_case()
+    r = 1 / math.sqrt(2)
+    c4 = 1 / math.sqrt(5)  # cos((1,2), e0)
+    gain = torch.tensor([0.5, r - 0.5, 0.0, c4 - 0.5]).clamp(min=0)  # lam = 0.5, cos(F_g,T0)=1
+    v = torch.tensor([1.0, 2.0, 3.0, 4.0])
+
+    def mm(x):
+        return (x - x.min()) / (x.max() - x.min())
+
+    expect = {
+        "multiplicative": mm(v * gain),
+        "structural": mm(v),
+        "semantic": mm(gain),
+        "additive": mm((mm(v) + mm(gain)) / 2),
+    }
+    for variant, want in expect.items():
+        got = g_star(vis, hr, lr, text, lab, lam=0.5, variant=variant)
+        assert got.shape == (1, 100)
+        assert torch.allclose(got[0, :4], want, atol=1e-6), variant
+        assert torch.allclose(got[0, 4:8], want, atol=1e-6), variant  # pattern repeats
+        assert float(got.min()) == 0.0 and abs(float(got.max()) - 1.0) < 1e-6
+    # Default is the paper's multiplicative variant with lam 0.5.
+    assert torch.allclose(g_star(vis, hr, lr, text, lab), expect["multiplicative"].repeat(25)[None])
+    # lam changes the result: lam = 0 -> gain = cos(F_h, T0) = 1, r, 0, c4.
+    got = g_star(vis, hr, lr, text, lab, lam=0.0)
+    assert torch.allclose(got[0, :4], mm(v * torch.tensor([1.0, r, 0.0, c4])), atol=1e-6)
+
+
+def test_g_star_constant_maps_and_unlabelled_scene():
+    vis, hr, lr, text, lab = _variants_case()
+    lab0 = torch.zeros_like(lab)
+    # No labels: s_gain = 0 everywhere -> multiplicative and semantic all zeros.
+    for variant in ("multiplicative", "semantic"):
+        assert torch.equal(g_star(vis, hr, lr, text, lab0, variant=variant), torch.zeros(1, 100))
+    # Additive then falls back to the structural map (the zero term adds nothing).
+    assert torch.allclose(g_star(vis, hr, lr, text, lab0, variant="additive"),
+                          g_star(vis, hr, lr, text, lab0, variant="structural"))
+    # Constant s_vis: structural all zeros, multiplicative follows s_gain alone.
+    flat = torch.full_like(vis, 0.3)
+    assert torch.equal(g_star(flat, hr, lr, text, lab, variant="structural"), torch.zeros(1, 100))
+    assert torch.allclose(g_star(flat, hr, lr, text, lab),
+                          g_star(flat, hr, lr, text, lab, variant="semantic"), atol=1e-6)
+
+
+def test_g_star_batches_are_independent():
+    torch.manual_seed(0)
+    b, e, c = 3, 5, 4
+    vis = torch.rand(b, 100)
+    hr = torch.randn(b, 100, e)
+    lr = torch.randn(b, e)
+    text = torch.nn.functional.normalize(torch.randn(c, e), dim=-1)
+    lab = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0], [0, 1, 1, 1]], dtype=torch.uint8)
+    for variant in ("multiplicative", "structural", "semantic", "additive"):
+        full = g_star(vis, hr, lr, text, lab, variant=variant)
+        for i in range(b):
+            one = g_star(vis[i:i + 1], hr[i:i + 1], lr[i:i + 1], text, lab[i:i + 1],
+                         variant=variant)
+            assert torch.allclose(full[i], one[0])
+        assert ((full >= 0) & (full <= 1)).all()
+    assert torch.equal(g_star(vis, hr, lr, text, lab)[1], torch.zeros(100))
+
+
+def test_g_star_bad_input():
+    vis, hr, lr, text, lab = _variants_case()
+    with pytest.raises(UserError, match="variant"):
+        g_star(vis, hr, lr, text, lab, variant="product")
+    with pytest.raises(UserError, match="s_vis"):
+        g_star(vis[:, :99], hr, lr, text, lab)
+    with pytest.raises(UserError, match="hr_embed"):
+        g_star(vis, hr[:, :50], lr, text, lab)
+    with pytest.raises(UserError, match="labels"):
+        g_star(vis, hr, lr, text, torch.ones(1, 3, dtype=torch.uint8))
+    with pytest.raises(UserError, match="lr_embed"):
+        g_star(vis, hr, lr[:, :1], text, lab)
+    with pytest.raises(UserError, match="NaN"):
+        g_star(vis * float("nan"), hr, lr, text, lab)
+    with pytest.raises(UserError, match="lam"):
+        g_star(vis, hr, lr, text, lab, lam=float("inf"))
+    with pytest.raises(UserError, match="batch size"):
+        g_star(torch.cat([vis, vis]), hr, lr, text, lab)
+
+
+def test_cache_g_star_over_batches():
+    vis, hr, lr, text, lab = _variants_case()
+    batch = {"s_vis": vis, "hr_embed": hr, "lr_embed": lr, "labels": lab}
+    out = list(cache_g_star([batch, dict(batch, key=["k9"])], text))
+    assert [k for k, _ in out] == [[0], ["k9"]]
+    assert torch.allclose(out[1][1], g_star(vis, hr, lr, text, lab))
+    with pytest.raises(UserError, match="lacks"):
+        list(cache_g_star([{"s_vis": vis}], text))
