@@ -386,7 +386,6 @@ def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], 
               examples: list[str], *, n_meta: int) -> str:
     splits = _splits(st)
     counts = st["concept_counts"]
-    names = [c.name for c in profile.concepts]
     geo, s2p, naip, qc = profile.geometry, profile.imagery.s2, profile.imagery.naip, profile.qc
     prof_m = manifest.get("profile") or {"name": profile.name, "version": profile.version, "hash": profile.hash()}
     builder = manifest.get("builder") or {}
@@ -526,9 +525,9 @@ def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], 
     present = [i for i in order if counts["all"][i] > 0]
     k = min(10, len(present))
     if present:
-        A(f"Most frequent: " + ", ".join(f"{profile.concepts[i].label} ({counts['all'][i]})" for i in present[:k]) + ".")
+        A("Most frequent: " + ", ".join(f"{profile.concepts[i].label} ({counts['all'][i]})" for i in present[:k]) + ".")
         A("")
-        A(f"Least frequent (present): " + ", ".join(f"{profile.concepts[i].label} ({counts['all'][i]})"
+        A("Least frequent (present): " + ", ".join(f"{profile.concepts[i].label} ({counts['all'][i]})"
                                                      for i in present[::-1][:k]) + ".")
         A("")
     absent = [i for i in range(profile.n_concepts) if counts["all"][i] == 0]

@@ -72,7 +72,7 @@ import numpy as np
 
 from gl10m import samples as smp
 from gl10m.errors import UserError
-from gl10m.shards import INDEX_NAME, MANIFEST_NAME, ShardError, check_member_name, split_member
+from gl10m.shards import INDEX_NAME, MANIFEST_NAME, ShardError, split_member
 
 try:  # torch is needed to iterate, not to import this module (docs, tooling)
     import torch
