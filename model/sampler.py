@@ -1,0 +1,316 @@
+"""The LR-only sampler: a 10x10 utility map over the HR tiles, tile selection, OBR.
+
+The sampler sees only the LR scene (frozen LR encoder tokens ``lr_tokens`` [B, Gl, Gl, D],
+Gl a multiple of 10 so that every tile owns a (Gl/10)x(Gl/10) block of cells) plus two
+coordinate channels, and predicts one logit per HR tile, flattened in tile order
+``t = row * 10 + col`` (row 0 north, col 0 west): ``[B, 100]``. It is trained with
+BCE-with-logits against the soft target G* (:mod:`gl10m.model.supervision`).
+
+Selection (:func:`select`) combines up to three rules, each optional:
+
+- ``threshold``: a shared threshold on the scores min-max-normalised per scene; a tile is
+  selected when its normalised score is ``>= threshold``. A scene with constant scores
+  (range ``<= eps``) has no preferred tile: the threshold selects **none** of its tiles (and
+  nothing is divided by zero).
+- ``top_k``: at most k tiles per scene, the highest scores first.
+- ``budgets``: per-class budgets in tiles, ``{class index: tile count}``; a scene's budget is
+  the largest budget among its concepts (``labels``: known or predicted, > 0 means present),
+  or ``default_budget`` when none of its concepts has a budget.
+
+The rules intersect: the threshold chooses candidates, top-k and the budget cap how many of
+them are kept (the cap is the smaller of the two). Ranking is by score, ties broken by the
+lower tile index first, so selection is deterministic.
+
+OBR (observation budget ratio) = requested HR area / scene area = selected tiles / 100.
+
+Config (YAML, ``model/configs/sampler-*.yaml``; other top-level keys are left to the trainer)::
+
+    model:       {hidden: int, kernel: odd int, layers: int >= 0}
+    supervision: {variant: multiplicative|structural|semantic|additive, lam: float}
+    selection:   {threshold: float in [0, 1] | null, top_k: int in [1, 100]}
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from gl10m.errors import UserError
+
+from .supervision import N_TILES, VARIANTS, g_star, minmax
+
+GRID = 10
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+DEFAULTS = {
+    "model": {"hidden": 64, "kernel": 3, "layers": 1},
+    "supervision": {"variant": "multiplicative", "lam": 0.5},
+    "selection": {"threshold": 0.55, "top_k": 12},
+}
+
+
+# -- config -----------------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def resolve_config(cfg: dict | None) -> dict:
+    """The sampler's sections of ``cfg`` merged over :data:`DEFAULTS` and validated."""
+    cfg = {} if cfg is None else cfg
+    if not isinstance(cfg, dict):
+        raise UserError(f"sampler config: expected a mapping, got {type(cfg).__name__}")
+    out = {}
+    for section, defaults in DEFAULTS.items():
+        given = cfg.get(section) or {}
+        if not isinstance(given, dict):
+            raise UserError(f"sampler config: '{section}' must be a mapping")
+        unknown = sorted(set(given) - set(defaults))
+        if unknown:
+            raise UserError(f"sampler config: unknown key(s) in '{section}': {', '.join(unknown)}")
+        out[section] = {**defaults, **given}
+    m, s, sel = out["model"], out["supervision"], out["selection"]
+    if not (_is_int(m["hidden"]) and m["hidden"] >= 1):
+        raise UserError(f"sampler config: model.hidden must be an int >= 1, got {m['hidden']!r}")
+    if not (_is_int(m["kernel"]) and m["kernel"] >= 1 and m["kernel"] % 2 == 1):
+        raise UserError(f"sampler config: model.kernel must be an odd int >= 1, got {m['kernel']!r}")
+    if not (_is_int(m["layers"]) and m["layers"] >= 0):
+        raise UserError(f"sampler config: model.layers must be an int >= 0, got {m['layers']!r}")
+    if s["variant"] not in VARIANTS:
+        raise UserError(f"sampler config: supervision.variant must be one of "
+                        f"{', '.join(VARIANTS)}, got {s['variant']!r}")
+    if not (isinstance(s["lam"], (int, float)) and not isinstance(s["lam"], bool)
+            and math.isfinite(s["lam"])):
+        raise UserError(f"sampler config: supervision.lam must be a number, got {s['lam']!r}")
+    _check_threshold(sel["threshold"])
+    if not (_is_int(sel["top_k"]) and 1 <= sel["top_k"] <= N_TILES):
+        raise UserError(f"sampler config: selection.top_k must be an int in [1, 100], "
+                        f"got {sel['top_k']!r}")
+    return out
+
+
+def load_config(name_or_path: str | Path) -> dict:
+    """Load a sampler config: a path to a YAML file, or a bundled name ("tiny", "base")."""
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = CONFIG_DIR / f"sampler-{name_or_path}.yaml"
+    if not p.is_file():
+        raise UserError(f"sampler config not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"sampler config {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    cfg = dict(raw or {})
+    cfg.update(resolve_config(cfg))
+    return cfg
+
+
+# -- the model --------------------------------------------------------------------------------
+class Sampler(nn.Module):
+    """LR tokens [B, Gl, Gl, D] -> tile logits [B, 100] (tile order ``row * 10 + col``).
+
+    Two coordinate channels are appended (x = column, y = row, cell centres scaled to
+    [-1, 1]; y = -1 is the north edge), then a 1x1 conv (D+2 -> hidden) + GELU, ``layers``
+    kxk convs + GELU, average pooling of each tile's (Gl/10)x(Gl/10) block, and a 1x1 conv
+    to one logit per tile."""
+
+    def __init__(self, dim: int, hidden: int = 64, kernel: int = 3, layers: int = 1):
+        super().__init__()
+        self.dim = dim
+        self.proj = nn.Conv2d(dim + 2, hidden, 1)
+        self.spatial = nn.ModuleList(
+            nn.Conv2d(hidden, hidden, kernel, padding=kernel // 2) for _ in range(layers))
+        self.head = nn.Conv2d(hidden, 1, 1)
+        self.act = nn.GELU()
+
+    @staticmethod
+    def coords(gl: int, *, device=None, dtype=None) -> torch.Tensor:
+        """[2, Gl, Gl]: channel 0 = x (west -1 .. east +1), channel 1 = y (north -1 .. south +1)."""
+        c = (torch.arange(gl, device=device, dtype=dtype) + 0.5) / gl * 2 - 1
+        y, x = torch.meshgrid(c, c, indexing="ij")
+        return torch.stack([x, y])
+
+    def forward(self, lr_tokens: torch.Tensor) -> torch.Tensor:
+        if not isinstance(lr_tokens, torch.Tensor) or lr_tokens.dim() != 4:
+            raise UserError("lr_tokens: expected a tensor [B, Gl, Gl, D]")
+        b, gh, gw, d = lr_tokens.shape
+        if gh != gw or gh % GRID or gh == 0:
+            raise UserError(f"lr_tokens: expected a square grid with Gl a multiple of {GRID}, "
+                            f"got {gh}x{gw}")
+        if d != self.dim:
+            raise UserError(f"lr_tokens: expected D={self.dim} channels, got {d}")
+        x = lr_tokens.permute(0, 3, 1, 2)
+        xy = self.coords(gh, device=x.device, dtype=x.dtype).expand(b, -1, -1, -1)
+        x = self.act(self.proj(torch.cat([x, xy], dim=1)))
+        for conv in self.spatial:
+            x = self.act(conv(x))
+        if gh != GRID:
+            x = F.avg_pool2d(x, gh // GRID)
+        return self.head(x).flatten(1)  # [B, 1, 10, 10] -> [B, 100], row-major = tile order
+
+
+def build_sampler(cfg: dict | None, dim: int) -> Sampler:
+    m = resolve_config(cfg)["model"]
+    if not (_is_int(dim) and dim >= 1):
+        raise UserError(f"sampler: feature dim D must be an int >= 1, got {dim!r}")
+    return Sampler(dim, hidden=m["hidden"], kernel=m["kernel"], layers=m["layers"])
+
+
+def sampler_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean BCE-with-logits against soft targets in [0, 1] (both [B, 100])."""
+    if logits.shape != target.shape:
+        raise UserError(f"sampler loss: logits {list(logits.shape)} vs target {list(target.shape)}")
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+# -- selection --------------------------------------------------------------------------------
+def _check_threshold(threshold) -> None:
+    if threshold is None:
+        return
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+            or not 0.0 <= threshold <= 1.0:
+        raise UserError(f"threshold must be a number in [0, 1] or None, got {threshold!r}")
+
+
+def _check_scores(scores, name: str = "scores") -> None:
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[1] != N_TILES:
+        shape = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise UserError(f"{name}: expected a tensor [B, {N_TILES}], got {shape}")
+    if not scores.is_floating_point() or not bool(torch.isfinite(scores).all()):
+        raise UserError(f"{name}: expected finite floating-point scores")
+
+
+def scene_budgets(labels: torch.Tensor, budgets: dict, *, default_budget: int = 0) -> torch.Tensor:
+    """[B] tile budget per scene: the max budget over the scene's concepts (labels > 0)."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        raise UserError("budgets need labels: a tensor [B, n_concepts] of known or predicted concepts")
+    n = labels.shape[1]
+    if not isinstance(budgets, dict):
+        raise UserError(f"budgets: expected a mapping class index -> tile count, got {type(budgets).__name__}")
+    per_class = torch.full((n,), -1, dtype=torch.long)
+    for k, v in budgets.items():
+        if not (_is_int(k) and 0 <= k < n):
+            raise UserError(f"budgets: class {k!r} is not an index in [0, {n})")
+        if not (_is_int(v) and 0 <= v <= N_TILES):
+            raise UserError(f"budgets: class {k} budget must be an int in [0, 100], got {v!r}")
+        per_class[k] = v
+    if not (_is_int(default_budget) and 0 <= default_budget <= N_TILES):
+        raise UserError(f"default_budget must be an int in [0, 100], got {default_budget!r}")
+    present = labels.detach().cpu() > 0
+    best = per_class[None, :].expand(labels.shape[0], -1).masked_fill(~present, -1).amax(dim=1)
+    return torch.where(best < 0, torch.full_like(best, default_budget), best)
+
+
+def rank(scores: torch.Tensor) -> torch.Tensor:
+    """[B, 100] rank of each tile (0 = best): descending score, ties -> lower index first."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
+    return ranks
+
+
+def select(scores: torch.Tensor, *, threshold: float | None = 0.55, top_k: int | None = None,
+           budgets: dict | None = None, labels: torch.Tensor | None = None,
+           default_budget: int = 0, eps: float = 1e-6) -> torch.Tensor:
+    """Bool mask [B, 100] of the tiles to request (see the module docstring for the rules)."""
+    _check_scores(scores)
+    _check_threshold(threshold)
+    if threshold is None and top_k is None and budgets is None:
+        raise UserError("select: give a threshold, a top_k or budgets")
+    b = scores.shape[0]
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if threshold is not None:
+        s = scores.float()
+        constant = (s.amax(dim=1, keepdim=True) - s.amin(dim=1, keepdim=True)) <= eps
+        mask = (minmax(s, eps) >= threshold) & ~constant
+    cap = None
+    if top_k is not None:
+        if not (_is_int(top_k) and 0 <= top_k <= N_TILES):
+            raise UserError(f"top_k must be an int in [0, 100], got {top_k!r}")
+        cap = torch.full((b,), top_k, dtype=torch.long)
+    if budgets is not None:
+        if labels is None or labels.shape[0] != b:
+            raise UserError("budgets need labels [B, n_concepts] with the same B as scores")
+        per_scene = scene_budgets(labels, budgets, default_budget=default_budget)
+        cap = per_scene if cap is None else torch.minimum(cap, per_scene)
+    if cap is not None:
+        # Non-candidates rank after every candidate (scores are finite).
+        ranks = rank(scores.float().masked_fill(~mask, float("-inf")))
+        mask = mask & (ranks < cap.to(scores.device)[:, None])
+    return mask
+
+
+def obr(mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Observation budget ratio: ([B] selected tiles / 100, its mean over the batch)."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2 \
+            or mask.shape[1] != N_TILES:
+        raise UserError(f"obr: expected a bool mask [B, {N_TILES}]")
+    per = mask.sum(dim=1).float() / N_TILES
+    return per, float(per.mean()) if per.numel() else float("nan")
+
+
+def precision_at_k(scores: torch.Tensor, target: torch.Tensor, k: int = 12,
+                   eps: float = 1e-6) -> float:
+    """Mean |top-k(scores) & top-k(target)| / k over the scenes whose target is not constant
+    (a constant G* has no top-k); NaN when no scene qualifies."""
+    _check_scores(scores)
+    _check_scores(target, "target")
+    pred = select(scores, threshold=None, top_k=k)
+    true = select(target, threshold=None, top_k=k)
+    t = target.float()
+    valid = (t.amax(dim=1) - t.amin(dim=1)) > eps
+    if not bool(valid.any()):
+        return float("nan")
+    hits = (pred & true).sum(dim=1).float() / k
+    return float(hits[valid].mean())
+
+
+# -- the training task ------------------------------------------------------------------------
+class SamplerTask:
+    """The trainer's task protocol for the sampler: G* is computed on the fly from the
+    feature batch (``s_vis``, ``hr_embed``, ``lr_embed``, ``labels``) and the text embeddings;
+    the model sees ``lr_tokens`` only."""
+
+    name = "sampler"
+    needs = ("lr_tokens", "s_vis", "hr_embed", "lr_embed", "labels")
+
+    def __init__(self, cfg: dict | None = None):
+        self.cfg = resolve_config(cfg)
+
+    def build_model(self, cfg: dict | None, dims: dict) -> Sampler:
+        self.cfg = resolve_config(cfg)
+        if not isinstance(dims, dict) or "D" not in dims:
+            raise UserError("sampler: dims must give the LR token width D")
+        return build_sampler(self.cfg, dims["D"])
+
+    def targets(self, batch: dict, text: torch.Tensor) -> torch.Tensor:
+        missing = [k for k in self.needs if k not in batch]
+        if missing:
+            raise UserError(f"sampler batch lacks {', '.join(missing)}")
+        sup = self.cfg["supervision"]
+        dev = batch["s_vis"].device
+        with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
+            return g_star(batch["s_vis"], batch["hr_embed"], batch["lr_embed"], text.to(dev),
+                          batch["labels"], lam=sup["lam"], variant=sup["variant"])
+
+    def loss(self, model: nn.Module, batch: dict, text: torch.Tensor,
+             step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        target = self.targets(batch, text)
+        logits = model(batch["lr_tokens"])
+        loss = sampler_loss(logits, target.to(logits.device))
+        sel = self.cfg["selection"]
+        with torch.no_grad():
+            probs = torch.sigmoid(logits.detach().float())
+            metrics = {"bce": float(loss.detach())}
+            if sel["threshold"] is not None:
+                _, mean = obr(select(probs, threshold=sel["threshold"]))
+                metrics[f"obr@{sel['threshold']:g}"] = mean
+            k = sel["top_k"]
+            metrics[f"precision@{k}"] = precision_at_k(probs, target.to(probs.device), k=k)
+        return loss, metrics
+
+
+TASKS = {SamplerTask.name: SamplerTask}
