@@ -23,7 +23,9 @@ lower tile index first, so selection is deterministic.
 
 OBR (observation budget ratio) = requested HR area / scene area = selected tiles / 100.
 
-Config (YAML, ``model/configs/sampler-*.yaml``; other top-level keys are left to the trainer)::
+Config: the trainer's config (``model/configs/sampler-train*.yaml``) with ``task: sampler``,
+``model`` the architecture (a dict, or a file such as ``sampler-tiny.yaml`` that the trainer
+reads), and two task keys (:attr:`SamplerTask.config_keys`); other keys belong to the trainer::
 
     model:       {hidden: int, kernel: odd int, layers: int >= 0}
     supervision: {variant: multiplicative|structural|semantic|additive, lam: float}
@@ -66,6 +68,8 @@ def resolve_config(cfg: dict | None) -> dict:
     out = {}
     for section, defaults in DEFAULTS.items():
         given = cfg.get(section) or {}
+        if section == "model" and isinstance(given, (str, Path)):
+            given = load_model_config(given)
         if not isinstance(given, dict):
             raise UserError(f"sampler config: '{section}' must be a mapping")
         unknown = sorted(set(given) - set(defaults))
@@ -92,20 +96,23 @@ def resolve_config(cfg: dict | None) -> dict:
     return out
 
 
-def load_config(name_or_path: str | Path) -> dict:
-    """Load a sampler config: a path to a YAML file, or a bundled name ("tiny", "base")."""
+def load_model_config(name_or_path: str | Path) -> dict:
+    """A sampler architecture (the ``model`` section): a YAML path, or a bundled name
+    ("tiny", "base") or file name ("sampler-tiny.yaml") under ``model/configs``."""
     p = Path(name_or_path)
     if not p.suffix:
         p = CONFIG_DIR / f"sampler-{name_or_path}.yaml"
+    elif not p.is_absolute() and not p.is_file():
+        p = CONFIG_DIR / p
     if not p.is_file():
         raise UserError(f"sampler config not found: {p}")
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"sampler config {p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    cfg = dict(raw or {})
-    cfg.update(resolve_config(cfg))
-    return cfg
+    if raw is not None and not isinstance(raw, dict):
+        raise UserError(f"sampler config {p}: expected a mapping")
+    return dict(raw or {})
 
 
 # -- the model --------------------------------------------------------------------------------
@@ -275,6 +282,7 @@ class SamplerTask:
     the model sees ``lr_tokens`` only."""
 
     name = "sampler"
+    config_keys = ("supervision", "selection")
     needs = ("lr_tokens", "s_vis", "hr_embed", "lr_embed", "labels")
 
     def __init__(self, cfg: dict | None = None):
@@ -282,9 +290,10 @@ class SamplerTask:
 
     def build_model(self, cfg: dict | None, dims: dict) -> Sampler:
         self.cfg = resolve_config(cfg)
-        if not isinstance(dims, dict) or "D" not in dims:
-            raise UserError("sampler: dims must give the LR token width D")
-        return build_sampler(self.cfg, dims["D"])
+        # The trainer gives the LR token width as D_lr when it differs from the HR width D.
+        if not isinstance(dims, dict) or ("D_lr" not in dims and "D" not in dims):
+            raise UserError("sampler: dims must give the LR token width (D_lr or D)")
+        return build_sampler(self.cfg, dims.get("D_lr", dims.get("D")))
 
     def targets(self, batch: dict, text: torch.Tensor) -> torch.Tensor:
         missing = [k for k in self.needs if k not in batch]

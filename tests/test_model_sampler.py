@@ -5,9 +5,11 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from gl10m.errors import UserError
-from gl10m.model.sampler import (TASKS, Sampler, SamplerTask, build_sampler, load_config, obr,
+from gl10m.model.sampler import (CONFIG_DIR, TASKS, Sampler, SamplerTask, build_sampler,
+                                 load_model_config, obr,
                                  precision_at_k, rank, resolve_config, sampler_loss,
                                  scene_budgets, select)
 from gl10m.model.supervision import g_star
@@ -33,13 +35,27 @@ def fake_batch(b=4, gl=10, d=6, e=5, c=4, seed=0):
 
 
 # -- config and model -------------------------------------------------------------------------
+def _train_config(name):
+    """A bundled training config with its model file read, as the trainer hands it over."""
+    cfg = yaml.safe_load((CONFIG_DIR / name).read_text())
+    cfg["model"] = load_model_config(cfg["model"])
+    return cfg
+
+
 def test_bundled_configs_load_and_validate():
-    tiny, base = load_config("tiny"), load_config("base")
-    assert tiny["task"] == base["task"] == "sampler"
-    assert tiny["model"]["hidden"] < base["model"]["hidden"]
-    for cfg in (tiny, base):
-        assert cfg["selection"] == {"threshold": 0.55, "top_k": 12}
-        assert cfg["supervision"] == {"variant": "multiplicative", "lam": 0.5}
+    tiny, base = load_model_config("tiny"), load_model_config("base")
+    assert set(tiny) == set(base) == {"hidden", "kernel", "layers"}
+    assert tiny["hidden"] < base["hidden"]
+    assert load_model_config("sampler-tiny.yaml") == tiny
+    for name, model in (("sampler-train-tiny.yaml", tiny), ("sampler-train.yaml", base)):
+        cfg = _train_config(name)
+        assert cfg["task"] == "sampler"
+        assert set(SamplerTask.config_keys) <= set(cfg)
+        r = resolve_config(cfg)
+        assert r["model"] == model
+        assert r["selection"] == {"threshold": 0.55, "top_k": 12}
+        assert r["supervision"] == {"variant": "multiplicative", "lam": 0.5}
+    assert resolve_config({"model": "tiny"})["model"] == tiny  # a name is read too
     with pytest.raises(UserError, match="unknown key"):
         resolve_config({"model": {"hiden": 8}})
     with pytest.raises(UserError, match="kernel"):
@@ -49,12 +65,12 @@ def test_bundled_configs_load_and_validate():
     with pytest.raises(UserError, match="threshold"):
         resolve_config({"selection": {"threshold": 1.5}})
     with pytest.raises(UserError, match="not found"):
-        load_config("missing")
+        load_model_config("missing")
 
 
 def test_output_shape_and_input_checks():
     torch.manual_seed(0)
-    m = build_sampler(load_config("tiny"), 6)
+    m = build_sampler({"model": load_model_config("tiny")}, 6)
     for gl in (10, 20, 30):
         assert m(torch.randn(3, gl, gl, 6)).shape == (3, 100)
     with pytest.raises(UserError, match="multiple of 10"):
@@ -246,7 +262,7 @@ def test_precision_at_k():
 # -- the task ---------------------------------------------------------------------------------
 def test_task_loss_and_metrics():
     assert TASKS["sampler"] is SamplerTask and SamplerTask.name == "sampler"
-    cfg = load_config("tiny")
+    cfg = _train_config("sampler-train-tiny.yaml")
     task = SamplerTask()
     batch, text = fake_batch()
     torch.manual_seed(0)
@@ -262,6 +278,8 @@ def test_task_loss_and_metrics():
     assert 0 <= metrics["obr@0.55"] <= 1 and 0 <= metrics["precision@12"] <= 1
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+    # The LR width D_lr wins over the HR width D when the trainer gives both.
+    assert SamplerTask().build_model(cfg, {"D": 9, "D_lr": 6})(batch["lr_tokens"]).shape == (4, 100)
     # The supervision settings come from the config.
     task2 = SamplerTask()
     task2.build_model({**cfg, "supervision": {"variant": "structural"}}, {"D": 6})
