@@ -9,7 +9,7 @@ import yaml
 
 from gl10m.errors import UserError
 from gl10m.model.sampler import (CONFIG_DIR, TASKS, Sampler, SamplerTask, build_sampler,
-                                 load_model_config, obr,
+                                 load_model_config, load_sampler, obr,
                                  precision_at_k, rank, resolve_config, sampler_loss,
                                  scene_budgets, select)
 from gl10m.model.supervision import g_star
@@ -311,3 +311,29 @@ def test_sampler_overfits_a_few_samples():
     assert float(final.detach()) - floor < (first - floor) / 50
     _, metrics = task.loss(model, batch, text, 200)
     assert metrics["precision@12"] > 0.8
+
+
+def test_load_sampler_from_checkpoint(tmp_path):
+    cfg = _train_config("sampler-train-tiny.yaml")
+    dims = {"D": 9, "D_lr": 6, "E": 5, "Gl": 10, "g": 2, "n_concepts": 4}
+    torch.manual_seed(0)
+    model = SamplerTask().build_model(cfg, dims)
+    path = tmp_path / "step-1.pt"
+    torch.save({"model": model.state_dict(), "config": cfg, "dims": dims, "step": 1}, path)
+    loaded = load_sampler(path)
+    x = torch.randn(2, 10, 10, 6)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert not loaded.training
+    torch.save({"model": model.state_dict(), "config": {**cfg, "task": "predictor"},
+                "dims": dims}, path)
+    with pytest.raises(UserError, match="not 'sampler'"):
+        load_sampler(path)
+    torch.save({"model": model.state_dict(), "config": cfg, "dims": {**dims, "D_lr": 7}}, path)
+    with pytest.raises(UserError, match="do not match"):
+        load_sampler(path)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot be read"):
+        load_sampler(path)
+    with pytest.raises(UserError, match="not found"):
+        load_sampler(tmp_path / "missing.pt")
