@@ -413,8 +413,11 @@ def match_region(candidates: gpd.GeoDataFrame, naip: gpd.GeoDataFrame, s2: gpd.G
         row.update({"naip_year": nm["year"], "naip_date": _iso(nm["date"]), "naip_items": naip_json,
                     "s2_window": mode, "s2_start": _iso(used[0]), "s2_end": _iso(used[1]),
                     "s2_items": s2_json, "provider": provider})
-        row["plan_hash"] = hash_inputs(sect, key, [w, so, e, no], row["naip_year"], naip_json,
-                                       mode, row["s2_start"], row["s2_end"], s2_json, provider)
+        # identities, not locations: the same items served from another URL plan the same scene
+        row["plan_hash"] = hash_inputs(sect, key, [w, so, e, no], row["naip_year"],
+                                       [(i["id"], i.get("datetime")) for i in nm["items"]], mode,
+                                       row["s2_start"], row["s2_end"],
+                                       [(i["id"], i.get("datetime"), i.get("baseline")) for i in items], provider)
         out.append(row)
     return _rows_frame(out), _rejections_frame(rej)
 

@@ -187,3 +187,19 @@ def test_shards_from_the_run_verify_and_load(run):
     train = list(data.load(res.out_dir, split="train", tiles=[0, 55, 99]))
     assert len(train) == res.samples.get("train", 0) > 0
     assert train[0]["hr"].shape == (3, 3, 268, 268)
+
+
+def test_plan_hash_names_items_not_urls(run, built_world, tmp_path):
+    """Samples' meta carries the plan hash: it must not change when the world is served elsewhere,
+    or rebuilt shards would differ only by the server's port."""
+    from gl10m.testbed.serve import serve
+
+    wd, p = run["wd"], run["profile"]
+    w2 = tmp_path / "w"
+    shutil.copytree(run["indexed"], w2)
+    with serve(built_world) as other:
+        download.run_download(p, w2, stages=("catalog", "plan"), stac_url=other.stac_url, quiet=True)
+    a, b = plan_rows(wd, p), plan_rows(w2, p)
+    assert set(a) == set(b)
+    assert all(a[k]["plan_hash"] == b[k]["plan_hash"] for k in a)
+    assert any(a[k]["naip_items"] != b[k]["naip_items"] for k in a)  # the hrefs did change
