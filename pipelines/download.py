@@ -25,7 +25,7 @@ from gl10m.pipelines.runner import error_label, map_units
 from gl10m.profile import Profile
 
 STAGES = ("catalog", "plan", "fetch")
-STAGE_VERSION = {"catalog": 1, "plan": 1, "fetch": 2}
+STAGE_VERSION = {"catalog": 1, "plan": 2, "fetch": 2}
 
 
 @dataclass
@@ -67,6 +67,7 @@ def fetch_hash(profile: Profile, row) -> str:
     naip = [(i["id"], i.get("datetime")) for i in json.loads(row["naip_items"])]
     s2 = [(i["id"], i.get("datetime"), i.get("baseline")) for i in json.loads(row["s2_items"])]
     return hash_inputs("fetch", STAGE_VERSION["fetch"], str(row["key"]), str(row["split"]),
+                       str(row.get("plan_hash") or ""),  # written into meta.json: keep them in step
                        [float(row[c]) for c in ("west", "south", "east", "north")],
                        [int(c) for c in row["concepts"]], naip, s2, str(row["s2_window"]),
                        profile.imagery.model_dump(mode="json"), profile.qc.model_dump(mode="json"),
