@@ -402,3 +402,19 @@ def collate_features(batch: Sequence[dict]) -> dict:
     for k in FIELDS:
         out[k] = torch.stack([b[k] for b in batch])
     return out
+
+
+def cli_features(shards: str | os.PathLike, out: str | os.PathLike, encoder: str | os.PathLike, *,
+                 split: str | None = None, batch_size: int = 8, device: str = "cpu", shard_mb: float = 256,
+                 resume: bool = True, profile: str | None = None, echo=print) -> dict:
+    """``gl10m model features SHARDS OUT --encoder (SAVED_DIR | encoder.pt | CONFIG.yaml) [--split S]
+    [--batch-size N] [--device cpu|cuda] [--shard-mb MB] [--no-resume] [--profile YAML]``: write
+    the feature cache; prints one line per split. Returns :func:`write_features`' summary."""
+    s = write_features(shards, out, encoder, split=split, batch_size=batch_size, device=device, shard_mb=shard_mb,
+                       resume=resume, profile=profile,
+                       progress=lambda sp, j, n: echo(f"{sp}: feature shard {j + 1}/{n} written"))
+    for sp, st in s["splits"].items():
+        echo(f"{sp}: {st['shards']} shards ({st['written']} written, {st['skipped']} already there), "
+             f"{st['samples']} samples encoded")
+    echo(f"features -> {s['out']} ({s['seconds']} s)")
+    return s

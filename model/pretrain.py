@@ -155,9 +155,30 @@ def pretrain_encoder(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, 
                         extra={"train": {k: v for k, v in tr.items() if k != "labels"}, "text_model": te.name,
                                "source": str(shards_dir), "steps": steps, "epochs": epoch,
                                "seconds": round(time.time() - t0, 2),
-                               "siglip": {"hr": [float(hr_head.log_scale), float(hr_head.bias)],
-                                          "lr": [float(lr_head.log_scale), float(lr_head.bias)]}})
+                               "siglip": {"hr": [hr_head.log_scale.item(), hr_head.bias.item()],
+                                          "lr": [lr_head.log_scale.item(), lr_head.bias.item()]}})
     from gl10m.io import atomic_write_text
 
     atomic_write_text(out / "pretrain_log.json", json.dumps(log) + "\n")
+    return path
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "encoder-bootstrap.yaml"
+
+
+def cli_pretrain_encoder(shards: str | os.PathLike, out: str | os.PathLike, config: str | os.PathLike | None = None,
+                         *, steps: int | None = None, batch_size: int | None = None, device: str | None = None,
+                         seed: int | None = None, profile: str | None = None, echo=print) -> Path:
+    """``gl10m model pretrain-encoder SHARDS OUT [--config YAML] [--steps N] [--batch-size N]
+    [--device cpu|cuda] [--seed N] [--profile YAML]``: train the bootstrap encoder; the options
+    override the config's ``train:`` section. Returns the path of ``encoder.pt``."""
+    cfg = load_config(config or DEFAULT_CONFIG)
+    tr = dict(cfg.get("train") or {})
+    for k, v in (("steps", steps), ("batch_size", batch_size), ("device", device), ("seed", seed),
+                 ("profile", profile)):
+        if v is not None:
+            tr[k] = v
+    cfg = {**cfg, "train": tr}
+    path = pretrain_encoder(shards, out, cfg, progress=lambda s, loss: echo(f"step {s}: loss {loss:.4f}"))
+    echo(f"encoder -> {path}")
     return path

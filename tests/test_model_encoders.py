@@ -234,6 +234,29 @@ def test_bootstrap_loss_falls_and_learns_concepts(colour_shards, text_encoder, t
     assert hits / tot > 0.9, hits / tot
 
 
+def test_cli_pretrain_overrides(colour_shards, text_encoder, tmp_path, monkeypatch):
+    sd, _ = colour_shards
+    cfg = tmp_path / "c.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump({"encoder": TINY, "train": {"steps": 99, "batch_size": 2, "tiles_per_scene": 2}}))
+    monkeypatch.setattr(P, "TextEncoder", lambda: text_encoder)
+    lines = []
+    path = P.cli_pretrain_encoder(sd, tmp_path / "o", cfg, steps=2, seed=5, echo=lines.append)
+    _, info = E.load_encoder(path)
+    assert info["train"]["steps"] == 2 and info["train"]["seed"] == 5 and info["train"]["batch_size"] == 2
+    assert lines[-1] == f"encoder -> {path}" and lines[0].startswith("step 0: loss ")
+
+
+def test_pretrain_is_deterministic(colour_shards, text_encoder, tmp_path):
+    sd, _ = colour_shards
+    cfg = {"encoder": TINY, "train": dict(steps=3, batch_size=2, tiles_per_scene=3, shuffle=4, seed=7)}
+    a = P.pretrain_encoder(sd, tmp_path / "a", cfg, text_encoder=text_encoder)
+    b = P.pretrain_encoder(sd, tmp_path / "b", cfg, text_encoder=text_encoder)
+    sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_pretrain_config_errors(colour_shards, tmp_path):
     sd, _ = colour_shards
     for bad in ({"train": {"stepz": 3}}, {"train": {"steps": 0}}, {"train": {"pos_threshold": 2}},

@@ -142,6 +142,19 @@ def test_resume_skips_done_shards(env):
         F.write_features(sd, out, enc_dir, shard_mb=per * 2)
 
 
+def test_cli_features_from_yaml_config(env, tmp_path):
+    sd, _, _, _ = env
+    cfg = tmp_path / "enc.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump({"encoder": TINY}))
+    lines = []
+    s = F.cli_features(sd, tmp_path / "o", cfg, split="val", batch_size=2, echo=lines.append)
+    assert s["splits"] == {"val": {"shards": 1, "written": 1, "skipped": 0, "samples": 2}}
+    assert any(line.startswith("val: 1 shards") for line in lines)
+    assert len(list(F.FeatureDataset(tmp_path / "o", "val", rank=0, world_size=1))) == 2
+
+
 def test_bad_inputs(env, tmp_path):
     sd, out, enc_dir, _ = env
     with pytest.raises(UserError):
