@@ -1,0 +1,321 @@
+"""The cross-scale predictor: fills in the HR features of unobserved tiles from the observed HR
+tiles and the LR context, and the two training tasks built on it ("predictor": stage I centered
+cosine regression; "predictor_stage2": stage I + SigLIP against concept text embeddings).
+
+Grid convention: a scene is 10 x 10 tiles, tile t = row * 10 + col, row 0 north. Each tile has
+g x g HR tokens; on the HR token grid (10g x 10g) tile t occupies rows (t // 10) * g ... and
+cols (t % 10) * g ....
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gl10m.errors import UserError
+
+from .losses import BIAS_INIT, LOG_SCALE_INIT, RunningCenter, centered_cosine, collapse_monitors, siglip_loss
+
+N_SIDE = 10
+N_TILES = N_SIDE * N_SIDE
+
+
+def rasterise(tokens: torch.Tensor, mask: torch.Tensor | None = None,
+              fill: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, 100, g, g, C] tile tokens -> [B, 10g, 10g, C] HR grid.
+
+    With `mask` ([B, 100] bool, True = observed), unobserved tiles get `fill` ([C], broadcast;
+    zeros when None).
+    """
+    if tokens.ndim != 5 or tokens.shape[1] != N_TILES or tokens.shape[2] != tokens.shape[3]:
+        raise UserError(f"rasterise: expected tokens [B, 100, g, g, C], got {tuple(tokens.shape)}")
+    b, _, g, _, c = tokens.shape
+    if mask is not None:
+        if mask.shape != (b, N_TILES):
+            raise UserError(f"rasterise: mask must be [{b}, 100], got {tuple(mask.shape)}")
+        m = mask.to(torch.bool).view(b, N_TILES, 1, 1, 1)
+        f = tokens.new_zeros(c) if fill is None else fill.to(tokens.dtype)
+        tokens = torch.where(m, tokens, f.view(1, 1, 1, 1, c))
+    grid = tokens.view(b, N_SIDE, N_SIDE, g, g, c).permute(0, 1, 3, 2, 4, 5)
+    return grid.reshape(b, N_SIDE * g, N_SIDE * g, c)
+
+
+def unrasterise(grid: torch.Tensor) -> torch.Tensor:
+    """[B, 10g, 10g, C] HR grid -> [B, 100, g, g, C] tile tokens (inverse of `rasterise`)."""
+    if grid.ndim != 4 or grid.shape[1] != grid.shape[2] or grid.shape[1] % N_SIDE:
+        raise UserError(f"unrasterise: expected grid [B, 10g, 10g, C], got {tuple(grid.shape)}")
+    b, h, _, c = grid.shape
+    g = h // N_SIDE
+    t = grid.reshape(b, N_SIDE, g, N_SIDE, g, c).permute(0, 1, 3, 2, 4, 5)
+    return t.reshape(b, N_TILES, g, g, c)
+
+
+def draw_masks(batch_size: int, generator: torch.Generator, max_frac: float = 0.3,
+               scores: torch.Tensor | None = None, mix: float = 0.5) -> torch.Tensor:
+    """Training masks [B, 100] bool (True = observed HR tile).
+
+    Per scene the number of observed tiles is uniform in {0, ..., round(max_frac * 100)} (zero
+    allowed). Tiles are chosen at random; when `scores` ([B, 100], e.g. a sampler's utility map)
+    is given, each scene takes the top-scoring tiles with probability `mix`, random ones otherwise.
+    """
+    kmax = int(round(max_frac * N_TILES))
+    if not 0 <= kmax <= N_TILES:
+        raise UserError(f"max observed fraction must be in [0, 1], got {max_frac}")
+    counts = torch.randint(0, kmax + 1, (batch_size,), generator=generator)
+    rank = torch.rand(batch_size, N_TILES, generator=generator)
+    if scores is not None:
+        use = torch.rand(batch_size, generator=generator) < mix
+        s = scores.detach().float().cpu()
+        # Order by score (descending) where the sampler is used: negate so argsort ascends.
+        rank = torch.where(use[:, None], -s, rank)
+    order = rank.argsort(dim=1)
+    pos = torch.empty_like(order)
+    pos.scatter_(1, order, torch.arange(N_TILES).expand(batch_size, N_TILES).contiguous())
+    return pos < counts[:, None]
+
+
+class _Block(nn.Module):
+    """Pre-norm: self-attention over HR tokens, cross-attention to LR tokens, MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, cross: bool):
+        super().__init__()
+        self.heads = heads
+        self.n1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.cross = cross
+        if cross:
+            self.n2 = nn.LayerNorm(dim)
+            self.n2kv = nn.LayerNorm(dim)
+            self.q = nn.Linear(dim, dim)
+            self.kv = nn.Linear(dim, 2 * dim)
+            self.cproj = nn.Linear(dim, dim)
+        self.n3 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+    def _merge(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, n, dh = x.shape
+        return x.transpose(1, 2).reshape(b, n, h * dh)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self.qkv(self.n1(x)).chunk(3, dim=-1)
+        a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v))
+        x = x + self.proj(self._merge(a))
+        if self.cross and ctx is not None:
+            q = self.q(self.n2(x))
+            k, v = self.kv(self.n2kv(ctx)).chunk(2, dim=-1)
+            a = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v))
+            x = x + self.cproj(self._merge(a))
+        return x + self.mlp(self.n3(x))
+
+
+class Predictor(nn.Module):
+    """Predicts the HR tokens of all 100 tiles: forward(lr_tokens [B, Gl, Gl, D_lr],
+    hr_tokens [B, 100, g, g, D], mask [B, 100] bool) -> [B, 100, g, g, D].
+
+    Only the observed tiles' hr_tokens are read (unobserved ones may hold anything).
+    """
+
+    def __init__(self, *, in_dim: int, g: int, lr_dim: int | None = None, lr_grid: int = N_SIDE,
+                 dim: int = 768, depth: int = 12, heads: int = 12, mlp_ratio: float = 4.0,
+                 pool: int = 1, use_lr: bool = True, grad_checkpointing: bool = False,
+                 embed_dim: int | None = None):
+        super().__init__()
+        if dim % heads:
+            raise UserError(f"predictor dim {dim} is not a multiple of heads {heads}")
+        if pool < 1 or (N_SIDE * g) % pool:
+            raise UserError(f"predictor pool {pool} must divide the HR grid size {N_SIDE * g}")
+        if use_lr and lr_grid % N_SIDE:
+            raise UserError(f"LR token grid {lr_grid} is not a multiple of 10 (tile-aligned)")
+        self.g, self.in_dim, self.dim, self.pool = g, in_dim, dim, pool
+        self.use_lr, self.grad_checkpointing = use_lr, grad_checkpointing
+        self.lr_grid = lr_grid
+        self.in_proj = nn.Linear(in_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(dim))
+        self.tile_pos = nn.Parameter(torch.zeros(N_TILES, dim))   # which tile
+        self.hr_pos = nn.Parameter(torch.zeros(g * g, dim))       # where within the tile
+        if use_lr:
+            lg = lr_grid // N_SIDE
+            self.lr_proj = nn.Linear(lr_dim or in_dim, dim)
+            self.lr_tile_pos = nn.Parameter(torch.zeros(N_TILES, dim))
+            self.lr_in_pos = nn.Parameter(torch.zeros(lg * lg, dim))
+        self.blocks = nn.ModuleList(_Block(dim, heads, mlp_ratio, use_lr) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.out_proj = nn.Linear(dim, in_dim)
+        if embed_dim is not None:  # stage II head: pooled prediction -> text space
+            self.head = nn.Linear(in_dim, embed_dim)
+            self.log_scale = nn.Parameter(torch.tensor(LOG_SCALE_INIT))
+            self.bias = nn.Parameter(torch.tensor(BIAS_INIT))
+        for p in (self.mask_token, self.tile_pos, self.hr_pos):
+            nn.init.trunc_normal_(p, std=0.02)
+        if use_lr:
+            nn.init.trunc_normal_(self.lr_tile_pos, std=0.02)
+            nn.init.trunc_normal_(self.lr_in_pos, std=0.02)
+
+    @classmethod
+    def from_config(cls, cfg: dict, dims: dict, embed_dim: int | None = None) -> "Predictor":
+        known = {"dim", "depth", "heads", "mlp_ratio", "pool", "use_lr", "grad_checkpointing"}
+        unknown = set(cfg) - known - {"name"}
+        if unknown:
+            raise UserError(f"unknown predictor config keys: {sorted(unknown)}")
+        return cls(in_dim=dims["D"], g=dims["g"], lr_dim=dims.get("D_lr", dims["D"]),
+                   lr_grid=dims.get("Gl", N_SIDE), embed_dim=embed_dim,
+                   **{k: cfg[k] for k in known if k in cfg})
+
+    def positions(self) -> torch.Tensor:
+        """[10g, 10g, dim]: tile-level + within-tile positional embedding on the HR grid."""
+        g = self.g
+        pos = self.tile_pos.view(N_TILES, 1, 1, -1) + self.hr_pos.view(1, g, g, -1)
+        return rasterise(pos.unsqueeze(0))[0]
+
+    def embed(self, hr_tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Observed tiles' projected tokens, the mask token elsewhere: [B, 10g, 10g, dim]."""
+        return rasterise(self.in_proj(hr_tokens), mask, fill=self.mask_token)
+
+    def lr_context(self, lr_tokens: torch.Tensor) -> torch.Tensor:
+        b, gl, gl2, _ = lr_tokens.shape
+        if gl != self.lr_grid or gl2 != self.lr_grid:
+            raise UserError(f"LR tokens {gl}x{gl2}, predictor built for {self.lr_grid}x{self.lr_grid}")
+        lg = gl // N_SIDE
+        pos = self.lr_tile_pos.view(N_TILES, 1, 1, -1) + self.lr_in_pos.view(1, lg, lg, -1)
+        pos = rasterise(pos.unsqueeze(0))[0]  # same tile layout on the LR grid
+        return (self.lr_proj(lr_tokens) + pos).reshape(b, gl * gl, self.dim)
+
+    def forward(self, lr_tokens: torch.Tensor | None, hr_tokens: torch.Tensor, mask: torch.Tensor,
+                return_embed: bool = False):
+        b = hr_tokens.shape[0]
+        if hr_tokens.shape[1:4] != (N_TILES, self.g, self.g):
+            raise UserError(f"hr_tokens {tuple(hr_tokens.shape)}: expected [B, 100, {self.g}, {self.g}, D]")
+        x = self.embed(hr_tokens, mask) + self.positions()           # [B, H, H, dim]
+        h = x.shape[1]
+        skip = x
+        if self.pool > 1:
+            x = F.avg_pool2d(x.permute(0, 3, 1, 2), self.pool).permute(0, 2, 3, 1)
+        hp = x.shape[1]
+        x = x.reshape(b, hp * hp, self.dim)
+        ctx = self.lr_context(lr_tokens) if self.use_lr else None
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, ctx, use_reentrant=False)
+            else:
+                x = blk(x, ctx)
+        x = x.view(b, hp, hp, self.dim)
+        if self.pool > 1:
+            x = x.repeat_interleave(self.pool, dim=1).repeat_interleave(self.pool, dim=2)
+        x = self.out_proj(self.norm(x + skip))  # final norm, back to the feature dim
+        assert x.shape[1] == h
+        pred = unrasterise(x)
+        if return_embed:
+            if not hasattr(self, "head"):
+                raise UserError("this predictor has no stage II head (built without embed_dim)")
+            return pred, self.head(pred.float().mean(dim=(1, 2, 3)))
+        return pred
+
+
+# -- training tasks -----------------------------------------------------------------------------
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+class PredictorModel(nn.Module):
+    """Predictor + the running centre of the targets (saved with the model's state dict)."""
+
+    def __init__(self, predictor: Predictor, momentum: float):
+        super().__init__()
+        self.predictor = predictor
+        self.center = RunningCenter(predictor.in_dim, momentum)
+
+    def forward(self, lr_tokens, hr_tokens, mask, return_embed: bool = False):
+        return self.predictor(lr_tokens, hr_tokens, mask, return_embed=return_embed)
+
+
+class PredictorTask:
+    """Stage I: centered cosine between predicted and target HR tokens of all 100 tiles."""
+
+    name = "predictor"
+    stage2 = False
+    config_keys = ("center_momentum", "max_observed_frac", "sampler_mix")
+
+    def __init__(self, scorer: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.scorer = scorer  # optional: lr_tokens [B, Gl, Gl, D] -> tile scores [B, 100]
+        self.cfg: dict = {}
+
+    def build_model(self, cfg: dict, dims: dict) -> nn.Module:
+        self.cfg = cfg
+        pcfg = cfg.get("model") or {}
+        emb = dims["E"] if self.stage2 else None
+        return PredictorModel(Predictor.from_config(pcfg, dims, embed_dim=emb),
+                              float(cfg.get("center_momentum", 0.9)))
+
+    def masks(self, batch: dict, step: int) -> torch.Tensor:
+        """Masks for this step: a generator seeded by (seed, step, rank), so a resumed run draws
+        exactly the masks an uninterrupted one would."""
+        cfg = self.cfg
+        b = batch["hr_tokens"].shape[0]
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)) * 1_000_003 + step * 7919 + rank)
+        scores = None
+        if self.scorer is not None:
+            with torch.no_grad():
+                scores = self.scorer(batch["lr_tokens"])
+        return draw_masks(b, gen, float(cfg.get("max_observed_frac", 0.3)), scores,
+                          float(cfg.get("sampler_mix", 0.5))).to(batch["hr_tokens"].device)
+
+    def stage1(self, model, batch: dict, step: int):
+        inner = unwrap(model)
+        mask = self.masks(batch, step)
+        target = batch["hr_tokens"]
+        out = model(batch["lr_tokens"], target, mask, return_embed=self.stage2)
+        pred, emb = out if self.stage2 else (out, None)
+        center = inner.center.center.clone()
+        loss = centered_cosine(pred.float(), target.float(), center)
+        inner.center.update(target)
+        logs = {"loss_cc": float(loss.detach()), "observed_frac": float(mask.float().mean())}
+        logs.update(collapse_monitors(pred, center))
+        return loss, logs, emb
+
+    def loss(self, model, batch: dict, text: torch.Tensor | None, step: int):
+        loss, logs, _ = self.stage1(model, batch, step)
+        logs["loss"] = float(loss.detach())
+        return loss, logs
+
+
+class PredictorStage2Task(PredictorTask):
+    """Stage II: stage I loss + SigLIP between pooled predictions (projected to E) and the text
+    embeddings of the concepts, multi-label from `labels`; cfg `novel_concepts` are held out."""
+
+    name = "predictor_stage2"
+    stage2 = True
+    config_keys = PredictorTask.config_keys + ("novel_concepts", "siglip_weight")
+
+    def loss(self, model, batch: dict, text: torch.Tensor | None, step: int):
+        cfg = self.cfg
+        if text is None:
+            raise UserError("predictor_stage2 needs the concept text embeddings")
+        cc, logs, emb = self.stage1(model, batch, step)
+        labels = batch["labels"]
+        n = text.shape[0]
+        novel = {int(c) for c in cfg.get("novel_concepts") or []}
+        bad = [c for c in novel if not 0 <= c < n]
+        if bad:
+            raise UserError(f"novel_concepts {sorted(bad)} out of range 0..{n - 1}")
+        keep = torch.tensor([c for c in range(n) if c not in novel], device=text.device, dtype=torch.long)
+        inner = unwrap(model).predictor
+        sl = siglip_loss(emb, text.to(emb.device)[keep], labels.to(emb.device)[:, keep],
+                         inner.log_scale, inner.bias)
+        w = float(cfg.get("siglip_weight", 1.0))
+        loss = cc + w * sl
+        logs.update({"loss_siglip": float(sl.detach()), "loss": float(loss.detach()),
+                     "siglip_scale": float(inner.log_scale.detach().exp())})
+        return loss, logs
