@@ -156,13 +156,15 @@ def encode_batch(enc: TileEncoder, lr: torch.Tensor, hr: torch.Tensor, device: t
 
 def write_features(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, encoder: Any, *,
                    split: str | Sequence[str] | None = None, batch_size: int = 8, device: str = "cpu",
-                   shard_mb: float = 256, resume: bool = True, labels: Sequence[str] | None = None,
+                   shard_mb: float = 256, resume: bool = True, num_workers: int = 0,
+                   labels: Sequence[str] | None = None,
                    profile: str | os.PathLike | None = None, progress=None,
                    text_encoder: TextEncoder | None = None) -> dict:
     """Encode every scene of ``shards_dir`` (one split, a list, or all) into the feature cache
     ``out_dir``. ``encoder``: a :class:`TileEncoder`, a saved encoder folder / ``encoder.pt``, or
     a config (YAML path or dict). Concept labels: ``labels``, else the saved encoder's, else the
-    profile's. Returns a summary: per split shards written / skipped and samples encoded."""
+    profile's. ``num_workers``: DataLoader workers decoding the source shards (the samples' order
+    inside a feature shard then follows the workers' interleaving). Returns a summary: per split shards written / skipped and samples encoded."""
     from gl10m import data
     from gl10m.io import atomic_write_bytes, atomic_write_text
     from gl10m.shards import write_shard
@@ -170,6 +172,8 @@ def write_features(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, en
     t0 = time.time()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise FeatureError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise FeatureError(f"num_workers must be a non-negative integer, got {num_workers!r}")
     if not shard_mb or float(shard_mb) <= 0:
         raise FeatureError(f"shard_mb must be positive, got {shard_mb!r}")
     src = Path(shards_dir)
@@ -236,7 +240,8 @@ def write_features(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, en
                 continue
             ds = data.load([str(src / s / n) for n in names], split=s, tiles="all", rank=0, world_size=1,
                            decode_meta=False)
-            dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=0, collate_fn=data.collate)
+            dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
+                                             collate_fn=data.collate, pin_memory=dev.type == "cuda")
 
             def samples(dl=dl):
                 for batch in dl:
@@ -406,12 +411,12 @@ def collate_features(batch: Sequence[dict]) -> dict:
 
 def cli_features(shards: str | os.PathLike, out: str | os.PathLike, encoder: str | os.PathLike, *,
                  split: str | None = None, batch_size: int = 8, device: str = "cpu", shard_mb: float = 256,
-                 resume: bool = True, profile: str | None = None, echo=print) -> dict:
+                 resume: bool = True, num_workers: int = 0, profile: str | None = None, echo=print) -> dict:
     """``gl10m model features SHARDS OUT --encoder (SAVED_DIR | encoder.pt | CONFIG.yaml) [--split S]
-    [--batch-size N] [--device cpu|cuda] [--shard-mb MB] [--no-resume] [--profile YAML]``: write
+    [--batch-size N] [--device cpu|cuda] [--shard-mb MB] [--num-workers N] [--no-resume] [--profile YAML]``: write
     the feature cache; prints one line per split. Returns :func:`write_features`' summary."""
     s = write_features(shards, out, encoder, split=split, batch_size=batch_size, device=device, shard_mb=shard_mb,
-                       resume=resume, profile=profile,
+                       resume=resume, num_workers=num_workers, profile=profile,
                        progress=lambda sp, j, n: echo(f"{sp}: feature shard {j + 1}/{n} written"))
     for sp, st in s["splits"].items():
         echo(f"{sp}: {st['shards']} shards ({st['written']} written, {st['skipped']} already there), "

@@ -128,9 +128,11 @@ def pretrain_encoder(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, 
             if batch["labels"].shape[1] != len(labels):
                 raise EncoderError(f"pretrain: samples have {batch['labels'].shape[1]} concepts, "
                                    f"the profile {len(labels)}")
-            _, hr_emb, _ = enc.encode_hr(hr.reshape(b * n, *hr.shape[2:]))
-            _, lr_emb = enc.encode_lr(batch["lr"])
-            txt = enc.encode_text(text_raw)
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                _, hr_emb, _ = enc.encode_hr(hr.reshape(b * n, *hr.shape[2:]))
+                _, lr_emb = enc.encode_lr(batch["lr"])
+                txt = enc.encode_text(text_raw)
+            hr_emb, lr_emb, txt = hr_emb.float(), lr_emb.float(), txt.float()
             tile_pos = (batch["tile_frac"].float().reshape(b * n, -1) >= thr).to(dev)
             loss_hr = hr_head(hr_emb, txt, tile_pos)
             loss_lr = lr_head(lr_emb, txt, batch["labels"].to(dev) > 0)

@@ -75,6 +75,25 @@ def test_shapes_and_tile_alignment(lr_size, per_tile):
     torch.testing.assert_close(tok2, tok)
 
 
+@pytest.mark.parametrize("lr_size,k", [(80, 1), (160, 2)])
+def test_lr_tokens_are_tile_aligned(lr_size, k):
+    """With no transformer blocks each token sees only its own patch: changing the inside of HR
+    tile (r, c) in the LR image changes exactly the k x k LR tokens of that tile."""
+    enc = tiny(lr_size=lr_size, depth=1)
+    enc.backbone.blocks = torch.nn.Sequential()  # patch embedding + positions + norm only
+    x = rand_u8(1, seed=4)
+    y = x.clone()
+    r, c = 3, 7
+    px = 268 / 10
+    rows = slice(int(r * px) + 4, int((r + 1) * px) - 4)
+    cols = slice(int(c * px) + 4, int((c + 1) * px) - 4)
+    y[..., rows, cols] = 255 - y[..., rows, cols]
+    with torch.no_grad():
+        diff = (enc.encode_lr(x)[0] - enc.encode_lr(y)[0]).abs().amax(-1)[0]
+    changed = (diff > 1e-5).nonzero().tolist()
+    assert changed == [[r * k + i, c * k + j] for i in range(k) for j in range(k)]
+
+
 @pytest.mark.parametrize("bad", [dict(lr_size=72), dict(hr_size=60), dict(pool=9), dict(backend="nope"),
                                  dict(widht=3), dict(templates=["no label here"]), dict(weights="/nonexistent.pth"),
                                  dict(backend="timm", model="")])

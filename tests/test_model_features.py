@@ -149,10 +149,13 @@ def test_cli_features_from_yaml_config(env, tmp_path):
 
     cfg.write_text(yaml.safe_dump({"encoder": TINY}))
     lines = []
-    s = F.cli_features(sd, tmp_path / "o", cfg, split="val", batch_size=2, echo=lines.append)
-    assert s["splits"] == {"val": {"shards": 1, "written": 1, "skipped": 0, "samples": 2}}
-    assert any(line.startswith("val: 1 shards") for line in lines)
-    assert len(list(F.FeatureDataset(tmp_path / "o", "val", rank=0, world_size=1))) == 2
+    s = F.cli_features(sd, tmp_path / "o", cfg, split="train", batch_size=2, num_workers=2, echo=lines.append)
+    assert s["splits"] == {"train": {"shards": 1, "written": 1, "skipped": 0, "samples": 6}}
+    assert any(line.startswith("train: 1 shards") for line in lines)
+    keys = [it["key"] for it in F.FeatureDataset(tmp_path / "o", "train", rank=0, world_size=1)]
+    assert sorted(keys) == sorted(source_items(sd, "train"))
+    with pytest.raises(UserError):
+        F.write_features(sd, tmp_path / "p", cfg, num_workers=-1)
 
 
 def test_bad_inputs(env, tmp_path):
