@@ -401,9 +401,9 @@ def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: s
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gn = torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["grad_clip"]))
+                lr_now = opt.param_groups[0]["lr"]  # the rate this step used
                 opt.step()
                 sched.step()
-                lr_now = opt.param_groups[0]["lr"]
                 step += 1
                 batch_in_epoch = i + 1
                 last_loss = float(loss.detach())

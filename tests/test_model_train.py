@@ -1,0 +1,150 @@
+"""The training entry point: metrics, checkpoints loadable with weights_only, resume equal to an
+uninterrupted run, stage II, config errors."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from gl10m.errors import UserError
+from model.train import checkpoint_paths, get_task, load_checkpoint, lr_factor, train
+from tests.test_model_predictor import CONFIGS, synthetic_samples, tiny_cfg
+
+
+def cfg(**kw) -> dict:
+    base = {"task": "predictor", "model": tiny_cfg(), "batch_size": 2, "steps": 8, "lr": 3e-3,
+            "warmup_steps": 2, "ckpt_every": 3, "keep_checkpoints": 5, "progress": False}
+    return {**base, **kw}
+
+
+def losses(metrics: str | Path) -> list[float]:
+    return [json.loads(ln)["loss"] for ln in Path(metrics).read_text().splitlines()]
+
+
+class IterableSamples:
+    """An iterable (not map-style) dataset that reshuffles per epoch, like FeatureDataset."""
+
+    def __init__(self, samples):
+        self.samples, self.epoch = samples, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(100 + self.epoch))
+        return (self.samples[i] for i in order.tolist())
+
+
+def test_train_writes_metrics_and_weights_only_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    res = train(CONFIGS / "train-predictor-tiny.yaml", None, out, dataset=synthetic_samples(5), max_steps=7)
+    assert res["step"] == 7
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 8))
+    for r in recs:
+        assert math.isfinite(r["loss"]) and {"lr", "grad_norm", "pred_std", "pred_cos_center"} <= set(r)
+    assert [p.name for p in checkpoint_paths(out)] == ["step-00000005.pt", "step-00000007.pt"]
+    st = torch.load(res["checkpoint"], map_location="cpu", weights_only=True)
+    assert st["step"] == 7 and st["config"]["task"] == "predictor"
+    assert {"model", "optimizer", "scheduler", "rng"} <= set(st)
+    assert "center.center" in st["model"] and "predictor.mask_token" in st["model"]
+    assert not list(out.glob("**/*.tmp*"))
+    # warmup then cosine: lr rises for warmup_steps, then falls
+    lrs = [r["lr"] for r in recs]
+    assert lrs[0] < lrs[1] and lrs[2] > lrs[-1]
+
+
+@pytest.mark.parametrize("kind", ["map", "iterable"])
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, kind):
+    samples = synthetic_samples(5)
+    ds = (lambda: samples) if kind == "map" else (lambda: IterableSamples(samples))
+    full = train(cfg(), None, tmp_path / "full", dataset=ds())
+    ref = losses(full["metrics"])
+    assert len(ref) == 8 and len(set(ref)) == 8
+    # stop at step 5 (mid-epoch: 3 batches an epoch), then resume in a fresh call
+    part = tmp_path / "part"
+    train(cfg(), None, part, dataset=ds(), max_steps=5)
+    assert losses(part / "metrics.jsonl") == ref[:5]
+    res = train(cfg(), None, part, dataset=ds(), resume=True)
+    assert res["step"] == 8
+    assert losses(res["metrics"]) == ref
+    a = load_checkpoint(full["checkpoint"])["model"]
+    b = load_checkpoint(res["checkpoint"])["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_a_crash_drops_metrics_past_the_checkpoint(tmp_path):
+    samples = synthetic_samples(5)
+    ref = losses(train(cfg(), None, tmp_path / "full", dataset=samples)["metrics"])
+    run = tmp_path / "crash"
+    train(cfg(), None, run, dataset=samples, max_steps=5)
+    # as if killed after step 5 was logged but before its checkpoint was written
+    (run / "checkpoints" / "step-00000005.pt").unlink()
+    assert checkpoint_paths(run)[-1].name == "step-00000003.pt"
+    res = train(cfg(), None, run, dataset=samples, resume=True)
+    assert losses(res["metrics"]) == ref
+
+
+def test_stage2_trains_from_stage1_and_holds_out_novel_concepts(tmp_path):
+    samples = synthetic_samples(4, n_concepts=6)
+    text = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
+    s1 = train(cfg(steps=3), None, tmp_path / "s1", dataset=samples)
+    c2 = cfg(task="predictor_stage2", steps=3, init_from=s1["checkpoint"], novel_concepts=[1, 4])
+    res = train(c2, None, tmp_path / "s2", dataset=samples, text=text)
+    recs = [json.loads(ln) for ln in Path(res["metrics"]).read_text().splitlines()]
+    assert all(math.isfinite(r["loss_siglip"]) and r["loss"] > r["loss_cc"] for r in recs)
+    st = load_checkpoint(res["checkpoint"])
+    assert "predictor.head.weight" in st["model"] and "predictor.log_scale" in st["model"]
+    # the novel concepts' text embeddings do not enter the loss; the others do
+    task = get_task("predictor_stage2")
+    model = task.build_model(c2, st["dims"])
+    model.load_state_dict(st["model"])
+    batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+    def loss_with(t):
+        torch.manual_seed(0)
+        return task.loss(model, batch, t, 0)[1]["loss_siglip"]
+
+    model.eval()
+    t2 = text.clone()
+    t2[[1, 4]] = torch.randn(2, 8)
+    assert loss_with(text) == loss_with(t2)
+    t3 = text.clone()
+    t3[0] = torch.randn(8)
+    assert loss_with(text) != loss_with(t3)
+    with pytest.raises(UserError):
+        train(cfg(task="predictor_stage2", steps=1), None, tmp_path / "s3", dataset=samples)  # no text
+
+
+def test_config_and_state_errors(tmp_path):
+    samples = synthetic_samples(2)
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(cfg(), None, tmp_path / "a", dataset=samples, resume=True)
+    train(cfg(steps=1), None, tmp_path / "b", dataset=samples)
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        train(cfg(steps=1), None, tmp_path / "b", dataset=samples)
+    with pytest.raises(UserError, match="unknown training config keys"):
+        train(cfg(bogus=1), None, tmp_path / "c", dataset=samples)
+    with pytest.raises(UserError, match="unknown task"):
+        get_task("nope")
+    with pytest.raises(UserError):
+        train(cfg(batch_size=0), None, tmp_path / "d", dataset=samples)
+    with pytest.raises(UserError, match="not found"):
+        train(tmp_path / "missing.yaml", None, tmp_path / "e", dataset=samples)
+    with pytest.raises(UserError):
+        train(cfg(), tmp_path / "no-such-features", tmp_path / "f")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot load checkpoint"):
+        load_checkpoint(bad)
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 4, 20, 0.0) == pytest.approx(0.25)
+    assert lr_factor(3, 4, 20, 0.0) == pytest.approx(1.0)
+    assert lr_factor(4, 4, 20, 0.0) == pytest.approx(1.0)
+    assert lr_factor(12, 4, 20, 0.0) == pytest.approx(0.5)
+    assert lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
