@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
     "ckpt_every": 500,
     "keep_checkpoints": 2,
     "num_workers": 0,
+    "shuffle_buffer": 256,   # FeatureDataset shuffle buffer (samples); shard order is seeded per epoch
     "progress": True,
     "init_from": None,       # a checkpoint whose model weights start this run (e.g. stage I)
 }
@@ -155,6 +156,10 @@ def _epoch_batches(dataset, cfg: dict, epoch: int, rank: int, world: int, collat
         return
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
+    if int(cfg["num_workers"]) > 0:  # the dataset splits itself over workers (FeatureDataset does)
+        yield from torch.utils.data.DataLoader(dataset, batch_size=bs, collate_fn=collate,
+                                               num_workers=int(cfg["num_workers"]))
+        return
     buf: list = []
     for sample in dataset:
         buf.append(sample)
@@ -300,7 +305,8 @@ def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: s
             raise UserError("model.features (FeatureDataset) is not available")
         if not Path(features_dir).is_dir():
             raise UserError(f"features folder not found: {features_dir}")
-        dataset = feats.FeatureDataset(features_dir, cfg["split"], shuffle=True, seed=int(cfg["seed"]))
+        dataset = feats.FeatureDataset(features_dir, cfg["split"], shuffle=int(cfg["shuffle_buffer"]),
+                                       seed=int(cfg["seed"]))
         collate = getattr(feats, "collate_features", default_collate)
     if text is None and features_dir is not None and feats is not None and hasattr(feats, "load_text"):
         text = feats.load_text(features_dir)

@@ -148,3 +148,46 @@ def test_lr_schedule():
     assert lr_factor(4, 4, 20, 0.0) == pytest.approx(1.0)
     assert lr_factor(12, 4, 20, 0.0) == pytest.approx(0.5)
     assert lr_factor(20, 4, 20, 0.1) == pytest.approx(0.1)
+
+
+def _write_feature_cache(root: Path, samples: list[dict], text: torch.Tensor) -> None:
+    """A feature cache laid out as model.features writes it: features.json, text.npy and
+    <split>/<shard>.tar members '<key>.<field>.npy' (float16 features, uint8 labels)."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    def npy(a) -> bytes:
+        b = io.BytesIO()
+        np.save(b, a, allow_pickle=False)
+        return b.getvalue()
+
+    (root / "train").mkdir(parents=True)
+    with tarfile.open(root / "train" / "f-000000.tar", "w") as tar:
+        for i, s in enumerate(samples):
+            for k, v in s.items():
+                a = v.numpy()
+                a = a.astype(np.float16) if a.dtype == np.float32 and k != "s_vis" else a
+                data = npy(a)
+                ti = tarfile.TarInfo(f"s{i:03d}.{k}.npy")
+                ti.size = len(data)
+                tar.addfile(ti, io.BytesIO(data))
+    (root / "text.npy").write_bytes(npy(text.numpy().astype(np.float16)))
+    (root / "features.json").write_text(json.dumps({"shards": {"train": ["f-000000.tar"]}}))
+
+
+def test_train_reads_the_feature_cache_and_resumes(tmp_path):
+    pytest.importorskip("model.features")
+    samples = synthetic_samples(5, n_concepts=6)
+    feats = tmp_path / "features"
+    _write_feature_cache(feats, samples, torch.randn(6, 8, generator=torch.Generator().manual_seed(2)))
+    c = cfg(task="predictor_stage2", steps=6, shuffle_buffer=3)
+    ref = losses(train(c, feats, tmp_path / "full")["metrics"])
+    assert len(ref) == 6 and all(math.isfinite(x) for x in ref)
+    train(c, feats, tmp_path / "part", max_steps=4)
+    assert losses(train(c, feats, tmp_path / "part", resume=True)["metrics"]) == ref
+    # the same with a DataLoader worker
+    cw = {**c, "num_workers": 1}
+    refw = losses(train(cw, feats, tmp_path / "w")["metrics"])
+    assert refw == ref
