@@ -244,7 +244,7 @@ class PredictorTask:
 
     name = "predictor"
     stage2 = False
-    config_keys = ("center_momentum", "max_observed_frac", "sampler_mix")
+    config_keys = ("center_momentum", "max_observed_frac", "sampler_mix", "sampler_checkpoint")
 
     def __init__(self, scorer: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.scorer = scorer  # optional: lr_tokens [B, Gl, Gl, D] -> tile scores [B, 100]
@@ -252,6 +252,10 @@ class PredictorTask:
 
     def build_model(self, cfg: dict, dims: dict) -> nn.Module:
         self.cfg = cfg
+        if cfg.get("sampler_checkpoint") and self.scorer is None:
+            # mixed masks: a trained sampler's top tiles for a share (sampler_mix) of the scenes
+            from .sampler import load_sampler
+            self.scorer = load_sampler(cfg["sampler_checkpoint"])
         pcfg = cfg.get("model") or {}
         emb = dims["E"] if self.stage2 else None
         return PredictorModel(Predictor.from_config(pcfg, dims, embed_dim=emb),
@@ -267,6 +271,8 @@ class PredictorTask:
         gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)) * 1_000_003 + step * 7919 + rank)
         scores = None
         if self.scorer is not None:
+            if isinstance(self.scorer, nn.Module):
+                self.scorer.to(batch["lr_tokens"].device)
             with torch.no_grad():
                 scores = self.scorer(batch["lr_tokens"])
         return draw_masks(b, gen, float(cfg.get("max_observed_frac", 0.3)), scores,

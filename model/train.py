@@ -447,3 +447,14 @@ def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: s
         last_ckpt = _save_checkpoint(out_dir, state(), int(cfg["keep_checkpoints"]))
     return {"step": step, "loss": last_loss, "checkpoint": str(last_ckpt) if last_ckpt else None,
             "metrics": str(metrics_path), "out_dir": str(out_dir)}
+
+
+def cli_train(config: str | Path, features: str | Path, out: str | Path, *, resume: bool = False,
+              max_steps: int | None = None, device: str | None = None, echo=print) -> dict:
+    """``gl10m model train --config C --features DIR --out DIR [--resume] [--max-steps N]
+    [--device D]``: train the config's task; prints one summary line (rank 0)."""
+    res = train(config, features, out, resume=resume, max_steps=max_steps, device=device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        echo(f"trained to step {res['step']}: loss {res['loss']:.4f}; checkpoint {res['checkpoint']}; "
+             f"metrics {res['metrics']}")
+    return res

@@ -191,3 +191,40 @@ def test_train_reads_the_feature_cache_and_resumes(tmp_path):
     cw = {**c, "num_workers": 1}
     refw = losses(train(cw, feats, tmp_path / "w")["metrics"])
     assert refw == ref
+
+
+def test_sampler_task_through_the_registry_and_as_the_mask_scorer(tmp_path):
+    sampler_mod = pytest.importorskip("model.sampler")
+    samples = synthetic_samples(4, n_concepts=6)
+    text = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
+    sc = cfg(task="sampler", model={"hidden": 8, "kernel": 3, "layers": 1}, steps=2)
+    sres = train(sc, None, tmp_path / "sampler", dataset=samples, text=text)
+    assert len(losses(sres["metrics"])) == 2
+    scorer = sampler_mod.load_sampler(sres["checkpoint"])
+    # the predictor with that sampler and sampler_mix 1: every scene observes its top tiles
+    pc = cfg(steps=2, sampler_checkpoint=sres["checkpoint"], sampler_mix=1.0)
+    task = get_task("predictor")
+    task.build_model(pc, {"D": 16, "g": 2, "Gl": 10, "D_lr": 16, "E": 8, "n_concepts": 6})
+    batch = {k: torch.stack([s[k] for s in samples]) for k in ("lr_tokens", "hr_tokens")}
+    m = task.masks(batch, step=0)
+    with torch.no_grad():
+        s = scorer(batch["lr_tokens"])
+    for i in range(4):
+        k = int(m[i].sum())
+        assert set(torch.nonzero(m[i]).flatten().tolist()) == set(s[i].topk(k).indices.tolist())
+    res = train(pc, None, tmp_path / "pred", dataset=samples)
+    assert res["step"] == 2
+
+
+def test_cli_train(tmp_path):
+    pytest.importorskip("model.features")
+    from model.train import cli_train
+
+    feats = tmp_path / "features"
+    _write_feature_cache(feats, synthetic_samples(3, n_concepts=6), torch.randn(6, 8))
+    lines = []
+    res = cli_train(CONFIGS / "train-predictor-tiny.yaml", feats, tmp_path / "out", max_steps=2, echo=lines.append)
+    assert res["step"] == 2 and len(lines) == 1 and "step 2" in lines[0]
+    res = cli_train(CONFIGS / "train-predictor-tiny.yaml", feats, tmp_path / "out", resume=True, max_steps=3,
+                    echo=lines.append)
+    assert res["step"] == 3 and len(losses(res["metrics"])) == 3
