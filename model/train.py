@@ -148,7 +148,8 @@ def _epoch_batches(dataset, cfg: dict, epoch: int, rank: int, world: int, collat
     if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
         n = len(dataset)
         gen = torch.Generator().manual_seed(int(cfg["seed"]) * 9973 + epoch)
-        idx = torch.randperm(n, generator=gen).tolist()[rank::world]
+        idx = torch.randperm(n, generator=gen).tolist()
+        idx = idx[:len(idx) - len(idx) % world][rank::world]  # every rank the same count
         full = len(idx) // bs
         batches = [idx[i * bs:(i + 1) * bs] for i in range(full)] or ([idx] if idx else [])
         for b in batches:
@@ -266,6 +267,16 @@ def _dist_setup(device: str | None):
     return dev, 0, 1
 
 
+def _all_have(flag: bool, world: int, dev: torch.device) -> bool:
+    """True when every rank has `flag` (one tiny all-reduce per step under DDP)."""
+    if world <= 1:
+        return flag
+    import torch.distributed as dist
+    t = torch.tensor([1 if flag else 0], device=dev if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def _to_device(batch: dict, dev: torch.device) -> dict:
     out = {}
     for k, v in batch.items():
@@ -280,7 +291,8 @@ def _to_device(batch: dict, dev: torch.device) -> dict:
 def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: str | Path, *,
           resume: bool = False, max_steps: int | None = None, device: str | None = None,
           dataset: Any = None, text: torch.Tensor | None = None, task: Any = None) -> dict:
-    """Train the config's task; returns {"step", "loss", "checkpoint", "metrics", "out_dir"}.
+    """Train the config's task; returns {"step", "loss", "checkpoint", "metrics", "out_dir",
+    "model" (the trained module, unwrapped from DDP)}.
 
     features_dir: the feature cache (FeatureDataset + load_text from model.features); tests may
     pass `dataset` (map-style or iterable of sample dicts) and `text` instead. `max_steps` stops
@@ -356,7 +368,7 @@ def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: s
                      if ln.strip() and json.loads(ln)["step"] <= step]
             with atomic_path(metrics_path) as tmp:
                 tmp.write_text("".join(ln + "\n" for ln in lines))
-    elif is_main and checkpoint_paths(out_dir):
+    elif checkpoint_paths(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints: pass resume or use a new folder")
 
     if world > 1:
@@ -394,7 +406,13 @@ def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: s
     try:
         while step < stop:
             n_batches = 0
-            for i, batch in enumerate(_epoch_batches(dataset, cfg, epoch, rank, world, collate)):
+            batches = iter(_epoch_batches(dataset, cfg, epoch, rank, world, collate))
+            i = -1
+            while True:
+                batch = next(batches, None)
+                if not _all_have(batch is not None, world, dev):
+                    break  # epoch over (under DDP: over as soon as any rank runs out)
+                i += 1
                 n_batches += 1
                 if i < batch_in_epoch:
                     continue  # resumed mid-epoch: these batches were already trained on
@@ -431,11 +449,12 @@ def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: s
                         last_ckpt = _save_checkpoint(out_dir, state(), int(cfg["keep_checkpoints"]))
                 if step >= stop:
                     break
-            else:
-                if n_batches == 0:
-                    raise UserError(f"the {cfg['split']} split yields no batches")
-                epoch += 1
-                batch_in_epoch = 0
+            if step >= stop:
+                break
+            if n_batches == 0:
+                raise UserError(f"the {cfg['split']} split yields no batches")
+            epoch += 1
+            batch_in_epoch = 0
     finally:
         if mf is not None:
             mf.close()
@@ -446,7 +465,7 @@ def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: s
     if is_main and last_ckpt is None:
         last_ckpt = _save_checkpoint(out_dir, state(), int(cfg["keep_checkpoints"]))
     return {"step": step, "loss": last_loss, "checkpoint": str(last_ckpt) if last_ckpt else None,
-            "metrics": str(metrics_path), "out_dir": str(out_dir)}
+            "metrics": str(metrics_path), "out_dir": str(out_dir), "model": unwrap(model)}
 
 
 def cli_train(config: str | Path, features: str | Path, out: str | Path, *, resume: bool = False,

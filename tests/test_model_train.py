@@ -228,3 +228,44 @@ def test_cli_train(tmp_path):
     res = cli_train(CONFIGS / "train-predictor-tiny.yaml", feats, tmp_path / "out", resume=True, max_steps=3,
                     echo=lines.append)
     assert res["step"] == 3 and len(losses(res["metrics"])) == 3
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str, result_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    torch.set_num_threads(1)
+    try:
+        res = train(cfg(steps=3, ckpt_every=100), None, out, dataset=synthetic_samples(5), device="cpu")
+        torch.save({"step": res["step"], "model": res["model"].state_dict()}, Path(result_dir) / f"rank{rank}.pt")
+        dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_ddp_two_cpu_ranks_train_in_step(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    mp.spawn(_ddp_worker, args=(2, port, str(out), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["step"] == r1["step"] == 3
+    # the ranks saw different samples, yet weights (gradients all-reduced) and the running centre
+    # (target means all-reduced) are the same on both
+    assert set(r0["model"]) == set(r1["model"])
+    for k in r0["model"]:
+        assert torch.allclose(r0["model"][k], r1["model"][k], atol=1e-6), k
+    assert r0["model"]["center.center"].abs().sum() > 0
+    recs = losses(out / "metrics.jsonl")  # written by rank 0 only: one line per step
+    assert len(recs) == 3
+    st = load_checkpoint(checkpoint_paths(out)[-1])
+    assert st["step"] == 3 and all(torch.equal(st["model"][k], r0["model"][k]) for k in st["model"])
