@@ -21,6 +21,9 @@ testbed_app = typer.Typer(help="The offline testbed world: build it, serve it, l
 app.add_typer(testbed_app, name="testbed")
 profile_app = typer.Typer(help="Inspect and validate dataset profiles.", no_args_is_help=True)
 app.add_typer(profile_app, name="profile")
+model_app = typer.Typer(help="The cost-aware cross-scale model: encoders, feature cache, training.",
+                        no_args_is_help=True)
+app.add_typer(model_app, name="model")
 
 out = Console(soft_wrap=False)
 err = Console(stderr=True, soft_wrap=True)
@@ -350,6 +353,58 @@ def testbed_preview(world: Path = typer.Argument(..., help="A folder written by 
 
     tb.render_preview(world, state.upper(), output)
     out.print(f"wrote {output}")
+
+
+# -- model ------------------------------------------------------------------------------------
+DeviceOpt = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available).")
+
+
+def _echo(msg: str) -> None:
+    out.print(msg, highlight=False)
+
+
+@model_app.command("pretrain-encoder")
+def model_pretrain(shards_dir: Path = typer.Argument(..., help="A shards folder (W/shards)."),
+                   out_dir: Path = typer.Argument(..., help="Where encoder.pt and its config go."),
+                   config: Optional[Path] = typer.Option(None, "--config", help="Encoder/pretraining YAML."),
+                   steps: Optional[int] = typer.Option(None, "--steps"),
+                   batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+                   device: Optional[str] = DeviceOpt, seed: Optional[int] = typer.Option(None, "--seed"),
+                   profile: Optional[Path] = ProfileOpt):
+    """Bootstrap a small ViT tile encoder on the shards (SigLIP: HR tiles vs concept text)."""
+    from gl10m.model.pretrain import cli_pretrain_encoder
+
+    cli_pretrain_encoder(shards_dir, out_dir, config, steps=steps, batch_size=batch_size, device=device,
+                         seed=seed, profile=str(profile) if profile else None, echo=_echo)
+
+
+@model_app.command("features")
+def model_features(shards_dir: Path = typer.Argument(..., help="A shards folder (W/shards)."),
+                   out_dir: Path = typer.Argument(..., help="The feature cache folder."),
+                   encoder: Path = typer.Option(..., "--encoder", help="Saved encoder dir, encoder.pt or a YAML."),
+                   split: Optional[str] = typer.Option(None, "--split"),
+                   batch_size: int = typer.Option(8, "--batch-size"), device: str = typer.Option("cpu", "--device"),
+                   shard_mb: float = typer.Option(256, "--shard-mb"),
+                   num_workers: int = typer.Option(0, "--num-workers"),
+                   no_resume: bool = typer.Option(False, "--no-resume"), profile: Optional[Path] = ProfileOpt):
+    """Run the frozen encoders once over the shards; write features keyed like the samples."""
+    from gl10m.model.features import cli_features
+
+    cli_features(shards_dir, out_dir, encoder, split=split, batch_size=batch_size, device=device,
+                 shard_mb=shard_mb, resume=not no_resume, num_workers=num_workers,
+                 profile=str(profile) if profile else None, echo=_echo)
+
+
+@model_app.command("train")
+def model_train(config: Path = typer.Option(..., "--config", help="Training YAML (task: sampler, predictor, ...)."),
+                features: Path = typer.Option(..., "--features", help="The feature cache folder."),
+                out_dir: Path = typer.Option(..., "--out", help="Checkpoints and metrics.jsonl go here."),
+                resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+                max_steps: Optional[int] = typer.Option(None, "--max-steps"), device: Optional[str] = DeviceOpt):
+    """Train the sampler or the predictor (stage I / II) on cached features; torchrun for DDP."""
+    from gl10m.model.train import cli_train
+
+    cli_train(config, features, out_dir, resume=resume, max_steps=max_steps, device=device, echo=_echo)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gl10m.errors import UserError
-from model import _compat
+from gl10m.model import _compat
 
 N_GRID = 10  # HR tiles per side of a scene
 TILE_PX = 268

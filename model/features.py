@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from gl10m.errors import UserError
-from model.encoders import EncoderError, TextEncoder, TileEncoder, build_encoder, concept_labels
+from gl10m.model.encoders import EncoderError, TextEncoder, TileEncoder, build_encoder, concept_labels
 
 FIELDS = ("lr_tokens", "hr_tokens", "hr_embed", "lr_embed", "s_vis", "labels", "tile_frac")
 META_NAME = "features.json"

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.encoders import EncoderConfig, EncoderError, TextEncoder, TileEncoder, concept_labels, load_config, save_encoder
+from gl10m.model.encoders import EncoderConfig, EncoderError, TextEncoder, TileEncoder, concept_labels, load_config, save_encoder
 
 TRAIN_DEFAULTS = dict(split="train", steps=2000, batch_size=8, tiles_per_scene=8, lr=3.0e-4, weight_decay=0.05,
                       pos_threshold=0.1, lr_weight=1.0, seed=0, shuffle=64, profile=None, device="cpu",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from model import _compat  # noqa: E402
+from gl10m.model import _compat  # noqa: E402
 
 try:  # timm only through model._compat (it shims torchvision where needed)
     _compat.import_timm()
@@ -19,8 +19,8 @@ except _compat.DependencyError as e:  # pragma: no cover - timm not installed
 
 from gl10m import samples as smp, shards  # noqa: E402
 from gl10m.errors import UserError  # noqa: E402
-from model import encoders as E  # noqa: E402
-from model import pretrain as P  # noqa: E402
+from gl10m.model import encoders as E  # noqa: E402
+from gl10m.model import pretrain as P  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(backend="vit", width=48, depth=2, heads=2, patch=8, hr_size=64, lr_size=80, pool=2, embed_dim=32)

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from model import _compat  # noqa: E402
+from gl10m.model import _compat  # noqa: E402
 
 try:  # timm only through model._compat
     _compat.import_timm()
@@ -19,8 +19,8 @@ except _compat.DependencyError as e:  # pragma: no cover
 
 from gl10m import data  # noqa: E402
 from gl10m.errors import UserError  # noqa: E402
-from model import encoders as E  # noqa: E402
-from model import features as F  # noqa: E402
+from gl10m.model import encoders as E  # noqa: E402
+from gl10m.model import features as F  # noqa: E402
 from tests.test_data import build_shards  # noqa: E402
 
 TINY = dict(backend="vit", width=32, depth=1, heads=2, patch=8, hr_size=32, lr_size=80, pool=2, embed_dim=16)
