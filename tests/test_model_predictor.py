@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from gl10m.errors import UserError
-from model.predictor import Predictor, PredictorTask, draw_masks, rasterise, unrasterise
-from model.train import train
+from gl10m.model.predictor import Predictor, PredictorTask, draw_masks, rasterise, unrasterise
+from gl10m.model.train import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "model" / "configs"
 

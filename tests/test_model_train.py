@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gl10m.errors import UserError
-from model.train import checkpoint_paths, get_task, load_checkpoint, lr_factor, train
+from gl10m.model.train import checkpoint_paths, get_task, load_checkpoint, lr_factor, train
 from tests.test_model_predictor import CONFIGS, synthetic_samples, tiny_cfg
 
 
@@ -178,7 +178,7 @@ def _write_feature_cache(root: Path, samples: list[dict], text: torch.Tensor) ->
 
 
 def test_train_reads_the_feature_cache_and_resumes(tmp_path):
-    pytest.importorskip("model.features")
+    pytest.importorskip("gl10m.model.features")
     samples = synthetic_samples(5, n_concepts=6)
     feats = tmp_path / "features"
     _write_feature_cache(feats, samples, torch.randn(6, 8, generator=torch.Generator().manual_seed(2)))
@@ -194,7 +194,7 @@ def test_train_reads_the_feature_cache_and_resumes(tmp_path):
 
 
 def test_sampler_task_through_the_registry_and_as_the_mask_scorer(tmp_path):
-    sampler_mod = pytest.importorskip("model.sampler")
+    sampler_mod = pytest.importorskip("gl10m.model.sampler")
     samples = synthetic_samples(4, n_concepts=6)
     text = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
     sc = cfg(task="sampler", model={"hidden": 8, "kernel": 3, "layers": 1}, steps=2)
@@ -217,8 +217,8 @@ def test_sampler_task_through_the_registry_and_as_the_mask_scorer(tmp_path):
 
 
 def test_cli_train(tmp_path):
-    pytest.importorskip("model.features")
-    from model.train import cli_train
+    pytest.importorskip("gl10m.model.features")
+    from gl10m.model.train import cli_train
 
     feats = tmp_path / "features"
     _write_feature_cache(feats, synthetic_samples(3, n_concepts=6), torch.randn(6, 8))
