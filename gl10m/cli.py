@@ -229,17 +229,20 @@ def show(key: str = typer.Argument(..., help="Sample key, e.g. CA-w20000019."),
 def demo(workdir: Path = typer.Option(Path("work/demo"), "--workdir", "-w", help="Where the world and outputs go."),
          workers: Optional[int] = WorkersOpt,
          rebuild: bool = typer.Option(False, "--rebuild", help="Regenerate the testbed world even if it exists."),
+         no_model: bool = typer.Option(False, "--no-model", help="Stop after the data (skip encoder and training)."),
          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
     """The whole chain offline: build and serve the testbed, index, download, shard, verify, draw."""
     from gl10m.pipelines.demo import run_demo
 
-    res = run_demo(workdir, workers=workers, quiet=quiet, rebuild=rebuild)
+    res = run_demo(workdir, workers=workers, quiet=quiet, rebuild=rebuild, model=not no_model)
     counts = ", ".join(f"{k} {v}" for k, v in res.samples.items())
     out.print(f"\n[bold]demo done[/bold] in {sum(res.seconds.values()):.0f} s "
               f"({', '.join(f'{k} {v:.0f} s' for k, v in res.seconds.items())})")
     out.print(f"shards:        {res.shards}  ({counts})")
     out.print(f"dataset card:  {res.shards / 'README.md'}")
     out.print(f"pictures:      {', '.join(str(p) for p in res.pictures)}")
+    for name, m in res.model.items():
+        out.print(f"{name + ':':<14} loss {m['loss_first']} -> {m['loss_last']}; {m['checkpoint']}")
     out.print(f"ledger:        gl10m status -w {res.workdir}")
 
 
