@@ -55,8 +55,14 @@ shard: $(STAMP)  ## write WebDataset shards, index and dataset card into WORKDIR
 
 build: index download shard  ## index + download + shard
 
-train eval:
-	@echo "$@: the model is not built yet" >&2; exit 2
+FEATURES ?= $(WORKDIR)/model/features
+CONFIG ?= model/configs/train-predictor.yaml
+
+train: $(STAMP)  ## train CONFIG on the feature cache FEATURES into WORKDIR/model/run
+	$(GL10M) model train --config $(CONFIG) --features $(FEATURES) --out $(WORKDIR)/model/run
+
+eval:
+	@echo "eval: model evaluation is not built yet (open issue)" >&2; exit 2
 
 bench: $(STAMP)  ## run every benchmark in bench/ (each prints a ratio against its own baseline)
 	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
