@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from gl10m.errors import UserError
-from gl10m.model.encoders import EncoderError, TextEncoder, TileEncoder, build_encoder, concept_labels
+from gl10m.model.encoders import TextEncoder, TileEncoder, build_encoder, concept_labels
 
 FIELDS = ("lr_tokens", "hr_tokens", "hr_embed", "lr_embed", "s_vis", "labels", "tile_frac")
 META_NAME = "features.json"
@@ -225,7 +225,7 @@ def write_features(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, en
     if not (resume and text_path.exists()):
         raw = info.get("text_raw")
         if raw is None or raw.shape[0] != len(labels) or info.get("labels") != labels:
-            raw = (text_encoder or TextEncoder()).concepts(labels, enc.cfg.templates)
+            raw = enc.text_raw(labels, text_encoder)
         with torch.inference_mode():
             txt = enc.encode_text(raw.to(dev)).float().cpu().numpy().astype(np.float16)
         atomic_write_bytes(text_path, _npy(txt))

@@ -100,8 +100,8 @@ def pretrain_encoder(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, 
 
     labels = list(tr["labels"]) if tr["labels"] else concept_labels(tr["profile"])
     enc = TileEncoder(enc_cfg).to(dev)
-    te = text_encoder or TextEncoder()
-    text_raw = te.concepts(labels, enc.cfg.templates).to(dev)
+    te = text_encoder if (text_encoder is not None or enc.clip) else TextEncoder()  # CLIP has its own text tower
+    text_raw = enc.text_raw(labels, te).to(dev)
 
     ds = data.load(shards_dir, split=tr["split"], tiles=_tile_picker(tr["tiles_per_scene"], seed),
                    shuffle=int(tr["shuffle"]), seed=seed, rank=0, world_size=1, decode_meta=False)
@@ -154,7 +154,7 @@ def pretrain_encoder(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     enc.eval()
     out = Path(out_dir)
     path = save_encoder(enc, out, text_raw=text_raw, labels=labels,
-                        extra={"train": {k: v for k, v in tr.items() if k != "labels"}, "text_model": te.name,
+                        extra={"train": {k: v for k, v in tr.items() if k != "labels"}, "text_model": te.name if te is not None else f"open_clip:{enc.cfg.model}",
                                "source": str(shards_dir), "steps": steps, "epochs": epoch,
                                "seconds": round(time.time() - t0, 2),
                                "siglip": {"hr": [hr_head.log_scale.item(), hr_head.bias.item()],
