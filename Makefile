@@ -61,11 +61,14 @@ CONFIG ?= model/configs/train-predictor.yaml
 train: $(STAMP)  ## train CONFIG on the feature cache FEATURES into WORKDIR/model/run
 	$(GL10M) model train --config $(CONFIG) --features $(FEATURES) --out $(WORKDIR)/model/run
 
-eval:
-	@echo "eval: model evaluation is not built yet (open issue)" >&2; exit 2
+MODEL ?= $(WORKDIR)/model
+SPLIT ?= test
 
-bench: $(STAMP)  ## run every benchmark in bench/ (each prints a ratio against its own baseline)
-	@for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+eval: $(STAMP)  ## evaluate the model dir MODEL on WORKDIR/shards' SPLIT into MODEL/eval (report.json, report.md)
+	$(GL10M) model eval --checkpoint $(MODEL) --shards $(WORKDIR)/shards --split $(SPLIT) --out $(MODEL)/eval
+
+bench: $(STAMP)  ## run every benchmark in bench/ and write bench/RESULTS.md (ratios against in-run baselines)
+	$(PY) bench/run_all.py --out bench/RESULTS.md
 
 clean:  ## remove the demo work dir
 	rm -rf $(DEMO)
