@@ -410,6 +410,65 @@ def model_train(config: Path = typer.Option(..., "--config", help="Training YAML
     cli_train(config, features, out_dir, resume=resume, max_steps=max_steps, device=device, echo=_echo)
 
 
+@model_app.command("eval")
+def model_eval(checkpoint: Optional[Path] = typer.Option(
+                   None, "--checkpoint", help="Model dir: encoder/, sampler/, predictor/ (optional predictor-nolr/, "
+                   "predictor-stage2/, sampler-<variant>/); each part can also be given below."),
+               shards: Path = typer.Option(..., "--shards", help="The shards folder (W/shards) or its URL."),
+               split: str = typer.Option("test", "--split", help="Which split to evaluate."),
+               out_dir: Path = typer.Option(..., "--out", help="Report dir: report.json, report.md, sweep.png."),
+               encoder: Optional[Path] = typer.Option(None, "--encoder", help="A saved encoder (folder)."),
+               sampler: Optional[Path] = typer.Option(None, "--sampler", help="Sampler run dir or checkpoint."),
+               predictor: Optional[Path] = typer.Option(None, "--predictor", help="Predictor run dir or checkpoint."),
+               predictor_nolr: Optional[Path] = typer.Option(
+                   None, "--predictor-nolr", help="A predictor trained without LR context (ablation row)."),
+               predictor_stage2: Optional[Path] = typer.Option(
+                   None, "--predictor-stage2", help="A stage II predictor (row scored by its SigLIP head)."),
+               variant: Optional[list[str]] = typer.Option(
+                   None, "--variant", help="VARIANT=RUN: a sampler trained on another supervision variant "
+                   "(structural, semantic, additive, multiplicative); repeatable."),
+               novel: Optional[str] = typer.Option(
+                   None, "--novel", help="Comma-separated novel concepts (names or ids), reported apart from base."),
+               threshold: Optional[float] = typer.Option(
+                   None, "--threshold", help="Default selection threshold (default: the sampler's config, 0.55)."),
+               top_k: Optional[int] = typer.Option(None, "--top-k", help="The sweep's top-k point (default: 12)."),
+               batch_size: int = typer.Option(32, "--batch-size", help="Scenes per batch."),
+               limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N scenes."),
+               no_sweep: bool = typer.Option(False, "--no-sweep", help="Skip the threshold sweep."),
+               seed: int = typer.Option(0, "--seed", help="Seed of the random-tiles baseline."),
+               device: Optional[str] = DeviceOpt,
+               dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be evaluated, run nothing.")):
+    """Evaluate the sampler + predictor on a split: mAP@20/100 (all, base, novel), OBR and time per
+    scene for the default pipeline, its baselines and ablations, and the threshold sweep."""
+    from gl10m.model.evaluate import EvalError, describe, evaluate, summary_table
+
+    variants = {}
+    for v in variant or []:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise EvalError(f"--variant {v!r}: expected VARIANT=RUN_DIR")
+        variants[name.strip()] = Path(path)
+    paths = dict(encoder=encoder, sampler=sampler, predictor=predictor, predictor_nolr=predictor_nolr,
+                 predictor_stage2=predictor_stage2, variants=variants)
+    if dry_run:
+        d = describe(checkpoint, shards, split=split, **paths)
+        t = Table("part", "file", title=f"gl10m model eval --dry-run: {d['scenes']} scenes of split {d['split']!r}")
+        for k, v in d["parts"].items():
+            t.add_row(k, v)
+        out.print(t)
+        out.print(f"rows: {', '.join(d['rows'])}; sweep: {'no' if no_sweep else 'yes'}; report -> {out_dir}")
+        return
+    novel_list = [x for x in (novel or "").split(",") if x.strip()]
+    rep = evaluate(checkpoint, shards, out_dir, split=split, device=device or "auto", batch_size=batch_size,
+                   seed=seed, threshold=threshold, top_k=top_k, novel=novel_list, limit=limit,
+                   sweep=not no_sweep, **paths)
+    t = Table("row", "OBR", "mAP@100", "ms/scene", title=f"{rep['scenes']} scenes of {split!r}")
+    for r in summary_table(rep):
+        t.add_row(*r)
+    out.print(t)
+    out.print(f"report: {out_dir / 'report.md'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2, no traceback."""
     try:

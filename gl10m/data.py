@@ -930,3 +930,80 @@ def collate(batch: Sequence[dict]) -> dict:
         else:
             out[k] = vals
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Random access to raw member bytes (evaluation, timing harnesses)
+# ---------------------------------------------------------------------------------------------
+class SampleReader:
+    """Random access to the members of a split's samples, as raw bytes, by index order.
+
+    ``reader.read(i, fields)`` returns ``{field: bytes}`` for sample ``i`` (``reader.keys[i]``),
+    reading only those members (by offset, checked against their tar headers): the IO of a
+    pipeline that requests only some HR tiles, separate from decoding. :func:`decode_lr`,
+    :func:`decode_tiles`, :func:`decode_labels` then decode them. Needs the shard index (a shards
+    folder, local or over HTTP with Range). Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, source, split: str | None = None, *, index: str | os.PathLike | None = None):
+        shards, ix, self.split = _resolve(source, split, index)
+        if ix is None:
+            raise LoaderError(f"{shards[0].url}: random access needs the shard index ({INDEX_NAME})")
+        self._index = ix
+        self._shards = shards
+        self._rows: list[tuple[int, int]] = [(si, int(r)) for si, s in enumerate(shards)
+                                             if s.rows is not None for r in s.rows]
+        self._readers: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def keys(self) -> list[str]:
+        return [self._index.keys[r] for _, r in self._rows]
+
+    def read(self, i: int, fields: Sequence[str]) -> dict[str, bytes]:
+        if not 0 <= i < len(self._rows):
+            raise LoaderError(f"sample {i} is outside 0..{len(self._rows) - 1}")
+        bad = [f for f in fields if f not in FIELD_POS]
+        if bad:
+            raise LoaderError(f"{bad[0]!r} is not a field of the sample schema")
+        si, row = self._rows[i]
+        s = self._shards[si]
+        if s.url not in self._readers:
+            try:
+                self._readers[s.url] = _open_reader(s.url)
+            except _NotSeekable:
+                raise LoaderError(f"{s.url}: random access needs a seekable shard (a local file or "
+                                  "an HTTP server that honours Range)") from None
+        return _read_members(self._readers[s.url], s.name, self._index.keys[row],
+                             self._index.offsets[row], self._index.sizes[row], list(fields))
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+
+    def __enter__(self) -> "SampleReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def decode_lr(data: bytes, where: str = "lr") -> np.ndarray:
+    """``lr.png`` bytes -> uint8 [268, 268, 3] (HWC), or a one-line :class:`LoaderError`."""
+    return _decode_lr(data, where)
+
+
+def decode_tiles(idx: Sequence[int], data: dict[str, bytes], where: str = "sample") -> np.ndarray:
+    """The HR tiles ``idx`` from ``{hr_XX.jpg: bytes}`` -> uint8 [n, 268, 268, 3] (NHWC)."""
+    return _decode_tiles(tuple(int(i) for i in idx), data, where)
+
+
+def decode_labels(data: bytes, where: str = "sample") -> np.ndarray:
+    """``labels.npy`` bytes -> the multi-hot label vector (never unpickles)."""
+    try:
+        return smp.decode_labels(data)
+    except smp.SampleError as e:
+        raise LoaderError(f"{where}: {e}") from None

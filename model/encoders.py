@@ -368,6 +368,20 @@ class TileEncoder(nn.Module):
     def saliency(self, dense: torch.Tensor) -> torch.Tensor:
         return self.saliency_fn(dense)
 
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Pooled HR tile tokens ``[..., g, g, D]`` (observed, predicted or filled) -> tile embeddings
+        ``[..., E]``, L2-normalised, in the text space: the same map as ``encode_hr``'s embedding
+        (``hr_head`` of the mean token; the mean of the g x g pooled tokens equals the mean patch
+        token). open_clip: CLIP's image projection of the mean token (``encode_hr`` uses the class
+        token, which pooled tokens do not carry)."""
+        m = tokens.mean(dim=(-3, -2))
+        if self.clip:
+            proj = self.backbone.visual.proj
+            e = m @ proj.to(m.dtype) if proj is not None else m
+        else:
+            e = self.hr_head(m.to(self.hr_head.weight.dtype))
+        return F.normalize(e.float(), dim=-1)
+
     # -- text --------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """open_clip backend: CLIP BPE token ids [N, L] (the tokenizer ships with open_clip; offline)."""

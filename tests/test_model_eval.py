@@ -1,0 +1,290 @@
+"""Model evaluation: mAP@K against hand-computed cases, OBR accounting, the timing harness, the
+pipeline pieces, and the report of a tiny trained model on real shards (API and CLI)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from gl10m.errors import UserError  # noqa: E402
+from gl10m.model import metrics as M  # noqa: E402
+
+# -- mAP@K, hand-computed -----------------------------------------------------------------------
+
+
+def test_ap_at_k_simple_ranking():
+    s = np.array([0.9, 0.8, 0.7, 0.6])
+    y = np.array([1, 0, 1, 0])
+    pc = M.per_concept(s, y, ks=(1, 2, 4))
+    assert pc["n_pos"].tolist() == [2]
+    assert pc["AP@1"][0] == pytest.approx(1.0)            # P@1 = 1, min(2, 1) = 1
+    assert pc["AP@2"][0] == pytest.approx(0.5)            # (1 + 0) / min(2, 2)
+    assert pc["AP@4"][0] == pytest.approx((1 + 2 / 3) / 2)
+    assert pc["AP"][0] == pytest.approx((1 + 2 / 3) / 2)  # non-interpolated AP over the whole ranking
+
+
+def test_ties_keep_scene_order():
+    s = np.array([0.5, 0.5, 0.5])
+    # stable sort: ranking 0, 1, 2 -> the positive at scene 1 is found at rank 2
+    assert M.per_concept(s, np.array([0, 1, 0]), ks=(3,))["AP@3"][0] == pytest.approx(0.5)
+    assert M.per_concept(s, np.array([1, 0, 0]), ks=(3,))["AP@3"][0] == pytest.approx(1.0)
+    assert M.per_concept(s, np.array([0, 0, 1]), ks=(3,))["AP@3"][0] == pytest.approx(1 / 3)
+    # a tie below a distinct score: scene 2 first, then 0 and 1 in order
+    assert M.ranking(np.array([[0.1], [0.1], [0.9]]))[:, 0].tolist() == [2, 0, 1]
+
+
+def test_k_larger_than_the_split_and_k_smaller_than_the_positives():
+    s = np.array([0.9, 0.5, 0.1])
+    pc = M.per_concept(s, np.array([0, 0, 1]), ks=(100,))
+    assert pc["AP@100"][0] == pytest.approx(1 / 3)        # ranking ends at N = 3; min(n_pos, K) = 1
+    s5 = np.array([5, 4, 3, 2, 1], dtype=float)
+    pc = M.per_concept(s5, np.array([1, 0, 1, 1, 1]), ks=(2, 3))
+    assert pc["AP@2"][0] == pytest.approx(1 / 2)          # (1 + 0) / min(4, 2)
+    assert pc["AP@3"][0] == pytest.approx((1 + 2 / 3) / 3)
+
+
+def test_concepts_without_positives_are_skipped_and_groups_and_weights():
+    s = np.array([[0.9, 0.1, 0.3], [0.8, 0.2, 0.2], [0.1, 0.3, 0.1]])
+    y = np.array([[0, 0, 1], [1, 0, 1], [0, 0, 1]])      # concept 1 has no positive
+    pc = M.per_concept(s, y, ks=(20, 100))
+    assert math.isnan(pc["AP@100"][1]) and math.isnan(pc["AP"][1])
+    assert pc["AP@100"][0] == pytest.approx(0.5) and pc["AP@100"][2] == pytest.approx(1.0)
+    out = M.summarise(pc, {"all": range(3), "base": [0, 1], "novel": [2], "empty": [1]})
+    assert out["all"]["mAP@100"] == pytest.approx(0.75)   # mean over concepts 0 and 2 only
+    assert out["all"]["concepts"] == 2
+    assert out["all"]["AP_weighted"] == pytest.approx((0.5 * 1 + 1.0 * 3) / 4)
+    assert out["base"]["mAP@100"] == pytest.approx(0.5) and out["novel"]["mAP@100"] == pytest.approx(1.0)
+    assert math.isnan(out["empty"]["mAP@100"]) and out["empty"]["concepts"] == 0
+
+
+def test_metric_input_errors():
+    with pytest.raises(UserError, match="must both be"):
+        M.per_concept(np.zeros((3, 2)), np.zeros((3, 3)))
+    with pytest.raises(UserError, match="finite"):
+        M.per_concept(np.array([np.nan, 1.0]), np.array([1, 0]))
+    with pytest.raises(UserError, match="positive integer"):
+        M.per_concept(np.zeros(3), np.zeros(3), ks=(0,))
+    with pytest.raises(UserError, match="outside"):
+        M.summarise(M.per_concept(np.zeros((2, 2)), np.ones((2, 2))), {"x": [5]})
+
+
+# -- pipeline pieces ----------------------------------------------------------------------------
+from gl10m.model import evaluate as EV  # noqa: E402
+
+
+def test_random_masks_match_counts_and_are_seeded_per_scene():
+    keys = ["CA-a", "CA-b", "TX-c"]
+    m = EV.random_masks(keys, [0, 12, 100], seed=3)
+    assert m.dtype == torch.bool and m.sum(1).tolist() == [0, 12, 100]
+    again = EV.random_masks(["TX-c", "CA-b"], [100, 12], seed=3)   # another batch, another order
+    assert torch.equal(again[1], m[1])
+    assert not torch.equal(EV.random_masks(keys, [0, 12, 100], seed=4)[1], m[1])
+    assert not torch.equal(EV.random_masks(["CA-x"], [12], seed=3)[0], m[1])
+
+
+def test_lr_fill_takes_each_tiles_own_lr_block():
+    gl, d = 20, 3                          # 2x2 LR tokens per tile
+    lr = torch.zeros(2, gl, gl, d)
+    for r in range(10):
+        for c in range(10):
+            lr[:, 2 * r:2 * r + 2, 2 * c:2 * c + 2, :] = r * 10 + c
+    out = EV.lr_fill_tokens(lr, g=2)
+    assert out.shape == (2, 100, 2, 2, d)
+    assert torch.equal(out[0, :, 0, 0, 0], torch.arange(100, dtype=torch.float32))
+    up = EV.lr_fill_tokens(lr, g=4)       # resampled to a finer grid: still the tile's own value
+    assert torch.allclose(up[1, 37], torch.full((4, 4, d), 37.0))
+
+
+def test_scene_embedding_masks_and_falls_back_to_lr():
+    e = torch.zeros(2, 100, 2)
+    e[:, :50, 0] = 1.0
+    e[:, 50:, 1] = 1.0
+    mask = torch.zeros(2, 100, dtype=torch.bool)
+    mask[0, :50] = True                    # scene 0 sees only the first half; scene 1 nothing
+    fb = torch.tensor([[0.0, 3.0], [4.0, 3.0]])
+    out = EV.scene_embedding(e, mask, fb)
+    assert torch.allclose(out[0], torch.tensor([1.0, 0.0]))
+    assert torch.allclose(out[1], torch.tensor([0.8, 0.6]))
+    assert torch.allclose(EV.scene_embedding(e)[0], torch.tensor([1.0, 1.0]) / 2 ** 0.5)
+
+
+def test_timer_accounts_stages_and_io_apart():
+    ticks = iter([0.0, 1.0, 1.0, 1.5, 2.0, 4.0, 10.0, 10.25])
+    t = EV.Timer("cpu", clock=lambda: next(ticks))
+    with t("encode_hr"):
+        pass
+    with t("io_hr"):
+        pass
+    with t("encode_hr"):
+        pass
+    with pytest.raises(RuntimeError):
+        with t("predictor"):
+            raise RuntimeError("boom")       # a failing stage is still charged
+    assert t.totals == {"encode_hr": 3.0, "io_hr": 0.5, "predictor": 0.25}
+    assert t.syncs == 0                      # nothing to synchronise on the CPU
+    shared = EV.Timer("cpu")
+    shared.totals.update({"io_lr": 0.3, "decode_lr": 0.2, "encode_lr": 1.0, "sampler": 0.1})
+    tm = EV._timing(t, shared, ("decode_lr", "encode_lr", "sampler"), n=2)
+    assert tm["split_s"] == pytest.approx(3.0 + 0.25 + 0.2 + 1.0 + 0.1)
+    assert tm["io_split_s"] == pytest.approx(0.5 + 0.3)
+    assert tm["per_scene_s"] == pytest.approx(tm["split_s"] / 2)
+    no_lr = EV._timing(t, shared, (), n=1)   # a row that never touches LR is not charged its stages
+    assert no_lr["split_s"] == pytest.approx(3.25) and no_lr["io_split_s"] == pytest.approx(0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_timer_synchronises_cuda():  # pragma: no cover - runs where a GPU is
+    t = EV.Timer("cuda")
+    with t("x"):
+        torch.randn(512, 512, device="cuda") @ torch.randn(512, 512, device="cuda")
+    assert t.syncs == 2 and t.totals["x"] > 0
+
+
+def test_resolve_novel():
+    labels = ["Tennis", "Solar farm", "Wind farm"]
+    assert EV.resolve_novel(["solar farm", "2"], labels) == [1, 2]
+    assert EV.resolve_novel(None, labels, extra=[0]) == [0]
+    with pytest.raises(UserError, match="not one of"):
+        EV.resolve_novel(["volcano"], labels)
+    with pytest.raises(UserError, match="outside"):
+        EV.resolve_novel(["7"], labels)
+
+
+# -- a tiny trained model on real shards ----------------------------------------------------------
+TINY_ENC = dict(backend="vit", width=32, depth=1, heads=2, patch=8, hr_size=32, lr_size=80, pool=2, embed_dim=16)
+TINY_PRED = {"dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0, "pool": 2}
+
+
+@pytest.fixture(scope="module")
+def model_env(tmp_path_factory):
+    from gl10m.model import encoders as E
+    from gl10m.model.features import write_features
+    from gl10m.model.train import train
+    from tests.test_data import build_shards
+
+    root = tmp_path_factory.mktemp("eval")
+    sd = build_shards(root, n_train=4, n_val=5)
+    torch.manual_seed(0)
+    md = root / "model"
+    enc, _ = E.build_encoder(TINY_ENC)
+    E.save_encoder(enc, md / "encoder", text_raw=E.TextEncoder().concepts(E.concept_labels()),
+                   labels=E.concept_labels())
+    write_features(sd, root / "features", md / "encoder", batch_size=4)
+    base = {"batch_size": 2, "steps": 3, "lr": 1e-3, "warmup_steps": 1, "ckpt_every": 3, "progress": False}
+    train({"task": "sampler", "model": {"hidden": 8, "kernel": 3, "layers": 1}, **base}, root / "features",
+          md / "sampler")
+    train({"task": "sampler", "model": {"hidden": 8, "kernel": 3, "layers": 1},
+           "supervision": {"variant": "structural", "lam": 0.5}, **base}, root / "features", md / "sampler-structural")
+    train({"task": "predictor", "model": TINY_PRED, **base}, root / "features", md / "predictor")
+    train({"task": "predictor", "model": {**TINY_PRED, "use_lr": False}, **base}, root / "features",
+          md / "predictor-nolr")
+    train({"task": "predictor_stage2", "model": TINY_PRED, "novel_concepts": [3, 4], **base}, root / "features",
+          md / "predictor-stage2")
+    return sd, md
+
+
+def test_report_of_a_tiny_trained_model(model_env, tmp_path):
+    sd, md = model_env
+    out = tmp_path / "report"
+    rep = EV.evaluate(md, sd, out, split="val", device="cpu", batch_size=2, novel=["Tennis"], progress=False)
+    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "sweep.png"}
+    assert json.loads((out / "report.json").read_text()) == rep
+    assert rep["scenes"] == 5 and rep["split"] == "val"
+    rows = {r["name"]: r for r in rep["rows"]}
+    assert list(rows) == ["lr_only", "full_hr", "random", "random_predictor", "sampler_only", "lr_fill",
+                          "predictor_nolr", "default", "default_head", "sampler_structural"]
+    assert rows["lr_only"]["obr"] == 0.0 and rows["full_hr"]["obr"] == 1.0
+    # OBR accounting: the default row's OBR is the mean of its per-scene OBR; random matches it
+    per = rep["obr_per_scene"]
+    assert len(per) == 5 and rows["default"]["obr"] == pytest.approx(sum(per.values()) / 5, abs=1e-6)
+    assert rows["random"]["obr"] == pytest.approx(rows["default"]["obr"], abs=1e-6)
+    assert rows["sampler_only"]["obr"] == pytest.approx(rows["default"]["obr"], abs=1e-6)
+    # novel = --novel plus the stage II checkpoint's held-out concepts
+    assert rep["concepts"]["novel"] == ["Tennis"] + [EV.load_bundle(md).labels[i] for i in (3, 4)]
+    for r in rep["rows"]:
+        assert set(r["metrics"]) == {"all", "base", "novel"}
+        for g in r["metrics"].values():
+            for k in ("mAP@20", "mAP@100", "AP_macro", "AP_weighted"):
+                assert g[k] is None or 0.0 <= g[k] <= 1.0
+        assert r["time"]["per_scene_s"] >= 0 and r["time"]["io_per_scene_s"] >= 0
+    assert rows["full_hr"]["time"]["stages_s"]["encode_hr"] > 0
+    assert "predictor" in rows["default"]["time"]["stages_s"] and "predictor" not in rows["sampler_only"]["time"]["stages_s"]
+    assert "encode_lr" not in rows["full_hr"]["time"]["stages_s"]
+    # the sweep: thresholds 0 .. 1 and top-12; OBR falls as the threshold rises
+    sw = {s["selection"]: s for s in rep["sweep"]}
+    assert list(sw) == [f"threshold {t:g}" for t in EV.SWEEP_THRESHOLDS] + ["top-12"]
+    obrs = [sw[f"threshold {t:g}"]["obr"] for t in EV.SWEEP_THRESHOLDS]
+    assert obrs == sorted(obrs, reverse=True) and obrs[0] == 1.0 and 0 < obrs[-1] < 0.2
+    assert sw["top-12"]["obr"] == pytest.approx(0.12)
+    assert sw["threshold 0.55"]["mAP@100"] == pytest.approx(rows["default"]["metrics"]["all"]["mAP@100"])
+    md_text = (out / "report.md").read_text()
+    assert "| default |" in md_text and "threshold 0.55" in md_text and "![mAP@100 against OBR](sweep.png)" in md_text
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(rep["per_concept_default"]) == 66
+
+
+def test_rows_really_differ_and_reruns_are_identical(model_env, tmp_path):
+    sd, md = model_env
+    bundle = EV.load_bundle(md)
+    from gl10m import data as gdata
+    with gdata.SampleReader(sd, "val") as reader:
+        ev = EV.Evaluator(bundle, reader, batch_size=3, progress=False)
+        a = ev.run(sweep=False)
+        b = ev.run(sweep=False)
+    for k in a["scores"]:
+        np.testing.assert_array_equal(a["scores"][k], b["scores"][k])
+    # LR only, full HR, observed-only and predictor-completed scenes score differently
+    for x, y in (("lr_only", "full_hr"), ("sampler_only", "default"), ("default", "lr_fill"),
+                 ("default", "predictor_nolr")):
+        assert not np.allclose(a["scores"][x], a["scores"][y]), (x, y)
+    # full HR through the evaluator == the encoder's own embedding of every tile, averaged
+    it = next(iter(gdata.load(sd, split="val", decode_meta=False)))
+    with torch.inference_mode():
+        pooled, _, _ = bundle.encoder.encode_hr(it["hr"].contiguous())
+        scene = EV.scene_embedding(bundle.encoder.embed_tokens(pooled)[None])
+        want = (scene @ bundle.text.T)[0].numpy()
+    np.testing.assert_allclose(a["scores"]["full_hr"][0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_eval_errors(model_env, tmp_path):
+    sd, md = model_env
+    with pytest.raises(UserError, match="no such model dir"):
+        EV.evaluate(tmp_path / "nope", sd, tmp_path / "r", split="val", progress=False)
+    with pytest.raises(UserError, match="no split 'test'"):
+        EV.evaluate(md, sd, tmp_path / "r", split="test", progress=False)
+    with pytest.raises(UserError, match="unknown sampler variant"):
+        EV.load_bundle(md, variants={"bogus": md / "sampler"})
+    with pytest.raises(UserError, match="uses LR context"):
+        EV.load_bundle(md, predictor_nolr=md / "predictor")
+    with pytest.raises(UserError, match="threshold"):
+        EV.evaluate(md, sd, tmp_path / "r", split="val", threshold=1.5, progress=False)
+    assert not (tmp_path / "r").exists()  # nothing written on a failed start
+
+
+def test_cli_eval_and_dry_run(model_env, tmp_path):
+    sd, md = model_env
+    exe = str(Path(sys.executable).with_name("gl10m"))
+    env = {**os.environ, "COLUMNS": "200"}
+    dry = subprocess.run([exe, "model", "eval", "--checkpoint", str(md), "--shards", str(sd), "--split", "val",
+                          "--out", str(tmp_path / "r"), "--dry-run"], capture_output=True, text=True, env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert "5 scenes" in dry.stdout and "predictor-stage2" in dry.stdout and not (tmp_path / "r").exists()
+    run = subprocess.run([exe, "model", "eval", "--checkpoint", str(md), "--shards", str(sd), "--split", "val",
+                          "--out", str(tmp_path / "r"), "--no-sweep", "--limit", "2", "--device", "cpu",
+                          "--variant", f"structural={md / 'sampler-structural'}"],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert rep["scenes"] == 2 and rep["sweep"] == [] and "default" in run.stdout
+    bad = subprocess.run([exe, "model", "eval", "--checkpoint", str(md), "--shards", str(sd), "--split", "val",
+                          "--out", str(tmp_path / "r2"), "--variant", "structural"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "VARIANT=RUN_DIR" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
