@@ -625,7 +625,10 @@ def run_forever(dir: str | Path, *, host: str = "127.0.0.1", stac_port: int = 0,
     def _term(*_):
         stop.set()
 
-    old = signal.signal(signal.SIGTERM, _term) if threading.current_thread() is threading.main_thread() else None
+    main = threading.current_thread() is threading.main_thread()
+    # SIGINT too, explicitly: a process started with SIGINT ignored (a background job of a
+    # non-interactive shell, e.g. under CI) never gets Python's KeyboardInterrupt handler
+    old = {sig: signal.signal(sig, _term) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
         with serve(dir, host=host, stac_port=stac_port, http_port=http_port, info_path=info_path) as s:
             print(f"STAC API:   {s.stac_url}  ({s.n_items} items in {', '.join(s.collections) or 'their collections'})", file=out)
@@ -641,8 +644,8 @@ def run_forever(dir: str | Path, *, host: str = "127.0.0.1", stac_port: int = 0,
                 pass
             print("stopping...", file=out, flush=True)
     finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
         if info_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 Path(info_path).unlink()
