@@ -9,6 +9,7 @@ then thinning) on the small set, the baseline the lazy validation is meant to be
 
     .venv/bin/python bench/anchors.py            # 30k vs 300k features, ~1-2 min on 2 cores
     .venv/bin/python bench/anchors.py --small 10000 --large 100000 --brute
+    .venv/bin/python bench/anchors.py --json PATH  # also the figures as JSON records (bench/run_all.py)
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 import geopandas as gpd
 import numpy as np
 import shapely
+from _results import add_json_arg, record, write_json
 
 from gl10m import anchors as A
 from gl10m import profile as P
@@ -106,9 +108,11 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=300_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--brute", action="store_true", help="also time filter-first on the small set")
+    add_json_arg(ap)
     a = ap.parse_args()
     prof = P.load()
     res: dict[int, list[dict]] = {a.small: [], a.large: []}
+    recs = []
     # small, large, small again: the machine is shared, so the baseline is the better of two
     for n in (a.small, a.large, a.small):
         t = time.perf_counter()
@@ -125,6 +129,8 @@ def main() -> None:
             assert b["kept"] == r["kept"], "filter-first and lazy thinning disagree"
             print(f"{'':>8} filter-first baseline: {b['t']:.1f} s; lazy/filter-first time ratio "
                   f"{r['t'] / b['t']:.3f} (same {b['kept']} kept)")
+            recs.append(record(f"lazy thinning, {n} features", r["t"], "s", "filter-first (stats of every anchor)",
+                               b["t"], None, False, "lazy validation time / filter-first time on the same set"))
     s = min(res[a.small], key=lambda r: r["cpu"])
     l = res[a.large][0]
     x = l["anchors"] / s["anchors"]
@@ -132,6 +138,11 @@ def main() -> None:
         ratio = l[what] / s[what]
         print(f"scaling {a.small} -> {a.large} features (x{x:.0f} at equal density), {'wall' if what == 't' else 'cpu'}: "
               f"time x{ratio:.1f}; per-anchor cost ratio {ratio / x:.2f} (1.00 = linear)")
+        kind = "wall" if what == "t" else "cpu"
+        recs.append(record(f"{kind} time per anchor, {a.large} features", 1e6 * l[what] / l["anchors"], "us/anchor",
+                           f"{kind} time per anchor, {a.small} features", 1e6 * s[what] / s["anchors"], ratio / x,
+                           False, f"per-anchor cost at {x:.0f}x the features (equal density) / at 1x; 1.00 = linear"))
+    write_json(a.json, "anchors", recs, small=a.small, large=a.large, seed=a.seed, brute=a.brute)
 
 if __name__ == "__main__":
     main()

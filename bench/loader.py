@@ -1,6 +1,6 @@
 """Benchmark: gl10m.data.load samples/s against a bare simplejpeg decode loop, and sparse reads.
 
-    .venv/bin/python bench/loader.py [--samples 48] [--tiles 12] [--repeat 3] [--keep DIR]
+    .venv/bin/python bench/loader.py [--samples 48] [--tiles 12] [--repeat 3] [--keep DIR] [--json PATH]
 
 Builds synthetic staged samples (smooth multi-scale textures + sensor noise, so JPEG q95 tiles
 are ~20-45 kB like real NAIP, not the 5 kB of flat synthetic tiles or the 100 kB of pure noise),
@@ -28,6 +28,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _results import add_json_arg, record, write_json  # noqa: E402
 
 
 def texture(rng: np.random.Generator, noise: np.ndarray) -> np.ndarray:
@@ -87,6 +89,7 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, default=12)
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--keep", type=Path, help="build (or reuse) the shards here instead of a temp folder")
+    add_json_arg(ap)
     a = ap.parse_args()
 
     import simplejpeg
@@ -149,6 +152,17 @@ def main() -> None:
         print(f"load(all) / bare decode:            {r_all:.2f}  (goal >= 0.8)")
         print(f"load({a.tiles}) / load(all):              {r_sel:.2f}x (goal >= 5)")
         print(f"load({a.tiles}) by offset / streamed:     {r_str:.2f}x")
+        k = f"load(tiles={a.tiles})"
+        note = f"best of {a.repeat} interleaved rounds, one process"
+        write_json(a.json, "loader", [
+            record("load(tiles='all')", sps["load(tiles='all')"], "samples/s", "bare simplejpeg decode, 100 tiles",
+                   sps["bare simplejpeg, 100 tiles"], r_all, True,
+                   "full load samples/s / bare decode samples/s; goal >= 0.8", note),
+            record(k, sps[k], "samples/s", "load(tiles='all')", sps["load(tiles='all')"], r_sel, True,
+                   f"sparse ({a.tiles} tiles) / full load samples/s; goal >= 5", note),
+            record(k, sps[k], "samples/s", f"{k}, no index (streamed)", sps[f"{k}, no index (streamed)"], r_str, True,
+                   "reads by offset / streamed tar samples/s: what the index buys", note),
+        ], samples=n, tiles=a.tiles, repeat=a.repeat)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

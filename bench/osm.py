@@ -1,6 +1,6 @@
 """Benchmark the osm stage against a bare pyosmium area scan, measured in the same run.
 
-    .venv/bin/python bench/osm.py [--nodes 1100000] [--seed 0] [--keep DIR]
+    .venv/bin/python bench/osm.py [--nodes 1100000] [--seed 0] [--keep DIR] [--json PATH]
 
 Generates (seeded) a PBF of >= 1e6 nodes with a realistic mix: many irrelevant buildings and
 residential roads, untagged way nodes, tagged POI nodes (some concepts, mostly not), concept
@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _results import add_json_arg, record, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 BBOX = (-122.0, 34.0, -118.0, 38.0)  # crosses the UTM 10/11 boundary at -120
@@ -167,6 +168,7 @@ def main(argv=None) -> int:
     ap.add_argument("--nodes", type=int, default=1_100_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", type=Path, default=None, help="keep the generated PBF in this folder")
+    add_json_arg(ap)
     ap.add_argument("--one", nargs=2, metavar=("VARIANT", "PBF"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
@@ -194,6 +196,16 @@ def main(argv=None) -> int:
     print(f"osm stats: read={st['read']:,} matched={st['matched']:,} areas={st['areas']:,} "
           f"lines={st['lines']:,} points={st['points']:,} repaired={st['repaired']} dropped={st['dropped']}")
     print("(baseline rows = areas seen by Python; osm rows = feature rows, buffered lines/points included)")
+    b = results[0]
+    recs = []
+    for r in results[1:]:
+        recs.append(record(f"{r['variant']} time", r["seconds"], "s", "bare pyosmium area scan", b["seconds"], None,
+                           False, "osm.extract time / bare pyosmium area scan time of the same PBF",
+                           note=f"{r['rows']:,} feature rows vs {b['rows']:,} areas seen by the baseline"))
+        recs.append(record(f"{r['variant']} peak RSS", r["rss_mb"], "MB", "bare pyosmium area scan", b["rss_mb"], None,
+                           False, "peak RSS of osm.extract / of the bare area scan (each in a fresh process)"))
+    write_json(a.json, "osm", recs, nodes=counts["nodes"], ways=counts["ways"], relations=counts["relations"],
+               seed=a.seed)
     return 0
 
 

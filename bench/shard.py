@@ -4,6 +4,7 @@ Builds N synthetic staged samples (realistic-size JPEG tiles), then times:
   baseline: copying every staged file's bytes into one new file (read + write + fsync, no tar);
   shard:    gl10m.shards.build over the same samples (tar members, index, checksums, manifest).
 Prints MB/s of both and the ratio (goal >= 0.7). Run: .venv/bin/python bench/shard.py [--samples N]
+[--json PATH] (the figures as JSON records, for bench/run_all.py).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _results import add_json_arg, record, write_json
 
 
 def textured(rng, n, size=268):
@@ -52,6 +54,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=6)
+    add_json_arg(ap)
     args = ap.parse_args()
     from gl10m import shards
 
@@ -89,6 +92,12 @@ def main():
             print(f"{name:<10}{best[name]:>10.3f}{mb / best[name]:>10.1f}")
         ratio = best["copy"] / best["shard"]
         print(f"shard / raw copy throughput: {ratio:.2f} (goal >= 0.7)")
+        write_json(args.json, "shard", [record(
+            "shards.build throughput", mb / best["shard"], "MB/s", "raw copy of the staged files (read+write+fsync)",
+            mb / best["copy"], ratio, True,
+            "shard MB/s / raw copy MB/s of the same bytes; goal >= 0.7",
+            note=f"best of {args.rounds} interleaved rounds")], samples=args.samples, rounds=args.rounds,
+            mb=round(mb, 1))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
