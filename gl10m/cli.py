@@ -231,7 +231,8 @@ def demo(workdir: Path = typer.Option(Path("work/demo"), "--workdir", "-w", help
          rebuild: bool = typer.Option(False, "--rebuild", help="Regenerate the testbed world even if it exists."),
          no_model: bool = typer.Option(False, "--no-model", help="Stop after the data (skip encoder and training)."),
          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
-    """The whole chain offline: build and serve the testbed, index, download, shard, verify, draw."""
+    """The whole chain offline: build and serve the testbed, index, download, shard, verify, draw,
+    then train the model briefly and evaluate it on the test split (W/model/eval/report.md)."""
     from gl10m.pipelines.demo import run_demo
 
     res = run_demo(workdir, workers=workers, quiet=quiet, rebuild=rebuild, model=not no_model)
@@ -241,8 +242,18 @@ def demo(workdir: Path = typer.Option(Path("work/demo"), "--workdir", "-w", help
     out.print(f"shards:        {res.shards}  ({counts})")
     out.print(f"dataset card:  {res.shards / 'README.md'}")
     out.print(f"pictures:      {', '.join(str(p) for p in res.pictures)}")
+    if res.model:
+        out.print(f"model:         {res.workdir / 'model'}  (training loss, mean of the first -> last tenth)")
     for name, m in res.model.items():
-        out.print(f"{name + ':':<14} loss {m['loss_first']} -> {m['loss_last']}; {m['checkpoint']}")
+        out.print(f"  {name + ':':<19} {m['loss_first']} -> {m['loss_last']}")
+    if res.report:
+        t = Table("row", "OBR", "mAP@100", "ms/scene", title=f"model eval: {res.report['scenes']} test scenes")
+        for r in res.report["rows"]:
+            m = r["metrics"]["all"]["mAP@100"]
+            t.add_row(r["name"], f"{r['obr']:.3f}", "n/a" if m is None else f"{m:.3f}",
+                      f"{1000 * r['time']['per_scene_s']:.0f}")
+        out.print(t)
+        out.print(f"eval report:   {res.report['report']}")
     out.print(f"ledger:        gl10m status -w {res.workdir}")
 
 
