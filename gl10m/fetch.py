@@ -10,7 +10,8 @@ Outcomes:
 * ``ok``: the sample is at ``W/staged/{split}/{key}/`` (``FetchOutcome.path``);
 * ``rejected`` with a reason (deterministic; the ledger records ``rejected:<reason>``):
   ``asset_missing`` (HTTP 404/410 or a missing file), ``asset_corrupt`` (unreadable or
-  truncated COG, twice in a row; a NAIP image without R, G, B bands), ``s2_masked`` (no usable S2
+  truncated COG, twice in a row; a NAIP image without R, G, B bands; a raster without CRS or
+  geotransform, or whose CRS contradicts the item's ``proj:epsg``), ``s2_masked`` (no usable S2
   item, or an LR black ratio >= ``qc.max_black_ratio``; pixels without any valid observation
   after SCL masking are black), ``hr_black`` (HR tiles at or above that ratio, listed in the
   detail), ``naip_gap`` (no quarter-quad covers any of the footprint; pixels a partial mosaic leaves
@@ -44,6 +45,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from gl10m import __version__, compose, qc, samples
+from gl10m.errors import redact as _redact_urls
 from gl10m.sources.retry import RETRY_STATUSES, TransientError, is_transient, parse_retry_after, retry
 
 OK, REJECTED = "ok", "rejected"
@@ -98,8 +100,8 @@ _HTTP_CODE = re.compile(r"HTTP (?:response )?code:?\s*(\d{3})", re.I)
 
 
 def redact(text: str) -> str:
-    """Drop query strings (signatures, tokens) from URLs in a message."""
-    return _QUERY.sub("?<redacted>", str(text))
+    """Drop query strings (signatures, tokens) and ``user:password@`` from URLs in a message."""
+    return _QUERY.sub("?<redacted>", _redact_urls(str(text)))
 
 
 def _is_http(href: str) -> bool:
@@ -228,8 +230,27 @@ def read_asset(href: str, fn: Callable[[Any], Any], *, item: str, asset: str,
 # ---------------------------------------------------------------------------------------------
 # What is read from each dataset (inside the limiter; CPU work happens outside it)
 # ---------------------------------------------------------------------------------------------
-def _window_reader(grid: compose.Grid, indexes, *, need_rgb: bool = False, item: str = "", asset: str = ""):
+def _check_georef(ds, epsg: Any, item: str, asset: str) -> None:
+    """Reject an asset whose georeferencing cannot be trusted: no CRS or no geotransform, or a CRS
+    that contradicts the item's ``proj:epsg`` (one of the two is wrong, so the pixels may land in
+    the wrong place). A CRS without an EPSG equivalent is not second-guessed."""
+    from affine import Affine
+
+    if ds.crs is None or ds.transform == Affine.identity():
+        raise Rejection(ASSET_CORRUPT, f"{item} {asset}: not georeferenced (no CRS or no geotransform)",
+                        item=item, asset=asset)
+    if epsg is None or (isinstance(epsg, float) and np.isnan(epsg)):
+        return
+    code = ds.crs.to_epsg()
+    if code is not None and int(code) != int(epsg):
+        raise Rejection(ASSET_CORRUPT, f"{item} {asset}: raster CRS EPSG:{code} contradicts the item's "
+                        f"proj:epsg {int(epsg)}", item=item, asset=asset, raster_epsg=int(code), item_epsg=int(epsg))
+
+
+def _window_reader(grid: compose.Grid, indexes, *, need_rgb: bool = False, item: str = "", asset: str = "",
+                   epsg: Any = None):
     def fn(ds):
+        _check_georef(ds, epsg, item, asset)
         if need_rgb and ds.count < 3:
             raise Rejection(ASSET_CORRUPT, f"{item} {asset}: {ds.count} band(s), needs R, G, B",
                             item=item, asset=asset)
@@ -282,10 +303,11 @@ def _compose_lr(s2_items: list[dict], profile, grid: compose.Grid, read) -> tupl
         for band in (*S2_RGB, "SCL"):
             if not hrefs.get(band):
                 raise Rejection(ASSET_MISSING, f"{iid} {band}: no href in the plan", item=iid, asset=band)
-        scl_got = read(hrefs["SCL"], _window_reader(grid, 1), iid, "SCL")
+        epsg = it.get("epsg")
+        scl_got = read(hrefs["SCL"], _window_reader(grid, 1, item=iid, asset="SCL", epsg=epsg), iid, "SCL")
         bands = []
         for band in S2_RGB:
-            got = read(hrefs[band], _window_reader(grid, 1), iid, band)
+            got = read(hrefs[band], _window_reader(grid, 1, item=iid, asset=band, epsg=epsg), iid, band)
             if got is None or scl_got is None:
                 bands.append(np.full(grid.shape, np.nan, np.float32))
                 continue
@@ -328,7 +350,7 @@ def _compose_hr(naip_items: list[dict], profile, grid: compose.Grid, read) -> tu
             if not it.get("href"):
                 raise Rejection(ASSET_MISSING, f"{iid} image: no href in the plan", item=iid, asset="image")
             got = read(it["href"], _window_reader(grid, list(compose.RGB_BANDS), need_rgb=True,
-                                                  item=iid, asset="image"), iid, "image")
+                                                  item=iid, asset="image", epsg=it.get("epsg")), iid, "image")
             used.append({"id": iid, "datetime": it.get("datetime"), "epsg": it.get("epsg"), "gsd": it.get("gsd"),
                          "overlaps": got is not None})
             if got is None:

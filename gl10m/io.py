@@ -72,3 +72,25 @@ def clean_temp(folder: str | Path) -> int:
             p.unlink()
             n += 1
     return n
+
+
+def ensure_dir(path: str | Path, what: str = "folder") -> Path:
+    """Create folder `path` (and its parents) for writing, or raise a one-line UserError: a parent
+    or the path itself is a regular file, it cannot be created, or it is not writable. For the
+    driver to call before a stage starts, so a bad output path fails before anything is written."""
+    from gl10m.errors import UserError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: the {what} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{path}: cannot create the {what}: a parent is a file, not a folder") from None
+    except NotADirectoryError:
+        raise UserError(f"{path}: cannot create the {what}: a parent is a file, not a folder") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot create the {what} ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: the {what} is not writable")
+    return path

@@ -36,6 +36,7 @@ area_m2 float64.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -179,7 +180,9 @@ class TriggerIndex:
 
 
 # -- node index ------------------------------------------------------------------------------
-def _make_index(kind: str, tmpdir: Path):
+def _index_spec(kind: str, tmpdir: Path) -> tuple[str, Path | None]:
+    """(osmium map spec, its file or None) of a node-index kind; the map is not created here, so
+    the caller can remove the file even when creating the map fails (a full disk)."""
     import osmium
 
     name, _, arg = kind.partition(",")
@@ -189,7 +192,24 @@ def _make_index(kind: str, tmpdir: Path):
     if name in _FILE_INDEXES and not arg:
         arg = str(Path(tmpdir) / f"{name}.nodes")
         kind = f"{name},{arg}"
-    return osmium.index.create_map(kind), (Path(arg) if name in _FILE_INDEXES else None)
+    return kind, (Path(arg) if name in _FILE_INDEXES else None)
+
+
+class OsmIOError(OsmError):
+    """The machine, not the PBF: the node index or the output could not be written (a full disk,
+    a quota, a folder that cannot be created). One line like any OsmError, but transient: the
+    pipeline records it as failed and retries it on the next run."""
+
+    transient = True
+
+
+_STRERRORS = sorted({os.strerror(c) for c in errno.errorcode}, key=len, reverse=True)
+
+
+def _system_error(msg: str) -> bool:
+    """Does an osmium (libosmium) error message end in an OS error text (``Could not resize
+    file: No space left on device``, a ``std::system_error``), rather than describe the PBF?"""
+    return any(msg.endswith(": " + t) for t in _STRERRORS)
 
 
 # -- the scan --------------------------------------------------------------------------------
@@ -353,8 +373,10 @@ def _scan(pbf: Path, col: _Collector, index_kind: str, tmpdir: Path) -> None:
         osmium.apply(rd, _Relations(), am.first_pass_handler())
     col.stats["area_relations"] = len(col.rel_candidates)
 
-    idx, idx_file = _make_index(index_kind, tmpdir)
+    spec, idx_file = _index_spec(index_kind, tmpdir)
+    idx = None
     try:
+        idx = osmium.index.create_map(spec)
         lh = osmium.NodeLocationsForWays(idx)
         lh.ignore_errors()
         area_ids = osmium.filter.IdFilter([2 * r + 1 for r in col.rel_candidates])
@@ -575,7 +597,11 @@ def extract(pbf: str | Path, profile, *, node_index: str | None = None, tmpdir=N
             raise
         except RuntimeError as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if _system_error(msg):  # the node index file, not the PBF
+                raise OsmIOError(f"{pbf}: osm stage could not write its node index in {tmpdir} ({msg})") from None
             raise OsmError(f"{pbf}: cannot read as OSM PBF ({msg})") from None
+        except OSError as e:
+            raise OsmIOError(f"{pbf}: osm stage I/O error in {tmpdir} ({e.strerror or e})") from None
     unassembled = len(col.rel_candidates) - col.stats["assembled"]
     col.stats["dropped_unassembled"] = unassembled
     col.stats["dropped"] += unassembled
@@ -600,8 +626,11 @@ def write_features(gdf, path: str | Path) -> Path:
     cc[:] = [np.asarray(c, dtype="int16") for c in out["concepts"]]
     out["concepts"] = cc
     path = Path(path)
-    with atomic_path(path) as tmp:
-        out.to_parquet(tmp, index=False, compression="zstd", schema_version="1.0.0")
+    try:
+        with atomic_path(path) as tmp:
+            out.to_parquet(tmp, index=False, compression="zstd", schema_version="1.0.0")
+    except OSError as e:  # full disk, quota, a parent that is a file: nothing is left behind
+        raise OsmIOError(f"{path}: cannot write the features ({e.strerror or str(e).splitlines()[0]})") from None
     return path
 
 

@@ -302,8 +302,14 @@ def load(path: str | Path | None = None) -> Profile:
     p = Path(path) if path else DEFAULT_PROFILE
     if not p.exists():
         raise ProfileError(f"profile {p}: no such file")
+    if not p.is_file():
+        raise ProfileError(f"profile {p}: not a file")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ProfileError(f"profile {p.name}: not a YAML text file (not UTF-8)") from None
+    except OSError as e:
+        raise ProfileError(f"profile {p}: cannot read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from gl10m.errors import UserError
+from gl10m.errors import UserError, is_rejection
+from gl10m.io import ensure_dir
 from gl10m.ledger import FAILED, OK, REJECTED, Ledger, hash_inputs
 from gl10m.pipelines.runner import error_label, map_units
 from gl10m.profile import Profile
@@ -146,7 +147,9 @@ def run_download(profile: Profile, workdir: str | Path, *, regions: Sequence[str
     provider = provider or provider_from_profile(profile, stac_url=stac_url)
     pname = getattr(provider, "name", "stac")
     result = DownloadResult()
-    workdir.mkdir(parents=True, exist_ok=True)
+    if not (workdir / "ledger.sqlite").is_file():  # nothing indexed here: create nothing either
+        raise UserError(f"region {regions[0]}: run `gl10m index` first (no ledger in {workdir})")
+    ensure_dir(workdir, "work dir")
     with Ledger.for_workdir(workdir) as ledger:
         # anchors must be done for every region we download
         anchors_h = {}
@@ -304,7 +307,7 @@ def _record(ledger, result, stage, unit, h, res, err):
         ledger.record(stage, unit, OK, h, detail=_jsonable(res or {}))
         result.outcomes[(stage, unit)] = OK
     else:
-        status = REJECTED if isinstance(err, UserError) else FAILED
+        status = REJECTED if is_rejection(err) else FAILED
         label = error_label(err)
         ledger.record(stage, unit, status, h, reason=label)
         result.outcomes[(stage, unit)] = f"{status}:{label}"

@@ -14,11 +14,12 @@ inputs does nothing and says so, a changed rule or parameter reruns only what de
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from gl10m.io import atomic_path, atomic_write_text
+from gl10m.io import atomic_path, atomic_write_text, ensure_dir
 from gl10m.ledger import FAILED, OK, REJECTED, Ledger, hash_inputs
 from gl10m.profile import Profile
 from gl10m.pipelines.runner import error_label, map_units
@@ -90,7 +91,10 @@ def osm_step(region: str, source: str, sha256: str | None, profile: Profile, wor
     pbf_path = pbf.fetch_pbf(source, wd / "downloads", sha256=sha256)
     tmp = wd / "tmp" / f"osm-{region}"
     tmp.mkdir(parents=True, exist_ok=True)
-    res = osm.extract(pbf_path, profile, tmpdir=tmp)
+    try:
+        res = osm.extract(pbf_path, profile, tmpdir=tmp)
+    finally:  # the node index lived here; nothing of this step's scratch outlives it
+        shutil.rmtree(tmp, ignore_errors=True)
     osm.write_features(res.features, osm_path(wd, region))
     report = osm.yield_report(res.features, profile)
     with atomic_path(wd / "osm" / f"{region}.yield.csv") as t:
@@ -173,7 +177,10 @@ def run_index(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
     if unknown:
         from gl10m.errors import UserError
         raise UserError(f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGES)}")
-    workdir.mkdir(parents=True, exist_ok=True)
+    if not isinstance(n_partitions, int) or n_partitions < 1:
+        from gl10m.errors import UserError
+        raise UserError(f"--partitions must be at least 1, got {n_partitions!r}")
+    ensure_dir(workdir, "work dir")
     result = IndexResult()
     with Ledger.for_workdir(workdir) as ledger:
         result.plans = plan(profile, workdir, regions, stages, ledger, force)
@@ -262,6 +269,7 @@ def _run_anchors(client, profile, workdir, regions, n_partitions, quiet, record)
 
 
 def _is_user_error(err: BaseException) -> bool:
-    from gl10m.errors import UserError
+    """Bad input (recorded as rejected); a transient UserError (full disk, network) is failed."""
+    from gl10m.errors import is_rejection
 
-    return isinstance(err, UserError)
+    return is_rejection(err)

@@ -105,6 +105,9 @@ def map_units(client, fn: Callable, args: Sequence[tuple], *, keys: Sequence[str
 
 
 def error_label(err: BaseException) -> str:
-    """A one-line, ledger-safe description of an exception."""
+    """A one-line, ledger-safe description of an exception (URL credentials redacted: an error of
+    requests names the URL with its query string, e.g. a token given in ``--stac-url``)."""
+    from gl10m.errors import redact
+
     msg = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {msg}"[:300]
+    return redact(f"{type(err).__name__}: {msg}")[:300]

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from gl10m import __version__
+from gl10m.errors import UserError
+from gl10m.io import ensure_dir
 from gl10m.ledger import OK, REJECTED, Ledger, hash_inputs
 from gl10m.pipelines.runner import progress_bar
 from gl10m.profile import Profile
@@ -64,10 +66,16 @@ def run_shard(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
     from gl10m import shards
     from gl10m.splits import border_drops
 
+    from gl10m import plan as planmod
+
     workdir = Path(workdir).resolve()
     regions = list(regions) if regions else profile.select_regions(None)
     max_bytes = max_bytes or shards.DEFAULT_SHARD_BYTES
+    # nothing planned here (a mistyped -w, or download not run yet): an error, and nothing written
+    if not (workdir / "ledger.sqlite").is_file() or not any(planmod.plan_path(workdir, r).exists() for r in regions):
+        raise UserError(f"{workdir}: nothing to shard for {', '.join(regions)} (no plan; run `gl10m download` first)")
     out = shards_dir(workdir)
+    ensure_dir(out, "shards folder")
     res = ShardResult(out_dir=out)
     with Ledger.for_workdir(workdir) as ledger:
         scenes, res.missing = collect(profile, workdir, regions, ledger)

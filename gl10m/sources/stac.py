@@ -28,9 +28,9 @@ import os
 import re
 import threading
 from typing import Any, Callable, Iterator
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
-from gl10m.errors import UserError
+from gl10m.errors import UserError, redact
 from gl10m.sources.base import Bbox, Provider, as_date, empty_item, iso_utc
 from gl10m.sources.retry import PermanentHTTPError, TransientError, check_response, retry
 
@@ -399,6 +399,13 @@ def date_chunks(start: dt.date, end: dt.date, days: int | None) -> list[tuple[dt
     return out
 
 
+def _public_url(url: str) -> str:
+    """`url` without ``user:password@``, query string and fragment (where tokens travel)."""
+    u = urlsplit(url)
+    host = u.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((u.scheme, host, u.path, "", ""))
+
+
 def flavour_of(url: str) -> str:
     host = urlsplit(url).netloc.lower()
     if "planetarycomputer" in host:
@@ -416,7 +423,7 @@ class StacProvider(Provider):
                  retry_kw: dict | None = None, timeout: Any = (10, 120),
                  signer: PlanetaryComputerSigner | None = None):
         if not url or "://" not in url:
-            raise UserError(f"provider.stac_url must be an http(s) URL, got {url!r}")
+            raise UserError(f"provider.stac_url must be an http(s) URL, got {redact(url)!r}")
         if signing not in ("none", "planetary_computer"):
             raise UserError(f"unknown signing {signing!r} (none, planetary_computer)")
         self.url = url.rstrip("/")
@@ -440,7 +447,9 @@ class StacProvider(Provider):
         return st
 
     def describe(self) -> dict:
-        return {"provider": self.name, "url": self.url, "flavour": self.flavour, "signing": self.signing}
+        """Provenance (recorded in catalog metadata and hashed): the URL without credentials."""
+        return {"provider": self.name, "url": _public_url(self.url), "flavour": self.flavour,
+                "signing": self.signing}
 
     @property
     def n_requests(self) -> int:
