@@ -36,6 +36,13 @@ class PbfError(UserError, ValueError):
     """A PBF source that cannot be used (one line)."""
 
 
+class PbfUnavailable(PbfError):
+    """The server or the network, not the source: a download that kept failing, an HTTP 429 or
+    5xx. Transient: the index pipeline records it as failed and the next run tries again."""
+
+    transient = True
+
+
 def file_digest(path: str | Path, algo: str = "sha256", chunk: int = CHUNK) -> str:
     """Hex digest of a file, read in chunks (sha256 by default)."""
     h = hashlib.new(algo)
@@ -109,7 +116,8 @@ def _download(url: str, part: Path, session: requests.Session, timeout: float,
             part.unlink()
             return _download(url, part, session, timeout, progress)
         if r.status_code not in (200, 206):
-            raise PbfError(f"{url}: HTTP {r.status_code} {r.reason}".rstrip())
+            cls = PbfUnavailable if r.status_code in (408, 425, 429) or r.status_code >= 500 else PbfError
+            raise cls(f"{url}: HTTP {r.status_code} {r.reason}".rstrip())
         total = None
         if r.status_code == 206:
             cr = r.headers.get("Content-Range", "")  # bytes START-END/TOTAL
@@ -180,7 +188,7 @@ def fetch_pbf(source: str, dest_dir: str | Path, *, sha256: str | None = None,
                 attempt += 1
                 if attempt > retries:
                     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    raise PbfError(f"{source}: download failed after {retries} retries ({msg}); "
+                    raise PbfUnavailable(f"{source}: download failed after {retries} retries ({msg}); "
                                    f"partial data kept in {part}") from None
                 time.sleep(backoff_s * 2 ** (attempt - 1))
         if sha256:

@@ -188,6 +188,29 @@ def test_a_rejected_region_makes_gl10m_index_exit_nonzero(osm_world, tmp_path):
     assert r.returncode != 0
 
 
+def test_unreachable_pbf_url_is_failed_not_rejected(osm_world, tmp_path, monkeypatch):
+    """A download that keeps failing is the network, not the input: `failed` (the next run
+    retries it), not `rejected` (which a rerun would skip while the profile is unchanged)."""
+    import socket
+
+    from gl10m import pbf
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    prof = profile_mod.load(write_profile(osm_world, "p-url.yaml", f"http://127.0.0.1:{port}/co-240101.osm.pbf"))
+    monkeypatch.setattr(pbf.time, "sleep", lambda s: None)  # the retries' backoff
+    wd = tmp_path / "W"
+    res = ix.run_index(prof, wd, regions=["CO"], stages=("osm",), quiet=True)
+    assert res.outcomes[("osm", "CO")].startswith("failed:PbfUnavailable:"), res.outcomes
+    assert "download failed" in res.outcomes[("osm", "CO")]
+    with Ledger.for_workdir(wd) as led:
+        assert led.get("osm", "CO").status == "failed"
+        assert led.decide("osm", "CO", ix.osm_input_hash(prof, "CO"))[0]  # the next run tries again
+    assert not ix.osm_path(wd, "CO").exists() and not leftovers(wd), leftovers(wd)
+
+
 # -- the work dir on a full disk -------------------------------------------------------------------
 def test_full_disk_in_the_osm_stage_is_failed_and_retried(osm_world, tmp_path):
     """Every file the run writes is capped at 64 KiB (RLIMIT_FSIZE: the kernel fails the write
