@@ -10,8 +10,8 @@ Outcomes:
 * ``ok``: the sample is at ``W/staged/{split}/{key}/`` (``FetchOutcome.path``);
 * ``rejected`` with a reason (deterministic; the ledger records ``rejected:<reason>``):
   ``asset_missing`` (HTTP 404/410 or a missing file), ``asset_corrupt`` (unreadable or
-  truncated COG, twice in a row; a NAIP image without R, G, B bands; a raster without CRS or
-  geotransform, or whose CRS contradicts the item's ``proj:epsg``), ``s2_masked`` (no usable S2
+  truncated COG: the same read failure twice; a NAIP image without R, G, B bands; a raster
+  without CRS or geotransform, or whose CRS contradicts the item's ``proj:epsg``), ``s2_masked`` (no usable S2
   item, or an LR black ratio >= ``qc.max_black_ratio``; pixels without any valid observation
   after SCL masking are black), ``hr_black`` (HR tiles at or above that ratio, listed in the
   detail), ``naip_gap`` (no quarter-quad covers any of the footprint; pixels a partial mosaic leaves
@@ -27,6 +27,14 @@ concurrent requests across all Dask workers) and inside ``rasterio.Env(**gdal_ht
 Transient errors are retried with exponential backoff and full jitter, honouring Retry-After
 (:func:`gl10m.sources.retry.retry`). GDAL caches a failed ``/vsicurl/`` answer per URL, so the
 cache entry of a URL is dropped after each failure before trying again.
+
+Two things GDAL hides are recovered here. GDAL's own HTTP retries ignore ``Retry-After`` and
+its error names only the status, so after a 429/503 the server is asked once more (a one-byte
+ranged GET) for the ``Retry-After`` to honour. And GDAL accepts a body cut short by a dropped
+connection as if the file were that short: the read fails like a truncated COG ("got N bytes,
+expected M"). A truncated file fails the same way every time, a dropped transfer differently
+(N is where the connection broke), so a read is called corrupt only when it fails with the same
+error twice; until then a failure that looks like corruption is retried like a transient one.
 """
 from __future__ import annotations
 
@@ -146,14 +154,19 @@ def _probe(url: str) -> tuple[int | None, float | None]:
         return None, None
 
 
-def _classify(exc: BaseException, url: str) -> tuple[str, int | None, float | None]:
-    """('missing' | 'forbidden' | 'transient' | 'corrupt', status, retry_after) of a read error."""
+def _error_text(exc: BaseException) -> str:
+    """The messages of `exc` and of the errors it wraps, one line, without query strings."""
     texts, e, seen = [], exc, set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         texts.append(str(e))
         e = e.__cause__ or e.__context__
-    text = " | ".join(texts)
+    return redact(" | ".join(texts))
+
+
+def _classify(exc: BaseException, url: str) -> tuple[str, int | None, float | None]:
+    """('missing' | 'forbidden' | 'transient' | 'corrupt', status, retry_after) of a read error."""
+    text = _error_text(exc)
     m = _HTTP_CODE.search(text)
     status, retry_after = (int(m.group(1)) if m else None), None
     if status is None and _is_http(url):
@@ -169,6 +182,8 @@ def _classify(exc: BaseException, url: str) -> tuple[str, int | None, float | No
     if status in (401, 403):
         return "forbidden", status, None
     if status in RETRY_STATUSES or status >= 500:
+        if retry_after is None and status in (429, 503) and _is_http(url):
+            _, retry_after = _probe(url)  # GDAL's error drops the headers: ask for Retry-After
         return "transient", status, retry_after
     if 200 <= status < 300 or status == 416:
         return "corrupt", status, None
@@ -197,6 +212,7 @@ def read_asset(href: str, fn: Callable[[Any], Any], *, item: str, asset: str,
     env = gdal_http_env(gdal_env)
     lim = limiter if limiter is not None else contextlib.nullcontext()
     where = {"item": item, "asset": asset}
+    suspects: set[str] = set()  # errors of the reads that looked corrupt (kept across retries)
 
     def once():
         url = sign(href)
@@ -218,9 +234,15 @@ def read_asset(href: str, fn: Callable[[Any], Any], *, item: str, asset: str,
                     raise Rejection(ASSET_MISSING, msg, status=status, **where) from None
                 if kind == "transient":
                     raise TransientError(msg, retry_after=retry_after, status=status) from None
+                # looks corrupt: the same failure twice is the file, a new one the transfer (a
+                # connection dropped mid-body reads as a truncated file, cut somewhere else each time)
+                text = _error_text(exc)
+                if text in suspects:
+                    raise Rejection(ASSET_CORRUPT, msg, status=status, **where) from None
+                suspects.add(text)
                 if attempt == 0:
                     continue
-                raise Rejection(ASSET_CORRUPT, msg, status=status, **where) from None
+                raise TransientError(f"{msg} (unreadable, differently each time: retrying)", status=status) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     opts = {**DEFAULT_RETRY, **(retry_opts or {})}
