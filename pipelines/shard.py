@@ -5,7 +5,9 @@ break the border rule (gl10m/splits.py) and counts them; writes ``W/shards/`` wi
 gl10m.shards.build (byte copies, deterministic) and the dataset card. The ledger has one row
 for the whole stage (unit ``all``) whose input hash names every sample's fetch hash, the shard
 size and the profile values involved, so a rerun with nothing new does nothing, and one row per
-dropped scene under ``shard-scene``.
+dropped scene under ``shard-scene``. Every file is written atomically, so a killed run leaves
+only temp files beside the outputs; the next run removes them before anything else, and its
+rebuild is byte-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ def run_shard(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
               max_bytes: int | None = None, force: bool = False, quiet: bool = False,
               card: bool = True) -> ShardResult:
     from gl10m import shards
+    from gl10m.io import clean_temp
     from gl10m.splits import border_drops
 
     from gl10m import plan as planmod
@@ -75,6 +78,8 @@ def run_shard(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
     if not (workdir / "ledger.sqlite").is_file() or not any(planmod.plan_path(workdir, r).exists() for r in regions):
         raise UserError(f"{workdir}: nothing to shard for {', '.join(regions)} (no plan; run `gl10m download` first)")
     out = shards_dir(workdir)
+    if out.is_dir():
+        clean_temp(out)  # half-written shards, index or card of a killed run are never outputs
     ensure_dir(out, "shards folder")
     res = ShardResult(out_dir=out)
     with Ledger.for_workdir(workdir) as ledger:

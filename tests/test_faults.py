@@ -6,14 +6,22 @@
   really truncated COG is still ``asset_corrupt``; Retry-After is honoured after GDAL gives up.
 * (slow) A whole download through proxies failing 20 % of requests ends with the same ledger
   and byte-identical staged samples as a fault-free run.
+* (slow) ``gl10m shard`` killed with SIGKILL at seeded points and rerun gives byte-identical
+  shards, index and card, every scene once, and no temp files.
 """
 from __future__ import annotations
 
 import hashlib
 import http.client
 import json
+import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -322,7 +330,7 @@ def test_retry_after_is_honoured_when_gdal_gives_up(cog):
     assert len(sleeps) == 2 and all(s >= 7.0 for s in sleeps), sleeps
 
 
-# -- end to end (slow): a download through faults -------------------------------------------------
+# -- end to end (slow): a download through faults, a shard stage killed --------------------------
 def ledger_rows(wd: Path, stage: str) -> dict:
     from gl10m.ledger import Ledger
 
@@ -394,3 +402,138 @@ def test_download_through_20_percent_faults_equals_a_fault_free_run(reference, b
     a, b = tree_bytes(reference["wd"] / "staged"), tree_bytes(wd / "staged")
     assert a and a == b
     assert not leftovers(wd / "staged")
+
+
+SHARD_MB = "1"  # one sample per shard on the test world: several shards per split
+CRASH_HOOK = r"""
+import builtins, os, signal, sys
+
+# Events: every rename (the commit of an atomic write: a kill lands just before it) and every
+# 64th write into a shard (a kill lands mid-file). SIGKILL this process at event KILL_AT; log
+# the events ("n kind file" lines) to EVENTS_OUT at exit.
+KILL_AT = int(os.environ.get("GL10M_TEST_KILL_AT", "0"))
+EVENTS_OUT = os.environ.get("GL10M_TEST_EVENTS_OUT")
+log = []
+
+def tick(kind, path):
+    log.append(f"{len(log) + 1} {kind} {os.path.basename(str(path))}")
+    if len(log) == KILL_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+_replace = os.replace
+def replace(src, dst, *a, **kw):
+    tick("rename", dst)
+    return _replace(src, dst, *a, **kw)
+os.replace = replace
+
+class Counting:
+    def __init__(self, f, path):
+        self.f, self.path, self.k = f, path, 0
+    def write(self, b):
+        self.k += 1
+        if self.k % 64 == 0:
+            tick("write", self.path)
+        return self.f.write(b)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+import gl10m.shards
+gl10m.shards.open = lambda path, mode="r", *a, **kw: (
+    Counting(builtins.open(path, mode, *a, **kw), path) if "w" in mode else builtins.open(path, mode, *a, **kw))
+
+def report():
+    if EVENTS_OUT:
+        with open(EVENTS_OUT, "w") as f:
+            f.write("\n".join(log) + "\n")
+
+import atexit
+atexit.register(report)
+from gl10m.cli import main
+sys.argv = ["gl10m", *sys.argv[1:]]
+main()
+"""
+
+# where the seeded kills land, one seed per phase of the stage (event log lines -> phase)
+KILL_PHASES = {
+    "mid-shard": lambda kind, name: kind == "write",
+    "before a shard's rename": lambda kind, name: kind == "rename" and name.endswith(".tar"),
+    "index or manifest": lambda kind, name: name in ("index.parquet", "manifest.json"),
+    "card": lambda kind, name: kind == "rename" and name.endswith((".png", ".md")),
+}
+
+
+def _shard_cmd(profile_path: Path, wd: Path) -> list[str]:
+    return [sys.executable, "-c", CRASH_HOOK, "shard", "-p", str(profile_path), "-w", str(wd),
+            "--shard-mb", SHARD_MB, "--quiet"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_shard_killed_at_seeded_points_resumes_to_identical_shards(reference, tmp_path):
+    """kill -9 `gl10m shard` at seeded points (mid-shard, just before a rename, in the index,
+    manifest or card), and once from outside after a seeded delay; each rerun gives shards,
+    index, manifest and card byte-identical to an uninterrupted build, every scene once, and
+    no temp file anywhere in the work dir."""
+    from gl10m import shards
+
+    p = reference["profile"]
+    ok = sorted(k for k, o in ledger_rows(reference["wd"], "fetch").items() if o.status == "ok")
+    assert len(ok) >= 3
+
+    def fresh(name: str) -> Path:
+        wd = tmp_path / name
+        shutil.copytree(reference["wd"], wd, ignore=shutil.ignore_patterns("shards"))
+        return wd
+
+    # the uninterrupted build, counting the hook's events
+    wd0 = fresh("uninterrupted")
+    events = tmp_path / "events"
+    t0 = time.monotonic()
+    r = subprocess.run(_shard_cmd(p.source, wd0), capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "GL10M_TEST_EVENTS_OUT": str(events)})
+    full_s = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    log = [ln.split(" ", 2) for ln in events.read_text().split("\n") if ln]
+    want = tree_bytes(wd0 / "shards")
+    idx = shards.read_index(wd0 / "shards" / shards.INDEX_NAME)
+    assert sorted(idx["key"]) == ok  # every fetched scene once (no border drops on this world)
+    assert sum(n.endswith(".tar") for n in want) >= 3 and "README.md" in want
+    assert not leftovers(wd0)
+
+    # one seeded kill point in each phase, and one kill from outside after a seeded delay
+    plans = []
+    for seed, (phase, match) in zip((11, 12, 13, 14), KILL_PHASES.items()):
+        cands = [int(n) for n, kind, name in log if match(kind, name)]
+        assert cands, phase
+        plans.append(("event", random.Random(seed).choice(cands), phase))
+    plans.append(("timer", random.Random(15).uniform(0.3, 0.9) * full_s, "anywhere"))
+
+    for k, (how, at, phase) in enumerate(plans):
+        wd = fresh(f"killed-{k}")
+        env = dict(os.environ)
+        if how == "event":
+            env["GL10M_TEST_KILL_AT"] = str(at)
+            proc = subprocess.run(_shard_cmd(p.source, wd), capture_output=True, text=True, timeout=600, env=env)
+            assert proc.returncode == -signal.SIGKILL, (phase, at, proc.returncode, proc.stderr[-2000:])
+        else:
+            proc = subprocess.Popen(_shard_cmd(p.source, wd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    env=env, start_new_session=True)
+            try:
+                proc.wait(timeout=at)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        if how == "event":  # killed mid-commit: a temp file is left for the rerun to clean up
+            assert leftovers(wd / "shards") and ledger_rows(wd, "shard").get("all") is None, phase
+        r = subprocess.run(_shard_cmd(p.source, wd), capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (phase, at, r.stderr[-2000:])
+        assert tree_bytes(wd / "shards") == want, (phase, at)
+        idx = shards.read_index(wd / "shards" / shards.INDEX_NAME)
+        assert sorted(idx["key"]) == ok and idx["key"].is_unique, (phase, at)
+        assert shards.verify(wd / "shards", decode=False)["samples"] == len(ok)
+        assert not leftovers(wd), (phase, at, leftovers(wd))
+        assert ledger_rows(wd, "shard")["all"].status == "ok"
