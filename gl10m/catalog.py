@@ -206,7 +206,9 @@ def catalog_region(provider, profile, state: str, collection: str, *,
     kind = collection_kind(profile, collection)
     start, end = search_range(profile, collection)
     box = tuple(float(v) for v in (bbox or profile.regions[state].bbox))
-    items = list(provider.search_items(collection, box, start, end))
+    # providers whose items carry no state (Earth Engine's NAIP) label them with the searched one
+    kw = {"state": state} if getattr(provider, "wants_state", False) else {}
+    items = list(provider.search_items(collection, box, start, end, **kw))
     gdf = items_to_frame(items)
     stats = {"state": state, "collection": collection, "kind": kind, "provider": getattr(provider, "name", "?"),
              "source": getattr(provider, "describe", lambda: {})(), "bbox": list(box),

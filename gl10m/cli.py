@@ -96,6 +96,29 @@ def index(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, stat
 StacUrlOpt = typer.Option(None, "--stac-url", help="Override the profile's provider.stac_url (e.g. the testbed's).")
 MaxScenesOpt = typer.Option(None, "--max-scenes", help="At most this many scenes per state (caps the profile target).")
 SeedOpt = typer.Option(0, "--seed", help="Seed of the class-aware subsampling.")
+ProviderOpt = typer.Option(None, "--provider", help="Imagery provider: stac or earthengine (default: the profile's).")
+EeProjectOpt = typer.Option(None, "--ee-project", help="earthengine: the Cloud project (ee.Initialize(project=...)).")
+EeKeyOpt = typer.Option(None, "--ee-key-file", help="earthengine: a service-account key file (default: stored "
+                        "credentials or GOOGLE_APPLICATION_CREDENTIALS).")
+EeUrlOpt = typer.Option(None, "--ee-url", help="earthengine: another API endpoint (the testbed's stand-in).")
+
+
+def _with_provider(prof, provider: Optional[str], ee_project: Optional[str], ee_key_file: Optional[Path],
+                   ee_url: Optional[str]):
+    """The profile with its provider section overridden from the command line (validated)."""
+    over = {k: v for k, v in (("name", provider), ("project", ee_project),
+                              ("key_file", str(ee_key_file) if ee_key_file else None), ("ee_url", ee_url)) if v}
+    if not over:
+        return prof
+    from pydantic import ValidationError
+
+    from gl10m.profile import Provider, format_validation_error
+
+    try:
+        new = Provider.model_validate({**prof.provider.model_dump(), **over})
+    except ValidationError as e:
+        raise UserError(f"provider: {format_validation_error(e)}") from None
+    return prof.model_copy(update={"provider": new})
 
 
 def _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet) -> None:
@@ -110,13 +133,15 @@ def _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet) ->
 @app.command()
 def plan(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
          stac_url: Optional[str] = StacUrlOpt, max_scenes: Optional[int] = MaxScenesOpt, seed: int = SeedOpt,
+         provider: Optional[str] = ProviderOpt, ee_project: Optional[str] = EeProjectOpt,
+         ee_key_file: Optional[Path] = EeKeyOpt, ee_url: Optional[str] = EeUrlOpt,
          dry_run: bool = typer.Option(False, "--dry-run", help="Search and plan in memory, write nothing, print the cost."),
          quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
     """Catalog the providers' items and plan the scenes to fetch; print scenes, requests and bytes."""
     from gl10m import plan as planmod
     from gl10m.pipelines import download as dl
 
-    prof = _profile(profile)
+    prof = _with_provider(_profile(profile), provider, ee_project, ee_key_file, ee_url)
     regions = prof.select_regions(states)
     if dry_run:
         return _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet)
@@ -136,16 +161,19 @@ def plan(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, state
 @app.command()
 def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
              stac_url: Optional[str] = StacUrlOpt, max_scenes: Optional[int] = MaxScenesOpt, seed: int = SeedOpt,
+             provider: Optional[str] = ProviderOpt, ee_project: Optional[str] = EeProjectOpt,
+             ee_key_file: Optional[Path] = EeKeyOpt, ee_url: Optional[str] = EeUrlOpt,
              dry_run: bool = typer.Option(False, "--dry-run", help="Plan only and print what would be fetched."),
              force: bool = typer.Option(False, "--force", help="Redo even what the ledger says is done."),
              workers: Optional[int] = WorkersOpt, threads: int = ThreadsOpt,
              scheduler: Optional[str] = SchedulerOpt, no_dask: bool = NoDaskOpt,
              quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
-    """Catalog, plan and fetch: one staged sample (LR composite + 100 HR tiles) per scene."""
+    """Catalog, plan and fetch: one staged sample (LR composite + 100 HR tiles) per scene, from a
+    STAC provider (COG windows) or Earth Engine (`--provider earthengine`: computePixels)."""
     from gl10m.pipelines import download as dl
     from gl10m.pipelines.runner import dask_client
 
-    prof = _profile(profile)
+    prof = _with_provider(_profile(profile), provider, ee_project, ee_key_file, ee_url)
     regions = prof.select_regions(states)
     if dry_run:
         return _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet)

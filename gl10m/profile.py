@@ -170,7 +170,9 @@ class Provider(_Strict):
     stac_url: str | None = None
     signing: Literal["none", "planetary_computer"] = "none"
     max_concurrency: int = Field(default=8, gt=0)
-    project: str | None = None
+    project: str | None = None  # earthengine: the Cloud project
+    key_file: str | None = None  # earthengine: a service-account key (default: stored credentials)
+    ee_url: str | None = None  # earthengine: another API endpoint (the testbed's stand-in)
 
 
 class OsmSource(_Strict):
@@ -267,6 +269,9 @@ class Profile(_Strict):
 
     def hash(self) -> str:
         data = self.model_dump(mode="json")
+        for k in ("key_file", "ee_url"):  # added later: unset, they leave existing hashes alone
+            if data["provider"].get(k) is None:
+                data["provider"].pop(k, None)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -101,15 +101,22 @@ def plan_step(profile: Profile, state: str, workdir: str, *, target: int | None,
     return res
 
 
-def fetch_step(row: dict, profile: Profile, workdir: str, stac_url: str | None, limiter=None):
-    """Fetch one scene; a stale staged sample of a rejected scene is removed."""
+def fetch_step(row: dict, profile: Profile, workdir: str, stac_url: str | None, limiter=None, provider=None):
+    """Fetch one scene; a stale staged sample of a rejected scene is removed. ``provider``: an
+    Earth Engine provider (pixels computed by Earth Engine); otherwise COGs are read from the
+    profile's STAC provider's hrefs."""
     from gl10m import fetch
     from gl10m.sources.stac import provider_from_profile
 
-    prov = provider_from_profile(profile, stac_url=stac_url) if profile.provider.name == "stac" else None
-    sign = prov.sign if prov is not None else fetch.identity
-    resign = getattr(prov, "resign", None)
-    out = fetch.fetch_scene(row, profile, workdir, sign=sign, resign=resign, limiter=limiter)
+    if getattr(provider, "name", None) == "earthengine":
+        from gl10m.sources import earthengine
+
+        out = earthengine.fetch_scene(row, profile, workdir, provider, limiter=limiter)
+    else:
+        prov = provider_from_profile(profile, stac_url=stac_url) if profile.provider.name == "stac" else None
+        sign = prov.sign if prov is not None else fetch.identity
+        resign = getattr(prov, "resign", None)
+        out = fetch.fetch_scene(row, profile, workdir, sign=sign, resign=resign, limiter=limiter)
     if out.status != OK:
         stale = staged_dir(Path(workdir), str(row["split"]), str(row["key"]))
         if stale.exists():
@@ -264,7 +271,8 @@ def run_download(profile: Profile, workdir: str | Path, *, regions: Sequence[str
                     ledger.record("fetch", key, FAILED, hashes[key], reason=error_label(err))
                 result.count("fetch", label.split(":")[0] if label.startswith(FAILED) else label)
 
-            map_units(client, fetch_step, [(row, profile, str(workdir), stac_url, limiter) for row in todo],
+            ee = provider if pname == "earthengine" else None
+            map_units(client, fetch_step, [(row, profile, str(workdir), stac_url, limiter, ee) for row in todo],
                       keys=[str(r["key"]) for r in todo], description="fetch", quiet=quiet, on_result=on_fetch)
     return result
 
