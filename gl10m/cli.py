@@ -24,6 +24,12 @@ app.add_typer(profile_app, name="profile")
 model_app = typer.Typer(help="The cost-aware cross-scale model: encoders, feature cache, training.",
                         no_args_is_help=True)
 app.add_typer(model_app, name="model")
+try:  # MapSR: land-cover map super-resolution (needs torch, like the model commands)
+    from gl10m.model.mapsr_cli import mapsr_app
+
+    app.add_typer(mapsr_app, name="mapsr")
+except ImportError:  # pragma: no cover - a data-only install
+    pass
 
 out = Console(soft_wrap=False)
 err = Console(stderr=True, soft_wrap=True)
@@ -177,6 +183,8 @@ def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, s
     regions = prof.select_regions(states)
     if dry_run:
         return _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet)
+    if max_scenes is not None and max_scenes < 0:  # before a Dask cluster is started for nothing
+        raise UserError(f"--max-scenes must be >= 0, got {max_scenes}")
     kw = dict(regions=regions, stac_url=stac_url, max_scenes=max_scenes, seed=seed, force=force, quiet=quiet)
     if no_dask:
         res = dl.run_download(prof, workdir, **kw)
@@ -288,8 +296,10 @@ def demo(workdir: Path = typer.Option(Path("work/demo"), "--workdir", "-w", help
 def _exit_on_bad(outcomes: dict) -> None:
     bad = [f"{s}/{r}: {v}" for (s, r), v in sorted(outcomes.items())
            if v.startswith(("failed", "rejected", "waiting"))]
+    from rich.markup import escape
+
     for b in bad:
-        err.print(f"[red]{b}[/red]")
+        err.print(f"[red]{escape(b)}[/red]")
     if bad:
         raise typer.Exit(1)
 
@@ -317,6 +327,8 @@ def status(workdir: Path = WorkdirOpt,
         return
     from gl10m.ledger import Ledger
 
+    if not (Path(workdir) / "ledger.sqlite").is_file():
+        raise UserError(f"{workdir}: no ledger here (run `gl10m index` first)")
     with Ledger(Path(workdir) / "ledger.sqlite") as led:
         t = Table("stage", "unit", "outcome", "attempts", "updated")
         for o in led.outcomes():
@@ -510,16 +522,22 @@ def model_eval(checkpoint: Optional[Path] = typer.Option(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one line on stderr and exit code 2, no traceback."""
+    from rich.markup import escape
+
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
     except UserError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         sys.exit(2)
     except FileNotFoundError as e:
-        err.print(f"[red]error:[/red] {e.filename or e}: no such file or directory", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e.filename or e))}: no such file or directory", highlight=False)
         sys.exit(2)
     except PermissionError as e:
-        err.print(f"[red]error:[/red] {e.filename or e}: permission denied", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e.filename or e))}: permission denied", highlight=False)
+        sys.exit(2)
+    except OSError as e:  # a full disk, a path under a regular file, ...: one line, no traceback
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        err.print(f"[red]error:[/red] {escape(where + (e.strerror or str(e)))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -534,6 +552,9 @@ def main(argv: list[str] | None = None) -> None:
         if type(e).__name__ == "Abort":
             sys.exit(1)
         raise
+    # standalone_mode=False: click returns the exit code of `raise typer.Exit(n)` instead of exiting
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -319,7 +319,11 @@ def _iter_shard(path: Path) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
                     if key is not None:
                         yield key, cur
                     key, cur = k, {}
-                cur[field[:-4]] = np.load(io.BytesIO(tar.extractfile(ti).read()), allow_pickle=False)
+                try:
+                    cur[field[:-4]] = np.load(io.BytesIO(tar.extractfile(ti).read()), allow_pickle=False)
+                except ValueError as e:  # an object array (a pickle) or not an .npy at all
+                    raise FeatureError(f"{path.name}: member {ti.name!r} is not a plain array "
+                                       f"({str(e).splitlines()[0]})") from None
     except (tarfile.TarError, OSError) as e:
         raise FeatureError(f"{path}: cannot read feature shard ({e})") from None
     if key is not None:

@@ -174,6 +174,12 @@ def cli_pretrain_encoder(shards: str | os.PathLike, out: str | os.PathLike, conf
     """``gl10m model pretrain-encoder SHARDS OUT [--config YAML] [--steps N] [--batch-size N]
     [--device cpu|cuda] [--seed N] [--profile YAML]``: train the bootstrap encoder; the options
     override the config's ``train:`` section. Returns the path of ``encoder.pt``."""
+    from gl10m.errors import UserError
+    from gl10m.shards import MANIFEST_NAME
+
+    local = "://" not in str(shards)
+    if local and not (Path(shards) / MANIFEST_NAME).is_file():  # before loading any model: fail fast
+        raise UserError(f"{shards}: not a shards folder (no {MANIFEST_NAME})")
     cfg = load_config(config or DEFAULT_CONFIG)
     tr = dict(cfg.get("train") or {})
     for k, v in (("steps", steps), ("batch_size", batch_size), ("device", device), ("seed", seed),

@@ -179,8 +179,6 @@ def test_bad_pbf_in_the_index_stage_is_a_rejected_region(osm_world, tmp_path, ca
     assert not leftovers(wd), leftovers(wd)
 
 
-@pytest.mark.xfail(strict=True, reason="gl10m.cli.main ignores the exit code click returns in "
-                   "standalone_mode=False, so `raise typer.Exit(1)` in _exit_on_bad exits 0")
 def test_a_rejected_region_makes_gl10m_index_exit_nonzero(osm_world, tmp_path):
     prof = write_profile(osm_world, "p-exit.yaml", BAD_PBFS["truncated"])
     r = gl10m("index", "-p", prof, "-w", tmp_path / "W", "--stage", "osm", "--no-dask", "-q", cwd=tmp_path)
@@ -492,8 +490,6 @@ def test_unreadable_profile_files(tmp_path, case):
     assert one_error_line(r).startswith("error: profile ")
 
 
-@pytest.mark.xfail(strict=True, reason="gl10m.cli.main prints UserError messages as rich markup: "
-                   "'[west, south, east, north]' is taken for a style tag and dropped (needs rich.markup.escape)")
 def test_error_messages_keep_their_square_brackets(tmp_path):
     raw = yaml.safe_load(profile_mod.DEFAULT_PROFILE.read_text())
     raw["regions"]["CA"]["bbox"] = [-114.13, 42.01, -124.48, 32.53]  # west > east
@@ -540,8 +536,6 @@ def test_bad_option_values(tmp_path, args, needle):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="gl10m download starts the Dask cluster before run_download checks "
-                   "--max-scenes: a 'dask: ... dashboard' line on stderr before the error, and seconds lost")
 def test_negative_max_scenes_fails_before_the_cluster_starts(tmp_path):
     r = gl10m("download", "-w", "W", "--max-scenes", "-3", cwd=tmp_path)
     assert r.returncode == 2 and "--max-scenes must be >= 0" in one_error_line(r)
@@ -575,8 +569,6 @@ def test_missing_paths_are_one_line_and_create_nothing(tmp_path, args, needle):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(strict=True, reason="`gl10m status --detail` opens (creates) W/ledger.sqlite without "
-                   "checking it exists, and prints an empty table with exit 0")
 def test_status_detail_on_a_missing_work_dir(tmp_path):
     r = gl10m("status", "-w", "nowhere", "--detail", cwd=tmp_path)
     assert r.returncode == 2 and "no ledger here" in one_error_line(r)
@@ -584,8 +576,6 @@ def test_status_detail_on_a_missing_work_dir(tmp_path):
 
 
 @pytest.mark.slow  # ~25 s: it loads the text model before failing
-@pytest.mark.xfail(strict=True, reason="`gl10m model pretrain-encoder` loads the text model (a 'Loading "
-                   "weights' progress bar on stderr) before it checks the shards folder")
 def test_pretrain_encoder_on_missing_shards_is_one_line(tmp_path):
     r = gl10m("model", "pretrain-encoder", "nowhere", "out", cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "not a shards folder" in one_error_line(r)

@@ -374,7 +374,7 @@ def test_pickled_feature_arrays_and_text_are_never_run(tmp_path):
     feats = pytest.importorskip("gl10m.model.features")
     marker = tmp_path / "pwned"
     path = write_tar(tmp_path / "feat.tar", [("CA-w1.hr_tokens.npy", evil_npy(marker))])
-    with pytest.raises(ValueError):  # FeatureError is a ValueError too (see the xfail below)
+    with pytest.raises(ValueError):  # a FeatureError (a ValueError too)
         list(feats._iter_shard(path))
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / feats.TEXT_NAME).write_bytes(evil_npy(marker))
@@ -383,8 +383,6 @@ def test_pickled_feature_arrays_and_text_are_never_run(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="model/features._iter_shard lets numpy's ValueError ('Object arrays "
-                   "cannot be loaded when allow_pickle=False') through instead of a one-line FeatureError")
 def test_pickled_feature_array_is_a_feature_error(tmp_path):
     feats = pytest.importorskip("gl10m.model.features")
     path = write_tar(tmp_path / "feat.tar", [("CA-w1.hr_tokens.npy", evil_npy(tmp_path / "pwned"))])
