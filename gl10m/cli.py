@@ -391,11 +391,32 @@ def testbed_build(out_dir: Path = typer.Option(..., "--out", "-o", help="Folder 
 @testbed_app.command("serve")
 def testbed_serve(world: Path = typer.Argument(..., help="A folder written by `gl10m testbed build`."),
                   served_json: Optional[Path] = typer.Option(
-                      None, "--served-json", help="Also write the two URLs here (removed on exit).")):
+                      None, "--served-json", help="Also write the two URLs here (removed on exit)."),
+                  earthengine: bool = typer.Option(
+                      False, "--earthengine", help="Also serve the Earth Engine stand-in (its URL is for "
+                      "`gl10m download --provider earthengine --ee-project testbed --ee-url URL`)."),
+                  faults: Optional[float] = typer.Option(
+                      None, "--faults", help="Serve behind fault proxies: this fraction of requests fails "
+                      "(429 with Retry-After, 5xx, bodies cut mid-way); as many are delayed."),
+                  fault_seed: int = typer.Option(0, "--fault-seed", help="Seed of the injected faults.")):
     """Serve a built world: a STAC API and a Range-capable HTTP server on 127.0.0.1 (Ctrl-C stops)."""
     from gl10m.testbed import serve
 
-    serve.run_forever(world, info_path=served_json)
+    if faults is not None:
+        if earthengine or served_json:
+            raise UserError("--faults serves the STAC API and files only (no --earthengine, no --served-json)")
+        from gl10m.testbed import faults as tf
+
+        raise typer.Exit(tf.main([str(world), "--rate", str(faults), "--seed", str(fault_seed)]))
+    if not earthengine:
+        serve.run_forever(world, info_path=served_json)
+        return
+    from gl10m.testbed.eeserver import serve_ee
+
+    with serve_ee(world) as ee_srv:
+        out.print(f"Earth Engine: {ee_srv.url}  (stand-in: --provider earthengine --ee-project testbed "
+                  f"--ee-url {ee_srv.url})", highlight=False)
+        serve.run_forever(world, info_path=served_json)
 
 
 @testbed_app.command("preview")

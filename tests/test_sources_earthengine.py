@@ -257,3 +257,31 @@ def test_unknown_functions_fail_loudly(stand_in, built_world):
     e = prov.ee()
     with pytest.raises(e.EEException, match="does not implement"):
         e.ImageCollection(E.S2_COLLECTION).first().getInfo()
+
+
+def test_cli_serves_the_stand_in_next_to_the_testbed(built_world, tmp_path):
+    import signal
+    import time
+    import urllib.request
+
+    info = tmp_path / "served.json"
+    exe = str(Path(sys.executable).with_name("gl10m"))
+    proc = subprocess.Popen([exe, "testbed", "serve", str(built_world), "--earthengine", "--served-json", str(info)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**__import__("os").environ,
+                                                                                             "COLUMNS": "250"})
+    try:
+        deadline = time.monotonic() + 60
+        while not info.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    line = next(ln for ln in out.splitlines() if ln.startswith("Earth Engine:"))
+    url = line.split()[2]
+    assert url.startswith("http://127.0.0.1:") and "--ee-url" in line
+    with pytest.raises(OSError):  # stopped with the rest
+        urllib.request.urlopen(url + "/$discovery/rest?version=v1", timeout=2)
