@@ -154,6 +154,18 @@ def encode_batch(enc: TileEncoder, lr: torch.Tensor, hr: torch.Tensor, device: t
             "s_vis": torch.cat(svis).float().cpu().numpy().reshape(b, n).astype(np.float32)}
 
 
+def _novel_ids(profile: str | os.PathLike | None, labels: Sequence[str]) -> list[int]:
+    """The concepts the profile marks ``novel: true`` (held out of stage II), as label indices;
+    empty when the labels are not the profile's."""
+    from gl10m import profile as prof_mod
+
+    prof = prof_mod.load(profile)
+    ordered = sorted(prof.concepts, key=lambda c: c.id)
+    if [c.label for c in ordered] != list(labels):
+        return []
+    return [i for i, c in enumerate(ordered) if c.novel]
+
+
 def write_features(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, encoder: Any, *,
                    split: str | Sequence[str] | None = None, batch_size: int = 8, device: str = "cpu",
                    shard_mb: float = 256, resume: bool = True, num_workers: int = 0,
@@ -211,6 +223,7 @@ def write_features(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, en
             raise FeatureError(f"{out}: split {s!r} was planned from other source shards; use resume=False")
         merged_groups[s] = g
     meta = {**fingerprint, "templates": list(enc.cfg.templates), "encoder_source": source_desc,
+            "novel": _novel_ids(profile, labels),
             "fields": {"lr_tokens": ["float16", [dims["Gl"], dims["Gl"], dims["D"]]],
                        "hr_tokens": ["float16", [100, dims["g"], dims["g"], dims["D"]]],
                        "hr_embed": ["float16", [100, dims["E"]]], "lr_embed": ["float16", [dims["E"]]],

@@ -329,6 +329,9 @@ def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: s
     dims = _dims(first, text)
 
     task = task if task is not None else get_task(cfg["task"])
+    if getattr(task, "stage2", False) and cfg.get("novel_concepts") is None and features_dir is not None:
+        # not set: the concepts the profile marks novel, as recorded in the feature cache
+        cfg["novel_concepts"] = list(feats.read_meta(features_dir).get("novel") or []) if feats is not None else []
     allowed = getattr(task, "config_keys", None)  # a task may declare its own keys
     if allowed is not None:
         unknown = set(cfg["_given"]) - set(DEFAULTS) - set(allowed)

@@ -193,6 +193,37 @@ def test_train_reads_the_feature_cache_and_resumes(tmp_path):
     assert refw == ref
 
 
+def test_stage2_holds_out_the_profiles_novel_concepts_unless_told_otherwise(tmp_path):
+    pytest.importorskip("gl10m.model.features")
+    samples = synthetic_samples(3, n_concepts=6)
+    feats = tmp_path / "features"
+    _write_feature_cache(feats, samples, torch.randn(6, 8, generator=torch.Generator().manual_seed(2)))
+    meta = json.loads((feats / "features.json").read_text())
+    (feats / "features.json").write_text(json.dumps({**meta, "novel": [2, 5]}))  # as write_features records
+    c = cfg(task="predictor_stage2", steps=1)
+    assert load_checkpoint(train(c, feats, tmp_path / "a")["checkpoint"])["config"]["novel_concepts"] == [2, 5]
+    given = {**c, "novel_concepts": [1]}
+    assert load_checkpoint(train(given, feats, tmp_path / "b")["checkpoint"])["config"]["novel_concepts"] == [1]
+
+
+def test_features_record_the_profiles_novel_concepts(tmp_path):
+    features = pytest.importorskip("gl10m.model.features")
+    import yaml
+
+    from gl10m import profile as prof_mod
+
+    raw = yaml.safe_load(prof_mod.DEFAULT_PROFILE.read_text())
+    labels = features.concept_labels()
+    assert features._novel_ids(None, labels) == []            # the default profile marks none
+    for c in raw["concepts"]:
+        if c["id"] in (3, 7):
+            c["novel"] = True
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert features._novel_ids(p, labels) == [3, 7]
+    assert features._novel_ids(p, labels[::-1]) == []          # labels that are not the profile's
+
+
 def test_sampler_task_through_the_registry_and_as_the_mask_scorer(tmp_path):
     sampler_mod = pytest.importorskip("gl10m.model.sampler")
     samples = synthetic_samples(4, n_concepts=6)
