@@ -250,12 +250,15 @@ class Profile(_Strict):
         return f"{self.osm.base_url}/{r.slug}-{self.osm.extract_date}.osm.pbf"
 
     def select_regions(self, states: str | list[str] | None) -> list[str]:
-        """Regions named on the command line (comma list), validated; all when None."""
-        if states is None or states == "" or states == []:
+        """Regions named on the command line (comma list), validated; all when None. An empty
+        selection (``--states ""`` from an unset shell variable) is an error, never "all"."""
+        if states is None:
             return sorted(self.regions)
         if isinstance(states, str):
             states = [s for s in states.split(",")]
         wanted = [s.strip().upper() for s in states if s.strip()]
+        if not wanted:
+            raise ProfileError("--states names no state (leave it out to select all)")
         unknown = [s for s in wanted if s not in self.regions]
         if unknown:
             raise ProfileError(f"unknown state {', '.join(unknown)}; the profile has {', '.join(sorted(self.regions))}")

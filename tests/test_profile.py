@@ -105,6 +105,9 @@ def test_select_regions_and_pbf_sources(tmp_path, raw):
     assert p.select_regions("tx, ca") == ["CA", "TX"]
     with pytest.raises(ProfileError, match="unknown state ZZ"):
         p.select_regions("CA,ZZ")
+    for empty in ("", ",", " , ", []):  # an unset shell variable must not mean "all 11 states"
+        with pytest.raises(ProfileError, match="names no state"):
+            p.select_regions(empty)
     assert p.pbf_source("CA") == "https://download.geofabrik.de/north-america/us/california-240101.osm.pbf"
     q = load_mutated(tmp_path, raw, lambda d: d["regions"]["ME"].update(pbf="osm/me.pbf"))
     assert q.pbf_source("ME") == str((tmp_path / "osm" / "me.pbf").resolve())
