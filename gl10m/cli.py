@@ -42,6 +42,24 @@ ThreadsOpt = typer.Option(1, "--threads", help="Threads per Dask worker.")
 SchedulerOpt = typer.Option(None, "--scheduler", help="Use an existing Dask cluster (tcp://host:port).")
 NoDaskOpt = typer.Option(False, "--no-dask", help="Run every step in this process, in order (debugging).")
 
+BboxOpt = typer.Option(None, "--bbox", help="A regional subset: west,south,east,north in degrees; each selected "
+                       "region is clipped to it (pass the same --bbox to every stage).")
+
+
+def _regions(prof, states: Optional[str], bbox: Optional[str]):
+    """(profile, regions) for --states and --bbox."""
+    regions = prof.select_regions(states)
+    if bbox is None:
+        return prof, regions
+    parts = [p.strip() for p in bbox.split(",")]
+    try:
+        box = tuple(float(p) for p in parts)
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise UserError(f"--bbox must be four numbers west,south,east,north, got {bbox!r}")
+    return prof.subset(box, regions)
+
 
 def _profile(path: Optional[Path]):
     from gl10m import profile as prof
@@ -61,6 +79,7 @@ def _client_opts(workers, threads, scheduler):
 
 @app.command()
 def index(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
+          bbox: Optional[str] = BboxOpt,
           stage: Optional[str] = typer.Option(None, "--stage", help="Run one stage only: osm or anchors."),
           force: bool = typer.Option(False, "--force", help="Redo even what the ledger says is done."),
           dry_run: bool = typer.Option(False, "--dry-run", help="Say what would run, run nothing."),
@@ -72,8 +91,7 @@ def index(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, stat
     from gl10m.pipelines import index as ix
     from gl10m.pipelines.runner import dask_client
 
-    prof = _profile(profile)
-    regions = prof.select_regions(states)
+    prof, regions = _regions(_profile(profile), states, bbox)
     stages = ix.STAGES if stage is None else (stage,)
     if stage is not None and stage not in ix.STAGES:
         raise UserError(f"unknown stage {stage!r}; stages are {', '.join(ix.STAGES)}")
@@ -138,7 +156,7 @@ def _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet) ->
 
 @app.command()
 def plan(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
-         stac_url: Optional[str] = StacUrlOpt, max_scenes: Optional[int] = MaxScenesOpt, seed: int = SeedOpt,
+         bbox: Optional[str] = BboxOpt, stac_url: Optional[str] = StacUrlOpt, max_scenes: Optional[int] = MaxScenesOpt, seed: int = SeedOpt,
          provider: Optional[str] = ProviderOpt, ee_project: Optional[str] = EeProjectOpt,
          ee_key_file: Optional[Path] = EeKeyOpt, ee_url: Optional[str] = EeUrlOpt,
          dry_run: bool = typer.Option(False, "--dry-run", help="Search and plan in memory, write nothing, print the cost."),
@@ -147,8 +165,7 @@ def plan(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, state
     from gl10m import plan as planmod
     from gl10m.pipelines import download as dl
 
-    prof = _with_provider(_profile(profile), provider, ee_project, ee_key_file, ee_url)
-    regions = prof.select_regions(states)
+    prof, regions = _regions(_with_provider(_profile(profile), provider, ee_project, ee_key_file, ee_url), states, bbox)
     if dry_run:
         return _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet)
     res = dl.run_download(prof, workdir, regions=regions, stages=("catalog", "plan"), stac_url=stac_url,
@@ -166,7 +183,7 @@ def plan(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, state
 
 @app.command()
 def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
-             stac_url: Optional[str] = StacUrlOpt, max_scenes: Optional[int] = MaxScenesOpt, seed: int = SeedOpt,
+             bbox: Optional[str] = BboxOpt, stac_url: Optional[str] = StacUrlOpt, max_scenes: Optional[int] = MaxScenesOpt, seed: int = SeedOpt,
              provider: Optional[str] = ProviderOpt, ee_project: Optional[str] = EeProjectOpt,
              ee_key_file: Optional[Path] = EeKeyOpt, ee_url: Optional[str] = EeUrlOpt,
              dry_run: bool = typer.Option(False, "--dry-run", help="Plan only and print what would be fetched."),
@@ -179,8 +196,7 @@ def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, s
     from gl10m.pipelines import download as dl
     from gl10m.pipelines.runner import dask_client
 
-    prof = _with_provider(_profile(profile), provider, ee_project, ee_key_file, ee_url)
-    regions = prof.select_regions(states)
+    prof, regions = _regions(_with_provider(_profile(profile), provider, ee_project, ee_key_file, ee_url), states, bbox)
     if dry_run:
         return _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet)
     if max_scenes is not None and max_scenes < 0:  # before a Dask cluster is started for nothing
@@ -200,6 +216,7 @@ def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, s
 
 @app.command()
 def shard(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
+          bbox: Optional[str] = BboxOpt,
           shard_mb: Optional[int] = typer.Option(None, "--shard-mb", help="Target shard size in MB (default 768)."),
           force: bool = typer.Option(False, "--force", help="Rewrite even if nothing changed."),
           no_card: bool = typer.Option(False, "--no-card", help="Skip the dataset card and its plots."),
@@ -207,8 +224,7 @@ def shard(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, stat
     """Write WebDataset shards per split (byte copies of the staged samples), the index and the card."""
     from gl10m.pipelines import shard as sh
 
-    prof = _profile(profile)
-    regions = prof.select_regions(states)
+    prof, regions = _regions(_profile(profile), states, bbox)
     if shard_mb is not None and shard_mb < 1:
         raise UserError("--shard-mb must be at least 1")
     res = sh.run_shard(prof, workdir, regions=regions, max_bytes=shard_mb * 1024 * 1024 if shard_mb else None,

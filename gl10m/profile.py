@@ -264,6 +264,25 @@ class Profile(_Strict):
             raise ProfileError(f"unknown state {', '.join(unknown)}; the profile has {', '.join(sorted(self.regions))}")
         return sorted(set(wanted))
 
+    def subset(self, bbox: tuple[float, float, float, float], regions: list[str]) -> tuple["Profile", list[str]]:
+        """A regional subset: (this profile with each of ``regions`` whose bbox meets ``bbox``
+        clipped to the intersection, those regions). Every stage then works inside it: anchors
+        whose footprint leaves a region's bbox are dropped and the catalog searches that bbox."""
+        w, s, e, n = (float(v) for v in bbox)
+        if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
+            raise ProfileError(f"--bbox must be west,south,east,north in degrees with west < east and "
+                               f"south < north, got {w},{s},{e},{n}")
+        new, kept = dict(self.regions), []
+        for r in regions:
+            rw, rs, re_, rn = self.regions[r].bbox
+            cw, cs, ce, cn = max(w, rw), max(s, rs), min(e, re_), min(n, rn)
+            if cw < ce and cs < cn:
+                new[r] = self.regions[r].model_copy(update={"bbox": (cw, cs, ce, cn)})
+                kept.append(r)
+        if not kept:
+            raise ProfileError(f"--bbox {w},{s},{e},{n} meets none of the regions {', '.join(regions)}")
+        return self.model_copy(update={"regions": new}), kept
+
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named top-level sections (what a stage depends on)."""
         data = self.model_dump(mode="json", include=set(sections))

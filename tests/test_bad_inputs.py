@@ -541,12 +541,12 @@ def test_negative_max_scenes_fails_before_the_cluster_starts(tmp_path):
     assert r.returncode == 2 and "--max-scenes must be >= 0" in one_error_line(r)
 
 
-@pytest.mark.xfail(strict=True, reason="the design's --bbox subset option is not implemented by any command")
-@pytest.mark.parametrize("bbox", ["1,2,3", "west,south,east,north", "-100,40,-101,41"])
+@pytest.mark.parametrize("bbox", ["1,2,3", "west,south,east,north", "-100,40,-101,41", "0,0,1,1"])
 def test_bad_bbox_option(tmp_path, bbox):
     r = gl10m("index", "-w", "W", f"--bbox={bbox}", "--dry-run", cwd=tmp_path)
     line = one_error_line(r)
     assert r.returncode == 2 and "--bbox" in line and "No such option" not in line
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("args, needle", [
