@@ -240,12 +240,16 @@ def sample_scene(sample: dict, min_frac: float = 0.0, coarse: np.ndarray | None 
 
 def sample_profile(sample: dict, shape: tuple[int, int]) -> dict | None:
     """A rasterio profile (EPSG:4326, the footprint's bounds) for a sample's mosaic, when the meta
-    has a footprint; approximate (the HR grid is UTM), for viewing in a GIS."""
+    has a footprint (gl10m's ``{"west", "south", "east", "north"}``, a GeoJSON polygon or a
+    ``[w, s, e, n]`` list); approximate (the HR grid is UTM), for viewing in a GIS. None without one."""
     from rasterio.transform import from_bounds
 
     fp = (sample.get("meta") or {}).get("footprint")
     try:
-        if isinstance(fp, dict) and "coordinates" in fp:
+        if isinstance(fp, dict) and all(k in fp for k in ("west", "south", "east", "north")):
+            # what gl10m writes in meta.json (gl10m.fetch): {"west", "south", "east", "north"}
+            pts = np.asarray([[fp["west"], fp["south"]], [fp["east"], fp["north"]]], float)
+        elif isinstance(fp, dict) and "coordinates" in fp:
             pts = np.asarray(fp["coordinates"][0], float)
         elif isinstance(fp, (list, tuple)) and len(fp) == 4:
             pts = np.asarray([[fp[0], fp[1]], [fp[2], fp[3]]], float)

@@ -241,6 +241,150 @@ def test_sample_scene_dominant_concept_per_tile():
         M.sample_scene({"hr": hr[:5], "tiles": np.arange(5), "tile_frac": frac[:5]})
 
 
+# -- gl10m samples (real shards): 10x10 mosaic of 268 px tiles, coarse map = dominant concept ----------
+# A random-init ViT whose 268 px chips are 4x4 tokens of 67 px (lr_size/patch = 10, as the encoder
+# requires), 8 wide: features of a 2680 x 2680 mosaic stay cheap on a CPU.
+SHARD_ENC = {"backend": "vit", "patch": 67, "hr_size": 268, "lr_size": 670, "pool": 2, "width": 8, "depth": 1,
+             "heads": 2, "embed_dim": 8}
+FOOTPRINT = {"west": -119.2, "south": 34.17, "east": -119.176, "north": 34.194}  # as gl10m.fetch writes it
+SHARD_CONCEPTS = (3, 17, 40)  # dominant concept by tile row: rows 0-3, 4-6, 7-9; tile 55 unlabelled
+
+
+def _shard_sample(key, split, seed):
+    from tests.test_data import make_sample
+    s = make_sample(key, split, seed)
+    frac = np.zeros((100, 66), np.float16)
+    frac[:, 60] = 0.1  # a minor concept everywhere: never dominant, never prompted
+    for i in range(100):
+        frac[i, SHARD_CONCEPTS[0 if i < 40 else 1 if i < 70 else 2]] = 0.7
+    frac[55] = 0  # no concept at all -> unlabelled (-1)
+    s.tile_frac = frac
+    s.meta = {**s.meta, "footprint": dict(FOOTPRINT), "crs": "EPSG:4326"}
+    return s
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    """Real gl10m shards (gl10m.shards.build, manifest + index, as tests.test_data.build_shards) of
+    two train samples and one val sample whose tile_frac has three dominant concepts."""
+    from gl10m import samples as smp
+    from gl10m import shards
+    root = tmp_path_factory.mktemp("mapsr_shards")
+    entries = []
+    for i, split in enumerate(("train", "train", "val")):
+        s = _shard_sample(f"CA-s{100 + i}", split, i)
+        entries.append(shards.Entry(s.key, split, "CA", smp.write_staged(root, s)))
+    out = root / "shards"
+    shards.build(entries, out, max_bytes=2_500_000)
+    return out
+
+
+def _loaded(shard_dir, split):
+    from gl10m import data
+    return [{k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in s.items()}
+            for s in data.load(str(shard_dir), split=split, tiles="all")]
+
+
+def test_build_shards_samples_have_random_tile_fracs_over_many_concepts(tmp_path):
+    # what the shared fixture writes: every tile_frac random, so ~50 concepts dominate a tile;
+    # the coarse map has them all and nothing unlabelled (min_frac 0)
+    from tests.test_data import build_shards
+    sd = build_shards(tmp_path, n_train=1, n_val=0)
+    (s,) = _loaded(sd, "train")
+    img, coarse = M.sample_scene(s)
+    assert img.shape == (3, 2680, 2680) and coarse.shape == (2680, 2680) and coarse.dtype == np.int16
+    dom = s["tile_frac"].astype(np.float32).argmax(1).reshape(10, 10)
+    assert np.array_equal(coarse[134::268, 134::268], dom) and (coarse >= 0).all()
+    assert np.array_equal(img[:, 268:536, 0:268], s["hr"][10])  # tile 10 = row 1, col 0
+    img2, c2 = M.sample_scene(s, min_frac=0.97)  # tiles whose top fraction is <= min_frac: unlabelled
+    low = s["tile_frac"].astype(np.float32).max(1).reshape(10, 10) <= 0.97
+    assert low.any() and not low.all()
+    assert np.array_equal(c2[134::268, 134::268], np.where(low, -1, dom)) and np.array_equal(img2, img)
+
+
+def test_mapsr_on_a_gl10m_sample_api(shard_dir):
+    from gl10m.model.encoders import build_encoder
+    from gl10m.testbed.world import CONCEPT_NAMES
+
+    (s,) = _loaded(shard_dir, "val")
+    img, coarse = M.sample_scene(s)
+    assert img.shape == (3, 2680, 2680) and coarse.shape == (2680, 2680)
+    assert set(np.unique(coarse).tolist()) == {-1, *SHARD_CONCEPTS}
+    assert coarse[0, 0] == 3 and coarse[5 * 268 + 10, 5 * 268 + 10] == -1 and coarse[-1, -1] == 40
+    torch.manual_seed(0)
+    enc = build_encoder(dict(SHARD_ENC))[0]
+    m = M.MapSR(enc, CONCEPT_NAMES, M.MapSRConfig(probe_steps=20, probe_pixels=20_000, progress=False,
+                                                   refine=G.RefineConfig(window=1340)))
+    m.fit([(img, coarse)])
+    assert len(CONCEPT_NAMES) == 66 and m.prompts.shape == (66, enc.token_dim)
+    assert torch.nonzero(m.has_prompt).flatten().tolist() == list(SHARD_CONCEPTS)  # not 60, no background
+    fm = m.features(img)  # (fit computed its own: nothing is cached)
+    assert fm.shape == (2680, 2680) and fm.stride == 67
+    out = m.predict(img, refine=False, fmap=fm)
+    assert set(out) == {"cosine"} and out["cosine"].shape == (2680, 2680)
+    assert set(np.unique(out["cosine"]).tolist()) <= set(SHARD_CONCEPTS)
+    # refinement on one tile's features (the whole mosaic is too slow for a test on a CPU)
+    m.refine_cfg = G.RefineConfig(window=67, k=8, maxiter=3).resolved()
+    tile = M.FeatureMap(fm.tokens[:, :4, :4].contiguous(), fm.stride, (268, 268))
+    res = m.predict(None, refine=True, fmap=tile)
+    assert res["refined"].shape == res["cosine"].shape == (268, 268)
+    assert set(np.unique(res["refined"]).tolist()) <= set(SHARD_CONCEPTS)
+    # (away from the crop's own border, where the cropped token grid clamps differently)
+    np.testing.assert_array_equal(res["cosine"][:200, :200], out["cosine"][:200, :200])
+    # georeferencing of the mosaic: the meta footprint (gl10m's west/south/east/north) as an EPSG:4326 box
+    prof = M.sample_profile(s, (2680, 2680))
+    assert prof["crs"] == "EPSG:4326" and (prof["height"], prof["width"]) == (2680, 2680)
+    assert prof["transform"].c == FOOTPRINT["west"] and prof["transform"].f == FOOTPRINT["north"]
+    assert math.isclose(prof["transform"].a * 2680, FOOTPRINT["east"] - FOOTPRINT["west"])
+    assert M.sample_profile({"meta": {"key": "x"}}, (2680, 2680)) is None
+
+
+def test_cli_fit_predict_on_shards(shard_dir, tmp_path):
+    import rasterio
+    from typer.testing import CliRunner
+
+    from gl10m.model.mapsr_cli import mapsr_app
+
+    enc_yaml = tmp_path / "enc.yaml"
+    enc_yaml.write_text("encoder:\n" + "".join(f"  {k}: {v}\n" for k, v in SHARD_ENC.items()))
+    r = CliRunner()
+    model = tmp_path / "m.pt"
+    res = r.invoke(mapsr_app, ["fit", "--shards", str(shard_dir), "--split", "train", "--max-samples", "1",
+                               "-e", str(enc_yaml), "-o", str(model), "--probe-steps", "20", "--probe-pixels", "20000",
+                               "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "3 class prompts" in res.output
+    meta = __import__("json").loads((tmp_path / "m.pt.json").read_text())
+    assert meta["inputs"] == str(shard_dir) and len(meta["classes"]) == 66
+    # predict every val sample into the --out folder, <key>.tif; --no-refine (the 2680 px mosaic is too
+    # slow to refine on a CPU in a test), large windows for the cosine matching
+    out = tmp_path / "maps"
+    res = r.invoke(mapsr_app, ["predict", "-m", str(model), "--shards", str(shard_dir), "--split", "val",
+                               "-o", str(out), "--no-refine", "--window", "1340", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "wrote 1 maps" in res.output
+    assert sorted(p.name for p in out.iterdir()) == ["CA-s102.tif"]
+    with rasterio.open(out / "CA-s102.tif") as src:
+        assert (src.height, src.width) == (2680, 2680) and src.dtypes[0] == "uint8"
+        assert src.crs.to_epsg() == 4326
+        b = src.bounds
+        np.testing.assert_allclose([b.left, b.bottom, b.right, b.top],
+                                   [FOOTPRINT[k] for k in ("west", "south", "east", "north")], atol=1e-9)
+        assert src.tags()["mapsr"] == "cosine" and src.tags()["classes"].startswith("1=")
+        codes = src.read(1)
+    assert set(np.unique(codes).tolist()) <= {c + 1 for c in SHARD_CONCEPTS}  # codes are class + 1
+    # errors: one line, exit 2
+    for args, msg in [
+        (["fit", "--shards", str(shard_dir), "--split", "test", "-o", str(tmp_path / "x.pt")], "no split 'test'"),
+        (["fit", "--shards", str(tmp_path / "nope"), "-o", str(tmp_path / "x.pt")], "no such folder"),
+        (["predict", "-m", str(model), "--shards", str(shard_dir), "-o", str(out), "-e", str(enc_yaml)],
+         "name a split"),
+    ]:
+        res = r.invoke(mapsr_app, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert msg in res.output and "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
 # -- GeoTIFFs and the CLI -------------------------------------------------------------------------------
 def _write_tif(path, data, crs, transform, nodata=None):
     import rasterio
