@@ -363,10 +363,12 @@ META_KEYS = [
     ("lr, hr", "image sizes, pixel size in degrees and in metres (x and y differ: degree footprints "
                "have anisotropic ground pixels), bands; hr also grid, tile size, tile index convention"),
     ("concepts, concept_ids", "concepts present, by name and id"),
-    ("naip", "year, date, quarter-quad items (id, date, EPSG, GSD), resampling, mosaic rule"),
+    ("naip", "year, date, quarter-quad items (id, date, EPSG, GSD; with the earthengine provider the "
+             "Earth Engine asset id and the collection), resampling, mosaic rule"),
     ("s2", "window mode (aligned to the NAIP date, or the calendar-year fallback), date range, items used "
            "(id, datetime, processing baseline, offset subtracted, cloud cover, MGRS tile, per-date SCL "
-           "fractions), items excluded and why, harmonisation, SCL mask, compositing, resampling, stretch"),
+           "fractions), items excluded and why, harmonisation, SCL mask, compositing, resampling, stretch; "
+           "with the earthengine provider the asset ids and collection, harmonised by Earth Engine"),
     ("qc", "black level and threshold, LR black ratio, S2 composite coverage (dates, uncovered fraction, "
            "min/mean valid dates per pixel), HR black ratio per tile and maximum"),
     ("provider, plan_hash, profile, builder", "imagery provider, hash of the plan row, profile name/version/hash, "

@@ -418,21 +418,20 @@ def testbed_serve(world: Path = typer.Argument(..., help="A folder written by `g
     """Serve a built world: a STAC API and a Range-capable HTTP server on 127.0.0.1 (Ctrl-C stops)."""
     from gl10m.testbed import serve
 
+    spec = None
     if faults is not None:
-        if earthengine or served_json:
-            raise UserError("--faults serves the STAC API and files only (no --earthengine, no --served-json)")
-        from gl10m.testbed import faults as tf
+        from gl10m.testbed.faults import FaultSpec
 
-        raise typer.Exit(tf.main([str(world), "--rate", str(faults), "--seed", str(fault_seed)]))
+        spec = FaultSpec.mixed(faults, seed=fault_seed)
     if not earthengine:
-        serve.run_forever(world, info_path=served_json)
+        serve.run_forever(world, info_path=served_json, faults=spec)
         return
     from gl10m.testbed.eeserver import serve_ee
 
     with serve_ee(world) as ee_srv:
         out.print(f"Earth Engine: {ee_srv.url}  (stand-in: --provider earthengine --ee-project testbed "
                   f"--ee-url {ee_srv.url})", highlight=False)
-        serve.run_forever(world, info_path=served_json)
+        serve.run_forever(world, info_path=served_json, faults=spec)
 
 
 @testbed_app.command("preview")

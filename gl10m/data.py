@@ -971,6 +971,8 @@ class SampleReader:
         si, row = self._rows[i]
         s = self._shards[si]
         if s.url not in self._readers:
+            while len(self._readers) >= _MAX_OPEN:  # bounded: a split may have hundreds of shards
+                self._readers.pop(next(iter(self._readers))).close()
             try:
                 self._readers[s.url] = _open_reader(s.url)
             except _NotSeekable:

@@ -349,13 +349,19 @@ def _compose_lr(s2_items: list[dict], profile, grid: compose.Grid, read) -> tupl
     if not obs:
         raise Rejection(S2_MASKED, "no usable Sentinel-2 item", **info)
     rgb, count = compose.s2_composite(obs, s2p.scl_mask, tuple(s2p.stretch))
-    info["composite"] = qc.composite_stats(count, len(obs))
-    # As in GL-10M (a masked median), LR pixels without any valid observation are black (0) and
-    # the black-pixel QC below decides; a fully masked footprint fails it.
+    return check_lr(rgb, count, len(obs), profile, info), info
+
+
+def check_lr(rgb: np.ndarray, count: np.ndarray, n_dates: int, profile, info: dict) -> np.ndarray:
+    """The LR QC shared by every provider: composite statistics and the black-pixel ratio into
+    `info`; an ``s2_masked`` rejection at or above ``qc.max_black_ratio``. As in GL-10M (a masked
+    median), LR pixels without any valid observation are black (0) and this check decides; a fully
+    masked footprint fails it."""
+    info["composite"] = qc.composite_stats(count, n_dates)
     info["black_ratio"] = round(qc.black_ratio(rgb, profile.qc.black_level), 6)
     if info["black_ratio"] >= profile.qc.max_black_ratio:
         raise Rejection(S2_MASKED, f"LR black ratio {info['black_ratio']:.3f} >= {profile.qc.max_black_ratio}", **info)
-    return rgb, info
+    return rgb
 
 
 def _compose_hr(naip_items: list[dict], profile, grid: compose.Grid, read) -> tuple[np.ndarray, dict]:
@@ -394,12 +400,19 @@ def _compose_hr(naip_items: list[dict], profile, grid: compose.Grid, read) -> tu
     except ValueError:  # no layer overlapped
         mosaic, covered = np.zeros((*grid.shape, 3), np.uint8), np.zeros(grid.shape, bool)
     info: dict = {"items": used}
+    return check_hr(mosaic, covered, profile, info), info
+
+
+def check_hr(mosaic: np.ndarray, covered: np.ndarray, profile, info: dict) -> np.ndarray:
+    """The HR QC shared by every provider: the HR mosaic [H, W, 3] and its coverage -> tiles, with
+    ``uncovered`` and the per-tile black ratios in `info`; ``naip_gap`` when nothing covers the
+    footprint, ``hr_black`` for tiles at or above ``qc.max_black_ratio``. As in GL-10M, pixels no
+    image covers stay black (0) and the black-pixel QC decides: a tile with too many of them fails
+    as hr_black; a sliver along an edge does not."""
     gap = 1.0 - np.count_nonzero(covered) / covered.size
     info["uncovered"] = round(gap, 6)
     if gap >= 1.0:
-        raise Rejection(NAIP_GAP, "no quarter-quad covers any of the HR footprint", **info)
-    # As in GL-10M, pixels no quarter-quad covers stay black (0) and the black-pixel QC below
-    # decides: a tile with too many of them fails as hr_black; a sliver along an edge does not.
+        raise Rejection(NAIP_GAP, "no NAIP image covers any of the HR footprint", **info)
     tiles = compose.cut_tiles(mosaic, profile.geometry.grid)
     ratios = qc.black_ratios(tiles, profile.qc.black_level)
     info["black_ratios"] = [round(float(r), 4) for r in ratios]
@@ -408,7 +421,7 @@ def _compose_hr(naip_items: list[dict], profile, grid: compose.Grid, read) -> tu
     if bad:
         raise Rejection(HR_BLACK, f"{len(bad)} HR tile(s) with black ratio >= {profile.qc.max_black_ratio}",
                         tiles=bad, **info)
-    return tiles, info
+    return tiles
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,13 +491,20 @@ def fetch_scene(row: Mapping, profile, out_root: str | Path, *, sign: Callable[[
         tiles, hr_info = _compose_hr(naip_items, profile, hrg, read)
     except Rejection as r:
         return FetchOutcome(REJECTED, r.reason, _clean(r.detail))
+    return stage_sample(row, profile, out_root, lr_rgb, tiles, build_meta(row, profile, lrg, hrg, lr_info, hr_info),
+                        lr_info, hr_info)
+
+
+def stage_sample(row: Mapping, profile, out_root: str | Path, lr_rgb: np.ndarray, tiles: np.ndarray, meta: dict,
+                 lr_info: dict, hr_info: dict) -> FetchOutcome:
+    """Write the checked LR image and HR tiles of a plan row as its staged sample -> ``ok``."""
     n = profile.n_concepts
     sample = samples.Sample(
         key=str(row["key"]), split=str(row["split"]), lr=lr_rgb, hr=tiles,
         labels=samples.labels_from_concepts(row["concepts"], n),
         tile_frac=samples.dense_tile_frac(list(row["tile_idx"]), list(row["tile_concept"]), list(row["tile_frac"]),
                                           n, profile.geometry.grid ** 2),
-        meta=build_meta(row, profile, lrg, hrg, lr_info, hr_info))
+        meta=meta)
     path = samples.write_staged(out_root, sample)
     detail = {"lr_black_ratio": lr_info["black_ratio"], "hr_black_ratio_max": hr_info["black_ratio_max"],
               "s2_items": len(lr_info["items"]), "s2_excluded": len(lr_info["excluded"]),

@@ -75,7 +75,9 @@ from gl10m.errors import UserError
 from gl10m.io import atomic_path, atomic_write_text
 
 from . import metrics as M
+from .checkpoint import read_checkpoint
 from .encoders import TileEncoder, load_encoder
+from .features import _HR_CHUNK
 from .predictor import Predictor, load_predictor
 from .sampler import load_sampler, select
 from .supervision import VARIANTS
@@ -84,7 +86,6 @@ N_TILES = smp.N_TILES
 GRID = 10
 SWEEP_THRESHOLDS = (0.0, 0.1, 0.25, 0.45, 0.55, 0.65, 0.85, 1.0)
 REPORT_VERSION = 1
-_HR_CHUNK = 64
 
 
 class EvalError(UserError, ValueError):
@@ -140,64 +141,76 @@ def _check_dims(enc: TileEncoder, dims: dict, what: str) -> None:
             raise EvalError(f"{what} was trained on features with {k}={dims[k]}, the encoder gives {k}={ed[k]}")
 
 
-def load_bundle(model_dir: str | os.PathLike | None = None, *, encoder=None, sampler=None, predictor=None,
-                predictor_nolr=None, predictor_stage2=None, variants: dict | None = None,
-                device: str | torch.device = "cpu") -> Bundle:
+_PARTS = (("encoder", "encoder", True), ("sampler", "sampler", True), ("predictor", "predictor", True),
+          ("predictor_nolr", "predictor-nolr", False), ("predictor_stage2", "predictor-stage2", False))
+
+
+def resolve_parts(model_dir: str | os.PathLike | None = None, *, variants: dict | None = None,
+                  **paths) -> dict[str, Path]:
+    """The files a model dir (and explicit paths) name: ``encoder`` (a saved encoder folder),
+    ``sampler``, ``predictor`` (required), ``predictor-nolr``, ``predictor-stage2`` and
+    ``sampler-<variant>`` (optional), each run dir resolved to its latest checkpoint."""
     md = Path(model_dir) if model_dir is not None else None
     if md is not None and not md.is_dir():
         raise EvalError(f"{md}: no such model dir")
+    unknown = set(variants or {}) - set(VARIANTS)
+    if unknown:
+        raise EvalError(f"unknown sampler variant {sorted(unknown)[0]!r}; one of {', '.join(VARIANTS)}")
+    extra = set(paths) - {k for k, _, _ in _PARTS}
+    if extra:
+        raise EvalError(f"unknown model part {sorted(extra)[0]!r}")
+    parts: dict[str, Path] = {}
+    for key, name, required in _PARTS:
+        p = _opt(md, paths.get(key), name, required)
+        if p is not None:
+            parts[name] = p if name == "encoder" else latest_checkpoint(p)
+    for v in VARIANTS:
+        p = (variants or {}).get(v) or _opt(md, None, f"sampler-{v}", False)
+        if p is not None:
+            parts[f"sampler-{v}"] = latest_checkpoint(p)
+    return parts
+
+
+def load_bundle(model_dir: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
+                **paths) -> Bundle:
+    """The model a model dir names (see :func:`resolve_parts`), loaded onto `device`."""
+    parts = resolve_parts(model_dir, **paths)
     dev = torch.device(device)
-    enc_p = _opt(md, encoder, "encoder", True)
-    enc, info = load_encoder(enc_p, device=str(dev))
+    enc, info = load_encoder(parts["encoder"], device=str(dev))
     labels = info.get("labels")
     if not labels:
-        raise EvalError(f"{enc_p}: the saved encoder names no concept labels")
+        raise EvalError(f"{parts['encoder']}: the saved encoder names no concept labels")
     raw = info.get("text_raw")
     if raw is None:
         raw = enc.text_raw(labels)
     with torch.inference_mode():
         text = enc.encode_text(raw).float()
-    sources = {"encoder": str(enc_p)}
 
-    s_p = latest_checkpoint(_opt(md, sampler, "sampler", True))
-    samp = load_sampler(s_p).to(dev)
-    st = torch.load(s_p, map_location="cpu", weights_only=True)
-    _check_dims(enc, st["dims"], f"sampler {s_p}")
+    st = read_checkpoint(parts["sampler"], "sampler")  # read once: the weights and the selection config
+    samp = load_sampler(parts["sampler"], state=st).to(dev)
+    _check_dims(enc, st["dims"], f"sampler {parts['sampler']}")
     selection = dict((st["config"] or {}).get("selection") or {})
-    sources["sampler"] = str(s_p)
 
-    def pred(path, name):
-        p = latest_checkpoint(path)
-        m, pinfo = load_predictor(p)
-        _check_dims(enc, pinfo["dims"], f"{name} {p}")
-        sources[name] = str(p)
+    def pred(name):
+        if name not in parts:
+            return None, None
+        m, pinfo = load_predictor(parts[name])
+        _check_dims(enc, pinfo["dims"], f"{name} {parts[name]}")
         return m.to(dev), pinfo
 
-    p_main, _ = pred(_opt(md, predictor, "predictor", True), "predictor")
-    nolr = _opt(md, predictor_nolr, "predictor-nolr", False)
-    p_nolr = pred(nolr, "predictor-nolr")[0] if nolr is not None else None
+    p_main, _ = pred("predictor")
+    p_nolr, _ = pred("predictor-nolr")
     if p_nolr is not None and p_nolr.use_lr:
-        raise EvalError(f"{sources['predictor-nolr']}: this predictor uses LR context (use_lr: true)")
-    s2 = _opt(md, predictor_stage2, "predictor-stage2", False)
-    p_s2, novel = None, []
-    if s2 is not None:
-        p_s2, s2info = pred(s2, "predictor-stage2")
+        raise EvalError(f"{parts['predictor-nolr']}: this predictor uses LR context (use_lr: true)")
+    p_s2, s2info = pred("predictor-stage2")
+    novel = []
+    if p_s2 is not None:
         if not hasattr(p_s2, "head"):
-            raise EvalError(f"{sources['predictor-stage2']}: not a stage II predictor (no SigLIP head)")
+            raise EvalError(f"{parts['predictor-stage2']}: not a stage II predictor (no SigLIP head)")
         novel = [int(c) for c in s2info["config"].get("novel_concepts") or []]
-    found = {}
-    for v in VARIANTS:
-        path = (variants or {}).get(v)
-        if path is None and md is not None and (md / f"sampler-{v}").exists():
-            path = md / f"sampler-{v}"
-        if path is not None:
-            p = latest_checkpoint(path)
-            found[v] = load_sampler(p).to(dev)
-            sources[f"sampler-{v}"] = str(p)
-    unknown = set(variants or {}) - set(VARIANTS)
-    if unknown:
-        raise EvalError(f"unknown sampler variant {sorted(unknown)[0]!r}; one of {', '.join(VARIANTS)}")
-    return Bundle(enc, text, list(labels), samp, p_main, selection, p_nolr, p_s2, found, novel, sources)
+    found = {v: load_sampler(parts[f"sampler-{v}"]).to(dev) for v in VARIANTS if f"sampler-{v}" in parts}
+    return Bundle(enc, text, list(labels), samp, p_main, selection, p_nolr, p_s2, found, novel,
+                  {k: str(v) for k, v in parts.items()})
 
 
 def resolve_novel(names: Sequence[str] | None, labels: Sequence[str], extra: Sequence[int] = ()) -> list[int]:
@@ -491,6 +504,9 @@ class Evaluator:
         shared = Timer(self.device)
         timers = {r.name: Timer(self.device) for r in all_rows}
         sweep_timers = {p[0]: Timer(self.device) for p in pts}
+        reuse = {name for name, th, k in pts if "default" in timers and k is None and th == self.threshold}
+        for name in reuse:
+            sweep_timers[name] = timers["default"]
         scores = {r.name: [] for r in all_rows}
         sweep_scores = {p[0]: [] for p in pts}
         masks = {r.name: [] for r in all_rows}
@@ -510,6 +526,10 @@ class Evaluator:
                     scores[r.name].append(s.numpy())
                     masks[r.name].append(m.numpy())
                 for name, th, k in pts:
+                    if name in reuse:  # the default row's own pipeline: not run twice
+                        sweep_scores[name].append(scores["default"][-1])
+                        sweep_masks[name].append(masks["default"][-1])
+                        continue
                     m = bt.mask("default", th, k)
                     s = bt.score(self._complete(bt, sweep_timers[name], m, self.bundle.predictor, "predictor"),
                                  sweep_timers[name])
@@ -540,7 +560,7 @@ def _timing(timer: Timer, shared: Timer, uses: Sequence[str], n: int) -> dict:
         stages[u] = stages.get(u, 0.0) + shared.totals.get(u, 0.0)
     compute = sum(v for k, v in stages.items() if k not in IO_STAGES)
     io = sum(v for k, v in stages.items() if k in IO_STAGES)
-    if any(u == "decode_lr" for u in uses):  # the LR read belongs to the rows that use LR
+    if "decode_lr" in uses:  # the LR read belongs to the rows that use LR
         io += shared.totals.get("io_lr", 0.0)
         stages["io_lr"] = shared.totals.get("io_lr", 0.0)
     return {"per_scene_s": compute / n, "split_s": compute, "io_per_scene_s": io / n, "io_split_s": io,
@@ -702,22 +722,8 @@ def plot_sweep(rep: dict, path: Path) -> bool:
 def describe(checkpoint: str | os.PathLike | None, shards: str | os.PathLike, *, split: str = "test",
              **paths) -> dict:
     """What :func:`evaluate` would use, without loading a model: the checkpoint files found, the
-    split's scene count, the rows and sweep points (``--dry-run``)."""
-    md = Path(checkpoint) if checkpoint is not None else None
-    if md is not None and not md.is_dir():
-        raise EvalError(f"{md}: no such model dir")
-    parts = {}
-    for key, name, req in (("encoder", "encoder", True), ("sampler", "sampler", True),
-                           ("predictor", "predictor", True), ("predictor_nolr", "predictor-nolr", False),
-                           ("predictor_stage2", "predictor-stage2", False)):
-        p = _opt(md, paths.get(key), name, req)
-        if p is not None:
-            parts[name] = str(p if name == "encoder" else latest_checkpoint(p))
-    for v in VARIANTS:
-        p = (paths.get("variants") or {}).get(v) or (md / f"sampler-{v}" if md is not None and
-                                                     (md / f"sampler-{v}").exists() else None)
-        if p is not None:
-            parts[f"sampler-{v}"] = str(latest_checkpoint(p))
+    split's scene count and the rows (``--dry-run``)."""
+    parts = {k: str(v) for k, v in resolve_parts(checkpoint, **paths).items()}
     with gdata.SampleReader(shards, split) as reader:
         n = len(reader)
     rows = ["lr_only", "full_hr", "random", "random_predictor", "sampler_only", "lr_fill"]

@@ -332,24 +332,13 @@ def load_predictor(path: str | Path, map_location="cpu") -> tuple[Predictor, dic
     """A trained predictor (eval mode) from a trainer checkpoint of task ``predictor`` or
     ``predictor_stage2`` ({"model", "config", "dims"}), loaded with ``weights_only=True`` ->
     (predictor, {"task", "config", "dims", "step"})."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"predictor checkpoint not found: {p}")
-    try:
-        st = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise UserError(f"predictor checkpoint {p}: cannot be read ({type(e).__name__})") from None
-    if not isinstance(st, dict) or not {"model", "config", "dims"} <= set(st):
-        raise UserError(f"predictor checkpoint {p}: expected model, config and dims entries")
+    from .checkpoint import load_weights, read_checkpoint
+
+    st = read_checkpoint(path, "predictor", map_location)
     cfg = st["config"] or {}
     task = {"predictor": PredictorTask, "predictor_stage2": PredictorStage2Task}.get(cfg.get("task"))
     if task is None:
-        raise UserError(f"checkpoint {p} is for task {cfg.get('task')!r}, not a predictor")
+        raise UserError(f"checkpoint {path} is for task {cfg.get('task')!r}, not a predictor")
     cfg = {k: v for k, v in cfg.items() if k != "sampler_checkpoint"}  # training masks only
-    model = task().build_model(cfg, st["dims"])
-    try:
-        model.load_state_dict(st["model"])
-    except RuntimeError:
-        raise UserError(f"predictor checkpoint {p}: weights do not match its config") from None
-    return model.predictor.eval(), {"task": cfg.get("task"), "config": cfg, "dims": st["dims"],
-                                    "step": st.get("step")}
+    model = load_weights(task().build_model(cfg, st["dims"]), st, "predictor", path)
+    return model.predictor, {"task": cfg.get("task"), "config": cfg, "dims": st["dims"], "step": st.get("step")}

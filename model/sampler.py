@@ -166,28 +166,17 @@ def build_sampler(cfg: dict | None, dim: int) -> Sampler:
     return Sampler(dim, hidden=m["hidden"], kernel=m["kernel"], layers=m["layers"])
 
 
-def load_sampler(path: str | Path, map_location="cpu") -> Sampler:
+def load_sampler(path: str | Path, map_location="cpu", *, state: dict | None = None) -> Sampler:
     """A trained sampler (in eval mode) from a trainer checkpoint ({"model": state dict,
-    "config", "dims"}), loaded with ``weights_only=True``. Usable as the predictor's scorer:
-    its logits rank tiles like its probabilities."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"sampler checkpoint not found: {p}")
-    try:
-        st = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise UserError(f"sampler checkpoint {p}: cannot be read ({type(e).__name__})") from None
-    if not isinstance(st, dict) or not {"model", "config", "dims"} <= set(st):
-        raise UserError(f"sampler checkpoint {p}: expected model, config and dims entries")
+    "config", "dims"}), loaded with ``weights_only=True`` (or from its already read ``state``).
+    Usable as the predictor's scorer: its logits rank tiles like its probabilities."""
+    from .checkpoint import load_weights, read_checkpoint
+
+    st = state if state is not None else read_checkpoint(path, "sampler", map_location)
     task = (st["config"] or {}).get("task")
     if task != "sampler":
-        raise UserError(f"checkpoint {p} is for task {task!r}, not 'sampler'")
-    model = SamplerTask().build_model(st["config"], st["dims"])
-    try:
-        model.load_state_dict(st["model"])
-    except RuntimeError:
-        raise UserError(f"sampler checkpoint {p}: weights do not match its config") from None
-    return model.eval()
+        raise UserError(f"checkpoint {path} is for task {task!r}, not 'sampler'")
+    return load_weights(SamplerTask().build_model(st["config"], st["dims"]), st, "sampler", path)
 
 
 def sampler_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

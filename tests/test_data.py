@@ -378,3 +378,24 @@ def test_ddp_two_ranks_two_workers_see_every_sample_once(sd, split_by):
         per_rank.append(json.loads(out.strip().splitlines()[-1]))
     assert all(per_rank)  # both ranks got samples
     assert sorted(k for r in per_rank for k in r) == want
+
+
+def test_sample_reader_reads_members_by_index_order(sd, monkeypatch):
+    """Random access to raw member bytes (the eval's IO): equal to the shard's bytes, bounded
+    open files, one-line errors."""
+    monkeypatch.setattr(data, "_MAX_OPEN", 1)
+    want = full_samples(sd, "train")
+    with data.SampleReader(sd, "train") as r:
+        assert sorted(r.keys) == sorted(want) and len(r) == len(want)
+        assert len(r._shards) > 1  # so the bound on open files is exercised
+        for i, key in enumerate(r.keys):
+            got = r.read(i, [smp.LR_FIELD, smp.hr_field(37), smp.LABELS_FIELD])
+            assert set(got) == {smp.LR_FIELD, smp.hr_field(37), smp.LABELS_FIELD}
+            np.testing.assert_array_equal(data.decode_lr(got[smp.LR_FIELD]), want[key].lr)
+            np.testing.assert_array_equal(data.decode_tiles([37], got)[0], want[key].hr[37])
+            np.testing.assert_array_equal(data.decode_labels(got[smp.LABELS_FIELD]), want[key].labels)
+            assert len(r._readers) <= 1
+        with pytest.raises(data.LoaderError, match="outside"):
+            r.read(len(r), [smp.LR_FIELD])
+        with pytest.raises(data.LoaderError, match="not a field"):
+            r.read(0, ["lr.jpg"])

@@ -25,7 +25,7 @@ from gl10m.ledger import Ledger  # noqa: E402
 from gl10m.pipelines import download, index  # noqa: E402
 from gl10m.sources import earthengine as E  # noqa: E402
 from gl10m.sources.stac import StacProvider  # noqa: E402
-from gl10m.testbed.eeserver import functions_in, serve_ee  # noqa: E402
+from gl10m.testbed.eeserver import functions_in, invocations, serve_ee  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -147,19 +147,7 @@ def runs(built_world, built_server, stand_in, tmp_path_factory):
 
 def _calls(expr: dict, name: str) -> list[dict]:
     """The argument nodes of every invocation of `name` in a serialized expression."""
-    out = []
-
-    def walk(o):
-        if isinstance(o, dict):
-            if o.get("functionName") == name:
-                out.append(o.get("arguments") or {})
-            for v in o.values():
-                walk(v)
-        elif isinstance(o, list):
-            for v in o:
-                walk(v)
-    walk(expr)
-    return out
+    return [args for _, args in invocations(expr, name)]
 
 
 def _outcomes(wd):

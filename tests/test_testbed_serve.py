@@ -413,10 +413,17 @@ def test_missing_rustac_gives_a_one_line_error(testbed_world):
 
 
 @needs_rustac
-def test_run_forever_prints_urls_and_stops_on_ctrl_c(testbed_world, tmp_path):
+@pytest.mark.parametrize("faults", [False, True])
+def test_run_forever_prints_urls_and_stops_on_ctrl_c(testbed_world, tmp_path, faults):
+    """`python -m gl10m.testbed.serve`, and `gl10m testbed serve --faults` (the same loop with
+    fault proxies in front: the URLs printed and written are the proxies')."""
     info = tmp_path / "served.json"
-    p = subprocess.Popen([sys.executable, "-m", "gl10m.testbed.serve", str(testbed_world), "--served-json", str(info)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "gl10m.testbed.serve", str(testbed_world), "--served-json", str(info)]
+    if faults:  # rate 0: the proxies forward everything, so the search below must still see every item
+        cmd = [sys.executable, "-m", "gl10m.cli", "testbed", "serve", str(testbed_world), "--served-json",
+               str(info), "--faults", "0"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "COLUMNS": "250"})
     try:
         deadline = time.monotonic() + 30
         while not info.exists():
@@ -434,6 +441,7 @@ def test_run_forever_prints_urls_and_stops_on_ctrl_c(testbed_world, tmp_path):
             p.wait()
     assert p.returncode == 0, err
     assert urls["stac_url"] in out and urls["http_url"] in out
+    assert ("behind fault proxies" in out and "injected:" in out) == faults
     assert "Traceback" not in err
     assert not info.exists()
     assert not _port_open(urls["stac_url"]) and not _port_open(urls["http_url"])

@@ -351,7 +351,7 @@ def fetch_scene(row: Mapping, profile, out_root: str | Path, provider: EarthEngi
                 limiter: Any = None):
     """One plan row -> one staged sample or a typed rejection, through Earth Engine (see the module
     doc); the outcomes and QC are :func:`gl10m.fetch.fetch_scene`'s."""
-    from gl10m import compose, fetch, qc, samples
+    from gl10m import compose, fetch
 
     fetch._check_row(row)
     provider.limiter = limiter
@@ -372,30 +372,16 @@ def fetch_scene(row: Mapping, profile, out_root: str | Path, provider: EarthEngi
         used = [{"id": str(it["id"]), "asset": f"{S2_COLLECTION}/{it['id']}", "datetime": it.get("datetime"),
                  "baseline": it.get("baseline"), "offset_subtracted": "by Earth Engine (S2_SR_HARMONIZED)",
                  "cloud_cover": it.get("cloud_cover"), "mgrs_tile": it.get("mgrs_tile")} for it in s2_items]
-        lr_info = {"items": used, "excluded": [], "composite": qc.composite_stats(count, len(used))}
-        lr_info["black_ratio"] = round(qc.black_ratio(lr_rgb, profile.qc.black_level), 6)
-        if lr_info["black_ratio"] >= profile.qc.max_black_ratio:
-            raise fetch.Rejection(fetch.S2_MASKED, f"LR black ratio {lr_info['black_ratio']:.3f} >= "
-                                  f"{profile.qc.max_black_ratio}", **lr_info)
+        lr_info = {"items": used, "excluded": []}
+        fetch.check_lr(lr_rgb, count, len(used), profile, lr_info)
         if not naip_items:
             raise fetch.Rejection(fetch.NAIP_GAP, "no NAIP item in the plan row", uncovered=1.0)
         hr_img = provider.naip_image([str(it["id"]) for it in naip_items])
         hr = provider.compute_pixels(hr_img, bounds, hrg.width, hrg.height, NAIP_BANDS, 3)
         mosaic = np.ascontiguousarray(np.moveaxis(hr.astype(np.uint8), 0, -1))
-        covered = mosaic.any(axis=-1)
         hr_info: dict = {"items": [{"id": str(it["id"]), "asset": f"{NAIP_COLLECTION}/{it['id']}",
                                     "datetime": it.get("datetime")} for it in naip_items]}
-        hr_info["uncovered"] = round(1.0 - np.count_nonzero(covered) / covered.size, 6)
-        if hr_info["uncovered"] >= 1.0:
-            raise fetch.Rejection(fetch.NAIP_GAP, "no DOQQ covers any of the HR footprint", **hr_info)
-        tiles = compose.cut_tiles(mosaic, profile.geometry.grid)
-        ratios = qc.black_ratios(tiles, profile.qc.black_level)
-        hr_info["black_ratios"] = [round(float(r), 4) for r in ratios]
-        hr_info["black_ratio_max"] = round(float(ratios.max()), 6)
-        bad = qc.failing_tiles(ratios, profile.qc.max_black_ratio)
-        if bad:
-            raise fetch.Rejection(fetch.HR_BLACK, f"{len(bad)} HR tile(s) with black ratio >= "
-                                  f"{profile.qc.max_black_ratio}", tiles=bad, **hr_info)
+        tiles = fetch.check_hr(mosaic, mosaic.any(axis=-1), profile, hr_info)
     except fetch.Rejection as r:
         return fetch.FetchOutcome(fetch.REJECTED, r.reason, fetch._clean(r.detail))
     except _import_ee().EEException as e:  # permanent (transient ones were retried): an asset fault?
@@ -405,20 +391,10 @@ def fetch_scene(row: Mapping, profile, out_root: str | Path, provider: EarthEngi
         if reason is None:
             raise
         return fetch.FetchOutcome(fetch.REJECTED, reason, fetch._clean({"error": msg}))
-    n = profile.n_concepts
     meta = fetch.build_meta(row, profile, lrg, hrg, lr_info, hr_info)
     meta["provider"] = "earthengine"
     meta["s2"]["collection"], meta["naip"]["collection"] = S2_COLLECTION, NAIP_COLLECTION
     meta["s2"]["harmonisation"] = {"enabled": True, "by": f"Earth Engine {S2_COLLECTION}", "scale": S2_SCALE}
     meta["naip"]["mosaic"] = "ImageCollection.mosaic of the DOQQs sorted by date (newest on top)"
-    sample = samples.Sample(
-        key=str(row["key"]), split=str(row["split"]), lr=lr_rgb, hr=tiles,
-        labels=samples.labels_from_concepts(row["concepts"], n),
-        tile_frac=samples.dense_tile_frac(list(row["tile_idx"]), list(row["tile_concept"]), list(row["tile_frac"]),
-                                          n, profile.geometry.grid ** 2),
-        meta=meta)
-    path = samples.write_staged(out_root, sample)
-    detail = {"lr_black_ratio": lr_info["black_ratio"], "hr_black_ratio_max": hr_info["black_ratio_max"],
-              "s2_items": len(used), "s2_excluded": 0, "naip_items": len(hr_info["items"]),
-              "s2_min_obs": lr_info["composite"]["min_obs"]}
-    return fetch.FetchOutcome(fetch.OK, None, detail, path)
+    return fetch.stage_sample(row, profile, out_root, lr_rgb, tiles, meta, lr_info, hr_info)
+

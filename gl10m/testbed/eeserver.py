@@ -20,9 +20,10 @@ The world's STAC items become two image collections:
   Earth Engine's NAIP has none).
 
 Only the functions the provider uses are implemented (:data:`FUNCTIONS`); anything else is a 400
-naming the function, so a change in the client's expressions fails loudly. Pixels are warped from
-the COGs onto the requested grid with GDAL (``nearest`` unless ``Image.resample`` said
-``bilinear``); source nodata (0) is masked. A missing asset file answers Earth Engine's
+naming the function, so a change in the client's expressions fails loudly. Pixels are sampled
+from the COGs at the requested grid's pixel centres (``nearest`` unless ``Image.resample`` said
+``bilinear``), each pixel from its own centre only, so a grid split into blocks gives exactly the
+whole grid's pixels; source nodata (0) is masked. A missing asset file answers Earth Engine's
 "not found" error, an unreadable one "is corrupt" (the testbed's deliberate faults).
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ import io
 import json
 import re
 import threading
+import warnings
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -80,7 +82,7 @@ class Img:
     render: Callable[[Grid], tuple[dict, dict]]
     props: dict = field(default_factory=dict)
     footprint: Any = None
-    resample: Callable[[str], "Img"] | None = None
+    assets: tuple | None = None  # ({band: _Asset}, resampling) for an image read straight from files
 
 
 def _const(v: float) -> Img:
@@ -225,10 +227,7 @@ def _asset_image(bands: dict[str, _Asset], props: dict, footprint, resampling: s
                 off = bands[n].offset
                 vals[n] = np.maximum(v - off, 0.0) if off else v
         return vals, masks
-    img = Img(list(bands), {k: a.dtype for k, a in bands.items()}, render, props, footprint)
-    img.resample = lambda mode: _asset_image(bands, props, footprint, mode)
-    img.assets = (bands, resampling)  # type: ignore[attr-defined]  # select() reads only what it keeps
-    return img
+    return Img(list(bands), {k: a.dtype for k, a in bands.items()}, render, props, footprint, (bands, resampling))
 
 
 def build_catalog(world: str | Path) -> dict[str, list[Img]]:
@@ -299,16 +298,13 @@ def _select(input, bandSelectors, newNames=None):
     new = list(newNames) if newNames else names
     if len(new) != len(names):
         raise EEStandInError("Image.select: newNames must match the selected bands")
-    if hasattr(img, "assets"):  # an image read from assets: read only the selected bands
+    if img.assets is not None:  # an image read from files: read only the selected bands
         assets, mode = img.assets
         return _asset_image({n2: assets[n1] for n1, n2 in zip(names, new)}, img.props, img.footprint, mode)
 
     def fn(v, m):
         return {n2: v[n1] for n1, n2 in zip(names, new)}, {n2: m[n1] for n1, n2 in zip(names, new)}
-    out = _derive(img, new, {n2: img.dtypes[n1] for n1, n2 in zip(names, new)}, fn)
-    if img.resample is not None:  # still a plain asset image: resample() may follow
-        out.resample = lambda mode: _select(img.resample(mode), bandSelectors, newNames)
-    return out
+    return _derive(img, new, {n2: img.dtypes[n1] for n1, n2 in zip(names, new)}, fn)
 
 
 def _update_mask(image, mask):
@@ -346,9 +342,9 @@ def _remap(image, **kw):
 def _resample(image, mode):
     if mode not in ("bilinear", "bicubic"):
         raise EEStandInError(f"Image.resample: unknown mode '{mode}'")
-    if image.resample is None:
+    if image.assets is None:
         raise EEStandInError("Image.resample: only images read from assets can be resampled here")
-    return image.resample(mode)
+    return _asset_image(image.assets[0], image.props, image.footprint, mode)
 
 
 def _rename(input, names):
@@ -387,11 +383,9 @@ def _reduce(collection, how: str):
                 out[b] = cnt.astype(np.float64)
                 msk[b] = np.ones(cnt.shape, bool)
             else:
-                with np.errstate(all="ignore"):
-                    import warnings
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", RuntimeWarning)
-                        med = np.nanmedian(stack, axis=0)
+                with warnings.catch_warnings():  # all-NaN pixels (no valid date) are expected
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    med = np.nanmedian(stack, axis=0)
                 out[b] = np.nan_to_num(med)
                 msk[b] = cnt > 0
         return out, msk
@@ -697,21 +691,28 @@ class EEStandIn:
         self.close()
 
 
-def functions_in(expr: dict) -> list[str]:
-    """The function names an expression graph invokes (sorted, unique): for assertions."""
-    out: set[str] = set()
+def invocations(expr: dict, name: str | None = None) -> list[tuple[str, dict]]:
+    """(function name, argument nodes) of every invocation in an expression graph (only those of
+    `name` when given), in document order: for assertions on what a client sent."""
+    out: list[tuple[str, dict]] = []
 
     def walk(o):
         if isinstance(o, dict):
-            if "functionName" in o:
-                out.add(o["functionName"])
+            fn = o.get("functionName")
+            if fn is not None and (name is None or fn == name):
+                out.append((fn, o.get("arguments") or {}))
             for v in o.values():
                 walk(v)
         elif isinstance(o, list):
             for v in o:
                 walk(v)
     walk(expr)
-    return sorted(out)
+    return out
+
+
+def functions_in(expr: dict) -> list[str]:
+    """The function names an expression graph invokes (sorted, unique)."""
+    return sorted({fn for fn, _ in invocations(expr)})
 
 
 def serve_ee(world: str | Path, **kw) -> EEStandIn:
@@ -720,6 +721,6 @@ def serve_ee(world: str | Path, **kw) -> EEStandIn:
     return EEStandIn(world, **kw)
 
 
-__all__ = ["EEStandIn", "EEStandInError", "FUNCTIONS", "Interpreter", "build_catalog", "functions_in",
+__all__ = ["EEStandIn", "EEStandInError", "FUNCTIONS", "Interpreter", "build_catalog", "functions_in", "invocations",
            "pixels_npy", "serve_ee"]
 

@@ -406,7 +406,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     proxies, print the URLs and the counts at Ctrl-C."""
     import argparse
 
-    from gl10m.testbed.serve import serve
+    from gl10m.testbed.serve import run_forever
 
     ap = argparse.ArgumentParser(prog="python -m gl10m.testbed.faults", description=__doc__.splitlines()[0])
     ap.add_argument("dir")
@@ -418,14 +418,7 @@ def main(argv: Iterable[str] | None = None) -> int:
     a = ap.parse_args(list(argv) if argv is not None else None)
     try:
         spec = FaultSpec.mixed(a.rate, seed=a.seed, delay=a.delay, delay_s=a.delay_s, retry_after=a.retry_after)
-        with serve(a.dir) as servers, inject_faults(servers, spec) as faulty:
-            print(f"STAC API:   {faulty.stac_url}  (faults in front of {servers.stac_url})")
-            print(f"files:      {faulty.http_url}/  (faults in front of {servers.http_url})")
-            print("Ctrl-C to stop", flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                while servers.alive:
-                    time.sleep(0.5)
-            print(f"injected:   {faulty.counts()}", flush=True)
+        run_forever(a.dir, faults=spec)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -617,8 +617,10 @@ def wait_ready_http(http_url: str, proc: subprocess.Popen | None, timeout: float
 
 
 def run_forever(dir: str | Path, *, host: str = "127.0.0.1", stac_port: int = 0, http_port: int = 0,
-                info_path: str | Path | None = None, out=None) -> None:
-    """Serve `dir`, print the URLs, block until Ctrl-C (or SIGTERM), then stop cleanly."""
+                info_path: str | Path | None = None, out=None, faults=None) -> None:
+    """Serve `dir`, print the URLs, block until Ctrl-C (or SIGTERM), then stop cleanly. `faults`
+    (a :class:`gl10m.testbed.faults.FaultSpec`): serve behind fault proxies instead; the URLs
+    printed and written are the proxies', and what they injected is printed at the end."""
     out = out or sys.stdout
     stop = threading.Event()
 
@@ -630,10 +632,22 @@ def run_forever(dir: str | Path, *, host: str = "127.0.0.1", stac_port: int = 0,
     # non-interactive shell, e.g. under CI) never gets Python's KeyboardInterrupt handler
     old = {sig: signal.signal(sig, _term) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
-        with serve(dir, host=host, stac_port=stac_port, http_port=http_port, info_path=info_path) as s:
-            print(f"STAC API:   {s.stac_url}  ({s.n_items} items in {', '.join(s.collections) or 'their collections'})", file=out)
-            print(f"files:      {s.http_url}/  (HTTP with Range)", file=out)
+        with contextlib.ExitStack() as stack:
+            s = stack.enter_context(serve(dir, host=host, stac_port=stac_port, http_port=http_port))
+            front, note = s, ""
+            if faults is not None:
+                from gl10m.testbed.faults import inject_faults
+
+                front = stack.enter_context(inject_faults(s, faults, host=host))
+                note = ", behind fault proxies"
+            print(f"STAC API:   {front.stac_url}  ({s.n_items} items in "
+                  f"{', '.join(s.collections) or 'their collections'}{note})", file=out)
+            print(f"files:      {front.http_url}/  (HTTP with Range{note})", file=out)
             if info_path is not None:
+                from gl10m.io import atomic_write_text
+
+                atomic_write_text(Path(info_path), json.dumps(
+                    {**s.info(), "stac_url": front.stac_url, "http_url": front.http_url}, indent=2) + "\n")
                 print(f"written:    {info_path}", file=out)
             print("Ctrl-C to stop", file=out, flush=True)
             try:
@@ -642,6 +656,8 @@ def run_forever(dir: str | Path, *, host: str = "127.0.0.1", stac_port: int = 0,
                         raise ServeError("a testbed server stopped unexpectedly")
             except KeyboardInterrupt:
                 pass
+            if faults is not None:
+                print(f"injected:   {front.counts()}", file=out)
             print("stopping...", file=out, flush=True)
     finally:
         for sig, handler in old.items():
