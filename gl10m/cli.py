@@ -497,6 +497,23 @@ def model_train(config: Path = typer.Option(..., "--config", help="Training YAML
     cli_train(config, features, out_dir, resume=resume, max_steps=max_steps, device=device, echo=_echo)
 
 
+@model_app.command("fit")
+def model_fit(shards: Path = typer.Option(..., "--shards", help="A shards folder (W/shards)."),
+              out_dir: Path = typer.Option(..., "--out", help="The model dir (what `gl10m model eval` reads)."),
+              config: Optional[Path] = typer.Option(
+                  None, "--config", help="Fit YAML (default: model/configs/fit-cpu.yaml; fit-gpu.yaml on a GPU)."),
+              encoder: Optional[Path] = typer.Option(
+                  None, "--encoder", help="A saved encoder folder: skip the bootstrap and use these weights."),
+              device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (default: the config's)."),
+              dry_run: bool = typer.Option(False, "--dry-run", help="Say which parts would run or resume; run nothing.")):
+    """Train the whole model from image shards: encoder bootstrap, feature cache, sampler (+ the
+    structural ablation), predictor stage I (+ no-LR ablation) and stage II, with novel concepts
+    held out everywhere. Reruns skip finished parts, resume unfinished ones and redo what changed."""
+    from gl10m.model.fit import cli_fit
+
+    cli_fit(shards, out_dir, config, encoder=encoder, device=device, dry_run=dry_run, echo=_echo)
+
+
 @model_app.command("eval")
 def model_eval(checkpoint: Optional[Path] = typer.Option(
                    None, "--checkpoint", help="Model dir: encoder/, sampler/, predictor/ (optional predictor-nolr/, "
