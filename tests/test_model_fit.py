@@ -180,3 +180,15 @@ def test_cli_fit_errors_and_dry_run(shards, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "predictor-stage2: would run" in r.stdout and "novel concepts held out: Tennis, Pool" in r.stdout
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("name", ["fit-cpu.yaml", "fit-gpu.yaml"])
+def test_shipped_fit_configs_resolve(name, shards, tmp_path):
+    """The bundled configs load, name real concepts, and build valid encoders and parts."""
+    from gl10m.model.encoders import EncoderConfig, concept_labels
+
+    cfg = F.load_fit_config(F.CONFIGS / name)
+    EncoderConfig.from_dict(cfg["encoder"]["config"]["encoder"])
+    assert len(F.resolve_novel(cfg["novel"], concept_labels())) == 10
+    plans, info = F.plan(shards, tmp_path / "m", F.CONFIGS / name, device="cpu", echo=lambda m: None)
+    assert [p.name for p in plans] == PARTS and not (tmp_path / "m").exists()
