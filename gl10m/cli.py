@@ -434,6 +434,32 @@ def testbed_serve(world: Path = typer.Argument(..., help="A folder written by `g
         serve.run_forever(world, info_path=served_json, faults=spec)
 
 
+@testbed_app.command("scenes")
+def testbed_scenes(out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write into (DIR/shards/ is the dataset)."),
+                   scenes: int = typer.Option(..., "--scenes", "-n", help="Number of scenes (> 0)."),
+                   seed: int = typer.Option(..., "--seed", help="World seed: the same seed and N give the same bytes."),
+                   states: Optional[str] = StatesOpt, workers: Optional[int] = WorkersOpt,
+                   scheduler: Optional[str] = SchedulerOpt,
+                   truth: bool = typer.Option(False, "--truth", help="Also write DIR/truth/{key}.npy, the 1 m truth "
+                                              "class map of each scene (world.TRUTH_CLASSES)."),
+                   no_card: bool = typer.Option(False, "--no-card", help="Skip the dataset card and its plots."),
+                   quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
+    """A model-scale synthetic world: N scenes laid out by the testbed's recipes, rendered by its
+    renderer and labelled by the osm and anchors stages, written as the shards `gl10m shard` writes."""
+    from gl10m.pipelines.scenes import build_world
+
+    res = build_world(out_dir, scenes, seed, workers, scheduler=scheduler, states=states, truth=truth,
+                      quiet=quiet, card=not no_card)
+    counts = ", ".join(f"{k} {v}" for k, v in res.samples.items()) or "no samples"
+    out.print(f"shards in {res.shards_dir}: {counts}; rendered {res.built} scenes in {res.seconds:.0f} s "
+              f"({res.scenes_per_s:.2f} scenes/s), {res.skipped} already staged; shards and card "
+              f"{res.shard_seconds:.0f} s", highlight=False)
+    if res.failed:
+        unit, why = sorted(res.failed.items())[0]
+        err.print(f"{len(res.failed)} scenes failed (rerun to retry them); first: scene {int(unit)}: {why}")
+        raise typer.Exit(3)
+
+
 @testbed_app.command("preview")
 def testbed_preview(world: Path = typer.Argument(..., help="A folder written by `gl10m testbed build`."),
                     state: str = typer.Option(..., "--state", help="Region code, e.g. CA."),
