@@ -277,6 +277,7 @@ class Rendered:
     lr: np.ndarray  # [268, 268, 3] uint8 stretched Sentinel-2 RGB
     lr_refl: np.ndarray  # [3, 268, 268] float32 harmonised reflectance (R, G, B)
     truth: np.ndarray | None  # [H, W] uint8 truth class per HR pixel (world.TRUTH_CLASSES)
+    marks: np.ndarray | None  # [H, W] uint8 mark id per HR pixel (world.MARK_NAMES), with keep_truth
     naip: dict
     s2: dict
 
@@ -343,7 +344,8 @@ def render_scene(plan: ScenePlan, region, profile, *, marks: bool = True, keep_t
             "sun_elevation": round(look.sun_elevation, 3), "season": round(look.season, 4)}
     s2 = {"date": date.isoformat(), "baseline": sd.baseline, "psf_sigma_px": spec.s2_psf_sigma_px,
           "noise": spec.s2_noise, "stretch": [lo, hi]}
-    return Rendered(hr, lr, refl_lr, layers["classes"] if keep_truth else None, naip, s2)
+    return Rendered(hr, lr, refl_lr, layers["classes"] if keep_truth else None,
+                    layers["marks"] if keep_truth else None, naip, s2)
 
 
 _TABLES = []
