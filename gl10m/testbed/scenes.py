@@ -497,7 +497,7 @@ def build_scene(plan: ScenePlan, profile, out_root: str | Path, n_scenes: int, *
         tile_frac=samples.dense_tile_frac(list(row["tile_idx"]), list(row["tile_concept"]), list(row["tile_frac"]),
                                           n, profile.geometry.grid ** 2),
         meta=build_meta(p, row, profile, n_scenes, r, attempt))
-    folder = samples.write_staged(out_root, sample)
+    folder = samples.write_staged(out_root, sample, durable=False)  # regenerable bit for bit
     if truth_dir is not None:
         from gl10m.io import atomic_path
         with atomic_path(Path(truth_dir) / f"{key}.npy") as tmp:

@@ -51,15 +51,19 @@ def mark_share(truth: np.ndarray, marks: np.ndarray, cls: int) -> tuple[int, int
     return int(m.sum()), int(np.count_nonzero(marks[m]))
 
 
-def detail_energy(hr: np.ndarray, mask: np.ndarray, k: int = 10) -> float:
-    """Mean over `mask` of |HR - its k x k block mean|^2 (DN^2, summed over R, G, B): the image
-    energy finer than a Sentinel-2 pixel, which the LR image cannot hold."""
+def detail_map(hr: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per pixel |HR - its k x k block mean|^2 (DN^2, summed over R, G, B): the image energy
+    finer than a Sentinel-2 pixel, which the LR image cannot hold."""
     h, w = hr.shape[:2]
     x = hr.astype(np.float32)
     mean = x.reshape(h // k, k, w // k, k, 3).mean(axis=(1, 3))
     d = x - np.repeat(np.repeat(mean, k, 0), k, 1)
-    e = (d * d).sum(-1)
-    return float(e[mask].mean()) if mask.any() else 0.0
+    return (d * d).sum(-1)
+
+
+def detail_energy(hr: np.ndarray, mask: np.ndarray, k: int = 10) -> float:
+    """Mean of :func:`detail_map` over `mask`."""
+    return float(detail_map(hr, k)[mask].mean()) if mask.any() else 0.0
 
 
 def classify(purity: float, marks: float, shares_material: bool) -> str:
@@ -91,15 +95,14 @@ def measure(n: int, seed: int, profile=None) -> list[dict]:
     for plan in S.plan_world(n, seed, profile):
         region = S.layout(plan, profile)
         r = S.render_scene(plan, region, profile, keep_truth=True)
-        present = np.unique(r.truth)
-        for c in present[present < nc]:
-            a, p = lr_purity(r.truth, int(c))
-            _, mk = mark_share(r.truth, r.marks, int(c))
-            px[c] += a
-            pure[c] += p
-            marked[c] += mk
-            scenes[c] += 1
-            e_hr[c] += detail_energy(r.hr, r.truth == c) * a
+        t = r.truth.ravel()
+        cnt = np.bincount(t, minlength=256)[:nc]
+        px += cnt
+        scenes += cnt > 0
+        marked += np.bincount(t[r.marks.ravel() > 0], minlength=256)[:nc]
+        e_hr += np.bincount(t, weights=detail_map(r.hr).ravel(), minlength=256)[:nc]
+        for c in np.flatnonzero(cnt):
+            pure[c] += lr_purity(r.truth, int(c))[1]
     twins = material_twins()
     rows = []
     for c in range(nc):
