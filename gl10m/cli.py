@@ -300,11 +300,13 @@ def demo(workdir: Path = typer.Option(Path("work/demo"), "--workdir", "-w", help
         out.print(f"  {name + ':':<19} {m['loss_first']} -> {m['loss_last']}")
     if res.report:
         t = Table("row", "OBR", "mAP@100", "ms/scene", title=f"model eval: {res.report['scenes']} test scenes")
-        for r in res.report["rows"]:
-            m = r["metrics"]["all"]["mAP@100"]
-            t.add_row(r["name"], f"{r['obr']:.3f}", "n/a" if m is None else f"{m:.3f}",
+        for name, r in res.report["rows"].items():
+            m = r["map100"]["all"]
+            t.add_row(name, f"{r['obr']:.3f}", "n/a" if m is None else f"{m:.3f}",
                       f"{1000 * r['time']['per_scene_s']:.0f}")
         out.print(t)
+        out.print(f"[yellow]{res.report['scenes']} test scenes: the demo's numbers are not meaningful "
+                  "(a smoke test of the pipeline, not a result)[/yellow]")
         out.print(f"eval report:   {res.report['report']}")
     out.print(f"ledger:        gl10m status -w {res.workdir}")
 
@@ -517,7 +519,14 @@ def model_eval(checkpoint: Optional[Path] = typer.Option(
                novel: Optional[str] = typer.Option(
                    None, "--novel", help="Comma-separated novel concepts (names or ids), reported apart from base."),
                threshold: Optional[float] = typer.Option(
-                   None, "--threshold", help="Default selection threshold (default: the sampler's config, 0.55)."),
+                   None, "--threshold", help="Default selection threshold on sigmoid(sampler logit), strict: "
+                   "1.0 selects nothing (default: the sampler's config, 0.55)."),
+               target_obr: Optional[float] = typer.Option(
+                   None, "--target-obr", help="Calibrate the shared threshold on the val split to this OBR "
+                   "(e.g. 0.12); the threshold and the val OBR go in the report."),
+               allow_small: bool = typer.Option(
+                   False, "--allow-small", help="Report mAP on a split of fewer than 100 scenes anyway."),
+               n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95 % intervals."),
                top_k: Optional[int] = typer.Option(None, "--top-k", help="The sweep's top-k point (default: 12)."),
                batch_size: int = typer.Option(32, "--batch-size", help="Scenes per batch."),
                limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N scenes."),
@@ -547,12 +556,15 @@ def model_eval(checkpoint: Optional[Path] = typer.Option(
         return
     novel_list = [x for x in (novel or "").split(",") if x.strip()]
     rep = evaluate(checkpoint, shards, out_dir, split=split, device=device or "auto", batch_size=batch_size,
-                   seed=seed, threshold=threshold, top_k=top_k, novel=novel_list, limit=limit,
-                   sweep=not no_sweep, **paths)
-    t = Table("row", "OBR", "mAP@100", "ms/scene", title=f"{rep['scenes']} scenes of {split!r}")
+                   seed=seed, threshold=threshold, target_obr=target_obr, top_k=top_k, novel=novel_list,
+                   limit=limit, sweep=not no_sweep, allow_small=allow_small, n_boot=n_boot, **paths)
+    t = Table("row", "OBR", "mAP@100 [95 %]", "ms/scene", title=f"{rep['scenes']} scenes of {split!r}, threshold "
+              f"{rep['selection']['threshold']:.4g} ({rep['selection']['source']})")
     for r in summary_table(rep):
         t.add_row(*r)
     out.print(t)
+    if rep["small_split"]:
+        out.print(f"{rep['scenes']} scenes only: these numbers are not meaningful (--allow-small)")
     out.print(f"report: {out_dir / 'report.md'}")
 
 
