@@ -462,12 +462,17 @@ def model_pretrain(shards_dir: Path = typer.Argument(..., help="A shards folder 
                    steps: Optional[int] = typer.Option(None, "--steps"),
                    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
                    device: Optional[str] = DeviceOpt, seed: Optional[int] = typer.Option(None, "--seed"),
-                   profile: Optional[Path] = ProfileOpt):
+                   profile: Optional[Path] = ProfileOpt,
+                   novel: Optional[str] = typer.Option(
+                       None, "--novel", help="Comma-separated concepts (names or ids) held out of pretraining "
+                       "(default: the profile's novel: true concepts).")):
     """Bootstrap a small ViT tile encoder on the shards (SigLIP: HR tiles vs concept text)."""
     from gl10m.model.pretrain import cli_pretrain_encoder
 
     cli_pretrain_encoder(shards_dir, out_dir, config, steps=steps, batch_size=batch_size, device=device,
-                         seed=seed, profile=str(profile) if profile else None, echo=_echo)
+                         seed=seed, profile=str(profile) if profile else None,
+                         novel=None if novel is None else [x.strip() for x in novel.split(",") if x.strip()],
+                         echo=_echo)
 
 
 @model_app.command("features")

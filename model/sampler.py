@@ -18,7 +18,9 @@ Config: the trainer's config (``model/configs/sampler-train*.yaml``) with ``task
 reads), and two task keys (:attr:`SamplerTask.config_keys`); other keys belong to the trainer::
 
     model:       {hidden: int, kernel: odd int, layers: int >= 0}
-    supervision: {variant: multiplicative|structural|semantic|additive, lam: float}
+    supervision: {variant: multiplicative|structural|semantic|additive, lam: float,
+                  novel_concepts: null | [concept ids]}   # held out of s_gain; null: the encoder's
+                                                          # held-out list (feature cache), else the profile's
     selection:   {threshold: float in [0, 1] | null, top_k: int in [1, 100]}
 """
 from __future__ import annotations
@@ -35,14 +37,14 @@ from gl10m.errors import UserError
 
 from .selection import (check_scores, check_threshold, obr, rank, scene_budgets, select,  # noqa: F401
                         top_k_mask)
-from .supervision import N_TILES, VARIANTS, g_star
+from .supervision import N_TILES, VARIANTS, g_star, resolve_novel_concepts
 
 GRID = 10
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 DEFAULTS = {
     "model": {"hidden": 64, "kernel": 3, "layers": 1},
-    "supervision": {"variant": "multiplicative", "lam": 0.5},
+    "supervision": {"variant": "multiplicative", "lam": 0.5, "novel_concepts": None},
     "selection": {"threshold": 0.55, "top_k": 12},
 }
 
@@ -214,6 +216,10 @@ class SamplerTask:
 
     def build_model(self, cfg: dict | None, dims: dict) -> Sampler:
         self.cfg = resolve_config(cfg)
+        nc = dims.get("n_concepts") if isinstance(dims, dict) else None
+        novel = self.cfg["supervision"]["novel_concepts"]
+        if novel is not None and nc:
+            self.cfg["supervision"]["novel_concepts"] = resolve_novel_concepts(novel, {}, int(nc), "sampler")
         # The trainer gives the LR token width as D_lr when it differs from the HR width D.
         if not isinstance(dims, dict) or ("D_lr" not in dims and "D" not in dims):
             raise UserError("sampler: dims must give the LR token width (D_lr or D)")
@@ -227,7 +233,7 @@ class SamplerTask:
         dev = batch["s_vis"].device
         with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
             return g_star(batch["s_vis"], batch["hr_embed"], batch["lr_embed"], text.to(dev),
-                          batch["labels"], lam=sup["lam"], variant=sup["variant"])
+                          batch["labels"], lam=sup["lam"], variant=sup["variant"], novel=sup["novel_concepts"])
 
     def loss(self, model: nn.Module, batch: dict, text: torch.Tensor,
              step: int) -> tuple[torch.Tensor, dict[str, float]]:

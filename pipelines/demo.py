@@ -156,11 +156,13 @@ def _demo_model(shards_dir: Path, wd: Path, profile_path: Path, quiet: bool) -> 
     say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
     configs = Path(__file__).resolve().parent.parent / "model" / "configs"
     md = wd / "model"
-    enc = cli_pretrain_encoder(shards_dir, md / "encoder", steps=DEMO_ENCODER_STEPS, batch_size=4,
-                               profile=str(profile_path), echo=say)
-    write_features(shards_dir, md / "features", enc)
     labels = [lab.lower() for lab in concept_labels(str(profile_path))]
     novel = [labels.index(c.lower()) for c in DEMO_NOVEL]
+    # the novel concepts are held out of the encoder's pretraining; the feature cache records it and
+    # the samplers' s_gain and stage II hold out the same concepts (their default)
+    enc = cli_pretrain_encoder(shards_dir, md / "encoder", steps=DEMO_ENCODER_STEPS, batch_size=4,
+                               profile=str(profile_path), novel=novel, echo=say)
+    write_features(shards_dir, md / "features", enc)
 
     def cfg(name: str, **over) -> dict:
         c = {k: v for k, v in load_config(configs / name).items() if k != "_given"}

@@ -400,3 +400,32 @@ def test_shipped_configs_build():
         assert cfg.lr_grid % 10 == 0, p
         if "train" in d:
             P._train_cfg(d)
+
+
+def test_pretraining_never_sees_novel_concepts(colour_shards, text_encoder, tmp_path):
+    """With Tennis (concept 0, positive on a third of the tiles) held out, neither its text nor its
+    labels reach the loss: a run whose Tennis text is replaced by noise trains the same weights."""
+    sd, _ = colour_shards
+    cfg = {"encoder": TINY, "train": dict(steps=3, batch_size=2, tiles_per_scene=2, seed=0, shuffle=0)}
+
+    class Noisy:
+        name = "noisy"
+
+        def concepts(self, labels, templates):
+            t = text_encoder.concepts(labels, templates).clone()
+            t[0] = torch.nn.functional.normalize(torch.randn(t.shape[1], generator=torch.Generator().manual_seed(9)),
+                                                 dim=0)
+            return t
+
+    a = P.pretrain_encoder(sd, tmp_path / "a", cfg, text_encoder=text_encoder, novel=["Tennis"])
+    b = P.pretrain_encoder(sd, tmp_path / "b", cfg, text_encoder=Noisy(), novel=["0"])
+    ea, ia = E.load_encoder(a)
+    eb, _ = E.load_encoder(b)
+    for (k, va), vb in zip(ea.state_dict().items(), eb.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert ia["novel"] == [0] and ia["novel_labels"] == ["Tennis"]
+    c = P.pretrain_encoder(sd, tmp_path / "c", cfg, text_encoder=Noisy())   # not held out: it is learned
+    assert not torch.equal(E.load_encoder(c)[0].text_proj.weight, ea.text_proj.weight)
+    assert E.load_encoder(c)[1]["novel"] == []                               # the default profile marks none
+    with pytest.raises(UserError, match="not one of"):
+        P.pretrain_encoder(sd, tmp_path / "d", cfg, text_encoder=text_encoder, novel=["volcano"])

@@ -54,7 +54,7 @@ def test_bundled_configs_load_and_validate():
         r = resolve_config(cfg)
         assert r["model"] == model
         assert r["selection"] == {"threshold": 0.55, "top_k": 12}
-        assert r["supervision"] == {"variant": "multiplicative", "lam": 0.5}
+        assert r["supervision"] == {"variant": "multiplicative", "lam": 0.5, "novel_concepts": None}
     assert resolve_config({"model": "tiny"})["model"] == tiny  # a name is read too
     with pytest.raises(UserError, match="unknown key"):
         resolve_config({"model": {"hiden": 8}})
