@@ -300,11 +300,13 @@ def demo(workdir: Path = typer.Option(Path("work/demo"), "--workdir", "-w", help
         out.print(f"  {name + ':':<19} {m['loss_first']} -> {m['loss_last']}")
     if res.report:
         t = Table("row", "OBR", "mAP@100", "ms/scene", title=f"model eval: {res.report['scenes']} test scenes")
-        for r in res.report["rows"]:
-            m = r["metrics"]["all"]["mAP@100"]
-            t.add_row(r["name"], f"{r['obr']:.3f}", "n/a" if m is None else f"{m:.3f}",
+        for name, r in res.report["rows"].items():
+            m = r["map100"]["all"]
+            t.add_row(name, f"{r['obr']:.3f}", "n/a" if m is None else f"{m:.3f}",
                       f"{1000 * r['time']['per_scene_s']:.0f}")
         out.print(t)
+        out.print(f"[yellow]{res.report['scenes']} test scenes: the demo's numbers are not meaningful "
+                  "(a smoke test of the pipeline, not a result)[/yellow]")
         out.print(f"eval report:   {res.report['report']}")
     out.print(f"ledger:        gl10m status -w {res.workdir}")
 
@@ -434,6 +436,32 @@ def testbed_serve(world: Path = typer.Argument(..., help="A folder written by `g
         serve.run_forever(world, info_path=served_json, faults=spec)
 
 
+@testbed_app.command("scenes")
+def testbed_scenes(out_dir: Path = typer.Option(..., "--out", "-o", help="Folder to write into (DIR/shards/ is the dataset)."),
+                   scenes: int = typer.Option(..., "--scenes", "-n", help="Number of scenes (> 0)."),
+                   seed: int = typer.Option(..., "--seed", help="World seed: the same seed and N give the same bytes."),
+                   states: Optional[str] = StatesOpt, workers: Optional[int] = WorkersOpt,
+                   scheduler: Optional[str] = SchedulerOpt,
+                   truth: bool = typer.Option(False, "--truth", help="Also write DIR/truth/{key}.npy, the 1 m truth "
+                                              "class map of each scene (world.TRUTH_CLASSES)."),
+                   no_card: bool = typer.Option(False, "--no-card", help="Skip the dataset card and its plots."),
+                   quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
+    """A model-scale synthetic world: N scenes laid out by the testbed's recipes, rendered by its
+    renderer and labelled by the osm and anchors stages, written as the shards `gl10m shard` writes."""
+    from gl10m.pipelines.scenes import build_world
+
+    res = build_world(out_dir, scenes, seed, workers, scheduler=scheduler, states=states, truth=truth,
+                      quiet=quiet, card=not no_card)
+    counts = ", ".join(f"{k} {v}" for k, v in res.samples.items()) or "no samples"
+    out.print(f"shards in {res.shards_dir}: {counts}; rendered {res.built} scenes in {res.seconds:.0f} s "
+              f"({res.scenes_per_s:.2f} scenes/s), {res.skipped} already staged; shards and card "
+              f"{res.shard_seconds:.0f} s", highlight=False)
+    if res.failed:
+        unit, why = sorted(res.failed.items())[0]
+        err.print(f"{len(res.failed)} scenes failed (rerun to retry them); first: scene {int(unit)}: {why}")
+        raise typer.Exit(3)
+
+
 @testbed_app.command("preview")
 def testbed_preview(world: Path = typer.Argument(..., help="A folder written by `gl10m testbed build`."),
                     state: str = typer.Option(..., "--state", help="Region code, e.g. CA."),
@@ -460,12 +488,17 @@ def model_pretrain(shards_dir: Path = typer.Argument(..., help="A shards folder 
                    steps: Optional[int] = typer.Option(None, "--steps"),
                    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
                    device: Optional[str] = DeviceOpt, seed: Optional[int] = typer.Option(None, "--seed"),
-                   profile: Optional[Path] = ProfileOpt):
+                   profile: Optional[Path] = ProfileOpt,
+                   novel: Optional[str] = typer.Option(
+                       None, "--novel", help="Comma-separated concepts (names or ids) held out of pretraining "
+                       "(default: the profile's novel: true concepts).")):
     """Bootstrap a small ViT tile encoder on the shards (SigLIP: HR tiles vs concept text)."""
     from gl10m.model.pretrain import cli_pretrain_encoder
 
     cli_pretrain_encoder(shards_dir, out_dir, config, steps=steps, batch_size=batch_size, device=device,
-                         seed=seed, profile=str(profile) if profile else None, echo=_echo)
+                         seed=seed, profile=str(profile) if profile else None,
+                         novel=None if novel is None else [x.strip() for x in novel.split(",") if x.strip()],
+                         echo=_echo)
 
 
 @model_app.command("features")
@@ -534,7 +567,14 @@ def model_eval(checkpoint: Optional[Path] = typer.Option(
                novel: Optional[str] = typer.Option(
                    None, "--novel", help="Comma-separated novel concepts (names or ids), reported apart from base."),
                threshold: Optional[float] = typer.Option(
-                   None, "--threshold", help="Default selection threshold (default: the sampler's config, 0.55)."),
+                   None, "--threshold", help="Default selection threshold on sigmoid(sampler logit), strict: "
+                   "1.0 selects nothing (default: the sampler's config, 0.55)."),
+               target_obr: Optional[float] = typer.Option(
+                   None, "--target-obr", help="Calibrate the shared threshold on the val split to this OBR "
+                   "(e.g. 0.12); the threshold and the val OBR go in the report."),
+               allow_small: bool = typer.Option(
+                   False, "--allow-small", help="Report mAP on a split of fewer than 100 scenes anyway."),
+               n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95 % intervals."),
                top_k: Optional[int] = typer.Option(None, "--top-k", help="The sweep's top-k point (default: 12)."),
                batch_size: int = typer.Option(32, "--batch-size", help="Scenes per batch."),
                limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N scenes."),
@@ -564,12 +604,15 @@ def model_eval(checkpoint: Optional[Path] = typer.Option(
         return
     novel_list = [x for x in (novel or "").split(",") if x.strip()]
     rep = evaluate(checkpoint, shards, out_dir, split=split, device=device or "auto", batch_size=batch_size,
-                   seed=seed, threshold=threshold, top_k=top_k, novel=novel_list, limit=limit,
-                   sweep=not no_sweep, **paths)
-    t = Table("row", "OBR", "mAP@100", "ms/scene", title=f"{rep['scenes']} scenes of {split!r}")
+                   seed=seed, threshold=threshold, target_obr=target_obr, top_k=top_k, novel=novel_list,
+                   limit=limit, sweep=not no_sweep, allow_small=allow_small, n_boot=n_boot, **paths)
+    t = Table("row", "OBR", "mAP@100 [95 %]", "ms/scene", title=f"{rep['scenes']} scenes of {split!r}, threshold "
+              f"{rep['selection']['threshold']:.4g} ({rep['selection']['source']})")
     for r in summary_table(rep):
         t.add_row(*r)
     out.print(t)
+    if rep["small_split"]:
+        out.print(f"{rep['scenes']} scenes only: these numbers are not meaningful (--allow-small)")
     out.print(f"report: {out_dir / 'report.md'}")
 
 

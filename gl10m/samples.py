@@ -309,11 +309,13 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def write_staged(workdir: str | Path, sample: Sample) -> Path:
+def write_staged(workdir: str | Path, sample: Sample, *, durable: bool = True) -> Path:
     """Write `sample` to ``W/staged/{split}/{key}/`` atomically and return that folder.
 
     The files go into a temp folder beside the target (each fsynced), which is then renamed
     into place; an existing sample is swapped out and removed only after the new one is in.
+    durable=False skips the fsyncs (the rename stays atomic, so a killed process never leaves a
+    half sample; only a power cut could): for samples that can be regenerated bit for bit.
     """
     fields = encode_sample(sample)
     final = staged_dir(workdir, sample.split, sample.key)
@@ -324,10 +326,12 @@ def write_staged(workdir: str | Path, sample: Sample) -> Path:
         for name, data in fields.items():
             with open(tmp / name, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
         os.chmod(tmp, 0o755)
-        _fsync_dir(tmp)
+        if durable:
+            _fsync_dir(tmp)
         if final.exists():
             old = parent / f".{sample.key}.{uuid.uuid4().hex[:8]}.old.tmp"
             os.rename(final, old)
@@ -339,7 +343,8 @@ def write_staged(workdir: str | Path, sample: Sample) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(parent)
+        if durable:
+            _fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

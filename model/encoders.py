@@ -4,7 +4,8 @@ A :class:`TileEncoder` wraps one ViT backbone (timm), shared by both resolutions
 
 * ``encode_hr(uint8 [B, 3, 268, 268])`` -> ``(pooled [B, g, g, D], embed [B, E], dense [B, h, w, D])``:
   the tile resized to ``hr_size``, its patch tokens (``dense``), those average-pooled to
-  ``g x g`` (``pool``), and its embedding (mean patch token -> ``hr_head``, L2-normalised);
+  ``g x g`` (``pool``), and its embedding (:meth:`TileEncoder.embed_tokens` of the pooled tokens:
+  their mean -> ``hr_head``, L2-normalised);
 * ``encode_lr(uint8 [B, 3, 268, 268])`` -> ``(tokens [B, Gl, Gl, D], embed [B, E])``: the LR image
   resized to ``lr_size``; ``Gl = lr_size / patch`` must be a multiple of 10 so every HR tile
   owns ``(Gl/10)^2`` tokens (160/16 -> 10x10: one token a tile; 280/14 -> 20x20: 2x2 a tile);
@@ -19,8 +20,9 @@ names a local checkpoint file (timm converts and resizes original DINOv2/CLIP we
 ``"open_clip"``, an open_clip CLIP ViT by name (``name``/``model``: ``ViT-B-32``, ``ViT-S-32``...),
 random init unless ``weights`` names a local open_clip checkpoint (OpenAI/LAION), its image size set
 to ``hr_size`` (positions interpolated for ``lr_size``). With ``open_clip`` the embeddings are
-CLIP's: the image embedding is the visual tower's pooled token through CLIP's image projection
-(``E`` = CLIP's embedding dim; ``hr_head``/``lr_head``/``text_proj`` do not exist), and concept
+CLIP's: the image embedding is the mean patch token (after ``ln_post``) through CLIP's image
+projection -- not the class token, so that predicted tokens embed the same way (``E`` = CLIP's
+embedding dim; ``hr_head``/``lr_head``/``text_proj`` do not exist), and concept
 text goes through CLIP's text tower (``text_raw`` = CLIP BPE token ids ``[C, T, L]`` from
 :meth:`TileEncoder.text_raw`, the tokenizer ships inside open_clip), so images and text share the
 CLIP space; the other backends keep MiniLM + ``text_proj``. Nothing is ever downloaded.
@@ -354,33 +356,39 @@ class TileEncoder(nn.Module):
         return t.reshape(t.shape[0], side, side, t.shape[-1]), emb
 
     def encode_hr(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dense, emb = self._tokens(self._prep(x, self.cfg.hr_size))
+        dense, _ = self._tokens(self._prep(x, self.cfg.hr_size))
         g = self.cfg.pool
         pooled = F.adaptive_avg_pool2d(dense.permute(0, 3, 1, 2), g).permute(0, 2, 3, 1)
-        embed = F.normalize(emb if self.clip else self.hr_head(dense.mean((1, 2))), dim=-1)
-        return pooled, embed, dense
+        # the tile embedding is, by construction, the map of its pooled tokens: the same function
+        # that embeds predicted or filled tokens (embed_tokens), for every backend
+        return pooled, self.embed_tokens(pooled), dense
 
     def encode_lr(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens, emb = self._tokens(self._prep(x, self.cfg.lr_size))
-        embed = F.normalize(emb if self.clip else self.lr_head(tokens.mean((1, 2))), dim=-1)
-        return tokens, embed
+        tokens, _ = self._tokens(self._prep(x, self.cfg.lr_size))
+        m = tokens.mean((1, 2))
+        if self.clip:  # the mean patch token, as for HR tiles (not the class token)
+            return tokens, self.embed_mean(m)
+        return tokens, F.normalize(self.lr_head(m.to(self.lr_head.weight.dtype)), dim=-1)
 
     def saliency(self, dense: torch.Tensor) -> torch.Tensor:
         return self.saliency_fn(dense)
 
-    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Pooled HR tile tokens ``[..., g, g, D]`` (observed, predicted or filled) -> tile embeddings
-        ``[..., E]``, L2-normalised, in the text space: the same map as ``encode_hr``'s embedding
-        (``hr_head`` of the mean token; the mean of the g x g pooled tokens equals the mean patch
-        token). open_clip: CLIP's image projection of the mean token (``encode_hr`` uses the class
-        token, which pooled tokens do not carry)."""
-        m = tokens.mean(dim=(-3, -2))
+    def embed_mean(self, m: torch.Tensor) -> torch.Tensor:
+        """Mean HR tokens ``[..., D]`` -> embeddings ``[..., E]``, L2-normalised, in the text space:
+        ``hr_head`` (linear), or for open_clip CLIP's image projection."""
         if self.clip:
             proj = self.backbone.visual.proj
             e = m @ proj.to(m.dtype) if proj is not None else m
         else:
             e = self.hr_head(m.to(self.hr_head.weight.dtype))
         return F.normalize(e.float(), dim=-1)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Pooled HR tile tokens ``[..., g, g, D]`` (observed, predicted or filled) -> tile embeddings
+        ``[..., E]``: :meth:`embed_mean` of their mean token. ``encode_hr``'s embedding is exactly this
+        map of its pooled tokens, for every backend (open_clip included: the mean patch token through
+        CLIP's projection, never the class token, which predicted tokens cannot carry)."""
+        return self.embed_mean(tokens.mean(dim=(-3, -2)))
 
     # -- text --------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:

@@ -1,51 +1,48 @@
 """Evaluation: how good is sparse HR observation here, and at what cost.
 
-``gl10m model eval --checkpoint MODEL_DIR --shards W/shards --split test --out REPORT_DIR`` runs
-the full pipeline on every scene of a split, straight from the shards, and writes
-``report.json``, ``report.md`` and ``sweep.png``.
+``gl10m model eval --checkpoint MODEL_DIR --shards W/shards --split test --out REPORT_DIR
+[--target-obr 0.12] [--allow-small]`` runs the full pipeline on every scene of a split, straight
+from the shards, and writes ``report.json``, ``report.md`` and ``sweep.png``
+(:mod:`gl10m.model.eval_report`). A split with fewer than 100 scenes is refused unless
+``allow_small``.
 
 The pipeline of one batch (``batch_size`` scenes, 32 by default), each stage timed:
 
 1. read the LR image and labels (IO) and decode the LR image;
-2. encode it (LR tokens + LR embedding) and score the 100 tiles with the sampler;
-3. select tiles (threshold on the per-scene min-max-normalised scores, or top-k), read
-   (IO) and decode **only the selected tiles**, encode them (pooled HR tokens);
-4. the predictor completes the unobserved tiles (observed tiles keep their own tokens);
-5. score: each tile's tokens -> its embedding in the text space
-   (:meth:`TileEncoder.embed_tokens`), the scene embedding is their normalised mean, and a
-   concept's score is its cosine with the concept's text embedding (the prompts of the encoder's
-   templates). Every score is therefore zero-shot from text prompts; no classifier is trained.
+2. encode it (LR tokens) and score the 100 tiles with the sampler;
+3. select tiles with the one rule of :mod:`gl10m.model.selection` (``sigmoid(logit) >
+   threshold``; the threshold from the sampler's config, given, or calibrated on the **val**
+   split to ``target_obr`` -- never on the split reported), read (IO) and decode **only the
+   selected tiles**, encode them (pooled HR tokens);
+4. complete the 10 x 10 token grid (observed tiles keep their own tokens);
+5. score it in the one scene space of :mod:`gl10m.model.scoring`: the stage II head's embedding of
+   the completed grid (the encoder's HR head when there is no stage II model, then for every row),
+   cosine with the centred concept text embeddings. Zero-shot from text prompts throughout.
 
-Times: each stage is timed with the device synchronised before and after (CUDA), IO (the member
-reads) separately from compute. A row's time per scene is the sum of the stages it runs, over
-the split, divided by the number of scenes.
+Rows (``obr`` = the mean requested HR area / scene area each actually spends; "the predictor" is
+the stage II predictor when there is one, else stage I):
 
-Rows (one pipeline each; ``obr`` is the mean requested HR area / scene area):
-
-- ``lr_only``: the LR embedding alone (OBR 0);
-- ``full_hr``: all 100 tiles, no predictor (OBR 1);
-- ``random``: random tiles, as many per scene as the default selects (same OBR), observed
-  tiles only; ``random_predictor``: the same tiles completed by the predictor;
-- ``sampler_only``: the learned sampler's tiles, observed tiles only (no predictor);
-- ``lr_fill``: the sampler's tiles, unobserved tiles filled directly with the LR tokens of
-  their area (resampled to the HR token grid);
-- ``predictor_nolr``: the sampler's tiles completed by a predictor trained without LR context
-  (when its checkpoint is given);
+- ``lr_only``: no tile observed, the predictor completes the whole grid from LR (OBR 0);
+- ``full_hr``: all 100 tiles observed (OBR 1);
+- ``random``: random tiles, as many per scene as the default selects, observed tiles only (the
+  scene's mean token over them); ``random_predictor``: the same tiles completed by the predictor;
+- ``sampler_only``: the learned sampler's tiles, observed tiles only;
+- ``lr_fill``: the sampler's tiles, unobserved tiles filled with the LR tokens of their area;
+- ``predictor_nolr``: the sampler's tiles completed by a predictor trained without LR context;
 - ``default``: the sampler's tiles completed by the predictor;
-- ``default_head``: the same with a stage II predictor, scored through its SigLIP head
-  (when its checkpoint is given);
-- ``sampler_<variant>``: samplers trained on the other supervision variants (structural,
-  semantic, additive, multiplicative), completed by the predictor (when given).
+- ``default_stage1``: the same completed by the stage I predictor (when there is a stage II one);
+- ``sampler_<variant>``: samplers trained on other supervision variants, + the predictor.
 
-Observed-only rows average the observed tiles' embeddings; a scene with no observed tile falls
-back to its LR embedding (the only thing there is to score).
+A scene with no observed tile in an observed-only row pools to the target centre (nothing
+known), in the same space as every other scene.
 
-The sweep runs the default pipeline at thresholds 0, 0.1, 0.25, 0.45, 0.55, 0.65, 0.85, 1 and at
-the sampler's top-k: mAP@100 against OBR, with time per scene.
+The sweep runs the default pipeline at thresholds 0, 0.1, 0.25, 0.45, 0.55, 0.65, 0.85, 1 (1 =
+no tile: the same grid as ``lr_only``; 0 = every tile: the same grid as ``full_hr``) and at the
+sampler's top-k.
 
-Metrics (:mod:`gl10m.model.metrics`): mAP@20 and mAP@100 and non-interpolated AP (macro and
-support-weighted) over all concepts, base and novel. Novel concepts are those named by
-``novel`` plus those a stage II checkpoint held out of its loss.
+Novel concepts: those named by ``novel`` plus those the stage II checkpoint held out; every one
+must have been held out of encoder pretraining and of the sampler's supervision too where those
+record what they held out (``novel_holdout`` in the report).
 
 A model dir holds ``encoder/`` (a saved encoder), ``sampler/`` and ``predictor/`` (trainer runs;
 their latest checkpoint is used), and optionally ``predictor-nolr/``, ``predictor-stage2/`` and
@@ -54,9 +51,7 @@ their latest checkpoint is used), and optionally ``predictor-nolr/``, ``predicto
 from __future__ import annotations
 
 import json
-import math
 import os
-import platform
 import time
 import zlib
 from collections import defaultdict
@@ -74,18 +69,21 @@ from gl10m import samples as smp
 from gl10m.errors import UserError
 from gl10m.io import atomic_path, atomic_write_text
 
-from . import metrics as M
 from .checkpoint import read_checkpoint
 from .encoders import TileEncoder, load_encoder
+from .eval_report import IO_STAGES, MIN_SCENES, N_BOOT, _clean, _timing, build_report, device_name  # noqa: F401
+from .eval_report import plot_sweep, render_markdown, summary_table
 from .features import _HR_CHUNK
-from .predictor import Predictor, load_predictor
-from .sampler import load_sampler, select
+from .predictor import Predictor, complete, load_predictor
+from .sampler import load_sampler
+from .scoring import SceneSpace
+from .selection import RULE, calibrate_threshold, select
 from .supervision import VARIANTS
 
 N_TILES = smp.N_TILES
 GRID = 10
 SWEEP_THRESHOLDS = (0.0, 0.1, 0.25, 0.45, 0.55, 0.65, 0.85, 1.0)
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 
 
 class EvalError(UserError, ValueError):
@@ -114,13 +112,20 @@ class Bundle:
     text: torch.Tensor                   # [C, E] concept text embeddings, L2-normalised
     labels: list[str]
     sampler: torch.nn.Module
-    predictor: Predictor
+    predictor: Predictor                 # stage I
     selection: dict                      # {"threshold": .., "top_k": ..} of the sampler's config
+    space: SceneSpace                    # the one scene space every row is scored in
     predictor_nolr: Predictor | None = None
     predictor_stage2: Predictor | None = None
     variants: dict[str, torch.nn.Module] = field(default_factory=dict)
     novel_from_checkpoint: list[int] = field(default_factory=list)
+    holdout: dict[str, list[int] | None] = field(default_factory=dict)  # part -> novel ids it held out
     sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def completer(self) -> Predictor:
+        """The predictor of the headline pipeline: stage II when there is one, else stage I."""
+        return self.predictor_stage2 if self.predictor_stage2 is not None else self.predictor
 
 
 def _opt(model_dir: Path | None, given, name: str, required: bool) -> Path | None:
@@ -198,19 +203,34 @@ def load_bundle(model_dir: str | os.PathLike | None = None, *, device: str | tor
         _check_dims(enc, pinfo["dims"], f"{name} {parts[name]}")
         return m.to(dev), pinfo
 
-    p_main, _ = pred("predictor")
+    p_main, info_main = pred("predictor")
     p_nolr, _ = pred("predictor-nolr")
     if p_nolr is not None and p_nolr.use_lr:
         raise EvalError(f"{parts['predictor-nolr']}: this predictor uses LR context (use_lr: true)")
     p_s2, s2info = pred("predictor-stage2")
     novel = []
+    holdout: dict[str, list[int] | None] = {"encoder": _ids(info.get("novel"), labels),
+                                            "sampler": _ids(((st["config"] or {}).get("supervision") or {})
+                                                            .get("novel_concepts"), labels)}
     if p_s2 is not None:
         if not hasattr(p_s2, "head"):
             raise EvalError(f"{parts['predictor-stage2']}: not a stage II predictor (no SigLIP head)")
         novel = [int(c) for c in s2info["config"].get("novel_concepts") or []]
+        holdout["predictor-stage2"] = novel
+        space = SceneSpace(p_s2.head, text, s2info["center"].to(dev), "the stage II head of the completed grid")
+    else:
+        space = SceneSpace(enc.embed_mean, text, info_main["center"].to(dev),
+                           "the encoder's HR head of the completed grid (no stage II model)")
     found = {v: load_sampler(parts[f"sampler-{v}"]).to(dev) for v in VARIANTS if f"sampler-{v}" in parts}
-    return Bundle(enc, text, list(labels), samp, p_main, selection, p_nolr, p_s2, found, novel,
+    return Bundle(enc, text, list(labels), samp, p_main, selection, space, p_nolr, p_s2, found, novel, holdout,
                   {k: str(v) for k, v in parts.items()})
+
+
+def _ids(novel, labels: Sequence[str]) -> list[int] | None:
+    """A recorded held-out list (ids or names) as ids; None when the part records none."""
+    if novel is None:
+        return None
+    return resolve_novel([str(x) for x in novel], labels)
 
 
 def resolve_novel(names: Sequence[str] | None, labels: Sequence[str], extra: Sequence[int] = ()) -> list[int]:
@@ -286,20 +306,6 @@ def lr_fill_tokens(lr_tokens: torch.Tensor, g: int) -> torch.Tensor:
     return x.reshape(b, N_TILES, d, g, g).permute(0, 1, 3, 4, 2)
 
 
-def scene_embedding(tile_emb: torch.Tensor, mask: torch.Tensor | None = None,
-                    fallback: torch.Tensor | None = None) -> torch.Tensor:
-    """Tile embeddings [B, 100, E] -> scene embeddings [B, E]: the normalised mean over the tiles
-    (over the ``mask``'s tiles when given; a scene without any takes ``fallback`` [B, E])."""
-    if mask is None:
-        return F.normalize(tile_emb.float().mean(1), dim=-1)
-    m = mask.to(tile_emb.device, torch.float32)[..., None]
-    n = m.sum(1)
-    e = F.normalize((tile_emb.float() * m).sum(1) / n.clamp(min=1), dim=-1)
-    if fallback is not None:
-        e = torch.where(n > 0, e, F.normalize(fallback.float(), dim=-1))
-    return e
-
-
 def random_masks(keys: Sequence[str], counts: Sequence[int], seed: int) -> torch.Tensor:
     """[B, 100] bool: ``counts[i]`` tiles drawn uniformly for scene ``keys[i]``, seeded by the
     seed and the key (the same scene gets the same tiles in every run and batch)."""
@@ -333,8 +339,7 @@ class _Batch:
             lr = np.stack([gdata.decode_lr(h[smp.LR_FIELD], k) for h, k in zip(heads, self.keys)])
             self.lr = torch.from_numpy(lr).permute(0, 3, 1, 2)
         with shared("encode_lr"), ev.autocast():
-            tok, emb = b.encoder.encode_lr(self.lr.to(dev))
-            self.lr_tokens, self.lr_embed = tok.float(), emb.float()
+            self.lr_tokens = b.encoder.encode_lr(self.lr.to(dev))[0].float()
         self.scores: dict[str, torch.Tensor] = {}
         with shared("sampler"), ev.autocast():
             self.scores["default"] = b.sampler(self.lr_tokens).float()
@@ -373,10 +378,12 @@ class _Batch:
             out[bi, ti] = pooled
         return out
 
-    def score(self, scene: torch.Tensor, t: Timer) -> torch.Tensor:
-        with t("score"):
-            s = (scene.float() @ self.ev.bundle.text.to(scene.device).T).cpu()
-        return s
+    def score(self, tokens: torch.Tensor, t: Timer, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """A completed grid (observed-only rows: with the mask of its informative tiles) -> concept
+        scores [B, C], through the bundle's one scene space."""
+        sp = self.ev.bundle.space
+        with t("score"), self.ev.autocast():
+            return sp.score(sp.embed(tokens, None if mask is None else mask.to(tokens.device))).float().cpu()
 
 
 class Evaluator:
@@ -406,30 +413,24 @@ class Evaluator:
         return nullcontext()
 
     # -- rows ---------------------------------------------------------------------------------
-    def _complete(self, bt: _Batch, t: Timer, mask: torch.Tensor, predictor: Predictor | None,
-                  mode: str) -> torch.Tensor:
-        """Scene embeddings [B, E] for the tiles in ``mask``: mode observed | predictor | lr_fill | head."""
-        enc = self.bundle.encoder
+    def _run(self, bt: _Batch, t: Timer, mask: torch.Tensor, mode: str,
+             predictor: Predictor | None = None) -> torch.Tensor:
+        """Scores [B, C] of the grid ``mask``'s tiles give: mode observed (those tiles only) |
+        predictor (completed by ``predictor``) | lr_fill (the others filled with LR tokens)."""
         tok = bt.tiles(mask, t)
         m = mask.to(tok.device)
         if mode == "observed":
-            with t("score"):
-                return scene_embedding(enc.embed_tokens(tok), m, bt.lr_embed)
+            return bt.score(tok, t, m)
         if mode == "lr_fill":
             with t("fill"):
-                full = torch.where(m[:, :, None, None, None], tok, lr_fill_tokens(bt.lr_tokens, tok.shape[2]))
-        else:
-            with t("predictor"), self.autocast():
-                lr = bt.lr_tokens if predictor.use_lr else None
-                if mode == "head":
-                    pred, emb = predictor(lr, tok, m, return_embed=True)
-                else:
-                    pred = predictor(lr, tok, m)
-            if mode == "head":
-                return F.normalize(emb.float(), dim=-1)
-            full = torch.where(m[:, :, None, None, None], tok, pred.float())
-        with t("score"):
-            return scene_embedding(enc.embed_tokens(full))
+                full = complete(tok, lr_fill_tokens(bt.lr_tokens, tok.shape[2]), m)
+            return bt.score(full, t)
+        if mode != "predictor" or predictor is None:
+            raise EvalError(f"unknown row mode {mode!r}")
+        with t("predictor"), self.autocast():
+            pred = predictor(bt.lr_tokens if predictor.use_lr else None, tok, m)
+            full = complete(tok, pred.float(), m)
+        return bt.score(full, t)
 
     def rows(self) -> list[Row]:
         b = self.bundle
@@ -437,34 +438,31 @@ class Evaluator:
         lrs = ("decode_lr", "encode_lr")
         smp_ = ("decode_lr", "encode_lr", "sampler")
 
-        def default_mask(bt):
-            return bt.mask("default", th, k)
-
-        def lr_only(bt, t):
-            return bt.score(bt.lr_embed, t), torch.zeros(len(bt.idx), N_TILES, dtype=torch.bool)
-
-        def full_hr(bt, t):
-            m = torch.ones(len(bt.idx), N_TILES, dtype=torch.bool)
-            return bt.score(self._complete(bt, t, m, None, "observed"), t), m
-
-        def rnd(with_pred):
+        def fixed(value: bool, mode: str, predictor=None):
             def run(bt, t):
-                m = random_masks(bt.keys, default_mask(bt).sum(1).tolist(), self.seed)
-                mode = "predictor" if with_pred else "observed"
-                return bt.score(self._complete(bt, t, m, b.predictor, mode), t), m
+                m = torch.full((len(bt.idx), N_TILES), value, dtype=torch.bool)
+                return self._run(bt, t, m, mode, predictor), m
+            return run
+
+        def rnd(mode, predictor=None):
+            def run(bt, t):
+                m = random_masks(bt.keys, bt.mask("default", th, k).sum(1).tolist(), self.seed)
+                return self._run(bt, t, m, mode, predictor), m
             return run
 
         def sampled(mode, predictor=None, sampler="default"):
             def run(bt, t):
                 m = bt.mask(sampler, th, k)
-                return bt.score(self._complete(bt, t, m, predictor, mode), t), m
+                return self._run(bt, t, m, mode, predictor), m
             return run
 
+        main = b.completer
         rows = [
-            Row("lr_only", "LR only (no HR)", lrs, lr_only),
-            Row("full_hr", "full HR (all 100 tiles, no predictor)", (), full_hr),
-            Row("random", "random tiles at the default's OBR, observed only", (), rnd(False)),
-            Row("random_predictor", "random tiles at the default's OBR + predictor", lrs, rnd(True)),
+            Row("lr_only", "LR only: no HR tile, the predictor completes the whole grid from LR", lrs,
+                fixed(False, "predictor", main)),
+            Row("full_hr", "full HR: all 100 tiles observed, no predictor", (), fixed(True, "observed")),
+            Row("random", "random tiles at the default's OBR, observed tiles only", (), rnd("observed")),
+            Row("random_predictor", "random tiles at the default's OBR + predictor", lrs, rnd("predictor", main)),
             Row("sampler_only", "learned sampler, observed tiles only (no predictor)", smp_, sampled("observed")),
             Row("lr_fill", "learned sampler, missing tiles filled directly with LR tokens", smp_,
                 sampled("lr_fill")),
@@ -472,14 +470,15 @@ class Evaluator:
         if b.predictor_nolr is not None:
             rows.append(Row("predictor_nolr", "learned sampler + predictor without LR context", smp_,
                             sampled("predictor", b.predictor_nolr)))
-        rows.append(Row("default", f"learned sampler (threshold {th}) + predictor", smp_,
-                        sampled("predictor", b.predictor)))
+        stage = "stage II" if b.predictor_stage2 is not None else "stage I"
+        rows.append(Row("default", f"learned sampler (threshold {th:.4g}) + {stage} predictor", smp_,
+                        sampled("predictor", main)))
         if b.predictor_stage2 is not None:
-            rows.append(Row("default_head", "learned sampler + stage II predictor, scored by its SigLIP head",
-                            smp_, sampled("head", b.predictor_stage2)))
+            rows.append(Row("default_stage1", "learned sampler + stage I predictor", smp_,
+                            sampled("predictor", b.predictor)))
         for v in b.variants:
             rows.append(Row(f"sampler_{v}", f"sampler trained on {v} supervision + predictor",
-                            ("decode_lr", "encode_lr", f"sampler_{v}"), sampled("predictor", b.predictor, v)))
+                            ("decode_lr", "encode_lr", f"sampler_{v}"), sampled("predictor", main, v)))
         return rows
 
     def sweep_points(self) -> list[tuple[str, float | None, int | None]]:
@@ -531,8 +530,7 @@ class Evaluator:
                         sweep_masks[name].append(masks["default"][-1])
                         continue
                     m = bt.mask("default", th, k)
-                    s = bt.score(self._complete(bt, sweep_timers[name], m, self.bundle.predictor, "predictor"),
-                                 sweep_timers[name])
+                    s = self._run(bt, sweep_timers[name], m, "predictor", self.bundle.completer)
                     sweep_scores[name].append(s.numpy())
                     sweep_masks[name].append(m.numpy())
                 if bar is not None:
@@ -551,174 +549,6 @@ class Evaluator:
                 "sweep_masks": {k: np.concatenate(v) for k, v in sweep_masks.items()}}
 
 
-# ---------------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------------
-def _timing(timer: Timer, shared: Timer, uses: Sequence[str], n: int) -> dict:
-    stages = {k: v for k, v in timer.totals.items()}
-    for u in uses:
-        stages[u] = stages.get(u, 0.0) + shared.totals.get(u, 0.0)
-    compute = sum(v for k, v in stages.items() if k not in IO_STAGES)
-    io = sum(v for k, v in stages.items() if k in IO_STAGES)
-    if "decode_lr" in uses:  # the LR read belongs to the rows that use LR
-        io += shared.totals.get("io_lr", 0.0)
-        stages["io_lr"] = shared.totals.get("io_lr", 0.0)
-    return {"per_scene_s": compute / n, "split_s": compute, "io_per_scene_s": io / n, "io_split_s": io,
-            "stages_s": {k: round(v, 6) for k, v in sorted(stages.items())}}
-
-
-def _clean(x):
-    if isinstance(x, float):
-        return None if math.isnan(x) else round(x, 6)
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
-
-def _device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, " \
-           f"{torch.get_num_threads()} torch threads)"
-
-
-def build_report(res: dict, ev: Evaluator, *, split: str, novel: Sequence[int], shards: str) -> dict:
-    b = ev.bundle
-    n, y = res["n"], res["labels"]
-    c = len(b.labels)
-    groups = {"all": range(c)}
-    if novel:
-        groups["base"] = [i for i in range(c) if i not in set(novel)]
-        groups["novel"] = list(novel)
-    rows = []
-    per_concept = {}
-    for r in res["rows"]:
-        pc = M.per_concept(res["scores"][r.name], y)
-        per_obr = res["masks"][r.name].sum(1) / N_TILES
-        rows.append({"name": r.name, "description": r.description, "obr": float(per_obr.mean()),
-                     "metrics": M.summarise(pc, groups),
-                     "time": _timing(res["timers"][r.name], res["shared"], r.uses, n)})
-        per_concept[r.name] = pc
-    sweep = []
-    smp_uses = ("decode_lr", "encode_lr", "sampler")
-    for name, th, k in res["sweep"]:
-        m = M.summarise(M.per_concept(res["sweep_scores"][name], y), groups)
-        sweep.append({"selection": name, "threshold": th, "top_k": k,
-                      "obr": float(res["sweep_masks"][name].mean()),
-                      "mAP@100": m["all"]["mAP@100"], "mAP@20": m["all"]["mAP@20"],
-                      "novel_mAP@100": m.get("novel", {}).get("mAP@100"),
-                      "time": _timing(res["sweep_timers"][name], res["shared"], smp_uses, n)})
-    default = "default" if "default" in per_concept else None
-    concepts = []
-    if default:
-        pc = per_concept[default]
-        for i, lab in enumerate(b.labels):
-            concepts.append({"id": i, "name": lab, "novel": i in set(novel), "positives": int(pc["n_pos"][i]),
-                             "AP@100": float(pc["AP@100"][i]), "AP": float(pc["AP"][i])})
-    obr_scene = {}
-    if default:
-        per = res["masks"][default].sum(1) / N_TILES
-        obr_scene = {k: float(v) for k, v in zip(ev.keys[:n], per)}
-    rep = {
-        "version": REPORT_VERSION, "split": split, "shards": shards, "scenes": n,
-        "device": {"type": ev.device.type, "name": _device_name(ev.device)},
-        "torch": torch.__version__, "batch_size": ev.batch_size, "seed": ev.seed,
-        "selection": {"threshold": ev.threshold, "top_k_sweep": ev.top_k},
-        "model": b.sources,
-        "concepts": {"n": c, "with_positives": int((y > 0).any(0).sum()), "novel": [b.labels[i] for i in novel]},
-        "scoring": "zero-shot: cosine between the scene embedding and each concept's text-prompt embedding",
-        "rows": rows, "sweep": sweep, "obr_per_scene": obr_scene, "per_concept_default": concepts,
-    }
-    return _clean(rep)
-
-
-def _fmt(x, nd: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{nd}f}"
-
-
-def _ms(x) -> str:
-    return "n/a" if x is None else f"{1000 * x:.1f}"
-
-
-def render_markdown(rep: dict, plot: str | None) -> str:
-    groups = [g for g in ("all", "base", "novel") if rep["rows"] and g in rep["rows"][0]["metrics"]]
-    out = [f"# gl10m model evaluation: split `{rep['split']}`", "",
-           f"{rep['scenes']} scenes from `{rep['shards']}`; device {rep['device']['name']}; batch "
-           f"{rep['batch_size']}; default selection: threshold {rep['selection']['threshold']}. "
-           f"Scores are {rep['scoring']}. Concepts: {rep['concepts']['n']} "
-           f"({rep['concepts']['with_positives']} with positives in this split); novel: "
-           f"{', '.join(rep['concepts']['novel']) or 'none declared'}.", "",
-           "## Baselines and ablations", ""]
-    head = "| row | OBR | " + " | ".join(f"mAP@20 {g} | mAP@100 {g}" for g in groups) + \
-           " | AP macro | AP weighted | ms/scene | IO ms/scene |"
-    out += [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rep["rows"]:
-        m = r["metrics"]
-        cells = " | ".join(f"{_fmt(m[g]['mAP@20'])} | {_fmt(m[g]['mAP@100'])}" for g in groups)
-        out.append(f"| {r['name']} | {_fmt(r['obr'])} | {cells} | {_fmt(m['all']['AP_macro'])} | "
-                   f"{_fmt(m['all']['AP_weighted'])} | {_ms(r['time']['per_scene_s'])} | "
-                   f"{_ms(r['time']['io_per_scene_s'])} |")
-    out += ["", "Rows:", ""] + [f"- `{r['name']}`: {r['description']}" for r in rep["rows"]]
-    if rep["sweep"]:
-        out += ["", "## Threshold sweep (default pipeline)", "",
-                "| selection | OBR | mAP@100 | mAP@20 | ms/scene | IO ms/scene |", "|---|---|---|---|---|---|"]
-        for s in rep["sweep"]:
-            out.append(f"| {s['selection']} | {_fmt(s['obr'])} | {_fmt(s['mAP@100'])} | {_fmt(s['mAP@20'])} | "
-                       f"{_ms(s['time']['per_scene_s'])} | {_ms(s['time']['io_per_scene_s'])} |")
-        if plot:
-            out += ["", f"![mAP@100 against OBR]({plot})"]
-    d = next((r for r in rep["rows"] if r["name"] == "default"), None)
-    if d is not None:
-        out += ["", "## Time of the default pipeline, by stage (whole split, seconds)", "",
-                "| stage | s |", "|---|---|"]
-        out += [f"| {k} | {v:.4f} |" for k, v in d["time"]["stages_s"].items()]
-    if rep.get("time_cpu"):
-        tc = rep["time_cpu"]
-        out += ["", f"## The same on the CPU ({tc['device']}, first {tc['scenes']} scenes)", "",
-                "| row | ms/scene | IO ms/scene |", "|---|---|---|"]
-        out += [f"| {k} | {_ms(v['per_scene_s'])} | {_ms(v['io_per_scene_s'])} |" for k, v in tc["rows"].items()]
-    out += ["", "mAP@K: per concept, scenes ranked by score (stable sort); AP@K = sum_{i<=K} P@i rel_i / "
-            "min(n_pos, K); concepts without positives skipped. OBR: selected tiles / 100. Times exclude IO "
-            "(member reads), which is listed separately; CUDA is synchronised around every stage.", ""]
-    return "\n".join(out)
-
-
-def plot_sweep(rep: dict, path: Path) -> bool:
-    """mAP@100 against OBR for the sweep, with LR-only and full HR as reference points."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # pragma: no cover - matplotlib ships with the model extra
-        return False
-    pts = [(s["obr"], s["mAP@100"], s["selection"]) for s in rep["sweep"] if s["mAP@100"] is not None]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    if pts:
-        th = sorted((p for p in pts if p[2].startswith("threshold")), key=lambda p: p[0])
-        ax.plot([p[0] for p in th], [p[1] for p in th], "o-", label="sampler + predictor (threshold)")
-        for x, yv, lab in pts:
-            ax.annotate(lab.replace("threshold ", "t="), (x, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        tk = [p for p in pts if p[2].startswith("top-")]
-        if tk:
-            ax.plot([p[0] for p in tk], [p[1] for p in tk], "s", label="sampler + predictor (top-k)")
-    for name, marker in (("lr_only", "v"), ("full_hr", "^"), ("random", "x")):
-        r = next((r for r in rep["rows"] if r["name"] == name), None)
-        if r is not None and r["metrics"]["all"]["mAP@100"] is not None:
-            ax.plot([r["obr"]], [r["metrics"]["all"]["mAP@100"]], marker, label=name.replace("_", " "))
-    ax.set_xlabel("OBR (requested HR area / scene area)")
-    ax.set_ylabel("mAP@100 (all concepts)")
-    ax.set_xlim(-0.03, 1.03)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return True
-
-
 def describe(checkpoint: str | os.PathLike | None, shards: str | os.PathLike, *, split: str = "test",
              **paths) -> dict:
     """What :func:`evaluate` would use, without loading a model: the checkpoint files found, the
@@ -728,41 +558,110 @@ def describe(checkpoint: str | os.PathLike | None, shards: str | os.PathLike, *,
         n = len(reader)
     rows = ["lr_only", "full_hr", "random", "random_predictor", "sampler_only", "lr_fill"]
     rows += ["predictor_nolr"] if "predictor-nolr" in parts else []
-    rows += ["default"] + (["default_head"] if "predictor-stage2" in parts else [])
+    rows += ["default"] + (["default_stage1"] if "predictor-stage2" in parts else [])
     rows += [f"sampler_{v}" for v in VARIANTS if f"sampler-{v}" in parts]
     return {"parts": parts, "split": split, "scenes": n, "rows": rows}
 
 
+@torch.inference_mode()
+def sampler_logits(bundle: Bundle, reader: gdata.SampleReader, *, device: str | torch.device = "cpu",
+                   batch_size: int = 32) -> torch.Tensor:
+    """The default sampler's logits [N, 100] over every scene of ``reader``'s split (LR only)."""
+    dev = torch.device(device)
+    out = []
+    for start in range(0, len(reader), batch_size):
+        idx = range(start, min(len(reader), start + batch_size))
+        lr = np.stack([gdata.decode_lr(reader.read(i, (smp.LR_FIELD,))[smp.LR_FIELD], reader.keys[i]) for i in idx])
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            tok = bundle.encoder.encode_lr(torch.from_numpy(lr).permute(0, 3, 1, 2).to(dev))[0].float()
+            out.append(bundle.sampler(tok).float().cpu())
+    if not out:
+        raise EvalError(f"split {reader.split!r} has no scenes to calibrate on")
+    return torch.cat(out)
+
+
+def check_holdout(bundle: Bundle, novel: Sequence[int]) -> dict:
+    """Every novel concept must be held out of every part that records what it held out (encoder
+    pretraining, the sampler's s_gain, stage II) -> the report's ``novel_holdout``; a part that
+    saw a novel concept is a one-line error (its novel numbers would not be zero-shot)."""
+    out = {}
+    for part, held in bundle.holdout.items():
+        if held is None:
+            out[part] = "not recorded"
+            continue
+        seen = [bundle.labels[c] for c in novel if c not in set(held)]
+        if seen:
+            raise EvalError(f"novel concept(s) {', '.join(seen)} were not held out of the {part} (it held out "
+                            f"{len(held)}: {', '.join(bundle.labels[c] for c in held) or 'none'}); retrain it "
+                            "with them held out or do not report them as novel")
+        out[part] = [bundle.labels[c] for c in held]
+    return out
+
+
 def evaluate(checkpoint: str | os.PathLike | None, shards: str | os.PathLike, out: str | os.PathLike, *,
              split: str = "test", device: str = "auto", batch_size: int = 32, seed: int = 0,
-             threshold: float | None = None, top_k: int | None = None, novel: Sequence[str] | None = None,
-             limit: int | None = None, sweep: bool = True, progress: bool = True, cpu_time_scenes: int = 32,
-             **paths) -> dict:
+             threshold: float | None = None, target_obr: float | None = None, calibration_split: str = "val",
+             top_k: int | None = None, novel: Sequence[str] | None = None, allow_small: bool = False,
+             n_boot: int = N_BOOT, limit: int | None = None, sweep: bool = True, progress: bool = True,
+             cpu_time_scenes: int = 32, **paths) -> dict:
     """The whole evaluation (see the module doc) -> the report dict; writes ``out/report.json``,
     ``out/report.md`` and ``out/sweep.png`` atomically. ``paths``: explicit encoder, sampler,
-    predictor, predictor_nolr, predictor_stage2 and variants ({variant: run dir}). On CUDA, the
-    LR-only, full-HR and default pipelines are also timed on the CPU over the first
-    ``cpu_time_scenes`` scenes (``time_cpu`` in the report)."""
+    predictor, predictor_nolr, predictor_stage2 and variants ({variant: run dir}).
+
+    Threshold: ``threshold``, or with ``target_obr`` the shared threshold calibrated on
+    ``calibration_split`` (val; never the split evaluated), else the sampler config's. A split of
+    fewer than 100 scenes is refused unless ``allow_small``. ``n_boot`` bootstrap resamples (seeded
+    by ``seed``) give every row's 95 % intervals. On CUDA, the LR-only, full-HR and default
+    pipelines are also timed on the CPU over the first ``cpu_time_scenes`` scenes."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise EvalError("device cuda: no CUDA device here")
     if limit is not None and limit < 1:
         raise EvalError(f"limit must be >= 1, got {limit}")
+    if threshold is not None and target_obr is not None:
+        raise EvalError("give a threshold or a target OBR, not both")
+    if target_obr is not None and calibration_split == split:
+        raise EvalError(f"the threshold is calibrated on split {calibration_split!r}: evaluate another split "
+                        "(calibrating on the split reported would tune on it)")
+    resolve_parts(checkpoint, **paths)  # a missing part, then a small split: refused before loading a model
+    with gdata.SampleReader(shards, split) as reader:
+        n = len(reader) if limit is None else min(limit, len(reader))
+    if n < MIN_SCENES and not allow_small:
+        raise EvalError(f"split {split!r}: {n} scenes; mAP on fewer than {MIN_SCENES} is not meaningful "
+                        "(--allow-small reports it anyway)")
     bundle = load_bundle(checkpoint, device=device, **paths)
     nov = resolve_novel(novel, bundle.labels, bundle.novel_from_checkpoint)
+    holdout = check_holdout(bundle, nov)
+    sel = {"rule": RULE, "threshold": threshold, "source": "--threshold", "target_obr": target_obr}
+    if target_obr is not None:
+        with gdata.SampleReader(shards, calibration_split) as cal:
+            logits = sampler_logits(bundle, cal, device=device, batch_size=batch_size)
+        t, got = calibrate_threshold(logits, target_obr)
+        sel.update(threshold=t, source=f"calibration on {calibration_split}",
+                   calibration={"split": calibration_split, "scenes": int(logits.shape[0]), "obr": got})
+    elif threshold is None:
+        sel.update(threshold=bundle.selection.get("threshold", 0.55), source="sampler's config")
     outp = Path(out)
     with gdata.SampleReader(shards, split) as reader:
-        ev = Evaluator(bundle, reader, device=device, batch_size=batch_size, seed=seed, threshold=threshold,
+        ev = Evaluator(bundle, reader, device=device, batch_size=batch_size, seed=seed, threshold=sel["threshold"],
                        top_k=top_k, progress=progress)
         res = ev.run(limit=limit, sweep=sweep)
-        rep = build_report(res, ev, split=split, novel=nov, shards=str(shards))
+        sel["top_k_sweep"] = ev.top_k
+        ctx = {"version": REPORT_VERSION, "split": split, "shards": str(shards), "labels": bundle.labels,
+               "novel": nov, "keys": ev.keys, "device": ev.device, "batch_size": ev.batch_size, "selection": sel,
+               "scoring": {"space": bundle.space.name,
+                           "text": f"cosine with the concept text embeddings centred over the {len(bundle.labels)} "
+                                   "concepts and renormalised"},
+               "novel_holdout": holdout, "sources": bundle.sources}
+        rep = build_report(res, ctx, n_boot=n_boot, seed=seed)
         if ev.device.type == "cuda" and cpu_time_scenes > 0:
             cpu = Evaluator(load_bundle(checkpoint, device="cpu", **paths), reader, device="cpu",
-                            batch_size=batch_size, seed=seed, threshold=threshold, top_k=top_k, progress=progress)
+                            batch_size=batch_size, seed=seed, threshold=sel["threshold"], top_k=top_k,
+                            progress=progress)
             m = min(cpu_time_scenes, len(reader))
             r2 = cpu.run(limit=m, rows=("lr_only", "full_hr", "default"), sweep=False)
-            rep["time_cpu"] = _clean({"scenes": m, "device": _device_name(torch.device("cpu")),
+            rep["time_cpu"] = _clean({"scenes": m, "device": device_name(torch.device("cpu")),
                                       "rows": {r.name: _timing(r2["timers"][r.name], r2["shared"], r.uses, m)
                                                for r in r2["rows"]}})
     outp.mkdir(parents=True, exist_ok=True)
@@ -772,12 +671,6 @@ def evaluate(checkpoint: str | os.PathLike | None, shards: str | os.PathLike, ou
     return rep
 
 
-def summary_table(rep: dict) -> list[tuple[str, str, str, str]]:
-    """(row, OBR, mAP@100 all, ms/scene) for printing."""
-    return [(r["name"], _fmt(r["obr"]), _fmt(r["metrics"]["all"]["mAP@100"]), _ms(r["time"]["per_scene_s"]))
-            for r in rep["rows"]]
-
-
-__all__ = ["Bundle", "EvalError", "Evaluator", "Timer", "build_report", "evaluate", "latest_checkpoint",
-           "load_bundle", "lr_fill_tokens", "random_masks", "render_markdown", "resolve_novel",
-           "scene_embedding", "summary_table"]
+__all__ = ["Bundle", "EvalError", "Evaluator", "Timer", "build_report", "calibrate_threshold", "check_holdout",
+           "evaluate", "latest_checkpoint", "load_bundle", "lr_fill_tokens", "random_masks", "render_markdown",
+           "resolve_novel", "sampler_logits", "summary_table"]

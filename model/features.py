@@ -3,7 +3,9 @@
 Layout (``OUT`` = ``out_dir``)::
 
     OUT/features.json                      encoder config, dims, grid sizes, prompt templates,
-                                           concept labels, source shards, the shard plan, versions
+                                           concept labels, source shards, the shard plan, versions,
+                                           novel (the profile's), encoder_novel (held out of the
+                                           encoder's pretraining; null when it records none)
     OUT/text.npy                           float16 [C, E] concept text embeddings (templates
                                            averaged, L2-normalised)
     OUT/{split}/feat-{split}-NNNNNN.tar    members "{key}.{field}.npy" (np.save, no pickle):
@@ -224,6 +226,10 @@ def write_features(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, en
         merged_groups[s] = g
     meta = {**fingerprint, "templates": list(enc.cfg.templates), "encoder_source": source_desc,
             "novel": _novel_ids(profile, labels),
+            # what the encoder held out of its pretraining (None: not recorded): the sampler's s_gain
+            # and stage II hold out the same concepts by default
+            "encoder_novel": (list(info["novel"]) if info.get("novel") is not None and info.get("labels") == labels
+                              else None),
             "fields": {"lr_tokens": ["float16", [dims["Gl"], dims["Gl"], dims["D"]]],
                        "hr_tokens": ["float16", [100, dims["g"], dims["g"], dims["D"]]],
                        "hr_embed": ["float16", [100, dims["E"]]], "lr_embed": ["float16", [dims["E"]]],

@@ -31,6 +31,26 @@ def centered_cosine(pred: torch.Tensor, target: torch.Tensor, center: torch.Tens
     return (1.0 - cos).mean()
 
 
+def scale_loss(pred: torch.Tensor, target: torch.Tensor, center: torch.Tensor,
+               eps: float = 1e-6) -> torch.Tensor:
+    """Relative squared error of each token's distance to the centre:
+    ``mean((|pred - c| - |target - c|)^2) / mean(|target - c|^2)`` (the denominator a constant).
+    Centered cosine leaves the norm free; this term pins it to the true tokens'."""
+    if pred.shape != target.shape:
+        raise UserError(f"scale_loss: pred {tuple(pred.shape)} != target {tuple(target.shape)}")
+    c = center.detach().to(pred.dtype)
+    pn = (pred - c).norm(dim=-1)
+    tn = (target - c).norm(dim=-1).detach()
+    return ((pn - tn) ** 2).mean() / (tn.pow(2).mean() + eps)
+
+
+@torch.no_grad()
+def norm_ratio(pred: torch.Tensor, target: torch.Tensor, center: torch.Tensor) -> float:
+    """mean |pred - c| / mean |target - c| (1 = predictions as far from the centre as the truth)."""
+    c = center.detach().float()
+    return float((pred.float() - c).norm(dim=-1).mean() / (target.float() - c).norm(dim=-1).mean().clamp(min=1e-12))
+
+
 class RunningCenter(nn.Module):
     """Running mean of the *targets* (never of predictions): c <- m * c + (1 - m) * mean(batch).
 
@@ -83,10 +103,15 @@ def siglip_loss(img: torch.Tensor, txt: torch.Tensor, targets: torch.Tensor,
 
 
 @torch.no_grad()
-def collapse_monitors(pred: torch.Tensor, center: torch.Tensor) -> dict[str, float]:
+def collapse_monitors(pred: torch.Tensor, center: torch.Tensor,
+                      target: torch.Tensor | None = None) -> dict[str, float]:
     """pred_std: mean over dims of the per-dimension std of predicted tokens (-> 0 on collapse);
-    pred_cos_center: mean cosine of predicted tokens to the running mean (-> 1 on collapse)."""
+    pred_cos_center: mean cosine of predicted tokens to the running mean (-> 1 on collapse);
+    with ``target``, pred_norm_ratio: :func:`norm_ratio` (-> 1 when the scale is right)."""
     flat = pred.detach().float().reshape(-1, pred.shape[-1])
     std = flat.std(0, unbiased=False).mean() if flat.shape[0] > 1 else flat.new_zeros(())
     cos = F.cosine_similarity(flat, center.detach().float().expand_as(flat), dim=-1).mean()
-    return {"pred_std": float(std), "pred_cos_center": float(cos)}
+    out = {"pred_std": float(std), "pred_cos_center": float(cos)}
+    if target is not None:
+        out["pred_norm_ratio"] = norm_ratio(pred.detach(), target, center)
+    return out

@@ -18,7 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 from gl10m.errors import UserError
 
-from .losses import BIAS_INIT, LOG_SCALE_INIT, RunningCenter, centered_cosine, collapse_monitors, siglip_loss
+from .losses import (BIAS_INIT, LOG_SCALE_INIT, RunningCenter, centered_cosine, collapse_monitors, scale_loss,
+                     siglip_loss)
+from .scoring import center_text, pool_scene
 
 N_SIDE = 10
 N_TILES = N_SIDE * N_SIDE
@@ -78,6 +80,13 @@ def draw_masks(batch_size: int, generator: torch.Generator, max_frac: float = 0.
     return pos < counts[:, None]
 
 
+def complete(observed: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The completed grid [B, 100, g, g, D]: observed tiles keep their own tokens, the others
+    take the prediction."""
+    m = mask.to(torch.bool).view(mask.shape[0], N_TILES, 1, 1, 1).to(pred.device)
+    return torch.where(m, observed.to(pred.dtype), pred)
+
+
 class _Block(nn.Module):
     """Pre-norm: self-attention over HR tokens, cross-attention to LR tokens, MLP."""
 
@@ -132,8 +141,10 @@ class Predictor(nn.Module):
         super().__init__()
         if dim % heads:
             raise UserError(f"predictor dim {dim} is not a multiple of heads {heads}")
-        if pool < 1 or (N_SIDE * g) % pool:
-            raise UserError(f"predictor pool {pool} must divide the HR grid size {N_SIDE * g}")
+        if isinstance(pool, bool) or not isinstance(pool, int) or pool < 1 or g % pool:
+            ok = [p for p in range(1, g + 1) if g % p == 0]
+            raise UserError(f"predictor pool {pool!r} must divide the {g} tokens per tile side (each latent "
+                            f"inside one tile, >= 1 latent per tile): one of {ok}")
         if use_lr and lr_grid % N_SIDE:
             raise UserError(f"LR token grid {lr_grid} is not a multiple of 10 (tile-aligned)")
         self.g, self.in_dim, self.dim, self.pool = g, in_dim, dim, pool
@@ -215,10 +226,17 @@ class Predictor(nn.Module):
         assert x.shape[1] == h
         pred = unrasterise(x)
         if return_embed:
-            if not hasattr(self, "head"):
-                raise UserError("this predictor has no stage II head (built without embed_dim)")
-            return pred, self.head(pred.float().mean(dim=(1, 2, 3)))
+            return pred, self.scene_embed(complete(hr_tokens, pred, mask))
         return pred
+
+    def scene_embed(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+                    fallback: torch.Tensor | None = None) -> torch.Tensor:
+        """Stage II head of a completed token grid [B, 100, g, g, D] -> [B, E] (not normalised):
+        ``head(pool_scene(tokens, mask))`` (:mod:`gl10m.model.scoring`), the same function in
+        training and in every evaluation row."""
+        if not hasattr(self, "head"):
+            raise UserError("this predictor has no stage II head (built without embed_dim)")
+        return self.head(pool_scene(tokens, mask, fallback).to(self.head.weight.dtype))
 
 
 # -- training tasks -----------------------------------------------------------------------------
@@ -241,11 +259,13 @@ class PredictorModel(nn.Module):
 
 
 class PredictorTask:
-    """Stage I: centered cosine between predicted and target HR tokens of all 100 tiles."""
+    """Stage I: centered cosine between predicted and target HR tokens of all 100 tiles, plus
+    ``scale_weight`` (default 1) x :func:`~gl10m.model.losses.scale_loss` (their distances to the
+    centre)."""
 
     name = "predictor"
     stage2 = False
-    config_keys = ("center_momentum", "max_observed_frac", "sampler_mix", "sampler_checkpoint")
+    config_keys = ("center_momentum", "max_observed_frac", "sampler_mix", "sampler_checkpoint", "scale_weight")
 
     def __init__(self, scorer: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.scorer = scorer  # optional: lr_tokens [B, Gl, Gl, D] -> tile scores [B, 100]
@@ -286,10 +306,15 @@ class PredictorTask:
         out = model(batch["lr_tokens"], target, mask, return_embed=self.stage2)
         pred, emb = out if self.stage2 else (out, None)
         center = inner.center.center.clone()
-        loss = centered_cosine(pred.float(), target.float(), center)
+        cc = centered_cosine(pred.float(), target.float(), center)
+        # centered cosine fixes the direction only: the scale term keeps each predicted token's
+        # distance to the centre at the true token's, so completed grids mix like with like
+        sc = scale_loss(pred.float(), target.float(), center)
+        loss = cc + float(self.cfg.get("scale_weight", 1.0)) * sc
         inner.center.update(target)
-        logs = {"loss_cc": float(loss.detach()), "observed_frac": float(mask.float().mean())}
-        logs.update(collapse_monitors(pred, center))
+        logs = {"loss_cc": float(cc.detach()), "loss_scale": float(sc.detach()),
+                "observed_frac": float(mask.float().mean())}
+        logs.update(collapse_monitors(pred, center, target))
         return loss, logs, emb
 
     def loss(self, model, batch: dict, text: torch.Tensor | None, step: int):
@@ -299,8 +324,10 @@ class PredictorTask:
 
 
 class PredictorStage2Task(PredictorTask):
-    """Stage II: stage I loss + SigLIP between pooled predictions (projected to E) and the text
-    embeddings of the concepts, multi-label from `labels`; cfg `novel_concepts` are held out."""
+    """Stage II: stage I loss + SigLIP between the head's embedding of the completed grid
+    (:meth:`Predictor.scene_embed`, the evaluation's scene embedding) and the centred text
+    embeddings of the concepts (:func:`~gl10m.model.scoring.center_text`), multi-label from
+    `labels`; cfg `novel_concepts` are held out."""
 
     name = "predictor_stage2"
     stage2 = True
@@ -319,7 +346,10 @@ class PredictorStage2Task(PredictorTask):
             raise UserError(f"novel_concepts {sorted(bad)} out of range 0..{n - 1}")
         keep = torch.tensor([c for c in range(n) if c not in novel], device=text.device, dtype=torch.long)
         inner = unwrap(model).predictor
-        sl = siglip_loss(emb, text.to(emb.device)[keep], labels.to(emb.device)[:, keep],
+        # centred as the evaluation centres its scoring text (model/scoring.py), over the base
+        # concepts only: nothing about a novel concept, not even its text, enters stage II
+        txt = center_text(text.to(emb.device)[keep])
+        sl = siglip_loss(emb, txt, labels.to(emb.device)[:, keep],
                          inner.log_scale, inner.bias)
         w = float(cfg.get("siglip_weight", 1.0))
         loss = cc + w * sl
@@ -331,7 +361,8 @@ class PredictorStage2Task(PredictorTask):
 def load_predictor(path: str | Path, map_location="cpu") -> tuple[Predictor, dict]:
     """A trained predictor (eval mode) from a trainer checkpoint of task ``predictor`` or
     ``predictor_stage2`` ({"model", "config", "dims"}), loaded with ``weights_only=True`` ->
-    (predictor, {"task", "config", "dims", "step"})."""
+    (predictor, {"task", "config", "dims", "step", "center"}); ``center`` [D] is the running mean
+    of the true tokens it was trained against."""
     from .checkpoint import load_weights, read_checkpoint
 
     st = read_checkpoint(path, "predictor", map_location)
@@ -341,4 +372,5 @@ def load_predictor(path: str | Path, map_location="cpu") -> tuple[Predictor, dic
         raise UserError(f"checkpoint {path} is for task {cfg.get('task')!r}, not a predictor")
     cfg = {k: v for k, v in cfg.items() if k != "sampler_checkpoint"}  # training masks only
     model = load_weights(task().build_model(cfg, st["dims"]), st, "predictor", path)
-    return model.predictor, {"task": cfg.get("task"), "config": cfg, "dims": st["dims"], "step": st.get("step")}
+    return model.predictor, {"task": cfg.get("task"), "config": cfg, "dims": st["dims"], "step": st.get("step"),
+                             "center": model.center.center.detach().float().clone()}

@@ -12,7 +12,13 @@ Config (dict or YAML, see model/configs/encoder-*.yaml)::
     encoder: {backend: vit, width: 192, depth: 6, heads: 3, patch: 16, hr_size: 224, lr_size: 160, ...}
     train: {split: train, steps: 2000, batch_size: 8, tiles_per_scene: 8, lr: 3.0e-4,
             weight_decay: 0.05, pos_threshold: 0.1, lr_weight: 1.0, seed: 0, shuffle: 64,
-            profile: null, device: cpu, log_every: 50}
+            profile: null, device: cpu, log_every: 50, novel: null}
+
+Novel concepts are held out of pretraining entirely: their text and their labels leave both
+SigLIP losses, so the encoder never learns them. ``train.novel`` (or the ``novel`` argument):
+concept names or ids; null = the concepts the profile marks ``novel: true``. The held-out ids are
+recorded in ``encoder.json`` (``novel``, ``novel_labels``); the feature cache copies them
+(``encoder_novel``) and the sampler and stage II default to them.
 
 Output: ``out_dir/encoder.pt`` + ``encoder.json`` (see :func:`model.encoders.save_encoder`) and
 ``out_dir/pretrain_log.json`` (loss per step).
@@ -35,7 +41,7 @@ from gl10m.model.encoders import EncoderConfig, EncoderError, TextEncoder, TileE
 
 TRAIN_DEFAULTS = dict(split="train", steps=2000, batch_size=8, tiles_per_scene=8, lr=3.0e-4, weight_decay=0.05,
                       pos_threshold=0.1, lr_weight=1.0, seed=0, shuffle=64, profile=None, device="cpu",
-                      log_every=50, labels=None)
+                      log_every=50, labels=None, novel=None)
 
 
 def siglip_loss(img: torch.Tensor, txt: torch.Tensor, targets: torch.Tensor, log_scale: torch.Tensor,
@@ -84,21 +90,49 @@ def _tile_picker(k: int, seed: int) -> Callable:
     return lambda _lr: sorted(rng.choice(100, size=k, replace=False).tolist())
 
 
+def novel_ids(novel, labels: list[str], profile=None) -> list[int]:
+    """Novel concepts (names or ids; None = the profile's ``novel: true`` flags) -> sorted ids."""
+    if novel is None:
+        from gl10m.model.features import _novel_ids
+
+        return _novel_ids(profile, labels)
+    pos = {lab.lower(): i for i, lab in enumerate(labels)}
+    out = set()
+    for n in novel:
+        if isinstance(n, int) and not isinstance(n, bool):
+            i = n
+        elif isinstance(n, str) and n.strip().isdigit():
+            i = int(n)
+        elif isinstance(n, str) and n.strip().lower() in pos:
+            i = pos[n.strip().lower()]
+        else:
+            raise EncoderError(f"novel concept {n!r} is not one of the {len(labels)} concepts")
+        if not 0 <= i < len(labels):
+            raise EncoderError(f"novel concept {i} is outside 0..{len(labels) - 1}")
+        out.add(i)
+    return sorted(out)
+
+
 def pretrain_encoder(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: dict | str | os.PathLike,
                      *, progress: Callable[[int, float], None] | None = None,
-                     text_encoder: TextEncoder | None = None) -> Path:
-    """Train the bootstrap encoder on ``shards_dir`` (a gl10m shards folder) -> path of encoder.pt."""
+                     text_encoder: TextEncoder | None = None, novel=None) -> Path:
+    """Train the bootstrap encoder on ``shards_dir`` (a gl10m shards folder) -> path of encoder.pt.
+    ``novel`` (names or ids) overrides the config's ``train.novel``; they are held out."""
     from gl10m import data
 
     if isinstance(cfg, (str, os.PathLike)):
         cfg = load_config(cfg)
     enc_cfg, tr = _train_cfg(cfg)
+    if novel is not None:
+        tr["novel"] = list(novel)
     seed = int(tr["seed"])
     torch.manual_seed(seed)
     np.random.seed(seed)
     dev = torch.device(tr["device"])
 
     labels = list(tr["labels"]) if tr["labels"] else concept_labels(tr["profile"])
+    held = novel_ids(tr["novel"], labels, tr["profile"])
+    keep = torch.tensor([c for c in range(len(labels)) if c not in set(held)], dtype=torch.long, device=dev)
     enc = TileEncoder(enc_cfg).to(dev)
     te = text_encoder if (text_encoder is not None or enc.clip) else TextEncoder()  # CLIP has its own text tower
     text_raw = enc.text_raw(labels, te).to(dev)
@@ -134,8 +168,10 @@ def pretrain_encoder(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, 
                 txt = enc.encode_text(text_raw)
             hr_emb, lr_emb, txt = hr_emb.float(), lr_emb.float(), txt.float()
             tile_pos = (batch["tile_frac"].float().reshape(b * n, -1) >= thr).to(dev)
-            loss_hr = hr_head(hr_emb, txt, tile_pos)
-            loss_lr = lr_head(lr_emb, txt, batch["labels"].to(dev) > 0)
+            # novel concepts leave both losses: neither their text nor their labels are seen
+            txt = txt[keep]
+            loss_hr = hr_head(hr_emb, txt, tile_pos[:, keep])
+            loss_lr = lr_head(lr_emb, txt, (batch["labels"].to(dev) > 0)[:, keep])
             loss = loss_hr + float(tr["lr_weight"]) * loss_lr
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -154,7 +190,8 @@ def pretrain_encoder(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     enc.eval()
     out = Path(out_dir)
     path = save_encoder(enc, out, text_raw=text_raw, labels=labels,
-                        extra={"train": {k: v for k, v in tr.items() if k != "labels"}, "text_model": te.name if te is not None else f"open_clip:{enc.cfg.model}",
+                        extra={"novel": held, "novel_labels": [labels[i] for i in held],
+                               "train": {k: v for k, v in tr.items() if k != "labels"}, "text_model": te.name if te is not None else f"open_clip:{enc.cfg.model}",
                                "source": str(shards_dir), "steps": steps, "epochs": epoch,
                                "seconds": round(time.time() - t0, 2),
                                "siglip": {"hr": [hr_head.log_scale.item(), hr_head.bias.item()],
@@ -170,7 +207,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "encoder-bootstra
 
 def cli_pretrain_encoder(shards: str | os.PathLike, out: str | os.PathLike, config: str | os.PathLike | None = None,
                          *, steps: int | None = None, batch_size: int | None = None, device: str | None = None,
-                         seed: int | None = None, profile: str | None = None, echo=print) -> Path:
+                         seed: int | None = None, profile: str | None = None, novel=None, echo=print) -> Path:
     """``gl10m model pretrain-encoder SHARDS OUT [--config YAML] [--steps N] [--batch-size N]
     [--device cpu|cuda] [--seed N] [--profile YAML]``: train the bootstrap encoder; the options
     override the config's ``train:`` section. Returns the path of ``encoder.pt``."""
@@ -183,7 +220,7 @@ def cli_pretrain_encoder(shards: str | os.PathLike, out: str | os.PathLike, conf
     cfg = load_config(config or DEFAULT_CONFIG)
     tr = dict(cfg.get("train") or {})
     for k, v in (("steps", steps), ("batch_size", batch_size), ("device", device), ("seed", seed),
-                 ("profile", profile)):
+                 ("profile", profile), ("novel", novel)):
         if v is not None:
             tr[k] = v
     cfg = {**cfg, "train": tr}

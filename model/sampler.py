@@ -6,20 +6,10 @@ coordinate channels, and predicts one logit per HR tile, flattened in tile order
 ``t = row * 10 + col`` (row 0 north, col 0 west): ``[B, 100]``. It is trained with
 BCE-with-logits against the soft target G* (:mod:`gl10m.model.supervision`).
 
-Selection (:func:`select`) combines up to three rules, each optional:
-
-- ``threshold``: a shared threshold on the scores min-max-normalised per scene; a tile is
-  selected when its normalised score is ``>= threshold``. A scene with constant scores
-  (range ``<= eps``) has no preferred tile: the threshold selects **none** of its tiles (and
-  nothing is divided by zero).
-- ``top_k``: at most k tiles per scene, the highest scores first.
-- ``budgets``: per-class budgets in tiles, ``{class index: tile count}``; a scene's budget is
-  the largest budget among its concepts (``labels``: known or predicted, > 0 means present),
-  or ``default_budget`` when none of its concepts has a budget.
-
-The rules intersect: the threshold chooses candidates, top-k and the budget cap how many of
-them are kept (the cap is the smaller of the two). Ranking is by score, ties broken by the
-lower tile index first, so selection is deterministic.
+Selection (:func:`select`, defined in :mod:`gl10m.model.selection`, the one rule used in training
+metrics, evaluation and the sweep): a tile is a candidate when ``sigmoid(logit) > threshold``
+(strict, so threshold 1.0 selects nothing); ``top_k`` and per-class ``budgets`` cap how many
+candidates a scene keeps (highest logit first, ties to the lower tile index).
 
 OBR (observation budget ratio) = requested HR area / scene area = selected tiles / 100.
 
@@ -28,7 +18,9 @@ Config: the trainer's config (``model/configs/sampler-train*.yaml``) with ``task
 reads), and two task keys (:attr:`SamplerTask.config_keys`); other keys belong to the trainer::
 
     model:       {hidden: int, kernel: odd int, layers: int >= 0}
-    supervision: {variant: multiplicative|structural|semantic|additive, lam: float}
+    supervision: {variant: multiplicative|structural|semantic|additive, lam: float,
+                  novel_concepts: null | [concept ids]}   # held out of s_gain; null: the encoder's
+                                                          # held-out list (feature cache), else the profile's
     selection:   {threshold: float in [0, 1] | null, top_k: int in [1, 100]}
 """
 from __future__ import annotations
@@ -43,14 +35,16 @@ import yaml
 
 from gl10m.errors import UserError
 
-from .supervision import N_TILES, VARIANTS, g_star, minmax
+from .selection import (check_scores, check_threshold, obr, rank, scene_budgets, select,  # noqa: F401
+                        top_k_mask)
+from .supervision import N_TILES, VARIANTS, g_star, resolve_novel_concepts
 
 GRID = 10
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 DEFAULTS = {
     "model": {"hidden": 64, "kernel": 3, "layers": 1},
-    "supervision": {"variant": "multiplicative", "lam": 0.5},
+    "supervision": {"variant": "multiplicative", "lam": 0.5, "novel_concepts": None},
     "selection": {"threshold": 0.55, "top_k": 12},
 }
 
@@ -186,90 +180,9 @@ def sampler_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), target.float())
 
 
-# -- selection --------------------------------------------------------------------------------
-def _check_threshold(threshold) -> None:
-    if threshold is None:
-        return
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
-            or not 0.0 <= threshold <= 1.0:
-        raise UserError(f"threshold must be a number in [0, 1] or None, got {threshold!r}")
-
-
-def _check_scores(scores, name: str = "scores") -> None:
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.shape[1] != N_TILES:
-        shape = list(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-        raise UserError(f"{name}: expected a tensor [B, {N_TILES}], got {shape}")
-    if not scores.is_floating_point() or not bool(torch.isfinite(scores).all()):
-        raise UserError(f"{name}: expected finite floating-point scores")
-
-
-def scene_budgets(labels: torch.Tensor, budgets: dict, *, default_budget: int = 0) -> torch.Tensor:
-    """[B] tile budget per scene: the max budget over the scene's concepts (labels > 0)."""
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
-        raise UserError("budgets need labels: a tensor [B, n_concepts] of known or predicted concepts")
-    n = labels.shape[1]
-    if not isinstance(budgets, dict):
-        raise UserError(f"budgets: expected a mapping class index -> tile count, got {type(budgets).__name__}")
-    per_class = torch.full((n,), -1, dtype=torch.long)
-    for k, v in budgets.items():
-        if not (_is_int(k) and 0 <= k < n):
-            raise UserError(f"budgets: class {k!r} is not an index in [0, {n})")
-        if not (_is_int(v) and 0 <= v <= N_TILES):
-            raise UserError(f"budgets: class {k} budget must be an int in [0, 100], got {v!r}")
-        per_class[k] = v
-    if not (_is_int(default_budget) and 0 <= default_budget <= N_TILES):
-        raise UserError(f"default_budget must be an int in [0, 100], got {default_budget!r}")
-    present = labels.detach().cpu() > 0
-    best = per_class[None, :].expand(labels.shape[0], -1).masked_fill(~present, -1).amax(dim=1)
-    return torch.where(best < 0, torch.full_like(best, default_budget), best)
-
-
-def rank(scores: torch.Tensor) -> torch.Tensor:
-    """[B, 100] rank of each tile (0 = best): descending score, ties -> lower index first."""
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
-    return ranks
-
-
-def select(scores: torch.Tensor, *, threshold: float | None = 0.55, top_k: int | None = None,
-           budgets: dict | None = None, labels: torch.Tensor | None = None,
-           default_budget: int = 0, eps: float = 1e-6) -> torch.Tensor:
-    """Bool mask [B, 100] of the tiles to request (see the module docstring for the rules)."""
-    _check_scores(scores)
-    _check_threshold(threshold)
-    if threshold is None and top_k is None and budgets is None:
-        raise UserError("select: give a threshold, a top_k or budgets")
-    b = scores.shape[0]
-    mask = torch.ones_like(scores, dtype=torch.bool)
-    if threshold is not None:
-        s = scores.float()
-        constant = (s.amax(dim=1, keepdim=True) - s.amin(dim=1, keepdim=True)) <= eps
-        mask = (minmax(s, eps) >= threshold) & ~constant
-    cap = None
-    if top_k is not None:
-        if not (_is_int(top_k) and 0 <= top_k <= N_TILES):
-            raise UserError(f"top_k must be an int in [0, 100], got {top_k!r}")
-        cap = torch.full((b,), top_k, dtype=torch.long)
-    if budgets is not None:
-        if labels is None or labels.shape[0] != b:
-            raise UserError("budgets need labels [B, n_concepts] with the same B as scores")
-        per_scene = scene_budgets(labels, budgets, default_budget=default_budget)
-        cap = per_scene if cap is None else torch.minimum(cap, per_scene)
-    if cap is not None:
-        # Non-candidates rank after every candidate (scores are finite).
-        ranks = rank(scores.float().masked_fill(~mask, float("-inf")))
-        mask = mask & (ranks < cap.to(scores.device)[:, None])
-    return mask
-
-
-def obr(mask: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Observation budget ratio: ([B] selected tiles / 100, its mean over the batch)."""
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2 \
-            or mask.shape[1] != N_TILES:
-        raise UserError(f"obr: expected a bool mask [B, {N_TILES}]")
-    per = mask.sum(dim=1).float() / N_TILES
-    return per, float(per.mean()) if per.numel() else float("nan")
+# -- selection: the one rule lives in model/selection.py ----------------------------------------
+_check_threshold = check_threshold
+_check_scores = check_scores
 
 
 def precision_at_k(scores: torch.Tensor, target: torch.Tensor, k: int = 12,
@@ -278,8 +191,8 @@ def precision_at_k(scores: torch.Tensor, target: torch.Tensor, k: int = 12,
     (a constant G* has no top-k); NaN when no scene qualifies."""
     _check_scores(scores)
     _check_scores(target, "target")
-    pred = select(scores, threshold=None, top_k=k)
-    true = select(target, threshold=None, top_k=k)
+    pred = top_k_mask(scores, k)
+    true = top_k_mask(target, k)
     t = target.float()
     valid = (t.amax(dim=1) - t.amin(dim=1)) > eps
     if not bool(valid.any()):
@@ -303,6 +216,10 @@ class SamplerTask:
 
     def build_model(self, cfg: dict | None, dims: dict) -> Sampler:
         self.cfg = resolve_config(cfg)
+        nc = dims.get("n_concepts") if isinstance(dims, dict) else None
+        novel = self.cfg["supervision"]["novel_concepts"]
+        if novel is not None and nc:
+            self.cfg["supervision"]["novel_concepts"] = resolve_novel_concepts(novel, {}, int(nc), "sampler")
         # The trainer gives the LR token width as D_lr when it differs from the HR width D.
         if not isinstance(dims, dict) or ("D_lr" not in dims and "D" not in dims):
             raise UserError("sampler: dims must give the LR token width (D_lr or D)")
@@ -316,7 +233,7 @@ class SamplerTask:
         dev = batch["s_vis"].device
         with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
             return g_star(batch["s_vis"], batch["hr_embed"], batch["lr_embed"], text.to(dev),
-                          batch["labels"], lam=sup["lam"], variant=sup["variant"])
+                          batch["labels"], lam=sup["lam"], variant=sup["variant"], novel=sup["novel_concepts"])
 
     def loss(self, model: nn.Module, batch: dict, text: torch.Tensor,
              step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -325,13 +242,13 @@ class SamplerTask:
         loss = sampler_loss(logits, target.to(logits.device))
         sel = self.cfg["selection"]
         with torch.no_grad():
-            probs = torch.sigmoid(logits.detach().float())
+            lg = logits.detach().float()
             metrics = {"bce": float(loss.detach())}
-            if sel["threshold"] is not None:
-                _, mean = obr(select(probs, threshold=sel["threshold"]))
+            if sel["threshold"] is not None:  # the evaluation's rule, on the same scores
+                _, mean = obr(select(lg, threshold=sel["threshold"]))
                 metrics[f"obr@{sel['threshold']:g}"] = mean
             k = sel["top_k"]
-            metrics[f"precision@{k}"] = precision_at_k(probs, target.to(probs.device), k=k)
+            metrics[f"precision@{k}"] = precision_at_k(lg, target.to(lg.device), k=k)
         return loss, metrics
 
 

@@ -9,6 +9,10 @@ GL-10M's sampler regresses G* = s_vis * s_gain, normalised over the 100 HR tiles
   vision-language space. ``F_h_p`` is the HR tile embedding (``hr_embed``), ``F_g`` the global
   LR embedding (``lr_embed``) and ``F_T`` the text embeddings of the scene's concepts.
 
+Novel concepts (``novel``: ids; the sampler config's ``supervision.novel_concepts``, see
+:func:`resolve_novel_concepts`) are held out: their labels are ignored, so G* never rewards a
+tile for showing a concept that is evaluated zero-shot.
+
 A scene usually has several concepts. We aggregate over them by **max**: a tile is worth
 observing if it adds information about at least one of the scene's concepts,
 ``s_gain(p) = max(0, max_{c in labels} (cos(F_h_p, T_c) - lam * cos(F_g, T_c)))``.
@@ -64,13 +68,53 @@ def _check(name: str, t, shape: tuple) -> None:
         raise UserError(f"{name}: contains NaN or infinite values")
 
 
+def resolve_novel_concepts(given, recorded: dict, n_concepts: int, what: str) -> list[int]:
+    """The novel concept ids a training run holds out.
+
+    ``given``: the config's list (ids), or None for the default: what the encoder held out of its
+    pretraining (``recorded["encoder_novel"]``, from the feature cache), else the concepts the
+    profile marks ``novel: true`` (``recorded["novel"]``). Refused (one line): an id out of range,
+    a list that omits a concept the profile marks novel, or one naming a concept the encoder was
+    pretrained on (it would not be zero-shot downstream either)."""
+    profile = [int(c) for c in recorded.get("novel") or []]
+    enc = recorded.get("encoder_novel")
+    if given is None:
+        novel = [int(c) for c in enc] if enc is not None else profile
+    else:
+        if isinstance(given, (str, bytes)) or not all(isinstance(c, int) and not isinstance(c, bool)
+                                                       for c in given):
+            raise UserError(f"{what}: novel_concepts must be a list of concept ids, got {given!r}")
+        novel = [int(c) for c in given]
+    bad = [c for c in novel if not 0 <= c < n_concepts]
+    if bad:
+        raise UserError(f"{what}: novel concept {bad[0]} is outside 0..{n_concepts - 1}")
+    omitted = sorted(set(profile) - set(novel))
+    if omitted:
+        raise UserError(f"{what}: novel_concepts omits concept(s) {omitted} that the profile marks novel")
+    if enc is not None:
+        seen = sorted(set(novel) - {int(c) for c in enc})
+        if seen:
+            raise UserError(f"{what}: novel concept(s) {seen} were not held out of the encoder's pretraining "
+                            f"(it held out {sorted(int(c) for c in enc)}); pretrain it with them held out")
+    return sorted(set(novel))
+
+
+def _drop_novel(labels: torch.Tensor, novel) -> torch.Tensor:
+    if not novel:
+        return labels
+    out = labels.clone()
+    out[:, list(novel)] = 0
+    return out
+
+
 def s_gain(hr_embed: torch.Tensor, lr_embed: torch.Tensor, text: torch.Tensor,
-           labels: torch.Tensor, *, lam: float = 0.5) -> torch.Tensor:
+           labels: torch.Tensor, *, lam: float = 0.5, novel=None) -> torch.Tensor:
     """Information gain of each HR tile over the LR scene embedding, [B, 100] (>= 0).
 
     Cosine similarities are taken after L2-normalising ``hr_embed`` and ``lr_embed``; ``text``
     is normalised too (a no-op for the cache's already normalised embeddings). Aggregated over
-    the scene's concepts by max; scenes without labels get 0."""
+    the scene's concepts by max; scenes without labels get 0. ``novel``: concept ids held out
+    (their labels are ignored, so s_gain never sees them)."""
     _check("hr_embed", hr_embed, (None, N_TILES, None))
     b, _, e = hr_embed.shape
     _check("lr_embed", lr_embed, (b, e))
@@ -78,6 +122,11 @@ def s_gain(hr_embed: torch.Tensor, lr_embed: torch.Tensor, text: torch.Tensor,
     _check("labels", labels, (b, text.shape[0]))
     if not (isinstance(lam, (int, float)) and math.isfinite(lam)):
         raise UserError(f"lam: expected a finite number, got {lam!r}")
+    if novel:  # held-out concepts are never a reason to observe a tile: treated as absent
+        bad = [c for c in novel if not 0 <= int(c) < text.shape[0]]
+        if bad:
+            raise UserError(f"novel concept {bad[0]} is outside 0..{text.shape[0] - 1}")
+        labels = _drop_novel(labels, [int(c) for c in novel])
     f_h = F.normalize(hr_embed.float(), dim=-1)
     f_g = F.normalize(lr_embed.float(), dim=-1)
     f_t = F.normalize(text.float(), dim=-1)
@@ -91,8 +140,9 @@ def s_gain(hr_embed: torch.Tensor, lr_embed: torch.Tensor, text: torch.Tensor,
 
 def g_star(s_vis: torch.Tensor, hr_embed: torch.Tensor, lr_embed: torch.Tensor,
            text: torch.Tensor, labels: torch.Tensor, *, lam: float = 0.5,
-           variant: str = "multiplicative", eps: float = 1e-6) -> torch.Tensor:
-    """The sampler's soft target G* [B, 100] in [0, 1] (see the module docstring)."""
+           variant: str = "multiplicative", eps: float = 1e-6, novel=None) -> torch.Tensor:
+    """The sampler's soft target G* [B, 100] in [0, 1] (see the module docstring); ``novel``
+    concept ids are held out of s_gain."""
     if variant not in VARIANTS:
         raise UserError(f"unknown G* variant {variant!r}; expected one of {', '.join(VARIANTS)}")
     if not (isinstance(eps, (int, float)) and eps >= 0):
@@ -101,9 +151,9 @@ def g_star(s_vis: torch.Tensor, hr_embed: torch.Tensor, lr_embed: torch.Tensor,
     vis = s_vis.float()
     if variant == "structural":
         # Still validate the other inputs: a bad cache should fail the same way in every variant.
-        s_gain(hr_embed, lr_embed, text, labels, lam=lam)
+        s_gain(hr_embed, lr_embed, text, labels, lam=lam, novel=novel)
         return minmax(vis, eps)
-    gain = s_gain(hr_embed, lr_embed, text, labels, lam=lam)
+    gain = s_gain(hr_embed, lr_embed, text, labels, lam=lam, novel=novel)
     if gain.shape[0] != vis.shape[0]:
         raise UserError(f"s_vis has batch size {vis.shape[0]}, hr_embed {gain.shape[0]}")
     if variant == "multiplicative":
@@ -114,7 +164,7 @@ def g_star(s_vis: torch.Tensor, hr_embed: torch.Tensor, lr_embed: torch.Tensor,
 
 
 def cache_g_star(batches: Iterable[dict], text: torch.Tensor, *, lam: float = 0.5,
-                 variant: str = "multiplicative", eps: float = 1e-6
+                 variant: str = "multiplicative", eps: float = 1e-6, novel=None
                  ) -> Iterator[tuple[list, torch.Tensor]]:
     """Compute G* over an iterable of collated feature batches (e.g. a DataLoader over the
     feature cache). Yields ``(keys, g_star [B, 100])``; ``keys`` is the batch's ``"key"``
@@ -125,7 +175,7 @@ def cache_g_star(batches: Iterable[dict], text: torch.Tensor, *, lam: float = 0.
         if missing:
             raise UserError(f"feature batch lacks {', '.join(missing)}")
         g = g_star(batch["s_vis"], batch["hr_embed"], batch["lr_embed"], text, batch["labels"],
-                   lam=lam, variant=variant, eps=eps)
+                   lam=lam, variant=variant, eps=eps, novel=novel)
         keys = batch.get("key", batch.get("__key__"))
         if keys is None:
             keys = list(range(seen, seen + g.shape[0]))

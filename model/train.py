@@ -288,6 +288,33 @@ def _to_device(batch: dict, dev: torch.device) -> dict:
     return out
 
 
+def _resolve_holdout(cfg: dict, task, features_dir, feats, dims: dict) -> None:
+    """Novel concepts held out by stage II (``novel_concepts``) and by the sampler's s_gain
+    (``supervision.novel_concepts``): null takes what the feature cache records (the encoder's
+    held-out list, else the profile's novel flags); a list must agree with them
+    (:func:`~gl10m.model.supervision.resolve_novel_concepts`). The resolved list is written into the
+    config saved with every checkpoint."""
+    from .supervision import resolve_novel_concepts
+
+    if getattr(task, "stage2", False):
+        where = cfg
+    elif cfg["task"] == "sampler":
+        cfg["supervision"] = dict(cfg.get("supervision") or {})
+        where = cfg["supervision"]
+    else:
+        return
+    recorded = {}
+    if features_dir is not None and feats is not None:
+        m = feats.read_meta(features_dir)
+        recorded = {"novel": m.get("novel") or [], "encoder_novel": m.get("encoder_novel")}
+    n = int(dims.get("n_concepts") or 0)
+    given = where.get("novel_concepts")
+    if n:
+        where["novel_concepts"] = resolve_novel_concepts(given, recorded, n, cfg["task"])
+    elif given is None:
+        where["novel_concepts"] = []
+
+
 def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: str | Path, *,
           resume: bool = False, max_steps: int | None = None, device: str | None = None,
           dataset: Any = None, text: torch.Tensor | None = None, task: Any = None) -> dict:
@@ -329,9 +356,7 @@ def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: s
     dims = _dims(first, text)
 
     task = task if task is not None else get_task(cfg["task"])
-    if getattr(task, "stage2", False) and cfg.get("novel_concepts") is None and features_dir is not None:
-        # not set: the concepts the profile marks novel, as recorded in the feature cache
-        cfg["novel_concepts"] = list(feats.read_meta(features_dir).get("novel") or []) if feats is not None else []
+    _resolve_holdout(cfg, task, features_dir, feats, dims)
     allowed = getattr(task, "config_keys", None)  # a task may declare its own keys
     if allowed is not None:
         unknown = set(cfg["_given"]) - set(DEFAULTS) - set(allowed)

@@ -222,14 +222,19 @@ def test_open_clip_shapes_embeddings_and_text(clip_enc, no_network):
     with torch.no_grad():
         pooled, emb, dense = enc.encode_hr(x)
         tok, lemb = enc.encode_lr(x)
-        # the HR embedding is exactly CLIP's image embedding at hr_size
-        ref = enc.backbone.encode_image(enc._prep(x, 64), normalize=True)
+        # the HR embedding is CLIP's image projection of the mean patch token (after ln_post), the
+        # same map embed_tokens applies to pooled (observed or predicted) tokens -- not the CLS token
+        ref = enc.embed_tokens(pooled)
+        cls = enc.backbone.encode_image(enc._prep(x, 64), normalize=True)
+        ref_lr = torch.nn.functional.normalize(tok.mean((1, 2)) @ enc.backbone.visual.proj, dim=-1)
         raw = enc.text_raw(["a forest", "a parking lot", "water"])
         txt = enc.encode_text(raw)
     assert pooled.shape == (2, 2, 2, 384) and dense.shape == (2, 2, 2, 384) and emb.shape == (2, 384)
     assert tok.shape == (2, 10, 10, 384) and lemb.shape == (2, 384)
     assert enc.dims() == {"D": 384, "E": 384, "Gl": 10, "g": 2, "hr_grid": 2}
     torch.testing.assert_close(emb, ref)
+    torch.testing.assert_close(lemb, ref_lr)
+    assert not torch.allclose(emb, cls, atol=1e-3)
     for e in (emb, lemb, txt):
         torch.testing.assert_close(e.norm(dim=-1), torch.ones(len(e)))
     assert raw.shape == (3, len(E.DEFAULT_TEMPLATES), 77) and not raw.dtype.is_floating_point
@@ -237,6 +242,16 @@ def test_open_clip_shapes_embeddings_and_text(clip_enc, no_network):
     assert enc.saliency(dense).shape == (2,)
     with pytest.raises(UserError):  # MiniLM embeddings are not CLIP text
         enc.encode_text(torch.randn(3, 384))
+
+
+def test_hr_embedding_is_embed_tokens_of_the_pooled_tokens():
+    """Every backend embeds an observed tile exactly as it embeds predicted tokens."""
+    torch.manual_seed(0)
+    enc = E.build_encoder(dict(backend="vit", width=32, depth=1, heads=2, patch=8, hr_size=48, lr_size=80,
+                               pool=2, embed_dim=16))[0]
+    with torch.no_grad():
+        pooled, emb, _ = enc.encode_hr(rand_u8(3))
+        torch.testing.assert_close(emb, enc.embed_tokens(pooled))
 
 
 def test_open_clip_lr_tokens_are_tile_aligned(clip_enc):
@@ -385,3 +400,32 @@ def test_shipped_configs_build():
         assert cfg.lr_grid % 10 == 0, p
         if "train" in d:
             P._train_cfg(d)
+
+
+def test_pretraining_never_sees_novel_concepts(colour_shards, text_encoder, tmp_path):
+    """With Tennis (concept 0, positive on a third of the tiles) held out, neither its text nor its
+    labels reach the loss: a run whose Tennis text is replaced by noise trains the same weights."""
+    sd, _ = colour_shards
+    cfg = {"encoder": TINY, "train": dict(steps=3, batch_size=2, tiles_per_scene=2, seed=0, shuffle=0)}
+
+    class Noisy:
+        name = "noisy"
+
+        def concepts(self, labels, templates):
+            t = text_encoder.concepts(labels, templates).clone()
+            t[0] = torch.nn.functional.normalize(torch.randn(t.shape[1], generator=torch.Generator().manual_seed(9)),
+                                                 dim=0)
+            return t
+
+    a = P.pretrain_encoder(sd, tmp_path / "a", cfg, text_encoder=text_encoder, novel=["Tennis"])
+    b = P.pretrain_encoder(sd, tmp_path / "b", cfg, text_encoder=Noisy(), novel=["0"])
+    ea, ia = E.load_encoder(a)
+    eb, _ = E.load_encoder(b)
+    for (k, va), vb in zip(ea.state_dict().items(), eb.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert ia["novel"] == [0] and ia["novel_labels"] == ["Tennis"]
+    c = P.pretrain_encoder(sd, tmp_path / "c", cfg, text_encoder=Noisy())   # not held out: it is learned
+    assert not torch.equal(E.load_encoder(c)[0].text_proj.weight, ea.text_proj.weight)
+    assert E.load_encoder(c)[1]["novel"] == []                               # the default profile marks none
+    with pytest.raises(UserError, match="not one of"):
+        P.pretrain_encoder(sd, tmp_path / "d", cfg, text_encoder=text_encoder, novel=["volcano"])

@@ -103,17 +103,44 @@ def test_lr_fill_takes_each_tiles_own_lr_block():
     assert torch.allclose(up[1, 37], torch.full((4, 4, d), 37.0))
 
 
-def test_scene_embedding_masks_and_falls_back_to_lr():
-    e = torch.zeros(2, 100, 2)
-    e[:, :50, 0] = 1.0
-    e[:, 50:, 1] = 1.0
+def test_pool_scene_masks_and_falls_back_to_the_centre():
+    from gl10m.model.scoring import pool_scene
+    tok = torch.zeros(2, 100, 2, 2, 2)
+    tok[:, :50, ..., 0] = 1.0
+    tok[:, 50:, ..., 1] = 1.0
     mask = torch.zeros(2, 100, dtype=torch.bool)
     mask[0, :50] = True                    # scene 0 sees only the first half; scene 1 nothing
-    fb = torch.tensor([[0.0, 3.0], [4.0, 3.0]])
-    out = EV.scene_embedding(e, mask, fb)
+    centre = torch.tensor([0.25, 0.5])
+    out = pool_scene(tok, mask, centre)
     assert torch.allclose(out[0], torch.tensor([1.0, 0.0]))
-    assert torch.allclose(out[1], torch.tensor([0.8, 0.6]))
-    assert torch.allclose(EV.scene_embedding(e)[0], torch.tensor([1.0, 1.0]) / 2 ** 0.5)
+    assert torch.allclose(out[1], centre)  # nothing observed: the mean true token, in the same space
+    assert torch.allclose(pool_scene(tok)[0], torch.tensor([0.5, 0.5]))
+
+
+def test_centred_text_scoring_separates_collinear_concepts():
+    """Concept texts = a large common direction + a small own one (mean pairwise cosine ~0.9):
+    raw cosines rank scenes by the common direction, centred ones by the concept's own."""
+    from gl10m.model.scoring import SceneSpace, center_text
+    g = torch.Generator().manual_seed(0)
+    c, e, n = 6, 16, 60
+    common = torch.nn.functional.normalize(torch.randn(e, generator=g), dim=0)
+    own = torch.linalg.qr(torch.randn(e, e, generator=g))[0][:c]
+    own = own - (own @ common)[:, None] * common          # orthogonal to the common direction
+    text = torch.nn.functional.normalize(3 * common + torch.nn.functional.normalize(own, dim=-1), dim=-1)
+    cos = text @ text.T
+    assert cos[~torch.eye(c, dtype=torch.bool)].mean() > 0.85
+    labels = torch.zeros(n, c, dtype=torch.uint8)
+    labels[torch.arange(n), torch.arange(n) % c] = 1
+    # scene embedding: its concept's own direction + a scene-specific amount of the common one
+    emb = own[torch.arange(n) % c] * 0.3 + (torch.rand(n, 1, generator=g) * 2 - 1) * 3 * common
+    space = SceneSpace(lambda x: x, text, torch.zeros(e), "identity")
+    centred = M.retrieval(space.score(torch.nn.functional.normalize(emb, dim=-1)).numpy(), labels.numpy())
+    raw = M.retrieval((torch.nn.functional.normalize(emb, dim=-1) @ text.T).numpy(), labels.numpy())
+    assert centred["all"]["mAP@100"] == pytest.approx(1.0)
+    assert raw["all"]["mAP@100"] < 0.6
+    tc = center_text(text)
+    off = ~torch.eye(c, dtype=torch.bool)
+    assert torch.allclose(tc.norm(dim=-1), torch.ones(c)) and abs(float((tc @ tc.T)[off].mean())) < 0.25
 
 
 def test_timer_accounts_stages_and_io_apart():
@@ -186,7 +213,7 @@ def model_env(tmp_path_factory):
     train({"task": "predictor", "model": TINY_PRED, **base}, root / "features", md / "predictor")
     train({"task": "predictor", "model": {**TINY_PRED, "use_lr": False}, **base}, root / "features",
           md / "predictor-nolr")
-    train({"task": "predictor_stage2", "model": TINY_PRED, "novel_concepts": [3, 4], **base}, root / "features",
+    train({"task": "predictor_stage2", "model": TINY_PRED, "novel_concepts": [0, 3, 4], **base}, root / "features",
           md / "predictor-stage2")
     return sd, md
 
@@ -194,13 +221,16 @@ def model_env(tmp_path_factory):
 def test_report_of_a_tiny_trained_model(model_env, tmp_path):
     sd, md = model_env
     out = tmp_path / "report"
-    rep = EV.evaluate(md, sd, out, split="val", device="cpu", batch_size=2, novel=["Tennis"], progress=False)
+    rep = EV.evaluate(md, sd, out, split="val", device="cpu", batch_size=2, novel=["Tennis"], progress=False,
+                      allow_small=True, n_boot=50)
     assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "sweep.png"}
     assert json.loads((out / "report.json").read_text()) == rep
-    assert rep["scenes"] == 5 and rep["split"] == "val"
-    rows = {r["name"]: r for r in rep["rows"]}
+    assert rep["scenes"] == 5 and rep["split"] == "val" and rep["small_split"] is True
+    rows = rep["rows"]
     assert list(rows) == ["lr_only", "full_hr", "random", "random_predictor", "sampler_only", "lr_fill",
-                          "predictor_nolr", "default", "default_head", "sampler_structural"]
+                          "predictor_nolr", "default", "default_stage1", "sampler_structural"]
+    assert rep["scoring"]["space"].startswith("the stage II head")
+    assert rep["selection"]["threshold"] == 0.55 and rep["selection"]["source"] == "sampler's config"
     assert rows["lr_only"]["obr"] == 0.0 and rows["full_hr"]["obr"] == 1.0
     # OBR accounting: the default row's OBR is the mean of its per-scene OBR; random matches it
     per = rep["obr_per_scene"]
@@ -208,13 +238,19 @@ def test_report_of_a_tiny_trained_model(model_env, tmp_path):
     assert rows["random"]["obr"] == pytest.approx(rows["default"]["obr"], abs=1e-6)
     assert rows["sampler_only"]["obr"] == pytest.approx(rows["default"]["obr"], abs=1e-6)
     # novel = --novel plus the stage II checkpoint's held-out concepts
-    assert rep["concepts"]["novel"] == ["Tennis"] + [EV.load_bundle(md).labels[i] for i in (3, 4)]
-    for r in rep["rows"]:
-        assert set(r["metrics"]) == {"all", "base", "novel"}
+    assert rep["concepts"]["novel"] == [EV.load_bundle(md).labels[i] for i in (0, 3, 4)]
+    for r in rows.values():
+        assert set(r["metrics"]) == set(r["map100"]) == set(r["map20"]) == {"all", "base", "novel"}
+        assert r["map100"]["all"] == r["metrics"]["all"]["mAP@100"]
         for g in r["metrics"].values():
             for k in ("mAP@20", "mAP@100", "AP_macro", "AP_weighted"):
                 assert g[k] is None or 0.0 <= g[k] <= 1.0
+        for k in ("map20", "map100"):   # bootstrap intervals around every point estimate
+            for grp, (lo, hi) in r["ci95"][k].items():
+                v = r[k][grp]
+                assert v is None or lo is None or lo - 1e-9 <= hi
         assert r["time"]["per_scene_s"] >= 0 and r["time"]["io_per_scene_s"] >= 0
+    assert "default-lr_only" in rep["paired"] and "gap_recovered" in rep["paired"]
     assert rows["full_hr"]["time"]["stages_s"]["encode_hr"] > 0
     assert "predictor" in rows["default"]["time"]["stages_s"] and "predictor" not in rows["sampler_only"]["time"]["stages_s"]
     assert "encode_lr" not in rows["full_hr"]["time"]["stages_s"]
@@ -222,11 +258,12 @@ def test_report_of_a_tiny_trained_model(model_env, tmp_path):
     sw = {s["selection"]: s for s in rep["sweep"]}
     assert list(sw) == [f"threshold {t:g}" for t in EV.SWEEP_THRESHOLDS] + ["top-12"]
     obrs = [sw[f"threshold {t:g}"]["obr"] for t in EV.SWEEP_THRESHOLDS]
-    assert obrs == sorted(obrs, reverse=True) and obrs[0] == 1.0 and 0 < obrs[-1] < 0.2
+    assert obrs == sorted(obrs, reverse=True) and obrs[0] == 1.0 and obrs[-1] == 0.0  # 1.0 = no HR
     assert sw["top-12"]["obr"] == pytest.approx(0.12)
     assert sw["threshold 0.55"]["mAP@100"] == pytest.approx(rows["default"]["metrics"]["all"]["mAP@100"])
     md_text = (out / "report.md").read_text()
     assert "| default |" in md_text and "threshold 0.55" in md_text and "![mAP@100 against OBR](sweep.png)" in md_text
+    assert "not meaningful" in md_text
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(rep["per_concept_default"]) == 66
 
@@ -245,13 +282,39 @@ def test_rows_really_differ_and_reruns_are_identical(model_env, tmp_path):
     for x, y in (("lr_only", "full_hr"), ("sampler_only", "default"), ("default", "lr_fill"),
                  ("default", "predictor_nolr")):
         assert not np.allclose(a["scores"][x], a["scores"][y]), (x, y)
-    # full HR through the evaluator == the encoder's own embedding of every tile, averaged
+    # full HR through the evaluator == the one scene space applied to the encoder's own tokens
     it = next(iter(gdata.load(sd, split="val", decode_meta=False)))
     with torch.inference_mode():
         pooled, _, _ = bundle.encoder.encode_hr(it["hr"].contiguous())
-        scene = EV.scene_embedding(bundle.encoder.embed_tokens(pooled)[None])
-        want = (scene @ bundle.text.T)[0].numpy()
+        want = bundle.space.score(bundle.space.embed(pooled[None]))[0].numpy()
     np.testing.assert_allclose(a["scores"]["full_hr"][0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_every_row_scores_the_same_grid_the_same_way(model_env):
+    """One scene space: the default pipeline at threshold 1 (no tile) completes the same grid as
+    lr_only and scores it identically; at threshold 0 (every tile) it observes the same grid as
+    full_hr. (Before: lr_only used the LR head's embedding, full HR the mean of tile embeddings.)"""
+    sd, md = model_env
+    bundle = EV.load_bundle(md)
+    from gl10m import data as gdata
+    with gdata.SampleReader(sd, "val") as reader:
+        ev = EV.Evaluator(bundle, reader, batch_size=2, progress=False, sweep=(0.0, 1.0))
+        r = ev.run(rows=("lr_only", "full_hr", "sampler_only"))
+    assert r["sweep_masks"]["threshold 1"].sum() == 0 and r["sweep_masks"]["threshold 0"].all()
+    np.testing.assert_allclose(r["sweep_scores"]["threshold 1"], r["scores"]["lr_only"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r["sweep_scores"]["threshold 0"], r["scores"]["full_hr"], rtol=1e-5, atol=1e-6)
+    # the stage II head is the training-time scene embedding: Predictor.forward(return_embed) on the
+    # completed grid equals the evaluation's space
+    p2 = bundle.predictor_stage2
+    g = torch.Generator().manual_seed(0)
+    tok = torch.randn(2, 100, 2, 2, bundle.encoder.token_dim, generator=g)
+    lr = torch.randn(2, 10, 10, bundle.encoder.token_dim, generator=g)
+    mask = torch.rand(2, 100, generator=g) < 0.2
+    with torch.inference_mode():
+        pred, emb = p2(lr, tok, mask, return_embed=True)
+        from gl10m.model.predictor import complete
+        torch.testing.assert_close(torch.nn.functional.normalize(emb, dim=-1),
+                                   bundle.space.embed(complete(tok, pred, mask)), rtol=1e-5, atol=1e-6)
 
 
 def test_eval_errors(model_env, tmp_path):
@@ -265,7 +328,18 @@ def test_eval_errors(model_env, tmp_path):
     with pytest.raises(UserError, match="uses LR context"):
         EV.load_bundle(md, predictor_nolr=md / "predictor")
     with pytest.raises(UserError, match="threshold"):
-        EV.evaluate(md, sd, tmp_path / "r", split="val", threshold=1.5, progress=False)
+        EV.evaluate(md, sd, tmp_path / "r", split="val", threshold=1.5, progress=False, allow_small=True)
+    # a novel concept some part was trained on is refused
+    with pytest.raises(UserError, match="Skate park were not held out of the predictor-stage2"):
+        EV.evaluate(md, sd, tmp_path / "r", split="val", novel=["Skate park"], progress=False, allow_small=True)
+    # mAP on 5 scenes is refused unless asked for
+    with pytest.raises(UserError, match="5 scenes.*--allow-small"):
+        EV.evaluate(md, sd, tmp_path / "r", split="val", progress=False)
+    # the threshold is never calibrated on the split reported
+    with pytest.raises(UserError, match="calibrated on split 'val'"):
+        EV.evaluate(md, sd, tmp_path / "r", split="val", target_obr=0.1, progress=False, allow_small=True)
+    with pytest.raises(UserError, match="not both"):
+        EV.evaluate(md, sd, tmp_path / "r", split="val", target_obr=0.1, threshold=0.5, progress=False)
     assert not (tmp_path / "r").exists()  # nothing written on a failed start
 
 
@@ -279,6 +353,7 @@ def test_cli_eval_and_dry_run(model_env, tmp_path):
     assert "5 scenes" in dry.stdout and "predictor-stage2" in dry.stdout and not (tmp_path / "r").exists()
     run = subprocess.run([exe, "model", "eval", "--checkpoint", str(md), "--shards", str(sd), "--split", "val",
                           "--out", str(tmp_path / "r"), "--no-sweep", "--limit", "2", "--device", "cpu",
+                          "--allow-small", "--bootstrap", "20",
                           "--variant", f"structural={md / 'sampler-structural'}"],
                          capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
@@ -288,3 +363,27 @@ def test_cli_eval_and_dry_run(model_env, tmp_path):
                           "--out", str(tmp_path / "r2"), "--variant", "structural"], capture_output=True, text=True)
     assert bad.returncode == 2 and "VARIANT=RUN_DIR" in bad.stderr and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+    small = subprocess.run([exe, "model", "eval", "--checkpoint", str(md), "--shards", str(sd), "--split", "val",
+                            "--out", str(tmp_path / "r3")], capture_output=True, text=True)
+    assert small.returncode == 2 and "--allow-small" in small.stderr and len(small.stderr.strip().splitlines()) == 1
+
+
+def test_target_obr_calibrates_the_shared_threshold_on_val(model_env, tmp_path):
+    sd, md = model_env
+    rep = EV.evaluate(md, sd, tmp_path / "r", split="train", device="cpu", batch_size=4, target_obr=0.12,
+                      progress=False, allow_small=True, sweep=False, n_boot=10)
+    sel = rep["selection"]
+    bundle = EV.load_bundle(md)
+    from gl10m import data as gdata
+    with gdata.SampleReader(sd, "val") as reader:
+        logits = EV.sampler_logits(bundle, reader, batch_size=2)
+    t, got = EV.calibrate_threshold(logits, 0.12)
+    assert sel["source"] == "calibration on val" and sel["calibration"] == {"split": "val", "scenes": 5, "obr": got}
+    assert sel["threshold"] == pytest.approx(t) and sel["target_obr"] == 0.12
+    assert got == pytest.approx(0.12, abs=0.01)
+    # the calibrated threshold is what the train split's default row used
+    with gdata.SampleReader(sd, "train") as reader:
+        tl = EV.sampler_logits(bundle, reader)
+    from gl10m.model.selection import select
+    assert rep["rows"]["default"]["obr"] == pytest.approx(float(select(tl, threshold=t).float().mean()), abs=1e-6)
+    assert "calibrated on split `val`" in (tmp_path / "r" / "report.md").read_text()

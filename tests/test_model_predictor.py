@@ -93,7 +93,7 @@ def test_mask_token_used_exactly_at_unobserved_tiles():
         assert torch.allclose(p(lr, hr, mask), p(lr, hr2, mask))
 
 
-@pytest.mark.parametrize("pool,gl,use_lr,ckpt", [(1, 10, True, False), (2, 20, True, True), (4, 10, False, False)])
+@pytest.mark.parametrize("pool,gl,use_lr,ckpt", [(1, 10, True, False), (2, 20, True, True), (2, 10, False, False)])
 def test_predictor_shapes_and_options(pool, gl, use_lr, ckpt):
     torch.manual_seed(0)
     p = Predictor(in_dim=8, g=2, lr_dim=6, lr_grid=gl, dim=16, depth=2, heads=2, pool=pool,
@@ -121,10 +121,29 @@ def test_predictor_rejects_bad_dims():
         Predictor(in_dim=8, g=2, dim=16, heads=3)
     with pytest.raises(UserError):
         Predictor(in_dim=8, g=2, dim=16, heads=2, pool=3)  # 20 % 3
+    # pool must divide the tokens per tile side: pool 4 on 2x2 tokens a tile would merge 2x2 tiles
+    # into one latent (the old predictor-base.yaml on the shipped encoders: a 5x5 bottleneck)
+    with pytest.raises(UserError, match=r"must divide the 2 tokens per tile side.*\[1, 2\]"):
+        Predictor(in_dim=8, g=2, dim=16, heads=2, pool=4)
+    Predictor(in_dim=8, g=4, dim=16, heads=2, pool=4)  # 4x4 tokens a tile: one latent a tile
     with pytest.raises(UserError):
         Predictor(in_dim=8, g=2, dim=16, heads=2, lr_grid=15)
     with pytest.raises(UserError):
         Predictor.from_config({"dim": 16, "heads": 2, "bogus": 1}, {"D": 8, "g": 2})
+
+
+def test_shipped_predictor_configs_fit_the_shipped_encoders():
+    """Every bundled predictor config builds on every bundled encoder's token grid (g = pool)."""
+    import yaml
+
+    from gl10m.model.encoders import load_config as enc_config
+    from gl10m.model.sampler import CONFIG_DIR
+    gs = {enc_config(p)["encoder"].get("pool", 2) for p in CONFIG_DIR.glob("encoder-*.yaml")}
+    for p in CONFIG_DIR.glob("predictor-*.yaml"):
+        cfg = {k: v for k, v in yaml.safe_load(p.read_text()).items()}
+        for g in gs:
+            m = Predictor.from_config({**cfg, "dim": 16, "heads": 2, "depth": 1}, {"D": 8, "g": g, "Gl": 10})
+            assert g % m.pool == 0, (p.name, g)
 
 
 def test_draw_masks_fraction_and_sampler_mix():
@@ -180,3 +199,34 @@ def test_tiny_predictor_overfits_a_handful_of_samples(tmp_path):
     assert len(losses) == 200
     first, last = sum(losses[:3]) / 3, sum(losses[-10:]) / 10
     assert last < first / 10, (first, last)
+
+
+@pytest.mark.parametrize("scale_weight", [None, 0.0])
+def test_predicted_tokens_sit_as_far_from_the_centre_as_true_ones(tmp_path, scale_weight):
+    """Centered cosine alone leaves the norm free (scale_weight 0: the old loss); with the scale
+    term (default) the predicted tokens of unobserved tiles are as far from the centre as the true
+    ones, so a completed grid mixes observed and predicted tokens on one scale."""
+    from gl10m.model.losses import norm_ratio
+    from gl10m.model.predictor import draw_masks
+
+    torch.manual_seed(0)
+    data = synthetic_samples(8, d=16, seed=1)
+    for s in data:  # true tokens close together: a freshly built predictor's outputs are ~10x farther out
+        s["hr_tokens"] = 0.05 * s["hr_tokens"] + 1.0
+        s["lr_tokens"] = 0.05 * s["lr_tokens"] + 1.0
+    cfg = {"task": "predictor", "model": tiny_cfg(), "batch_size": 4, "steps": 150, "lr": 3e-3,
+           "warmup_steps": 5, "ckpt_every": 1000, "progress": False, "center_momentum": 0.5}
+    if scale_weight is not None:
+        cfg["scale_weight"] = scale_weight
+    res = train(cfg, None, tmp_path / "run", dataset=data)
+    model = res["model"].eval()
+    batch = {k: torch.stack([s[k] for s in data]) for k in ("lr_tokens", "hr_tokens")}
+    mask = draw_masks(8, torch.Generator().manual_seed(5), 0.3)
+    with torch.no_grad():
+        pred = model(batch["lr_tokens"], batch["hr_tokens"], mask)
+    un = ~mask
+    ratio = norm_ratio(pred[un], batch["hr_tokens"][un], model.center.center)
+    if scale_weight is None:
+        assert 0.8 < ratio < 1.25, ratio
+    else:
+        assert not 0.8 < ratio < 1.25, ratio   # the defect the scale term fixes

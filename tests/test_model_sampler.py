@@ -54,7 +54,7 @@ def test_bundled_configs_load_and_validate():
         r = resolve_config(cfg)
         assert r["model"] == model
         assert r["selection"] == {"threshold": 0.55, "top_k": 12}
-        assert r["supervision"] == {"variant": "multiplicative", "lam": 0.5}
+        assert r["supervision"] == {"variant": "multiplicative", "lam": 0.5, "novel_concepts": None}
     assert resolve_config({"model": "tiny"})["model"] == tiny  # a name is read too
     with pytest.raises(UserError, match="unknown key"):
         resolve_config({"model": {"hiden": 8}})
@@ -157,29 +157,26 @@ def test_bce_hand_case():
 
 
 # -- selection --------------------------------------------------------------------------------
-def test_threshold_on_normalised_scores():
+def test_threshold_on_sigmoid_scores_strictly():
+    """The rule (model/selection.py): sigmoid(logit) > threshold; the scale is the logits' own."""
     s = torch.zeros(2, 100)
-    s[0, :5] = torch.tensor([10.0, 16.0, 15.5, 20.0, 15.4])
-    s[0, 5:] = 10.0  # min 10, max 20 -> normalised (s - 10) / 10
-    s[1] = torch.linspace(-1, 1, 100)  # affine scale does not matter
+    s[0, :4] = torch.tensor([0.3, 0.1, 0.2, -5.0])        # sigmoid 0.574, 0.525, 0.550, ~0
+    s[1] = torch.linspace(-4, 4, 100)
     m = select(s, threshold=0.55)
-    assert torch.nonzero(m[0]).flatten().tolist() == [1, 2, 3]  # 0.6, 0.55 (>=), 1.0; not 0.54
-    n1 = (s[1] + 1) / 2
-    assert torch.equal(m[1], n1 >= 0.55)
-    assert torch.equal(select(s * 3 + 7, threshold=0.55), m)
-    # Higher threshold selects a subset.
+    assert torch.nonzero(m[0]).flatten().tolist() == [0]  # 0.574 only: 0.5498 is not > 0.55
+    assert torch.equal(m[1], torch.sigmoid(s[1].double()) > 0.55)
+    # Higher threshold selects a subset; 1.0 selects nothing, 0.0 every tile.
     assert not (select(s, threshold=0.85) & ~m).any()
-    # threshold 0 selects every tile of a non-constant scene, 1 only the maxima.
     assert select(s, threshold=0.0).all()
-    assert select(s, threshold=1.0).sum(dim=1).tolist() == [1, 1]
+    assert not select(s, threshold=1.0).any()
+    assert not select(torch.full((1, 100), 30.0), threshold=1.0).any()  # even saturated scores
 
 
-def test_constant_scores_select_none_under_threshold():
-    s = torch.full((3, 100), 0.7)
-    s[2, 5] = 0.7 + 1e-9  # below eps: still constant
-    for th in (0.0, 0.55, 1.0):
-        m = select(s, threshold=th)
-        assert m.dtype == torch.bool and not m.any()
+def test_constant_scores_are_not_rescaled():
+    """No per-scene min-max: a scene whose tiles all score low requests nothing, one whose
+    tiles all score high requests them all (a flat scene is not forced to give up a tile)."""
+    s = torch.stack([torch.full((100,), -3.0), torch.full((100,), 3.0)])
+    assert select(s, threshold=0.55).sum(1).tolist() == [0, 100]
     # With top-k alone, ties go to the lower index first.
     assert torch.nonzero(select(s[:1], threshold=None, top_k=3)[0]).flatten().tolist() == [0, 1, 2]
 
@@ -192,7 +189,7 @@ def test_top_k_and_ties():
     assert rank(s)[0, [3, 7, 20, 50, 0, 1]].tolist() == [0, 1, 2, 3, 4, 5]
     assert select(s, threshold=None, top_k=0).sum() == 0
     assert select(s, threshold=None, top_k=100).all()
-    # threshold and top-k intersect: the threshold leaves 4 candidates, top-2 keeps the best 2.
+    # threshold and top-k intersect: the threshold (sigmoid > 0.5) leaves 4 candidates, top-2 keeps 2.
     assert torch.nonzero(select(s, threshold=0.5, top_k=2)[0]).flatten().tolist() == [3, 7]
     assert select(s, threshold=0.5, top_k=12).sum() == 4
     with pytest.raises(UserError, match="top_k"):
@@ -211,8 +208,8 @@ def test_per_class_budgets():
     # top-k and budgets: the smaller cap wins.
     m = select(s, threshold=None, top_k=3, budgets=budgets, labels=labels, default_budget=50)
     assert m.sum(dim=1).tolist() == [2, 3, 3]
-    # With a threshold, the budget caps the candidates (normalised >= 0.97 -> 3 tiles).
-    m = select(s, threshold=0.97, budgets=budgets, labels=labels, default_budget=100)
+    # With a threshold, the budget caps the candidates (logits 0.25, 0.15, 0.05 > 0: 3 tiles).
+    m = select(s * 0.1 - 9.65, threshold=0.5, budgets=budgets, labels=labels, default_budget=100)
     assert m.sum(dim=1).tolist() == [2, 3, 3]
     with pytest.raises(UserError, match="labels"):
         select(s, threshold=None, budgets=budgets)
@@ -225,7 +222,7 @@ def test_per_class_budgets():
 def test_select_bad_input():
     with pytest.raises(UserError, match="give a threshold"):
         select(torch.rand(1, 100), threshold=None)
-    with pytest.raises(UserError, match="scores"):
+    with pytest.raises(UserError, match="logits"):
         select(torch.rand(1, 99))
     with pytest.raises(UserError, match="finite"):
         select(torch.full((1, 100), float("nan")))
@@ -272,9 +269,10 @@ def test_task_loss_and_metrics():
     target = g_star(batch["s_vis"], batch["hr_embed"], batch["lr_embed"], text, batch["labels"])
     logits = model(batch["lr_tokens"])
     assert torch.allclose(loss, torch.nn.functional.binary_cross_entropy_with_logits(logits, target))
-    probs = torch.sigmoid(logits)
-    assert metrics["obr@0.55"] == pytest.approx(obr(select(probs, threshold=0.55))[1])
-    assert metrics["precision@12"] == pytest.approx(precision_at_k(probs, target, k=12))
+    # the same rule, on the same scores, as the evaluation (model/selection.py)
+    assert metrics["obr@0.55"] == pytest.approx(obr(select(logits, threshold=0.55))[1])
+    assert metrics["obr@0.55"] == pytest.approx(float((torch.sigmoid(logits.double()) > 0.55).double().mean()))
+    assert metrics["precision@12"] == pytest.approx(precision_at_k(logits, target, k=12))
     assert 0 <= metrics["obr@0.55"] <= 1 and 0 <= metrics["precision@12"] <= 1
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())

@@ -160,3 +160,22 @@ def test_cache_g_star_over_batches():
     assert torch.allclose(out[1][1], g_star(vis, hr, lr, text, lab))
     with pytest.raises(UserError, match="lacks"):
         list(cache_g_star([{"s_vis": vis}], text))
+
+
+def test_s_gain_never_sees_novel_concepts():
+    """A tile whose only gain is for a held-out (novel) concept gains nothing, whatever that
+    concept's label says; base concepts are unaffected."""
+    from gl10m.model.supervision import g_star, s_gain
+    g = torch.Generator().manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    hr = torch.randn(2, 100, 8, generator=g) * 0.1
+    hr[:, 7] = text[2] * 5            # tile 7 shows concept 2
+    lr = torch.randn(2, 8, generator=g)
+    labels = torch.tensor([[0, 0, 1], [1, 0, 1]], dtype=torch.uint8)
+    full = s_gain(hr, lr, text, labels)
+    held = s_gain(hr, lr, text, labels, novel=[2])
+    assert full[0, 7] > 0.5 and torch.all(held[0] == 0)                 # scene 0 has only the novel concept
+    base = torch.tensor([[0, 0, 0], [1, 0, 0]], dtype=torch.uint8)
+    assert torch.equal(held, s_gain(hr, lr, text, base))                # == as if the label were absent
+    s_vis = torch.rand(2, 100, generator=g)
+    assert torch.equal(g_star(s_vis, hr, lr, text, labels, novel=[2]), g_star(s_vis, hr, lr, text, base))

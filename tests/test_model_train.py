@@ -202,8 +202,32 @@ def test_stage2_holds_out_the_profiles_novel_concepts_unless_told_otherwise(tmp_
     (feats / "features.json").write_text(json.dumps({**meta, "novel": [2, 5]}))  # as write_features records
     c = cfg(task="predictor_stage2", steps=1)
     assert load_checkpoint(train(c, feats, tmp_path / "a")["checkpoint"])["config"]["novel_concepts"] == [2, 5]
-    given = {**c, "novel_concepts": [1]}
-    assert load_checkpoint(train(given, feats, tmp_path / "b")["checkpoint"])["config"]["novel_concepts"] == [1]
+    given = {**c, "novel_concepts": [1, 2, 5]}  # more held out: fine
+    assert load_checkpoint(train(given, feats, tmp_path / "b")["checkpoint"])["config"]["novel_concepts"] == [1, 2, 5]
+    with pytest.raises(UserError, match="omits concept"):  # fewer than the profile marks novel: refused
+        train({**c, "novel_concepts": [1]}, feats, tmp_path / "c")
+
+
+def test_sampler_and_stage2_hold_out_what_the_encoder_held_out(tmp_path):
+    """No novel leak: the sampler's s_gain and stage II default to the encoder's held-out list
+    (recorded in the feature cache), record it in their checkpoints, and refuse a novel concept the
+    encoder was pretrained on."""
+    pytest.importorskip("gl10m.model.features")
+    samples = synthetic_samples(3, n_concepts=6)
+    feats = tmp_path / "features"
+    _write_feature_cache(feats, samples, torch.randn(6, 8, generator=torch.Generator().manual_seed(2)))
+    meta = json.loads((feats / "features.json").read_text())
+    (feats / "features.json").write_text(json.dumps({**meta, "novel": [], "encoder_novel": [0, 4]}))
+    smp = {"task": "sampler", "model": {"hidden": 4, "kernel": 3, "layers": 0}, "steps": 1, "batch_size": 2,
+           "progress": False, "warmup_steps": 0}
+    ck = load_checkpoint(train(smp, feats, tmp_path / "s")["checkpoint"])
+    assert ck["config"]["supervision"]["novel_concepts"] == [0, 4]
+    st2 = cfg(task="predictor_stage2", steps=1)
+    assert load_checkpoint(train(st2, feats, tmp_path / "p")["checkpoint"])["config"]["novel_concepts"] == [0, 4]
+    with pytest.raises(UserError, match=r"\[3\] were not held out of the encoder"):
+        train({**smp, "supervision": {"novel_concepts": [0, 3, 4]}}, feats, tmp_path / "s2")
+    with pytest.raises(UserError, match="not held out of the encoder"):
+        train({**st2, "novel_concepts": [3]}, feats, tmp_path / "p2")
 
 
 def test_features_record_the_profiles_novel_concepts(tmp_path):

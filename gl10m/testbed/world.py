@@ -19,6 +19,7 @@ a tunnel way (tunnel=yes) is drawn only as its two portals.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,7 +345,6 @@ def _lines_across(poly, spacing, angle_deg, rng):
 class _Builder:
     def __init__(self, spec: TestbedSpec, code: str, rng: np.random.Generator, budget: dict[str, int],
                  matcher, fid_base: int):
-        from pyproj import Transformer
         self.spec, self.code, self.rng, self.budget = spec, code, rng, dict(budget)
         self.rs = spec.regions[code]
         self.matcher = matcher
@@ -353,7 +353,7 @@ class _Builder:
         lon, lat = self.rs.center
         z = utm_zone(lon)
         self.epsg_nad83, self.epsg_wgs84 = 26900 + z, 32600 + z
-        fwd = Transformer.from_crs(4326, self.epsg_nad83, always_xy=True)
+        fwd = _transformer(4326, self.epsg_nad83)
         w, s, e, n = self.bbox
         cx, cy = fwd.transform([w, e, e, w], [s, s, n, n])
         # inner axis-aligned rectangle of the (slightly rotated) bbox in UTM, minus a small margin
@@ -374,6 +374,12 @@ class _Builder:
         self.feats: list[dict] = []
         self.marks: list[tuple[int, int, int, Any]] = []  # (feature index, mark, z, geom)
         self.placed: dict[str, int] = {}
+        self.budget_network = False  # True: highway, railway and river only when the budget asks
+
+    def want_line(self, name: str) -> bool:
+        """Draw network line `name` (highway, railroad, river)? Always in the testbed world; in
+        budget mode (model-scale scenes) only when the budget holds one (and it is taken)."""
+        return not self.budget_network or self.take(name)
 
     # -- bookkeeping -----------------------------------------------------------------------
     def take(self, name: str, k: int = 1) -> bool:
@@ -576,6 +582,7 @@ class _Builder:
             self.c_rl = min(c1 - 1, self.c_sec + 3)
         lx0, lx1 = self.land_extent_x()
         ly0, ly1 = self.land_extent_y()
+        draw_river, draw_hw, draw_rail = self.want_line("river"), self.want_line("highway"), self.want_line("railroad")
         y_hw = self.oy + self.r_hw * cell
         y_ter = self.oy + self.r_ter * cell
         x_sec = self.ox + self.c_sec * cell
@@ -601,20 +608,20 @@ class _Builder:
         L = river.length
         cuts = np.linspace(0, L, 4)
         from shapely.ops import substring
-        for i in range(3):
+        for i in range(3 if draw_river else 0):
             seg = substring(river, cuts[i], cuts[i + 1])
             self.way(seg, {"waterway": "river", "name": f"{self.code} River"}, 26, "river", Z_WATER, "river")
         river_y_at = lambda x: float(np.interp(x, xs, ys))  # noqa: E731
 
         # highway (motorway) along r_hw with an overpass over the rail, a toll plaza
         hw_kind = "motorway" if self.rs.biome in ("prairie", "coastal_plain", "desert") else "trunk"
-        cuts = [(x_rl - 45, x_rl + 45, "bridge")]
+        cuts = [(x_rl - 45, x_rl + 45, "bridge")] if draw_rail else []
         tolls = []
         xt = x_sec + rng.uniform(0.3, 0.5) * (x_rl - x_sec)
-        while self.take("toll_booth") and len(tolls) < 3:
+        while draw_hw and self.take("toll_booth") and len(tolls) < 3:
             tolls.append(xt)
             xt = lx0 + rng.uniform(0.1, 0.3) * (x_sec - lx0) if len(tolls) == 1 else xt + 30
-        for (a, b, tag) in self._split_line((lx0, lx1), y_hw, True, cuts):
+        for (a, b, tag) in self._split_line((lx0, lx1), y_hw, True, cuts) if draw_hw else []:
             g = self._seg_geom(a, b, y_hw, True, n=max(2, int((b - a) // 150)))
             tags = {"highway": hw_kind, "ref": "I-5" if hw_kind == "motorway" else "SR 9", "lanes": "4",
                     "oneway": "no", "maxspeed": "65 mph"}
@@ -633,7 +640,8 @@ class _Builder:
                 self.mark(i, "vehicle", _box(xt + dx - 1, y_hw - 6, xt + dx + 1, y_hw + 6))
         # tertiary road along r_ter; secondary road along c_sec crossing the highway on a bridge
         for (a, b, tag) in self._split_line((lx0, lx1), y_ter, True, [(x_sec - 20, x_sec + 20, "rb"),
-                                                                       (x_rl - 8, x_rl + 8, "xing")]):
+                                                                       (x_rl - 8, x_rl + 8, "xing")]
+                                            ) if draw_hw else []:
             if tag == "rb":
                 continue
             g = self._seg_geom(a, b, y_ter, True, n=max(2, int((b - a) // 150)))
@@ -641,8 +649,9 @@ class _Builder:
             self.mark(i, "road_marking", g)
         cuts = [(y_hw - 30, y_hw + 30, "bridge"), (y_ter - 20, y_ter + 20, "rb")]
         yr = river_y_at(x_sec)
-        cuts.append((yr - 30, yr + 30, "bridge"))
-        for (a, b, tag) in self._split_line((ly0, ly1), x_sec, False, cuts):
+        if draw_river:
+            cuts.append((yr - 30, yr + 30, "bridge"))
+        for (a, b, tag) in self._split_line((ly0, ly1), x_sec, False, cuts) if draw_hw else []:
             if tag == "rb":
                 continue
             g = self._seg_geom(a, b, x_sec, False, n=max(2, int((b - a) // 150)))
@@ -654,12 +663,12 @@ class _Builder:
                 i = self.way(g, tags, 14, "highway", Z_MAJOR, "highway")
             self.mark(i, "road_marking", g)
         # roundabout at secondary x tertiary (a closed way)
-        if self.take("roundabout"):
+        if draw_hw and self.take("roundabout"):
             self._roundabout(x_sec, y_ter, 20, "secondary")
         # railway along c_rl: viaduct over the river, tunnel through a hill near the far end
         yr = river_y_at(x_rl)
-        cuts = [(yr - 70, yr + 70, "viaduct")]
-        if self.take("tunnel_opening"):
+        cuts = [(yr - 70, yr + 70, "viaduct")] if draw_river else []
+        if draw_rail and self.take("tunnel_opening"):
             yt0 = (y_hw + y_ter) / 2 - 110 if ly1 - (yr + 80) < 400 else yr + 160
             cuts.append((yt0, yt0 + 260, "tunnel"))
             # the hill the tunnel goes through: a forest on both sides of the line
@@ -667,7 +676,7 @@ class _Builder:
         else:
             self.tunnel_span = None
         self.x_rl, self.y_hw, self.y_ter, self.x_sec = x_rl, y_hw, y_ter, x_sec
-        for (a, b, tag) in self._split_line((ly0, ly1), x_rl, False, cuts):
+        for (a, b, tag) in self._split_line((ly0, ly1), x_rl, False, cuts) if draw_rail else []:
             g = self._seg_geom(a, b, x_rl, False, n=max(2, int((b - a) // 150)))
             tags = {"railway": "rail", "usage": "main", "gauge": "1435", "name": f"{self.code} Subdivision"}
             if tag == "viaduct":
@@ -699,7 +708,7 @@ class _Builder:
         dam_xs = [x for x in np.linspace(lx0 + 150, lx1 - 150, 7)
                   if abs(x - x_sec) > 80 and abs(x - x_rl) > 120]
         for xd in rng.permutation(dam_xs)[:3]:
-            if not self.take("dam"):
+            if not draw_river or not self.take("dam"):
                 break
             yd = river_y_at(xd)
             g = LineString([(round(xd, 2), round(yd - 28, 2)), (round(xd, 2), round(yd + 28, 2))])
@@ -1936,9 +1945,6 @@ _LEFTOVER: list[tuple[str, Callable]] = [
 # ------------------------------------------------------------------------------------------
 def generate(spec: TestbedSpec, seed: int | None = None) -> list[RegionWorld]:
     """Generate every region of the spec (sorted by code); the same seed gives the same world."""
-    import geopandas as gpd
-    import shapely
-    from pyproj import Transformer
     from gl10m.concepts import ConceptMatcher
 
     prof = spec.load_profile()
@@ -1951,45 +1957,62 @@ def generate(spec: TestbedSpec, seed: int | None = None) -> list[RegionWorld]:
     out = []
     for k, code in enumerate(codes):
         rng = np.random.default_rng(children[k])
-        id_base = (k + 1) * 10_000_000
-        b = _Builder(spec, code, rng, targets[code], matcher, id_base)
-        b.build()
-        inv = Transformer.from_crs(b.epsg_nad83, 4326, always_xy=True)
-
-        def to_ll(xy, inv=inv):
-            x, y = inv.transform(xy[:, 0], xy[:, 1])
-            return np.round(np.column_stack([x, y]), 7)
-
-        geoms = shapely.transform(np.array([f["geometry"] for f in b.feats], dtype=object), to_ll)
-        geoms = _repair(geoms)
-        # OSM ids: nodes, ways and relations each count up from id_base in creation order
-        counters = {"node": 0, "way": 0, "relation": 0}
-        osm_ids = []
-        for f in b.feats:
-            counters[f["osm_type"]] += 1
-            osm_ids.append(id_base + counters[f["osm_type"]])
-        df = gpd.GeoDataFrame({
-            "fid": np.arange(len(b.feats), dtype=np.int64) + id_base,
-            "osm_type": [f["osm_type"] for f in b.feats],
-            "osm_id": np.asarray(osm_ids, dtype=np.int64),
-            "tags": [f["tags"] for f in b.feats],
-            "concept": np.asarray([f["concept"] for f in b.feats], dtype=np.int64),
-            "cover": np.asarray([f["cover"] for f in b.feats], dtype=np.int64),
-            "z": np.asarray([f["z"] for f in b.feats], dtype=np.int64),
-            "width_m": np.asarray([f["width_m"] for f in b.feats], dtype=np.float64),
-            "material": np.asarray([f["material"] for f in b.feats], dtype=np.int64),
-        }, geometry=list(geoms), crs="EPSG:4326")
-        mgeoms = shapely.transform(np.array([m[3] for m in b.marks], dtype=object), to_ll) if b.marks else []
-        marks = gpd.GeoDataFrame({
-            "fid": np.asarray([m[0] + id_base for m in b.marks], dtype=np.int64),
-            "mark": np.asarray([m[1] for m in b.marks], dtype=np.int64),
-            "z": np.asarray([m[2] for m in b.marks], dtype=np.int64),
-        }, geometry=list(mgeoms), crs="EPSG:4326")
-        out.append(RegionWorld(
-            code=code, bbox=b.bbox, utm_epsg_nad83=b.epsg_nad83, utm_epsg_wgs84=b.epsg_wgs84, features=df,
-            marks=marks, base_cover=BG[BIOMES[b.rs.biome]["base"]], id_base=id_base, biome=b.rs.biome,
-            split=prof.split_of(code), targets=dict(targets[code])))
+        out.append(build_region(spec, code, rng, targets[code], matcher, (k + 1) * 10_000_000,
+                                split=prof.split_of(code)))
     return out
+
+
+def build_region(spec: TestbedSpec, code: str, rng: np.random.Generator, budget: dict[str, int], matcher,
+                 id_base: int, *, split: str | None = None, budget_network: bool = False) -> RegionWorld:
+    """Lay out one region of `spec` with the recipes (`_Builder`) and return it in EPSG:4326.
+
+    budget: planned instances per concept name; id_base: its OSM ids are id_base + 1 ...
+    budget_network: draw the highway, railway, river and main roads only where the budget asks
+    for them (highway, railroad, river), as the model-scale scenes do; the testbed world always
+    draws its full network (False).
+    """
+    import geopandas as gpd
+    import shapely
+    from pyproj import Transformer
+
+    b = _Builder(spec, code, rng, budget, matcher, id_base)
+    b.budget_network = budget_network
+    b.build()
+    inv = _transformer(b.epsg_nad83, 4326)
+
+    def to_ll(xy, inv=inv):
+        x, y = inv.transform(xy[:, 0], xy[:, 1])
+        return np.round(np.column_stack([x, y]), 7)
+
+    geoms = shapely.transform(np.array([f["geometry"] for f in b.feats], dtype=object), to_ll)
+    geoms = _repair(geoms)
+    # OSM ids: nodes, ways and relations each count up from id_base in creation order
+    counters = {"node": 0, "way": 0, "relation": 0}
+    osm_ids = []
+    for f in b.feats:
+        counters[f["osm_type"]] += 1
+        osm_ids.append(id_base + counters[f["osm_type"]])
+    df = gpd.GeoDataFrame({
+        "fid": np.arange(len(b.feats), dtype=np.int64) + id_base,
+        "osm_type": [f["osm_type"] for f in b.feats],
+        "osm_id": np.asarray(osm_ids, dtype=np.int64),
+        "tags": [f["tags"] for f in b.feats],
+        "concept": np.asarray([f["concept"] for f in b.feats], dtype=np.int64),
+        "cover": np.asarray([f["cover"] for f in b.feats], dtype=np.int64),
+        "z": np.asarray([f["z"] for f in b.feats], dtype=np.int64),
+        "width_m": np.asarray([f["width_m"] for f in b.feats], dtype=np.float64),
+        "material": np.asarray([f["material"] for f in b.feats], dtype=np.int64),
+    }, geometry=list(geoms), crs="EPSG:4326")
+    mgeoms = shapely.transform(np.array([m[3] for m in b.marks], dtype=object), to_ll) if b.marks else []
+    marks = gpd.GeoDataFrame({
+        "fid": np.asarray([m[0] + id_base for m in b.marks], dtype=np.int64),
+        "mark": np.asarray([m[1] for m in b.marks], dtype=np.int64),
+        "z": np.asarray([m[2] for m in b.marks], dtype=np.int64),
+    }, geometry=list(mgeoms), crs="EPSG:4326")
+    return RegionWorld(
+        code=code, bbox=b.bbox, utm_epsg_nad83=b.epsg_nad83, utm_epsg_wgs84=b.epsg_wgs84, features=df,
+        marks=marks, base_cover=BG[BIOMES[b.rs.biome]["base"]], id_base=id_base, biome=b.rs.biome,
+        split=split, targets=dict(budget))
 
 
 def _repair(geoms):
@@ -2036,10 +2059,22 @@ def write_vector_world(regions: list[RegionWorld], out: str | Path, truth_res_m:
 # ------------------------------------------------------------------------------------------
 # Truth raster
 # ------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _transformer(src, dst):
+    """A cached always_xy pyproj Transformer (building one costs ~5 ms)."""
+    from pyproj import Transformer
+    return Transformer.from_crs(src, dst, always_xy=True)
+
+
+@functools.lru_cache(maxsize=32)
+def _transformer_from_4326(crs):
+    from pyproj import CRS, Transformer
+    return Transformer.from_crs(4326, CRS.from_user_input(crs), always_xy=True)
+
+
 def _to_crs(geoms, crs):
     import shapely
-    from pyproj import CRS, Transformer
-    tr = Transformer.from_crs(4326, CRS.from_user_input(crs), always_xy=True)
+    tr = _transformer_from_4326(crs)
 
     def f(xy):
         x, y = tr.transform(xy[:, 0], xy[:, 1])

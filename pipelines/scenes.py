@@ -1,0 +1,141 @@
+"""`gl10m testbed scenes`: a model-scale synthetic world straight to shards.
+
+    DIR/staged/{split}/{key}/   one staged sample per scene (gl10m.samples)
+    DIR/ledger.sqlite           stage ``scenes``, one unit per scene index
+    DIR/truth/{key}.npy         with truth=True: the 1 m truth class map of each scene
+    DIR/shards/                 exactly what `gl10m shard` writes (gl10m.shards.build + the card)
+
+The step (gl10m.testbed.scenes.build_scene) is a plain function of a scene plan; this module
+only maps it over the plan on a Dask cluster (a LocalCluster, or ``scheduler``) and records the
+outcomes in the ledger (the driver alone writes it). A rerun skips the scenes the ledger has as
+done with the same inputs and whose staged sample is there, so a run killed at any point (kill -9)
+reruns to the same bytes. Public entry point: :func:`build_world`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from gl10m.errors import UserError
+
+STAGE = "scenes"
+
+
+@dataclass
+class WorldResult:
+    out_dir: Path
+    shards_dir: Path
+    n_scenes: int
+    seed: int
+    samples: dict[str, int] = field(default_factory=dict)  # per split
+    built: int = 0  # scenes rendered in this run
+    skipped: int = 0  # scenes already staged by an earlier run
+    failed: dict[str, str] = field(default_factory=dict)  # scene index -> error
+    seconds: float = 0.0  # the scenes' step (layout .. staged), wall clock
+    shard_seconds: float = 0.0  # gl10m.shards.build + card
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def scenes_per_s(self) -> float:
+        return self.built / self.seconds if self.seconds > 0 else 0.0
+
+
+def _unit(i: int) -> str:
+    return f"{i:07d}"
+
+
+def build_world(out: str | Path, n: int, seed: int, workers: int | None = None, *,
+                scheduler: str | None = None, states: str | Sequence[str] | None = None, truth: bool = False,
+                profile=None, quiet: bool = True, card: bool = True, use_dask: bool = True,
+                max_bytes: int | None = None) -> WorldResult:
+    """Build (or finish) a world of `n` synthetic scenes of `seed` under `out`; return what it did.
+
+    out/shards/ then holds the shards, index, manifest and dataset card of `gl10m shard`, so
+    gl10m.data.load(out/"shards", split) reads it. workers: Dask workers of the local cluster
+    (default min(2, cores)); scheduler: an existing cluster (its workers must see `out`);
+    states: restrict to these profile regions (comma list or list); truth: also write
+    out/truth/{key}.npy; use_dask=False runs every scene in this process (tests, debugging).
+    Raises UserError (one line) for bad input: n <= 0, an unwritable out, an unknown state.
+    """
+    from gl10m import __version__, shards
+    from gl10m import profile as prof_mod
+    from gl10m.io import clean_temp, ensure_dir
+    from gl10m.ledger import FAILED, OK, Ledger, hash_inputs
+    from gl10m.pipelines.runner import ClusterOptions, dask_client, error_label, map_units
+    from gl10m.samples import clean_staged_temp
+    from gl10m.testbed import scenes as S
+
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise UserError(f"--scenes must be a positive number of scenes, got {n}")
+    if workers is not None and workers < 1:
+        raise UserError("--workers must be at least 1")
+    profile = profile or prof_mod.load()
+    plans = S.plan_world(n, int(seed), profile, states)  # validates states before anything is written
+    out = ensure_dir(Path(out), "output folder").resolve()
+    clean_staged_temp(out)
+    sh_dir = out / "shards"
+    if sh_dir.is_dir():
+        clean_temp(sh_dir)
+    truth_dir = ensure_dir(out / "truth", "truth folder") if truth else None
+    res = WorldResult(out_dir=out, shards_dir=sh_dir, n_scenes=n, seed=int(seed))
+    done: dict[int, dict] = {}
+    with Ledger.for_workdir(out) as ledger:
+        todo, hashes = [], {}
+        for p in plans:
+            h = hash_inputs(STAGE, S.GENERATOR_VERSION, p.seed, n, p.index, p.state, p.split, p.lon, p.lat,
+                            p.biome, p.coast, list(p.town_cells), sorted(p.budget.items()), profile.hash(),
+                            bool(truth))
+            hashes[p.index] = h
+            o = ledger.get(STAGE, _unit(p.index))
+            if o is not None and o.status == OK and o.input_hash == h and o.detail \
+                    and (out / o.detail.get("folder", "-")).is_dir() \
+                    and (not truth or (truth_dir / f"{o.detail['key']}.npy").exists()):
+                done[p.index] = o.detail
+                res.skipped += 1
+            else:
+                todo.append(p)
+
+        def on_result(unit, info, err):
+            i = int(unit)
+            if err is None:
+                info = {**info, "folder": Path(info["folder"]).relative_to(out).as_posix()}
+                done[i] = info
+                ledger.record(STAGE, unit, OK, hashes[i], detail=info)
+            else:
+                res.failed[unit] = error_label(err)
+                ledger.record(STAGE, unit, FAILED, hashes[i], reason=error_label(err))
+
+        t0 = time.perf_counter()
+        if todo:
+            args = [(p, profile, str(out), n) for p in todo]
+            kwargs = [{"truth_dir": str(truth_dir) if truth_dir else None}] * len(todo)
+            keys = [_unit(p.index) for p in todo]
+            if use_dask:
+                with dask_client(ClusterOptions(workers=workers, scheduler=scheduler), quiet=quiet) as client:
+                    map_units(client, S.build_scene, args, keys=keys, description="scenes", quiet=quiet,
+                              on_result=on_result, kwargs=kwargs, unit="scenes")
+            else:
+                map_units(None, S.build_scene, args, keys=keys, description="scenes", quiet=quiet,
+                          on_result=on_result, kwargs=kwargs, unit="scenes")
+        res.seconds = time.perf_counter() - t0
+        res.built = len(todo) - len(res.failed)
+    t1 = time.perf_counter()
+    entries = [shards.Entry(d["key"], d["split"], d["state"], out / d["folder"]) for _, d in sorted(done.items())]
+    extra = {"profile": {"name": profile.name, "version": profile.version, "hash": profile.hash()},
+             "builder": {"name": "gl10m", "version": __version__},
+             "split_scheme": profile.splits.scheme,
+             "concepts": [{"id": c.id, "name": c.name, "label": c.label} for c in profile.concepts],
+             "dropped_border": 0, "not_fetched": len(res.failed),
+             "synthetic": {"generator": S.GENERATOR, "generator_version": S.GENERATOR_VERSION, "seed": int(seed),
+                           "n_scenes": n, "states": sorted({p.state for p in plans}),
+                           "note": "synthetic scenes of the gl10m testbed world (gl10m testbed scenes)"}}
+    res.manifest = shards.build(entries, sh_dir, max_bytes=max_bytes or shards.DEFAULT_SHARD_BYTES,
+                                manifest_extra=extra)
+    if card:
+        from gl10m import card as cardmod
+        cardmod.write_card(sh_dir, profile)
+    res.shard_seconds = time.perf_counter() - t1
+    res.samples = res.manifest["samples"]
+    return res
