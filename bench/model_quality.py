@@ -61,12 +61,11 @@ def run(cmd: list[str], what: str) -> float:
 
 def row(rep: dict, name: str, group: str = "all", k: int = 100) -> dict | None:
     """A report row's mAP@k (group), its 95 % interval and OBR, or None when the row is absent."""
-    for r in rep["rows"]:
-        if r["name"] == name:
-            m = (r.get("metrics") or {}).get(group) or {}
-            ci = m.get(f"mAP@{k}_ci95") or [None, None]
-            return {"map": m.get(f"mAP@{k}"), "lo": ci[0], "hi": ci[1], "obr": r.get("obr")}
-    return None
+    r = rep["rows"].get(name)
+    if r is None:
+        return None
+    ci = ((r.get("ci95") or {}).get(f"map{k}") or {}).get(group) or [None, None]
+    return {"map": r[f"map{k}"].get(group), "lo": ci[0], "hi": ci[1], "obr": r.get("obr")}
 
 
 def targets(v: dict[str, float | None], obr: float | None) -> list[tuple[str, bool | None, str]]:
@@ -135,6 +134,12 @@ def main(argv=None) -> int:
     gap = None if v["full_hr"] is None or v["lr_only"] is None else v["full_hr"] - v["lr_only"]
     recovered = None if not gap or gap <= 0 or v["default"] is None else (v["default"] - v["lr_only"]) / gap
     print(f"gap recovered: {recovered if recovered is not None else 'n/a'}")
+    for pair, d in sorted((rep.get("paired") or {}).items()):
+        m = (d.get("map100") or {}).get("all") or {}
+        est = m.get("diff", m.get("ratio"))
+        ci = m.get("ci95") or [None, None]
+        if est is not None and ci[0] is not None:
+            print(f"  {pair:<32} {est:+.3f}  95 % interval [{ci[0]:+.3f}, {ci[1]:+.3f}] (paired bootstrap)")
     checks = targets(v, obr)
     for name, ok, nums in checks:
         print(f"  {'met   ' if ok else 'MISSED' if ok is False else 'n/a   '} {name}  ({nums})")

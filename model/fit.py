@@ -140,23 +140,11 @@ def resolve_device(dev: str) -> str:
 
 
 def resolve_novel(novel: Sequence | None, labels: Sequence[str], profile: str | None = None) -> list[int]:
-    """Concept ids held out as novel: names (case-insensitive) or ids; None: the profile's flags."""
-    if novel is None:
-        from .features import _novel_ids
+    """Concept ids held out as novel: names or ids; None: the profile's flags (the encoder
+    pretraining's own rule, :func:`gl10m.model.pretrain.novel_ids`)."""
+    from .pretrain import novel_ids
 
-        return _novel_ids(profile, labels)
-    low = [lab.lower() for lab in labels]
-    out = []
-    for c in novel:
-        if isinstance(c, int) and not isinstance(c, bool):
-            if not 0 <= c < len(labels):
-                raise FitError(f"novel concept id {c} out of range 0..{len(labels) - 1}")
-            out.append(c)
-        elif isinstance(c, str) and c.strip().lower() in low:
-            out.append(low.index(c.strip().lower()))
-        else:
-            raise FitError(f"novel concept {c!r} is not one of the {len(labels)} concept labels")
-    return sorted(set(out))
+    return novel_ids(novel, list(labels), profile)
 
 
 # -- state -------------------------------------------------------------------------------------
@@ -237,9 +225,7 @@ def plan(shards: str | os.PathLike, out: str | os.PathLike, config: str | os.Pat
     plans: list[Plan] = []
 
     # encoder
-    enc_cfg = _merge(cfg["encoder"]["config"], {"train": {"device": dev}})
-    if _NOVEL_IN_PRETRAIN():  # TEMP until the pretrain novel key lands
-        enc_cfg["train"]["novel_concepts"] = novel
+    enc_cfg = _merge(cfg["encoder"]["config"], {"train": {"device": dev, "novel": novel}})
     if cfg["profile"]:
         enc_cfg["train"]["profile"] = cfg["profile"]
     h_enc = _digest({"shards": sd, "weights": _file_digest(weights) if weights else None,
@@ -327,17 +313,7 @@ def plan(shards: str | os.PathLike, out: str | os.PathLike, config: str | os.Pat
 
 def _with_novel(sampler_cfg: dict, novel: list[int]) -> dict:
     """The sampler's supervision must not see novel concepts (their s_gain is never computed)."""
-    from . import sampler as S
-
-    if "novel_concepts" not in S.DEFAULTS["supervision"]:  # TEMP until the supervision novel key lands
-        return sampler_cfg
     return _merge(sampler_cfg, {"supervision": {"novel_concepts": novel}})
-
-
-def _NOVEL_IN_PRETRAIN() -> bool:
-    from . import pretrain
-
-    return "novel_concepts" in pretrain.TRAIN_DEFAULTS
 
 
 def _file_digest(path: str | os.PathLike) -> str:

@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from gl10m.errors import UserError  # noqa: E402
 from gl10m.model import fit as F  # noqa: E402
 from gl10m.model import train as T  # noqa: E402
 
@@ -155,13 +156,13 @@ def test_dry_run_writes_nothing(fitted, shards, tmp_path):
 @pytest.mark.parametrize("cfg, msg", [
     ({"bogus": 1}, "unknown section 'bogus'"),
     ({"device": "tpu"}, "device must be auto, cpu or cuda"),
-    ({"novel": ["Not a concept"]}, "is not one of the 66 concept labels"),
-    ({"novel": [66]}, "out of range"),
+    ({"novel": ["Not a concept"]}, "is not one of the 66 concepts"),
+    ({"novel": [66]}, "outside 0..65"),
     ({"variants": ["nope"]}, "unknown sampler variant 'nope'"),
     ({"sampler": {"base": "no-such.yaml"}}, "cannot be read"),
 ])
 def test_bad_configs_are_one_line_errors(shards, tmp_path, cfg, msg):
-    with pytest.raises(F.FitError, match=msg):
+    with pytest.raises(UserError, match=msg):
         F.fit(shards, tmp_path / "m", tiny_config(**cfg), echo=lambda m: None)
     assert not (tmp_path / "m").exists()
 
