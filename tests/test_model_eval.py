@@ -206,10 +206,12 @@ def model_env(tmp_path_factory):
                    labels=E.concept_labels())
     write_features(sd, root / "features", md / "encoder", batch_size=4)
     base = {"batch_size": 2, "steps": 3, "lr": 1e-3, "warmup_steps": 1, "ckpt_every": 3, "progress": False}
-    train({"task": "sampler", "model": {"hidden": 8, "kernel": 3, "layers": 1}, **base}, root / "features",
-          md / "sampler")
+    held = {"novel_concepts": [0, 3, 4]}  # the novel concepts, held out of s_gain as of stage II
+    train({"task": "sampler", "model": {"hidden": 8, "kernel": 3, "layers": 1}, "supervision": held, **base},
+          root / "features", md / "sampler")
     train({"task": "sampler", "model": {"hidden": 8, "kernel": 3, "layers": 1},
-           "supervision": {"variant": "structural", "lam": 0.5}, **base}, root / "features", md / "sampler-structural")
+           "supervision": {"variant": "structural", "lam": 0.5, **held}, **base}, root / "features",
+          md / "sampler-structural")
     train({"task": "predictor", "model": TINY_PRED, **base}, root / "features", md / "predictor")
     train({"task": "predictor", "model": {**TINY_PRED, "use_lr": False}, **base}, root / "features",
           md / "predictor-nolr")
@@ -231,6 +233,8 @@ def test_report_of_a_tiny_trained_model(model_env, tmp_path):
                           "predictor_nolr", "default", "default_stage1", "sampler_structural"]
     assert rep["scoring"]["space"].startswith("the stage II head")
     assert rep["selection"]["threshold"] == 0.55 and rep["selection"]["source"] == "sampler's config"
+    assert rep["novel_holdout"] == {"encoder": "not recorded", "sampler": ["Tennis", "Pool", "Golf course"],
+                                    "predictor-stage2": ["Tennis", "Pool", "Golf course"]}
     assert rows["lr_only"]["obr"] == 0.0 and rows["full_hr"]["obr"] == 1.0
     # OBR accounting: the default row's OBR is the mean of its per-scene OBR; random matches it
     per = rep["obr_per_scene"]
@@ -330,7 +334,7 @@ def test_eval_errors(model_env, tmp_path):
     with pytest.raises(UserError, match="threshold"):
         EV.evaluate(md, sd, tmp_path / "r", split="val", threshold=1.5, progress=False, allow_small=True)
     # a novel concept some part was trained on is refused
-    with pytest.raises(UserError, match="Skate park were not held out of the predictor-stage2"):
+    with pytest.raises(UserError, match="Skate park were not held out of the sampler"):
         EV.evaluate(md, sd, tmp_path / "r", split="val", novel=["Skate park"], progress=False, allow_small=True)
     # mAP on 5 scenes is refused unless asked for
     with pytest.raises(UserError, match="5 scenes.*--allow-small"):
@@ -378,12 +382,14 @@ def test_target_obr_calibrates_the_shared_threshold_on_val(model_env, tmp_path):
     with gdata.SampleReader(sd, "val") as reader:
         logits = EV.sampler_logits(bundle, reader, batch_size=2)
     t, got = EV.calibrate_threshold(logits, 0.12)
-    assert sel["source"] == "calibration on val" and sel["calibration"] == {"split": "val", "scenes": 5, "obr": got}
-    assert sel["threshold"] == pytest.approx(t) and sel["target_obr"] == 0.12
+    assert sel["source"] == "calibration on val" and sel["calibration"]["split"] == "val"
+    assert sel["calibration"]["scenes"] == 5 and sel["calibration"]["obr"] == pytest.approx(got, abs=1e-6)
+    assert sel["threshold"] == pytest.approx(t, abs=1e-6) and sel["target_obr"] == 0.12  # the report rounds to 1e-6
     assert got == pytest.approx(0.12, abs=0.01)
     # the calibrated threshold is what the train split's default row used
     with gdata.SampleReader(sd, "train") as reader:
         tl = EV.sampler_logits(bundle, reader)
     from gl10m.model.selection import select
-    assert rep["rows"]["default"]["obr"] == pytest.approx(float(select(tl, threshold=t).float().mean()), abs=1e-6)
+    assert rep["rows"]["default"]["obr"] == pytest.approx(float(select(tl, threshold=sel["threshold"]).float().mean()),
+                                                          abs=1e-6)
     assert "calibrated on split `val`" in (tmp_path / "r" / "report.md").read_text()
