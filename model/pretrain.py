@@ -11,7 +11,7 @@ Config (dict or YAML, see model/configs/encoder-*.yaml)::
 
     encoder: {backend: vit, width: 192, depth: 6, heads: 3, patch: 16, hr_size: 224, lr_size: 160, ...}
     train: {split: train, steps: 2000, batch_size: 8, tiles_per_scene: 8, lr: 3.0e-4,
-            weight_decay: 0.05, pos_threshold: 0.1, lr_weight: 1.0, seed: 0, shuffle: 64,
+            weight_decay: 0.05, pos_threshold: 0.0001, lr_weight: 1.0, seed: 0, shuffle: 64,
             profile: null, device: cpu, log_every: 50, novel: null}
 
 Novel concepts are held out of pretraining entirely: their text and their labels leave both
@@ -40,7 +40,7 @@ from torch import nn
 from gl10m.model.encoders import EncoderConfig, EncoderError, TextEncoder, TileEncoder, concept_labels, load_config, save_encoder
 
 TRAIN_DEFAULTS = dict(split="train", steps=2000, batch_size=8, tiles_per_scene=8, lr=3.0e-4, weight_decay=0.05,
-                      pos_threshold=0.1, lr_weight=1.0, seed=0, shuffle=64, profile=None, device="cpu",
+                      pos_threshold=1e-4, lr_weight=1.0, seed=0, shuffle=64, profile=None, device="cpu",
                       log_every=50, labels=None, novel=None)
 
 

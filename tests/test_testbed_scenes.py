@@ -99,6 +99,20 @@ def test_splits_disjoint_and_proportional(world, profile):
     assert len(bases) == 2000
 
 
+def test_every_biome_of_the_held_out_states_is_in_the_train_states(profile):
+    """States are biome mixtures and every biome of a val/test state also occurs in a train state,
+    so the held-out split judges new places, not new kinds of land; the plan draws them so."""
+    from gl10m.testbed.scenes import STATE_LOOK, plan_world
+
+    biomes = {s: set(STATE_LOOK[s][0]) for s in profile.regions if s in STATE_LOOK}
+    train = set().union(*(b for s, b in biomes.items() if profile.split_of(s) == "train"))
+    held = set().union(*(b for s, b in biomes.items() if profile.split_of(s) in ("val", "test")))
+    assert held <= train, held - train
+    plans = plan_world(600, 7, profile)
+    seen = {sp: {p.biome for p in plans if p.split == sp} for sp in ("train", "val", "test")}
+    assert seen["test"] <= seen["train"] and len(seen["train"]) >= 4
+
+
 def test_concept_budgets_follow_the_long_tail(profile):
     plans = S.plan_world(2000, 5, profile)
     asked = np.zeros(66, int)

@@ -8,7 +8,8 @@ the pipeline's own osm and anchors code. Nothing here draws, shades or measures 
 1. :func:`plan_world` (seed, N) -> one :class:`ScenePlan` per scene: its state (weighted by the
    profile's per-state targets inside the split), split (exact ~83/8/9 % by a seeded
    permutation), footprint (a distinct 0.024-degree cell of the state's box, never within
-   ``splits.border_buffer_deg`` of another split's region), biome and coast of the state, and a
+   ``splits.border_buffer_deg`` of another split's region), biome (drawn from the state's mixture,
+   :data:`STATE_LOOK`) and coast, and a
    concept budget. Budgets follow the profile's ``count`` prior (scenes with the concept in
    GL-10M / 94,077 train+val scenes) with a floor of :data:`FLOOR_SHARE` of the scenes, so every
    concept is asked for at N >= 2,000 (rare ones stay rare: the floor is 0.2 % of scenes) and
@@ -43,21 +44,30 @@ import numpy as np
 from gl10m.errors import UserError
 
 GENERATOR = "gl10m.testbed.scenes"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: states are biome mixtures
 GL10M_SCENES = 94077  # train + val scenes of GL-10M: the denominator of the `count` prior
 FLOOR_SHARE = 0.002  # every concept is asked for in at least this share of the scenes (>= 1)
 SPLIT_SHARE = {"val": 0.08, "test": 0.09}  # the rest is train (~83 %)
 REGION_PAD = 1.1  # the layout covers the footprint times this (features run out of the scene)
 
-# Biome and coast of each state: (biome, coast sides, share of scenes on the coast).
-STATE_LOOK: dict[str, tuple[str, tuple[str, ...], float]] = {
-    "CA": ("coastal_plain", ("west",), 0.35), "TX": ("prairie", ("south", "east"), 0.12),
-    "FL": ("coastal_plain", ("east", "west", "south"), 0.5), "WA": ("forest_coast", ("west", "north"), 0.3),
-    "IL": ("prairie", ("east",), 0.05), "PA": ("forest_coast", ("north",), 0.05),
-    "NC": ("coastal_plain", ("east",), 0.25), "GA": ("coastal_plain", ("east",), 0.2),
-    "CO": ("prairie", (), 0.0), "AZ": ("desert", (), 0.0), "ME": ("northern_coast", ("east", "south"), 0.45),
+# Biomes and coast of each state: ({biome: share of the state's scenes}, coast sides, share of
+# scenes on the coast). A state is a mixture, as real states are (California has deserts,
+# Texas a coast), and every biome occurs in the train states, so the val/test states (WA; AZ, ME)
+# are new places but not new kinds of land: the model is judged on what it could have learnt.
+STATE_LOOK: dict[str, tuple[dict[str, float], tuple[str, ...], float]] = {
+    "CA": ({"coastal_plain": 0.5, "desert": 0.3, "forest_coast": 0.2}, ("west",), 0.35),
+    "TX": ({"prairie": 0.6, "desert": 0.25, "coastal_plain": 0.15}, ("south", "east"), 0.12),
+    "FL": ({"coastal_plain": 1.0}, ("east", "west", "south"), 0.5),
+    "WA": ({"forest_coast": 0.6, "northern_coast": 0.2, "prairie": 0.2}, ("west", "north"), 0.3),
+    "IL": ({"prairie": 1.0}, ("east",), 0.05),
+    "PA": ({"forest_coast": 0.6, "northern_coast": 0.2, "prairie": 0.2}, ("north",), 0.05),
+    "NC": ({"coastal_plain": 0.6, "forest_coast": 0.4}, ("east",), 0.25),
+    "GA": ({"coastal_plain": 0.7, "forest_coast": 0.3}, ("east",), 0.2),
+    "CO": ({"prairie": 0.6, "desert": 0.4}, (), 0.0),
+    "AZ": ({"desert": 0.85, "prairie": 0.15}, (), 0.0),
+    "ME": ({"northern_coast": 0.7, "forest_coast": 0.3}, ("east", "south"), 0.45),
 }
-DEFAULT_LOOK = ("prairie", (), 0.0)
+DEFAULT_LOOK = ({"prairie": 1.0}, (), 0.0)
 # Instances asked for when a scene asks for a concept: 1 + Poisson(extra).
 EXTRA_INSTANCES = {"swimming_pool": 3.0, "tennis": 1.0, "parking_lot": 1.5, "farmland": 1.0, "forest": 1.0,
                    "religious_building": 0.3, "pond": 0.5, "barn": 0.5, "gas_station": 0.3, "warehouse": 1.0,
@@ -187,7 +197,10 @@ def plan_world(n: int, seed: int, profile, states: list[str] | None = None) -> l
     out = []
     for i in range(n):
         st = str(state_of[i])
-        biome, sides, share = STATE_LOOK.get(st, DEFAULT_LOOK)
+        mix, sides, share = STATE_LOOK.get(st, DEFAULT_LOOK)
+        kinds = sorted(mix)
+        w = np.array([mix[b] for b in kinds], float)
+        biome = kinds[int(rng.choice(len(kinds), p=w / w.sum()))]
         wants_coast = any(names[k] in COASTAL for k in asked[i])
         u = rng.random()
         coast = "none"
