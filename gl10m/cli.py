@@ -10,11 +10,12 @@ from rich.console import Console
 from rich.table import Table
 
 from gl10m.errors import UserError
+from gl10m.outcomes import EXIT_CODES_HELP
 
 app = typer.Typer(
     help="Build GL-10M-style paired Sentinel-2 / NAIP datasets from OpenStreetMap concepts.\n\n"
          "Stages: index (osm -> anchors), then download and shard. Try it offline first:\n"
-         "`gl10m testbed build --out W/world` and `gl10m testbed serve W/world`.",
+         "`gl10m testbed build --out W/world` and `gl10m testbed serve W/world`.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 testbed_app = typer.Typer(help="The offline testbed world: build it, serve it, look at it.",
                           no_args_is_help=True)
@@ -77,7 +78,7 @@ def _client_opts(workers, threads, scheduler):
     return ClusterOptions(workers=workers, threads=threads, scheduler=scheduler)
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def index(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
           bbox: Optional[str] = BboxOpt,
           stage: Optional[str] = typer.Option(None, "--stage", help="Run one stage only: osm or anchors."),
@@ -114,7 +115,7 @@ def index(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, stat
     if not ran:
         out.print("nothing to do: every requested stage is up to date (use --force to redo)")
     _print_summary(workdir, stages=list(stages))
-    _exit_on_bad(res.outcomes)
+    _finish(workdir, "index", res.failures())
 
 
 StacUrlOpt = typer.Option(None, "--stac-url", help="Override the profile's provider.stac_url (e.g. the testbed's).")
@@ -154,7 +155,7 @@ def _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet) ->
     out.print(planmod.format_estimate(res.estimate, res.rejections), highlight=False)
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def plan(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
          bbox: Optional[str] = BboxOpt, stac_url: Optional[str] = StacUrlOpt, max_scenes: Optional[int] = MaxScenesOpt, seed: int = SeedOpt,
          provider: Optional[str] = ProviderOpt, ee_project: Optional[str] = EeProjectOpt,
@@ -178,10 +179,10 @@ def plan(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, state
         out.print(planmod.format_estimate(planmod.estimate(pd.concat(rows, ignore_index=True), prof)),
                   highlight=False)
     _print_summary(workdir, stages=["catalog", "plan", "plan-scene"])
-    _exit_on_bad(res.outcomes)
+    _finish(workdir, "plan", res.failures())
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
              bbox: Optional[str] = BboxOpt, stac_url: Optional[str] = StacUrlOpt, max_scenes: Optional[int] = MaxScenesOpt, seed: int = SeedOpt,
              provider: Optional[str] = ProviderOpt, ee_project: Optional[str] = EeProjectOpt,
@@ -201,6 +202,8 @@ def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, s
         return _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet)
     if max_scenes is not None and max_scenes < 0:  # before a Dask cluster is started for nothing
         raise UserError(f"--max-scenes must be >= 0, got {max_scenes}")
+    if prof.provider.name == "stac" and (Path(workdir) / "ledger.sqlite").is_file():
+        stac_url = dl.preflight(prof, stac_url)  # an unreachable provider: one line, before Dask starts
     kw = dict(regions=regions, stac_url=stac_url, max_scenes=max_scenes, seed=seed, force=force, quiet=quiet)
     if no_dask:
         res = dl.run_download(prof, workdir, **kw)
@@ -211,15 +214,18 @@ def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, s
     if fetched and all(k.startswith("skipped") for k in fetched):
         out.print("nothing to fetch: every planned scene is done (use --force to redo)")
     _print_summary(workdir, stages=["catalog", "plan", "fetch"])
-    _exit_on_bad(res.outcomes)
+    _finish(workdir, "download", res.failures())
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def shard(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
           bbox: Optional[str] = BboxOpt,
           shard_mb: Optional[int] = typer.Option(None, "--shard-mb", help="Target shard size in MB (default 768)."),
           force: bool = typer.Option(False, "--force", help="Rewrite even if nothing changed."),
           no_card: bool = typer.Option(False, "--no-card", help="Skip the dataset card and its plots."),
+          allow_incomplete: bool = typer.Option(
+              False, "--allow-incomplete", help="Shard even while planned scenes are failed or not fetched "
+              "(the manifest and the card list them); without it such a build stops with exit code 3."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
     """Write WebDataset shards per split (byte copies of the staged samples), the index and the card."""
     from gl10m.pipelines import shard as sh
@@ -228,12 +234,15 @@ def shard(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, stat
     if shard_mb is not None and shard_mb < 1:
         raise UserError("--shard-mb must be at least 1")
     res = sh.run_shard(prof, workdir, regions=regions, max_bytes=shard_mb * 1024 * 1024 if shard_mb else None,
-                       force=force, quiet=quiet, card=not no_card)
+                       force=force, quiet=quiet, card=not no_card, allow_incomplete=allow_incomplete)
     if res.status.startswith("skipped"):
         out.print(f"nothing to do: shards are up to date ({res.status})")
     counts = ", ".join(f"{k} {v}" for k, v in res.samples.items()) or "no samples"
-    out.print(f"shards in {res.out_dir}: {counts}; dropped at split borders: {len(res.dropped)}; "
-              f"planned but not fetched: {len(res.missing)}")
+    out.print(f"shards in {res.out_dir}: {counts}", highlight=False)
+    out.print(res.summary(), highlight=False)
+    if res.missing:
+        out.print(f"incomplete (--allow-incomplete): {len(res.missing)} planned scenes are not in the shards; "
+                  "the manifest and the card list them", highlight=False)
 
 
 @app.command()
@@ -277,7 +286,7 @@ def show(key: str = typer.Argument(..., help="Sample key, e.g. CA-w20000019."),
     out.print(f"wrote {output}")
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def demo(workdir: Path = typer.Option(Path("work/demo"), "--workdir", "-w", help="Where the world and outputs go."),
          workers: Optional[int] = WorkersOpt,
          rebuild: bool = typer.Option(False, "--rebuild", help="Regenerate the testbed world even if it exists."),
@@ -292,6 +301,7 @@ def demo(workdir: Path = typer.Option(Path("work/demo"), "--workdir", "-w", help
     out.print(f"\n[bold]demo done[/bold] in {sum(res.seconds.values()):.0f} s "
               f"({', '.join(f'{k} {v:.0f} s' for k, v in res.seconds.items())})")
     out.print(f"shards:        {res.shards}  ({counts})")
+    out.print(f"scenes:        {res.shard_summary}", highlight=False)
     out.print(f"dataset card:  {res.shards / 'README.md'}")
     out.print(f"pictures:      {', '.join(str(p) for p in res.pictures)}")
     if res.model:
@@ -309,15 +319,21 @@ def demo(workdir: Path = typer.Option(Path("work/demo"), "--workdir", "-w", help
     out.print(f"ledger:        gl10m status -w {res.workdir}")
 
 
-def _exit_on_bad(outcomes: dict) -> None:
-    bad = [f"{s}/{r}: {v}" for (s, r), v in sorted(outcomes.items())
-           if v.startswith(("failed", "rejected", "waiting"))]
+def _finish(workdir: Path, command: str, failures) -> None:
+    """One line per failed unit (the first few), tracebacks to W/logs/, the closing line, the exit
+    code (gl10m.outcomes)."""
     from rich.markup import escape
 
-    for b in bad:
-        err.print(f"[red]{escape(b)}[/red]")
-    if bad:
-        raise typer.Exit(1)
+    from gl10m.outcomes import verdict, write_log
+
+    fails = list(failures)
+    v = verdict(fails, command=command, log=write_log(Path(workdir), command, fails))
+    for line in v.lines:
+        err.print(f"[red]{escape(line)}[/red]", highlight=False)
+    if v.last:
+        err.print(escape(v.last), highlight=False)
+    if v.code:
+        raise typer.Exit(v.code)
 
 
 def _print_summary(workdir: Path, stages: list[str] | None = None) -> None:
@@ -579,9 +595,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         rc = app(args=argv, standalone_mode=False)
-    except UserError as e:
+    except UserError as e:  # bad input: exit 2 (an IncompleteError, transient trouble upstream: 3)
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
     except FileNotFoundError as e:
         err.print(f"[red]error:[/red] {escape(str(e.filename or e))}: no such file or directory", highlight=False)
         sys.exit(2)

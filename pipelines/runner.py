@@ -33,9 +33,11 @@ def dask_client(opts: ClusterOptions | None = None, *, quiet: bool = False) -> I
     import distributed
 
     opts = opts or ClusterOptions()
+    # a unit that raises is the pipeline's business (one line per failed unit, tracebacks in
+    # W/logs/, gl10m.outcomes): Dask's own "Compute Failed" error logs never reach the console
     for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker",
                  "distributed.core", "distributed.http.proxy"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     if opts.scheduler:
         client = distributed.Client(opts.scheduler)
         cluster = None
@@ -46,7 +48,7 @@ def dask_client(opts: ClusterOptions | None = None, *, quiet: bool = False) -> I
         cluster = distributed.LocalCluster(
             n_workers=workers, threads_per_worker=opts.threads, processes=opts.processes,
             dashboard_address="127.0.0.1:0", memory_limit=opts.memory_limit,
-            silence_logs=logging.ERROR, **extra)
+            silence_logs=logging.CRITICAL, **extra)
         client = distributed.Client(cluster)
     if not quiet:
         console.print(f"[dim]dask: {len(client.scheduler_info()['workers'])} workers, "
