@@ -302,7 +302,7 @@ def write_card(shards_dir: str | Path, profile, *, n_examples: int = 3, max_qc_s
             f"# {profile.name}: a GL-10M-style Sentinel-2 / NAIP dataset with OpenStreetMap concepts\n\n"
             f"This shards folder holds no samples: the build (profile `{profile.name}` version {profile.version}, "
             f"hash `{profile.hash()}`) produced none. Run `gl10m download` and `gl10m shard` again once scenes "
-            "are fetched.\n").encode("utf-8"))
+            "are fetched.\n" + "".join(f"\n{line}\n" for line in _build_outcome(manifest, 0))).encode("utf-8"))
     n_lab = len(index["labels"].iloc[0])
     if n_lab != profile.n_concepts:
         raise UserError(f"{root}: samples have {n_lab} labels but profile {profile.name} has "

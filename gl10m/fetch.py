@@ -54,7 +54,8 @@ import numpy as np
 
 from gl10m import __version__, compose, qc, samples
 from gl10m.errors import redact as _redact_urls
-from gl10m.sources.retry import RETRY_STATUSES, Budget, TransientError, is_transient, parse_retry_after, retry
+from gl10m.sources.retry import (RETRY_STATUSES, TransientError, is_transient, parse_retry_after, retry,
+                                 unit_budget)
 
 OK, REJECTED = "ok", "rejected"
 ASSET_MISSING = "asset_missing"
@@ -99,7 +100,10 @@ class Rejection(Exception):
 
 
 class AccessDenied(Exception):
-    """HTTP 401/403 even after re-signing: credentials, not data (recorded as failed)."""
+    """HTTP 401/403 even after re-signing: credentials, not data (recorded as failed; a rerun,
+    with a fresh token or fixed credentials, tries again)."""
+
+    transient = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +253,7 @@ def read_asset(href: str, fn: Callable[[Any], Any], *, item: str, asset: str,
 
     opts = {**DEFAULT_RETRY, **(retry_opts or {})}
     if opts.get("budget") is None and opts["attempts"] is None:
-        opts["budget"] = Budget(UNIT_BUDGET_S)
+        opts["budget"] = unit_budget(UNIT_BUDGET_S)
     return retry(once, retry_on=lambda e: isinstance(e, TransientError), **opts)
 
 
@@ -479,10 +483,10 @@ def fetch_scene(row: Mapping, profile, out_root: str | Path, *, sign: Callable[[
     `out_root` is the work dir W (the sample goes to ``W/staged/{split}/{key}/``). `gdal_env`
     overrides GDAL options; `retry_opts` overrides ``attempts``/``base_delay``/``max_delay``/
     ``budget`` (default: every read of the scene retries transient errors within one
-    :class:`~gl10m.sources.retry.Budget` of UNIT_BUDGET_S seconds).
+    :class:`~gl10m.sources.retry.Budget` of UNIT_BUDGET_S seconds, or ``$GL10M_RETRY_BUDGET_S``).
     Raises ValueError for a malformed row, TransientError / AccessDenied for transient trouble.
     """
-    retry_opts = {"budget": Budget(UNIT_BUDGET_S), **(retry_opts or {})}
+    retry_opts = {"budget": unit_budget(UNIT_BUDGET_S), **(retry_opts or {})}
     _check_row(row)
     bounds = (float(row["west"]), float(row["south"]), float(row["east"]), float(row["north"]))
     lrg, hrg = compose.lr_grid(bounds, profile), compose.hr_grid(bounds, profile)

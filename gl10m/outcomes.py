@@ -7,7 +7,7 @@ Every stage command (``index``, ``plan``, ``download``, ``shard``) and ``demo`` 
   says how many and to rerun the same command, which retries exactly those;
 * **2** bad input (a bad option or profile value, an unreadable PBF, an unreachable provider):
   one line on stderr;
-* **1** anything else (a bug: the traceback is printed).
+* **1** anything else (a bug: an unexpected error in a unit, tracebacks in ``W/logs/``).
 
 A failed unit is one line on the console (the first :data:`MAX_LINES`, then a count); the full
 tracebacks go to ``W/logs/{command}-{time}.log`` (:func:`write_log`), never to the console.
@@ -42,25 +42,51 @@ class FailedUnits(UserError):
 
 @dataclass(frozen=True)
 class Failure:
-    """One unit that did not finish: its stage, unit, one-line label and full traceback."""
+    """One unit that did not finish: its stage, unit, one-line label, kind and full traceback."""
 
     stage: str
     unit: str
     label: str          # "failed:TransientError: ..." or "rejected:OsmError: ..."
     traceback: str = ""
+    kind: str = ""      # "transient", "rejected" or "error" (a bug); default: from the label
 
     @property
     def transient(self) -> bool:
-        return self.label.startswith("failed")
+        return self.kind == "transient" if self.kind else self.label.startswith("failed")
+
+    @property
+    def rejected(self) -> bool:
+        return self.kind == "rejected" if self.kind else self.label.startswith("rejected")
 
     def line(self) -> str:
         return f"{self.stage}/{self.unit}: {self.label}"
 
 
+# a Dask worker that died or a connection to it that broke: the machine, not the input or the code
+_TRANSIENT_NAMES = frozenset({"KilledWorker", "CommClosedError", "FutureCancelledError", "CancelledError"})
+
+
+def kind_of(err: BaseException) -> str:
+    """"rejected" (bad input), "transient" (a rerun may succeed) or "error" (anything else: a bug)."""
+    from gl10m.errors import is_rejection
+    from gl10m.sources.retry import is_transient
+
+    if getattr(err, "gl10m_kind", None):  # decided on the worker (pipelines.runner.run_unit)
+        return err.gl10m_kind
+    if is_rejection(err):
+        return "rejected"
+    if getattr(err, "transient", False) or type(err).__name__ in _TRANSIENT_NAMES or is_transient(err):
+        return "transient"
+    return "error"
+
+
 def failure(stage: str, unit: str, label: str, err: BaseException | None) -> Failure:
-    """A :class:`Failure` with the traceback of `err` (a Dask worker's, when it came from one)."""
-    tb = "".join(traceback.format_exception(type(err), err, err.__traceback__)) if err is not None else ""
-    return Failure(stage, unit, label, tb)
+    """A :class:`Failure` with the kind and traceback of `err` (a Dask worker's, when it came from one)."""
+    if err is None:
+        return Failure(stage, unit, label)
+    tb = getattr(err, "gl10m_traceback", None) or "".join(traceback.format_exception(type(err), err,
+                                                                                     err.__traceback__))
+    return Failure(stage, unit, label, tb, kind_of(err))
 
 
 @dataclass
@@ -82,7 +108,13 @@ def verdict(failures: Iterable[Failure], *, command: str, log: Path | None = Non
     if len(fails) > MAX_LINES:
         lines.append(f"... and {len(fails) - MAX_LINES} more")
     where = f"; tracebacks in {log}" if log is not None else ""
+    errors = [f for f in fails if not f.transient and not f.rejected]
     transient = [f for f in fails if f.transient]
+    if errors:
+        n = len(errors)
+        return Verdict(EXIT_ERROR, lines,
+                       f"{n} unit{'s' if n != 1 else ''} failed with an unexpected error ({_count(f.stage for f in errors)})"
+                       + (f" and {len(transient)} transiently" if transient else "") + where)
     if transient:
         by_stage = _count(f.stage for f in transient)
         n = len(transient)
@@ -95,15 +127,16 @@ def verdict(failures: Iterable[Failure], *, command: str, log: Path | None = Non
                    f"fix the input named above and rerun `gl10m {command}`{where}")
 
 
-def region_failures(outcomes: dict[tuple[str, str], str], tracebacks: dict[tuple[str, str], str] | None = None
+def region_failures(outcomes: dict[tuple[str, str], str], errors: dict[tuple[str, str], Failure] | None = None
                     ) -> list[Failure]:
     """Failures among a pipeline's per-region outcomes ``(stage, unit) -> label``: ``failed:*``
-    everywhere, ``rejected:*`` of the region stages. "waiting for ..." units are consequences."""
-    tbs = tracebacks or {}
+    everywhere, ``rejected:*`` of the region stages (`errors`: the :class:`Failure` recorded for a
+    unit, with its kind and traceback). "waiting for ..." units are consequences, not failures."""
+    errs = errors or {}
     out = []
     for (stage, unit), label in sorted(outcomes.items()):
         if label.startswith("failed") or (label.startswith("rejected") and stage in REGION_STAGES):
-            out.append(Failure(stage, unit, label, tbs.get((stage, unit), "")))
+            out.append(errs.get((stage, unit)) or Failure(stage, unit, label))
     return out
 
 

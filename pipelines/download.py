@@ -37,14 +37,14 @@ class DownloadResult:
     estimate: object = None        # plan.estimate() frame of the planned rows
     rejections: object = None      # plan rejections of the states planned in this run
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> label -> n
-    tracebacks: dict[tuple[str, str], str] = field(default_factory=dict)  # of the units that failed
+    errors: dict[tuple[str, str], object] = field(default_factory=dict)  # of the units that failed
     failed_scenes: list = field(default_factory=list)  # gl10m.outcomes.Failure of each failed fetch
 
     def failures(self):
         """Failed units (catalog, plan, fetch) and rejected regions (:mod:`gl10m.outcomes`)."""
         from gl10m.outcomes import region_failures
 
-        return region_failures(self.outcomes, self.tracebacks) + list(self.failed_scenes)
+        return region_failures(self.outcomes, self.errors) + list(self.failed_scenes)
 
     def count(self, stage: str, label: str) -> None:
         c = self.counts.setdefault(stage, {})
@@ -88,12 +88,12 @@ def fetch_hash(profile: Profile, row) -> str:
 # -- steps (plain functions; run on workers) -------------------------------------------------
 def catalog_step(provider, profile: Profile, state: str, collection: str, workdir: str) -> dict:
     from gl10m import catalog
-    from gl10m.sources.retry import Budget, retry
+    from gl10m.sources.retry import retry, unit_budget
 
     # each request is retried by the provider; a search that still breaks (pystac re-reading a
     # landing page cut short, a page that is not JSON) is redone whole within the unit's budget
     gdf = retry(lambda: catalog.catalog_region(provider, profile, state, collection), attempts=None,
-                budget=Budget(CATALOG_BUDGET_S), base_delay=1.0, max_delay=10.0)
+                budget=unit_budget(CATALOG_BUDGET_S), base_delay=1.0, max_delay=10.0)
     catalog.write_catalog(gdf, catalog.catalog_path(workdir, state, collection))
     return dict(gdf.attrs.get("stats", {}))
 
@@ -348,7 +348,7 @@ def _record(ledger, result, stage, unit, h, res, err):
         label = error_label(err)
         ledger.record(stage, unit, status, h, reason=label)
         result.outcomes[(stage, unit)] = f"{status}:{label}"
-        result.tracebacks[(stage, unit)] = failure(stage, unit, label, err).traceback
+        result.errors[(stage, unit)] = failure(stage, unit, f"{status}:{label}", err)
 
 
 def _jsonable(d):

@@ -91,7 +91,7 @@ def map_units(client, fn: Callable, args: Sequence[tuple], *, keys: Sequence[str
 
     futures = {}
     for key, a, kw in zip(keys, args, kwargs):
-        fut = client.submit(fn, *a, **kw, key=f"{description}-{key}-{os.urandom(4).hex()}", pure=False)
+        fut = client.submit(run_unit, fn, *a, **kw, key=f"{description}-{key}-{os.urandom(4).hex()}", pure=False)
         futures[fut] = key
     with progress_bar(quiet) as bar:
         task = bar.add_task(description, total=len(futures))
@@ -104,6 +104,33 @@ def map_units(client, fn: Callable, args: Sequence[tuple], *, keys: Sequence[str
             on_result(key, res, err)
             fut.release()
             bar.advance(task)
+
+
+def run_unit(fn: Callable, *a, **kw):
+    """``fn(*a, **kw)`` on a Dask worker, its error made fit to travel back to the driver.
+
+    Dask pickles a task's error with the whole ``__context__``/``__cause__`` chain (tblib); one
+    link that does not unpickle (rasterio's ``CPLE_*`` errors do not) and the driver gets a bare
+    ``Exception("TransientError(...)")``, which no longer classifies as transient. So the error
+    keeps its type, its kind (:func:`gl10m.outcomes.kind_of`) and full traceback text are
+    recorded on it here, and its chain is cut (whether a link unpickles depends on what Dask has
+    patched into pickling by then, so it is not tried).
+    """
+    try:
+        return fn(*a, **kw)
+    except Exception as e:  # noqa: BLE001 - reraised below
+        err = e
+    import traceback
+
+    from gl10m.outcomes import kind_of
+
+    try:
+        err.gl10m_kind = kind_of(err)
+        err.gl10m_traceback = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    except AttributeError:  # pragma: no cover - an error type that takes no attributes
+        pass
+    err.__cause__ = err.__context__ = None  # what the chain says is in gl10m_kind and gl10m_traceback
+    raise err
 
 
 def error_label(err: BaseException) -> str:

@@ -47,6 +47,9 @@ class TransientError(Exception):
         self.retry_after = retry_after
         self.status = status
 
+    def __reduce__(self):  # picklable with its fields: Dask sends it from worker to driver
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
 
 class PermanentHTTPError(Exception):
     """An HTTP error that retrying will not fix (a 4xx other than 408/425/429)."""
@@ -54,6 +57,17 @@ class PermanentHTTPError(Exception):
     def __init__(self, message: str, *, status: int | None = None):
         super().__init__(message)
         self.status = status
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls, args, state):
+    """Unpickle one of our errors: its message, then its fields (``__init__`` takes keywords)."""
+    e = cls.__new__(cls)
+    Exception.__init__(e, *args)
+    e.__dict__.update(state)
+    return e
 
 
 # -- Retry-After ------------------------------------------------------------------------------
@@ -207,6 +221,21 @@ def check_response(resp: Any, what: str = "request") -> Any:
 
 
 # -- the loop ---------------------------------------------------------------------------------
+BUDGET_ENV = "GL10M_RETRY_BUDGET_S"
+
+
+def unit_budget(default_s: float) -> "Budget":
+    """A fresh :class:`Budget` for one unit: `default_s` seconds, or ``$GL10M_RETRY_BUDGET_S``."""
+    import os
+
+    v = os.environ.get(BUDGET_ENV)
+    try:
+        seconds = float(v) if v else default_s
+    except ValueError:
+        seconds = default_s
+    return Budget(seconds if seconds > 0 else default_s)
+
+
 class Budget:
     """A time budget (seconds) shared by the retried calls of one unit of work."""
 
