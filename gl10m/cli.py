@@ -423,7 +423,10 @@ def testbed_build(out_dir: Path = typer.Option(..., "--out", "-o", help="Folder 
 @testbed_app.command("serve")
 def testbed_serve(world: Path = typer.Argument(..., help="A folder written by `gl10m testbed build`."),
                   served_json: Optional[Path] = typer.Option(
-                      None, "--served-json", help="Also write the two URLs here (removed on exit)."),
+                      None, "--served-json", help="Where to record the URLs (default: WORLD/served.json, which "
+                      "`gl10m plan`/`download` read for the world's profile; removed on exit)."),
+                  port: int = typer.Option(0, "--port", help="Port of the STAC API (default: a free one)."),
+                  files_port: int = typer.Option(0, "--files-port", help="Port of the files (default: a free one)."),
                   earthengine: bool = typer.Option(
                       False, "--earthengine", help="Also serve the Earth Engine stand-in (its URL is for "
                       "`gl10m download --provider earthengine --ee-project testbed --ee-url URL`)."),
@@ -431,23 +434,29 @@ def testbed_serve(world: Path = typer.Argument(..., help="A folder written by `g
                       None, "--faults", help="Serve behind fault proxies: this fraction of requests fails "
                       "(429 with Retry-After, 5xx, bodies cut mid-way); as many are delayed."),
                   fault_seed: int = typer.Option(0, "--fault-seed", help="Seed of the injected faults.")):
-    """Serve a built world: a STAC API and a Range-capable HTTP server on 127.0.0.1 (Ctrl-C stops)."""
+    """Serve a built world: a STAC API and a Range-capable HTTP server on 127.0.0.1 (Ctrl-C stops).
+    The URLs go to WORLD/served.json, so `gl10m plan`/`download -p WORLD/profile.yaml` need no --stac-url."""
     from gl10m.testbed import serve
 
+    for name, v in (("--port", port), ("--files-port", files_port)):
+        if not 0 <= v <= 65535:
+            raise UserError(f"{name} must be a port number (1-65535, 0 for a free one), got {v}")
+    info = served_json or world / "served.json"
     spec = None
     if faults is not None:
         from gl10m.testbed.faults import FaultSpec
 
         spec = FaultSpec.mixed(faults, seed=fault_seed)
+    kw = dict(info_path=info, faults=spec, stac_port=port, http_port=files_port)
     if not earthengine:
-        serve.run_forever(world, info_path=served_json, faults=spec)
+        serve.run_forever(world, **kw)
         return
     from gl10m.testbed.eeserver import serve_ee
 
     with serve_ee(world) as ee_srv:
         out.print(f"Earth Engine: {ee_srv.url}  (stand-in: --provider earthengine --ee-project testbed "
                   f"--ee-url {ee_srv.url})", highlight=False)
-        serve.run_forever(world, info_path=served_json, faults=spec)
+        serve.run_forever(world, extra={"ee_url": ee_srv.url}, **kw)
 
 
 @testbed_app.command("preview")

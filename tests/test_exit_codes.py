@@ -171,3 +171,41 @@ def test_the_demo_stops_with_exit_3_when_download_units_failed(tmp_path):
         _check(res, "download", tmp_path)
     assert exc.value.exit_code == 3 and "fetch/CA-1" in str(exc.value)
     assert list((tmp_path / "logs").glob("demo-download-*.log"))
+
+
+def test_plan_and_download_read_the_urls_of_gl10m_testbed_serve(built_world, indexed, tmp_path):
+    """`gl10m testbed serve WORLD --port P --files-port Q --faults 0` records its URLs in
+    WORLD/served.json (the fault proxies' on the ports asked for); `gl10m plan` with the world's
+    profile (a placeholder provider) reads them, no --stac-url; the file goes when serving stops."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.test_bad_inputs import GL10M
+
+    wd = _copy(indexed, tmp_path)
+    info = built_world / "served.json"
+    port, files_port = _closed_port(), _closed_port()
+    p = subprocess.Popen([str(GL10M), "testbed", "serve", str(built_world), "--port", str(port),
+                          "--files-port", str(files_port), "--faults", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
+    try:
+        deadline = time.monotonic() + 60
+        while not info.exists():
+            assert p.poll() is None, p.stderr.read()
+            assert time.monotonic() < deadline, "served.json never appeared"
+            time.sleep(0.1)
+        urls = json.loads(info.read_text())
+        assert urls["stac_url"] == f"http://127.0.0.1:{port}" and urls["http_url"] == f"http://127.0.0.1:{files_port}"
+        r = gl10m("plan", "-p", built_world / "profile.yaml", "-w", wd, "-q", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert (wd / "plan").is_dir()
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0 and "Traceback" not in err, err
+    assert not info.exists()
