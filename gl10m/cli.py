@@ -316,7 +316,23 @@ def demo(workdir: Path = typer.Option(Path("work/demo"), "--workdir", "-w", help
                       f"{1000 * r['time']['per_scene_s']:.0f}")
         out.print(t)
         out.print(f"eval report:   {res.report['report']}")
-    out.print(f"ledger:        gl10m status -w {res.workdir}")
+    out.print(f"ledger:        {_self_cmd()} status -w {res.workdir}", highlight=False)
+
+
+def _self_cmd() -> str:
+    """How to call this gl10m again: `gl10m` when that is on PATH, else the script's own path
+    (e.g. .venv/bin/gl10m when the venv is not activated)."""
+    import os
+    import shutil
+
+    me = Path(sys.argv[0])
+    found = shutil.which("gl10m")
+    if me.name == "gl10m" and (found is None or Path(found).resolve() != me.resolve()):
+        try:
+            return os.path.relpath(me)
+        except ValueError:  # pragma: no cover - another drive
+            return str(me)
+    return "gl10m"
 
 
 def _finish(workdir: Path, command: str, failures) -> None:
