@@ -150,9 +150,12 @@ def write_log(workdir: Path, command: str, failures: Iterable[Failure]) -> Path 
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = Path(workdir) / "logs" / f"{command}-{stamp}-{os.getpid()}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(f"== {f.stage} {f.unit}: {f.label}\n{f.traceback.rstrip()}\n\n" for f in fails)
-    atomic_write_text(path, text)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    except OSError:  # a full disk must not hide the failures themselves: they are still printed
+        return None
     return path
 
 
