@@ -302,7 +302,7 @@ def write_card(shards_dir: str | Path, profile, *, n_examples: int = 3, max_qc_s
             f"# {profile.name}: a GL-10M-style Sentinel-2 / NAIP dataset with OpenStreetMap concepts\n\n"
             f"This shards folder holds no samples: the build (profile `{profile.name}` version {profile.version}, "
             f"hash `{profile.hash()}`) produced none. Run `gl10m download` and `gl10m shard` again once scenes "
-            "are fetched.\n").encode("utf-8"))
+            "are fetched.\n" + "".join(f"\n{line}\n" for line in _build_outcome(manifest, 0))).encode("utf-8"))
     n_lab = len(index["labels"].iloc[0])
     if n_lab != profile.n_concepts:
         raise UserError(f"{root}: samples have {n_lab} labels but profile {profile.name} has "
@@ -384,6 +384,51 @@ def _data_load_call() -> str | None:
     return 'data.load("W/shards", split="train")  # a torch IterableDataset of sample dicts'
 
 
+def _pbf_sources(profile, st: dict) -> str:
+    """Where the OSM data of the regions in the data came from, as the profile says."""
+    regions = sorted({k for s in _splits(st) for k in st["states"][s]} & set(profile.regions)) or sorted(profile.regions)
+    pinned = [r for r in regions if profile.regions[r].pbf]
+    dated = [r for r in regions if not profile.regions[r].pbf]
+    parts = []
+    if dated:
+        parts.append(f"per-state extracts `{profile.osm.base_url}/<state>-{profile.osm.extract_date}.osm.pbf` "
+                     f"(dated {profile.osm.extract_date}) for {', '.join(dated)}")
+    if pinned:
+        files = ", ".join(f"{r} `{_pbf_name(profile.regions[r].pbf)}`" for r in pinned)
+        parts.append(f"the PBF files the profile names per region: {files}")
+    return "; ".join(parts)
+
+
+def _pbf_name(pbf: str) -> str:
+    """A URL as it is (credentials redacted); a local file by its name (no paths of this machine)."""
+    from gl10m.errors import redact
+
+    return redact(pbf) if "://" in pbf else Path(pbf).name
+
+
+def _build_outcome(manifest: dict, total: int) -> list[str]:
+    """What became of the planned scenes: rejections by reason, what is missing and why."""
+    if "planned" not in manifest:
+        return [f"- Planned but not fetched: {manifest['not_fetched']}."] if "not_fetched" in manifest else []
+    rej = manifest.get("rejected_at_fetch") or {}
+    out = [f"- Of {manifest['planned']} planned scenes, {total} are in the shards, "
+           f"{manifest.get('dropped_border', 0)} were dropped at split borders, {sum(rej.values())} were rejected "
+           "at fetch" + (" (" + ", ".join(f"`{k}` {v}" for k, v in sorted(rej.items(), key=lambda kv: (-kv[1], kv[0])))
+                         + ")" if rej else "")
+           + f" and {manifest.get('not_fetched', 0)} are missing."]
+    npl = manifest.get("not_planned") or {}
+    if npl:
+        out.append(f"- Candidates not planned: {sum(npl.values())} ("
+                   + ", ".join(f"`{k}` {v}" for k, v in sorted(npl.items(), key=lambda kv: (-kv[1], kv[0]))) + ").")
+    missing = manifest.get("missing") or []
+    if missing:
+        shown = ", ".join(f"`{m['key']}` ({_md_escape(m['why'])})" for m in missing[:10])
+        out.append(f"- **Incomplete build** (`--allow-incomplete`): {len(missing)} planned scene(s) have no sample: "
+                   f"{shown}" + (f" and {len(missing) - 10} more (all in `manifest.json`)" if len(missing) > 10 else "")
+                   + ".")
+    return out
+
+
 def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], values: dict,
               examples: list[str], *, n_meta: int) -> str:
     splits = _splits(st)
@@ -451,9 +496,9 @@ def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], 
       + (f" (samples: {', '.join(builders)})" if builders else "") + ".")
     A(f"- Imagery provider(s): {', '.join(providers) if providers else profile.provider.name}"
       f" (profile default `{profile.provider.name}`).")
-    A(f"- OpenStreetMap: per-state extracts `{profile.osm.base_url}/<state>-{profile.osm.extract_date}.osm.pbf` "
-      f"(dated {profile.osm.extract_date}, unless the profile pins another file per state).")
-    A(f"- Pipeline: OSM features matching a concept rule -> anchors (feature centroids, {geo.footprint_deg:g}-degree "
+    A(f"- OpenStreetMap: {_pbf_sources(profile, st)}.")
+    A(f"- Pipeline: OSM features matching a concept rule -> anchors (a point on the surface of each feature, "
+      f"always inside it, unlike a centroid; {geo.footprint_deg:g}-degree "
       f"footprints, thinned so that footprints overlap by at most {geo.max_overlap:g}, at least "
       f"{geo.min_concepts} concepts of at least {geo.min_concept_area_m2:g} m2 per scene) -> provider catalogue -> "
       "plan (coverage check, class-aware subsampling, matched NAIP state-year and Sentinel-2 window) -> fetch "
@@ -472,8 +517,8 @@ def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], 
     A(f"- Splits by state (scheme `{manifest.get('split_scheme', profile.splits.scheme)}`): train "
       f"{', '.join(sch.train) or '-'}; val {', '.join(sch.val) or '-'}; test {', '.join(sch.test) or '-'}. Scenes within "
       f"{profile.splits.border_buffer_deg:g} degrees of a state of another split are dropped from the smaller split"
-      + (f" ({manifest['dropped_border']} dropped in this build)" if "dropped_border" in manifest else "") + "."
-      + (f" Planned but not fetched: {manifest['not_fetched']}." if "not_fetched" in manifest else ""))
+      + (f" ({manifest['dropped_border']} dropped in this build)" if "dropped_border" in manifest else "") + ".")
+    L += _build_outcome(manifest, total)
     A("")
 
     # -- counts per split and state ---------------------------------------------------------

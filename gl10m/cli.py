@@ -10,11 +10,12 @@ from rich.console import Console
 from rich.table import Table
 
 from gl10m.errors import UserError
+from gl10m.outcomes import EXIT_CODES_HELP
 
 app = typer.Typer(
     help="Build GL-10M-style paired Sentinel-2 / NAIP datasets from OpenStreetMap concepts.\n\n"
          "Stages: index (osm -> anchors), then download and shard. Try it offline first:\n"
-         "`gl10m testbed build --out W/world` and `gl10m testbed serve W/world`.",
+         "`gl10m testbed build --out W/world` and `gl10m testbed serve W/world`.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 testbed_app = typer.Typer(help="The offline testbed world: build it, serve it, look at it.",
                           no_args_is_help=True)
@@ -77,7 +78,7 @@ def _client_opts(workers, threads, scheduler):
     return ClusterOptions(workers=workers, threads=threads, scheduler=scheduler)
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def index(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
           bbox: Optional[str] = BboxOpt,
           stage: Optional[str] = typer.Option(None, "--stage", help="Run one stage only: osm or anchors."),
@@ -114,7 +115,7 @@ def index(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, stat
     if not ran:
         out.print("nothing to do: every requested stage is up to date (use --force to redo)")
     _print_summary(workdir, stages=list(stages))
-    _exit_on_bad(res.outcomes)
+    _finish(workdir, "index", res.failures())
 
 
 StacUrlOpt = typer.Option(None, "--stac-url", help="Override the profile's provider.stac_url (e.g. the testbed's).")
@@ -154,7 +155,7 @@ def _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet) ->
     out.print(planmod.format_estimate(res.estimate, res.rejections), highlight=False)
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def plan(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
          bbox: Optional[str] = BboxOpt, stac_url: Optional[str] = StacUrlOpt, max_scenes: Optional[int] = MaxScenesOpt, seed: int = SeedOpt,
          provider: Optional[str] = ProviderOpt, ee_project: Optional[str] = EeProjectOpt,
@@ -178,10 +179,10 @@ def plan(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, state
         out.print(planmod.format_estimate(planmod.estimate(pd.concat(rows, ignore_index=True), prof)),
                   highlight=False)
     _print_summary(workdir, stages=["catalog", "plan", "plan-scene"])
-    _exit_on_bad(res.outcomes)
+    _finish(workdir, "plan", res.failures())
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
              bbox: Optional[str] = BboxOpt, stac_url: Optional[str] = StacUrlOpt, max_scenes: Optional[int] = MaxScenesOpt, seed: int = SeedOpt,
              provider: Optional[str] = ProviderOpt, ee_project: Optional[str] = EeProjectOpt,
@@ -201,6 +202,8 @@ def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, s
         return _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet)
     if max_scenes is not None and max_scenes < 0:  # before a Dask cluster is started for nothing
         raise UserError(f"--max-scenes must be >= 0, got {max_scenes}")
+    if prof.provider.name == "stac" and (Path(workdir) / "ledger.sqlite").is_file():
+        stac_url = dl.preflight(prof, stac_url)  # an unreachable provider: one line, before Dask starts
     kw = dict(regions=regions, stac_url=stac_url, max_scenes=max_scenes, seed=seed, force=force, quiet=quiet)
     if no_dask:
         res = dl.run_download(prof, workdir, **kw)
@@ -211,15 +214,18 @@ def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, s
     if fetched and all(k.startswith("skipped") for k in fetched):
         out.print("nothing to fetch: every planned scene is done (use --force to redo)")
     _print_summary(workdir, stages=["catalog", "plan", "fetch"])
-    _exit_on_bad(res.outcomes)
+    _finish(workdir, "download", res.failures())
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def shard(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
           bbox: Optional[str] = BboxOpt,
           shard_mb: Optional[int] = typer.Option(None, "--shard-mb", help="Target shard size in MB (default 768)."),
           force: bool = typer.Option(False, "--force", help="Rewrite even if nothing changed."),
           no_card: bool = typer.Option(False, "--no-card", help="Skip the dataset card and its plots."),
+          allow_incomplete: bool = typer.Option(
+              False, "--allow-incomplete", help="Shard even while planned scenes are failed or not fetched "
+              "(the manifest and the card list them); without it such a build stops with exit code 3."),
           quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
     """Write WebDataset shards per split (byte copies of the staged samples), the index and the card."""
     from gl10m.pipelines import shard as sh
@@ -228,12 +234,15 @@ def shard(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, stat
     if shard_mb is not None and shard_mb < 1:
         raise UserError("--shard-mb must be at least 1")
     res = sh.run_shard(prof, workdir, regions=regions, max_bytes=shard_mb * 1024 * 1024 if shard_mb else None,
-                       force=force, quiet=quiet, card=not no_card)
+                       force=force, quiet=quiet, card=not no_card, allow_incomplete=allow_incomplete)
     if res.status.startswith("skipped"):
         out.print(f"nothing to do: shards are up to date ({res.status})")
     counts = ", ".join(f"{k} {v}" for k, v in res.samples.items()) or "no samples"
-    out.print(f"shards in {res.out_dir}: {counts}; dropped at split borders: {len(res.dropped)}; "
-              f"planned but not fetched: {len(res.missing)}")
+    out.print(f"shards in {res.out_dir}: {counts}", highlight=False)
+    out.print(res.summary(), highlight=False)
+    if res.missing:
+        out.print(f"incomplete (--allow-incomplete): {len(res.missing)} planned scenes are not in the shards; "
+                  "the manifest and the card list them", highlight=False)
 
 
 @app.command()
@@ -277,7 +286,7 @@ def show(key: str = typer.Argument(..., help="Sample key, e.g. CA-w20000019."),
     out.print(f"wrote {output}")
 
 
-@app.command()
+@app.command(epilog=EXIT_CODES_HELP)
 def demo(workdir: Path = typer.Option(Path("work/demo"), "--workdir", "-w", help="Where the world and outputs go."),
          workers: Optional[int] = WorkersOpt,
          rebuild: bool = typer.Option(False, "--rebuild", help="Regenerate the testbed world even if it exists."),
@@ -292,6 +301,7 @@ def demo(workdir: Path = typer.Option(Path("work/demo"), "--workdir", "-w", help
     out.print(f"\n[bold]demo done[/bold] in {sum(res.seconds.values()):.0f} s "
               f"({', '.join(f'{k} {v:.0f} s' for k, v in res.seconds.items())})")
     out.print(f"shards:        {res.shards}  ({counts})")
+    out.print(f"scenes:        {res.shard_summary}", highlight=False)
     out.print(f"dataset card:  {res.shards / 'README.md'}")
     out.print(f"pictures:      {', '.join(str(p) for p in res.pictures)}")
     if res.model:
@@ -308,18 +318,40 @@ def demo(workdir: Path = typer.Option(Path("work/demo"), "--workdir", "-w", help
         out.print(f"[yellow]{res.report['scenes']} test scenes: the demo's numbers are not meaningful "
                   "(a smoke test of the pipeline, not a result)[/yellow]")
         out.print(f"eval report:   {res.report['report']}")
-    out.print(f"ledger:        gl10m status -w {res.workdir}")
+    out.print(f"ledger:        {_self_cmd()} status -w {res.workdir}", highlight=False)
 
 
-def _exit_on_bad(outcomes: dict) -> None:
-    bad = [f"{s}/{r}: {v}" for (s, r), v in sorted(outcomes.items())
-           if v.startswith(("failed", "rejected", "waiting"))]
+def _self_cmd() -> str:
+    """How to call this gl10m again: `gl10m` when that is on PATH, else the script's own path
+    (e.g. .venv/bin/gl10m when the venv is not activated)."""
+    import os
+    import shutil
+
+    me = Path(sys.argv[0])
+    found = shutil.which("gl10m")
+    if me.name == "gl10m" and (found is None or Path(found).resolve() != me.resolve()):
+        try:
+            return os.path.relpath(me)
+        except ValueError:  # pragma: no cover - another drive
+            return str(me)
+    return "gl10m"
+
+
+def _finish(workdir: Path, command: str, failures) -> None:
+    """One line per failed unit (the first few), tracebacks to W/logs/, the closing line, the exit
+    code (gl10m.outcomes)."""
     from rich.markup import escape
 
-    for b in bad:
-        err.print(f"[red]{escape(b)}[/red]")
-    if bad:
-        raise typer.Exit(1)
+    from gl10m.outcomes import verdict, write_log
+
+    fails = list(failures)
+    v = verdict(fails, command=command, log=write_log(Path(workdir), command, fails))
+    for line in v.lines:
+        err.print(f"[red]{escape(line)}[/red]", highlight=False)
+    if v.last:
+        err.print(escape(v.last), highlight=False)
+    if v.code:
+        raise typer.Exit(v.code)
 
 
 def _print_summary(workdir: Path, stages: list[str] | None = None) -> None:
@@ -409,7 +441,10 @@ def testbed_build(out_dir: Path = typer.Option(..., "--out", "-o", help="Folder 
 @testbed_app.command("serve")
 def testbed_serve(world: Path = typer.Argument(..., help="A folder written by `gl10m testbed build`."),
                   served_json: Optional[Path] = typer.Option(
-                      None, "--served-json", help="Also write the two URLs here (removed on exit)."),
+                      None, "--served-json", help="Where to record the URLs (default: WORLD/served.json, which "
+                      "`gl10m plan`/`download` read for the world's profile; removed on exit)."),
+                  port: int = typer.Option(0, "--port", help="Port of the STAC API (default: a free one)."),
+                  files_port: int = typer.Option(0, "--files-port", help="Port of the files (default: a free one)."),
                   earthengine: bool = typer.Option(
                       False, "--earthengine", help="Also serve the Earth Engine stand-in (its URL is for "
                       "`gl10m download --provider earthengine --ee-project testbed --ee-url URL`)."),
@@ -417,23 +452,29 @@ def testbed_serve(world: Path = typer.Argument(..., help="A folder written by `g
                       None, "--faults", help="Serve behind fault proxies: this fraction of requests fails "
                       "(429 with Retry-After, 5xx, bodies cut mid-way); as many are delayed."),
                   fault_seed: int = typer.Option(0, "--fault-seed", help="Seed of the injected faults.")):
-    """Serve a built world: a STAC API and a Range-capable HTTP server on 127.0.0.1 (Ctrl-C stops)."""
+    """Serve a built world: a STAC API and a Range-capable HTTP server on 127.0.0.1 (Ctrl-C stops).
+    The URLs go to WORLD/served.json, so `gl10m plan`/`download -p WORLD/profile.yaml` need no --stac-url."""
     from gl10m.testbed import serve
 
+    for name, v in (("--port", port), ("--files-port", files_port)):
+        if not 0 <= v <= 65535:
+            raise UserError(f"{name} must be a port number (1-65535, 0 for a free one), got {v}")
+    info = served_json or world / "served.json"
     spec = None
     if faults is not None:
         from gl10m.testbed.faults import FaultSpec
 
         spec = FaultSpec.mixed(faults, seed=fault_seed)
+    kw = dict(info_path=info, faults=spec, stac_port=port, http_port=files_port)
     if not earthengine:
-        serve.run_forever(world, info_path=served_json, faults=spec)
+        serve.run_forever(world, **kw)
         return
     from gl10m.testbed.eeserver import serve_ee
 
     with serve_ee(world) as ee_srv:
         out.print(f"Earth Engine: {ee_srv.url}  (stand-in: --provider earthengine --ee-project testbed "
                   f"--ee-url {ee_srv.url})", highlight=False)
-        serve.run_forever(world, info_path=served_json, faults=spec)
+        serve.run_forever(world, extra={"ee_url": ee_srv.url}, **kw)
 
 
 @testbed_app.command("scenes")
@@ -622,9 +663,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         rc = app(args=argv, standalone_mode=False)
-    except UserError as e:
+    except UserError as e:  # bad input: exit 2 (an IncompleteError, transient trouble upstream: 3)
         err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
     except FileNotFoundError as e:
         err.print(f"[red]error:[/red] {escape(str(e.filename or e))}: no such file or directory", highlight=False)
         sys.exit(2)

@@ -878,6 +878,10 @@ def load(source, split: str | None = None, tiles: TileSpec = "all", *, shuffle: 
     `verify`: check each sample's sha256 against the index. `split_by`: "auto", "shard" or
     "sample" (the rule splitting samples over ranks x workers). `index`: the sidecar index for a
     list of shard URLs (found automatically for a shards folder and for local shards).
+
+    Batching: pass ``collate_fn=gl10m.data.collate`` to a ``torch.utils.data.DataLoader``
+    (``DataLoader(load(...), batch_size=4, collate_fn=collate)``); torch's default collate fails
+    on the per-sample ``meta`` dicts and on tile counts that differ between samples.
     """
     if torch is None:
         raise LoaderError("gl10m.data.load needs torch (pip install torch)")

@@ -54,7 +54,8 @@ import numpy as np
 
 from gl10m import __version__, compose, qc, samples
 from gl10m.errors import redact as _redact_urls
-from gl10m.sources.retry import RETRY_STATUSES, TransientError, is_transient, parse_retry_after, retry
+from gl10m.sources.retry import (RETRY_STATUSES, TransientError, is_transient, parse_retry_after, retry,
+                                 unit_budget)
 
 OK, REJECTED = "ok", "rejected"
 ASSET_MISSING = "asset_missing"
@@ -67,7 +68,9 @@ S2_RGB = ("B04", "B03", "B02")  # R, G, B
 ROW_FIELDS = ("key", "scene_id", "state", "split", "west", "south", "east", "north", "concepts",
               "tile_idx", "tile_concept", "tile_frac", "naip_year", "naip_date", "naip_items",
               "s2_window", "s2_start", "s2_end", "s2_items")
-DEFAULT_RETRY = {"attempts": 5, "base_delay": 0.5, "max_delay": 30.0}
+# retried within a time budget per scene (UNIT_BUDGET_S, shared by all its reads), not a count
+DEFAULT_RETRY = {"attempts": None, "base_delay": 0.5, "max_delay": 10.0}
+UNIT_BUDGET_S = 300.0
 
 
 def identity(href: str) -> str:
@@ -97,7 +100,10 @@ class Rejection(Exception):
 
 
 class AccessDenied(Exception):
-    """HTTP 401/403 even after re-signing: credentials, not data (recorded as failed)."""
+    """HTTP 401/403 even after re-signing: credentials, not data (recorded as failed; a rerun,
+    with a fresh token or fixed credentials, tries again)."""
+
+    transient = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +252,8 @@ def read_asset(href: str, fn: Callable[[Any], Any], *, item: str, asset: str,
         raise AssertionError("unreachable")  # pragma: no cover
 
     opts = {**DEFAULT_RETRY, **(retry_opts or {})}
+    if opts.get("budget") is None and opts["attempts"] is None:
+        opts["budget"] = unit_budget(UNIT_BUDGET_S)
     return retry(once, retry_on=lambda e: isinstance(e, TransientError), **opts)
 
 
@@ -473,9 +481,12 @@ def fetch_scene(row: Mapping, profile, out_root: str | Path, *, sign: Callable[[
     """Fetch, compose, check and stage one scene (see the module docstring).
 
     `out_root` is the work dir W (the sample goes to ``W/staged/{split}/{key}/``). `gdal_env`
-    overrides GDAL options; `retry_opts` overrides ``attempts``/``base_delay``/``max_delay``.
+    overrides GDAL options; `retry_opts` overrides ``attempts``/``base_delay``/``max_delay``/
+    ``budget`` (default: every read of the scene retries transient errors within one
+    :class:`~gl10m.sources.retry.Budget` of UNIT_BUDGET_S seconds, or ``$GL10M_RETRY_BUDGET_S``).
     Raises ValueError for a malformed row, TransientError / AccessDenied for transient trouble.
     """
+    retry_opts = {"budget": unit_budget(UNIT_BUDGET_S), **(retry_opts or {})}
     _check_row(row)
     bounds = (float(row["west"]), float(row["south"]), float(row["east"]), float(row["north"]))
     lrg, hrg = compose.lr_grid(bounds, profile), compose.hr_grid(bounds, profile)

@@ -117,8 +117,9 @@ def read_fields(shards_dir: str | Path, row, names: Iterable[str] | None = None,
     return out
 
 
-def load_sample(shards_dir: str | Path, key: str, *, tiles: Iterable[int] | None = None) -> smp.Sample:
-    """Sample `key` decoded from the shards (only the HR `tiles` asked for; default all 100)."""
+def load_sample(shards_dir: str | Path, key: str, *, tiles: Iterable[int] | str | None = None) -> smp.Sample:
+    """Sample `key` decoded from the shards (only the HR `tiles` asked for: a list of indices, or
+    ``"all"`` / None for all 100)."""
     root = shards_root(shards_dir)
     row = index_row(read_index(root), key, root)
     idx = smp._tile_list(tiles)

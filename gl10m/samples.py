@@ -266,9 +266,12 @@ def encode_sample(s: Sample) -> dict[str, bytes]:
     return out
 
 
-def _tile_list(tiles: Iterable[int] | None) -> tuple[int, ...]:
-    if tiles is None:
+def _tile_list(tiles: Iterable[int] | str | None) -> tuple[int, ...]:
+    """Tile indices from None or ``"all"`` (all 100, as ``gl10m.data.load`` takes them) or a list."""
+    if tiles is None or (isinstance(tiles, str) and tiles == "all"):
         return tuple(range(N_TILES))
+    if isinstance(tiles, (str, bytes)):
+        raise SampleError(f"tiles must be 'all' or a list of tile indices, got {tiles!r}")
     out = tuple(int(t) for t in tiles)
     bad = [t for t in out if not 0 <= t < N_TILES]
     if bad:

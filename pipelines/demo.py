@@ -33,6 +33,7 @@ class DemoResult:
     model: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    shard_summary: str = ""  # what became of the planned scenes, rejections by reason
 
 
 def run_demo(workdir: str | Path, *, workers: int | None = None, quiet: bool = False,
@@ -64,12 +65,13 @@ def run_demo(workdir: str | Path, *, workers: int | None = None, quiet: bool = F
             console.print(f"[dim]serving: STAC {servers.stac_url}, files {servers.http_url}[/dim]")
         with dask_client(ClusterOptions(workers=workers), quiet=quiet) as client:
             ix = step("index", lambda: index.run_index(p, wd, client=client, quiet=quiet))
-            _check(ix.outcomes, "index")
+            _check(ix, "index", wd)
             dl = step("download", lambda: download.run_download(p, wd, client=client, stac_url=servers.stac_url,
                                                                  quiet=quiet))
-            _check(dl.outcomes, "download")
+            _check(dl, "download", wd)
     sh = step("shard", lambda: shard.run_shard(p, wd, quiet=quiet))
     res.samples = dict(sh.samples)
+    res.shard_summary = sh.summary()
     if not sum(res.samples.values()):
         raise UserError("the demo produced no samples; see `gl10m status -w " + str(wd) + "`")
     step("verify", lambda: shards.verify(res.shards))
@@ -199,7 +201,14 @@ def _demo_eval(shards_dir: Path, wd: Path, quiet: bool) -> dict:
             "scenes": rep["scenes"]}
 
 
-def _check(outcomes: dict, what: str) -> None:
-    bad = [f"{s}/{u}: {v}" for (s, u), v in sorted(outcomes.items()) if v.startswith("failed")]
-    if bad:
-        raise UserError(f"{what}: {bad[0]} (and {len(bad) - 1} more)" if len(bad) > 1 else f"{what}: {bad[0]}")
+def _check(res, what: str, workdir: Path) -> None:
+    """Stop the demo when units of a stage failed: exit 3 (transient: rerun) or 2 (a rejected
+    region), one line naming the first, tracebacks in W/logs/."""
+    from gl10m.outcomes import FailedUnits, verdict, write_log
+
+    fails = res.failures()
+    if not fails:
+        return
+    v = verdict(fails, command="demo", log=write_log(workdir, f"demo-{what}", fails))
+    msg = f"{what}: {v.lines[0]}" + (f" (and {len(fails) - 1} more)" if len(fails) > 1 else "") + f"; {v.last}"
+    raise (FailedUnits if v.code == 3 else UserError)(msg)

@@ -22,11 +22,13 @@ from typing import Sequence
 from gl10m.errors import UserError, is_rejection
 from gl10m.io import ensure_dir
 from gl10m.ledger import FAILED, OK, REJECTED, Ledger, hash_inputs
+from gl10m.outcomes import failure
 from gl10m.pipelines.runner import error_label, map_units
 from gl10m.profile import Profile
 
 STAGES = ("catalog", "plan", "fetch")
 STAGE_VERSION = {"catalog": 1, "plan": 2, "fetch": 2}
+CATALOG_BUDGET_S = 300.0  # seconds one catalog unit (a state's collection) may spend retrying
 
 
 @dataclass
@@ -35,6 +37,14 @@ class DownloadResult:
     estimate: object = None        # plan.estimate() frame of the planned rows
     rejections: object = None      # plan rejections of the states planned in this run
     counts: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> label -> n
+    errors: dict[tuple[str, str], object] = field(default_factory=dict)  # of the units that failed
+    failed_scenes: list = field(default_factory=list)  # gl10m.outcomes.Failure of each failed fetch
+
+    def failures(self):
+        """Failed units (catalog, plan, fetch) and rejected regions (:mod:`gl10m.outcomes`)."""
+        from gl10m.outcomes import region_failures
+
+        return region_failures(self.outcomes, self.errors) + list(self.failed_scenes)
 
     def count(self, stage: str, label: str) -> None:
         c = self.counts.setdefault(stage, {})
@@ -78,8 +88,12 @@ def fetch_hash(profile: Profile, row) -> str:
 # -- steps (plain functions; run on workers) -------------------------------------------------
 def catalog_step(provider, profile: Profile, state: str, collection: str, workdir: str) -> dict:
     from gl10m import catalog
+    from gl10m.sources.retry import retry, unit_budget
 
-    gdf = catalog.catalog_region(provider, profile, state, collection)
+    # each request is retried by the provider; a search that still breaks (pystac re-reading a
+    # landing page cut short, a page that is not JSON) is redone whole within the unit's budget
+    gdf = retry(lambda: catalog.catalog_region(provider, profile, state, collection), attempts=None,
+                budget=unit_budget(CATALOG_BUDGET_S), base_delay=1.0, max_delay=10.0)
     catalog.write_catalog(gdf, catalog.catalog_path(workdir, state, collection))
     return dict(gdf.attrs.get("stats", {}))
 
@@ -151,11 +165,13 @@ def run_download(profile: Profile, workdir: str | Path, *, regions: Sequence[str
         raise UserError(f"unknown stage {unknown[0]!r}; stages are {', '.join(STAGES)}")
     if max_scenes is not None and max_scenes < 0:
         raise UserError("--max-scenes must be >= 0")
+    if not (workdir / "ledger.sqlite").is_file():  # nothing indexed here: create nothing either
+        raise UserError(f"region {regions[0]}: run `gl10m index` first (no ledger in {workdir})")
+    if provider is None and profile.provider.name == "stac":
+        stac_url = preflight(profile, stac_url)
     provider = provider or provider_from_profile(profile, stac_url=stac_url)
     pname = getattr(provider, "name", "stac")
     result = DownloadResult()
-    if not (workdir / "ledger.sqlite").is_file():  # nothing indexed here: create nothing either
-        raise UserError(f"region {regions[0]}: run `gl10m index` first (no ledger in {workdir})")
     ensure_dir(workdir, "work dir")
     with Ledger.for_workdir(workdir) as ledger:
         # anchors must be done for every region we download
@@ -269,12 +285,25 @@ def run_download(profile: Profile, workdir: str | Path, *, regions: Sequence[str
                 else:
                     label = f"{FAILED}:{error_label(err)}"
                     ledger.record("fetch", key, FAILED, hashes[key], reason=error_label(err))
+                    result.failed_scenes.append(failure("fetch", key, label, err))
                 result.count("fetch", label.split(":")[0] if label.startswith(FAILED) else label)
 
             ee = provider if pname == "earthengine" else None
             map_units(client, fetch_step, [(row, profile, str(workdir), stac_url, limiter, ee) for row in todo],
                       keys=[str(r["key"]) for r in todo], description="fetch", quiet=quiet, on_result=on_fetch)
     return result
+
+
+def preflight(profile: Profile, stac_url: str | None) -> str | None:
+    """The STAC URL to use (``--stac-url``, the profile's, or the served testbed's), checked to
+    answer: an unreachable provider is one line (exit 2) within seconds, not minutes of retries."""
+    from gl10m.sources.reach import check_reachable, resolve_stac_url, served_json_of
+
+    url = resolve_stac_url(profile, stac_url)
+    if url is not None:
+        via = served_json_of(profile) if not stac_url and url != profile.provider.stac_url else None
+        check_reachable(url, served_from=via)
+    return url
 
 
 def _dry_run(profile, provider, regions, workdir, tmp, max_scenes, seed, pname, result):
@@ -319,6 +348,7 @@ def _record(ledger, result, stage, unit, h, res, err):
         label = error_label(err)
         ledger.record(stage, unit, status, h, reason=label)
         result.outcomes[(stage, unit)] = f"{status}:{label}"
+        result.errors[(stage, unit)] = failure(stage, unit, f"{status}:{label}", err)
 
 
 def _jsonable(d):

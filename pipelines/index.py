@@ -21,8 +21,9 @@ from typing import Sequence
 
 from gl10m.io import atomic_path, atomic_write_text, ensure_dir
 from gl10m.ledger import FAILED, OK, REJECTED, Ledger, hash_inputs
-from gl10m.profile import Profile
+from gl10m.outcomes import failure
 from gl10m.pipelines.runner import error_label, map_units
+from gl10m.profile import Profile
 
 STAGES = ("osm", "anchors")
 # Bump when a stage's code changes its output for the same inputs.
@@ -42,6 +43,13 @@ class Plan:
 class IndexResult:
     plans: list[Plan] = field(default_factory=list)
     outcomes: dict[tuple[str, str], str] = field(default_factory=dict)  # (stage, region) -> label
+    errors: dict[tuple[str, str], object] = field(default_factory=dict)  # of the units that did not finish
+
+    def failures(self):
+        """Failed units and rejected regions (:mod:`gl10m.outcomes`)."""
+        from gl10m.outcomes import region_failures
+
+        return region_failures(self.outcomes, self.errors)
 
 
 def osm_path(workdir: Path, region: str) -> Path:
@@ -217,6 +225,7 @@ def run_index(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
                     label = error_label(err)
                     ledger.record(stage, region, status, p.input_hash, reason=label)
                     result.outcomes[(stage, region)] = f"{status}:{label}"
+                    result.errors[(stage, region)] = failure(stage, region, f"{status}:{label}", err)
 
             if stage == "osm":
                 args = [(p.region, profile.pbf_source(p.region), profile.regions[p.region].sha256,

@@ -34,9 +34,11 @@ def dask_client(opts: ClusterOptions | None = None, *, quiet: bool = False) -> I
     import distributed
 
     opts = opts or ClusterOptions()
+    # a unit that raises is the pipeline's business (one line per failed unit, tracebacks in
+    # W/logs/, gl10m.outcomes): Dask's own "Compute Failed" error logs never reach the console
     for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.worker",
                  "distributed.core", "distributed.http.proxy"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     if opts.scheduler:
         client = distributed.Client(opts.scheduler)
         cluster = None
@@ -47,7 +49,7 @@ def dask_client(opts: ClusterOptions | None = None, *, quiet: bool = False) -> I
         cluster = distributed.LocalCluster(
             n_workers=workers, threads_per_worker=opts.threads, processes=opts.processes,
             dashboard_address="127.0.0.1:0", memory_limit=opts.memory_limit,
-            silence_logs=logging.ERROR, **extra)
+            silence_logs=logging.CRITICAL, **extra)
         client = distributed.Client(cluster)
     if not quiet:
         console.print(f"[dim]dask: {len(client.scheduler_info()['workers'])} workers, "
@@ -105,7 +107,7 @@ def map_units(client, fn: Callable, args: Sequence[tuple], *, keys: Sequence[str
 
     futures = {}
     for key, a, kw in zip(keys, args, kwargs):
-        fut = client.submit(fn, *a, **kw, key=f"{description}-{key}-{os.urandom(4).hex()}", pure=False)
+        fut = client.submit(run_unit, fn, *a, **kw, key=f"{description}-{key}-{os.urandom(4).hex()}", pure=False)
         futures[fut] = key
     with progress_bar(quiet, unit) as bar:
         task = bar.add_task(description, total=len(futures))
@@ -118,6 +120,33 @@ def map_units(client, fn: Callable, args: Sequence[tuple], *, keys: Sequence[str
             on_result(key, res, err)
             fut.release()
             bar.advance(task)
+
+
+def run_unit(fn: Callable, *a, **kw):
+    """``fn(*a, **kw)`` on a Dask worker, its error made fit to travel back to the driver.
+
+    Dask pickles a task's error with the whole ``__context__``/``__cause__`` chain (tblib); one
+    link that does not unpickle (rasterio's ``CPLE_*`` errors do not) and the driver gets a bare
+    ``Exception("TransientError(...)")``, which no longer classifies as transient. So the error
+    keeps its type, its kind (:func:`gl10m.outcomes.kind_of`) and full traceback text are
+    recorded on it here, and its chain is cut (whether a link unpickles depends on what Dask has
+    patched into pickling by then, so it is not tried).
+    """
+    try:
+        return fn(*a, **kw)
+    except Exception as e:  # noqa: BLE001 - reraised below
+        err = e
+    import traceback
+
+    from gl10m.outcomes import kind_of
+
+    try:
+        err.gl10m_kind = kind_of(err)
+        err.gl10m_traceback = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    except AttributeError:  # pragma: no cover - an error type that takes no attributes
+        pass
+    err.__cause__ = err.__context__ = None  # what the chain says is in gl10m_kind and gl10m_traceback
+    raise err
 
 
 def error_label(err: BaseException) -> str:

@@ -19,6 +19,7 @@ from gl10m import __version__
 from gl10m.errors import UserError
 from gl10m.io import ensure_dir
 from gl10m.ledger import OK, REJECTED, Ledger, hash_inputs
+from gl10m.outcomes import FailedUnits
 from gl10m.pipelines.runner import progress_bar
 from gl10m.profile import Profile
 
@@ -30,8 +31,34 @@ class ShardResult:
     status: str = ""
     samples: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
-    missing: list[str] = field(default_factory=list)
+    missing: dict[str, str] = field(default_factory=dict)   # planned key -> why it has no sample
+    rejected: dict[str, int] = field(default_factory=dict)  # fetch rejection reason -> scenes
+    not_planned: dict[str, int] = field(default_factory=dict)  # plan rejection reason -> candidates
+    planned: int = 0
     out_dir: Path | None = None
+
+    def summary(self) -> str:
+        """One line: what became of the planned scenes, rejections by reason."""
+        n = sum(self.samples.values())
+        parts = [f"{self.planned} planned scene{'s' if self.planned != 1 else ''}: {n} in the shards"]
+        if self.dropped:
+            parts.append(f"{len(self.dropped)} dropped at split borders")
+        parts.append(f"{sum(self.rejected.values())} rejected at fetch" + (f" ({_by_reason(self.rejected)})"
+                                                                           if self.rejected else ""))
+        parts.append(f"{len(self.missing)} missing (failed or not fetched)")
+        line = ", ".join(parts)
+        if self.not_planned:
+            line += f"; candidates not planned: {sum(self.not_planned.values())} ({_by_reason(self.not_planned)})"
+        return line
+
+
+class IncompleteError(FailedUnits):
+    """Planned scenes are failed or not fetched: shard only after a complete download (or
+    ``--allow-incomplete``). Exit code 3: rerunning the download is the fix."""
+
+
+def _by_reason(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def shards_dir(workdir: Path) -> Path:
@@ -39,11 +66,12 @@ def shards_dir(workdir: Path) -> Path:
 
 
 def collect(profile: Profile, workdir: Path, regions: Sequence[str], ledger: Ledger):
-    """(scenes ready to shard, keys planned but not fetched ok): plan rows joined with the ledger."""
+    """(scenes ready to shard, {key: why} of planned scenes without a sample that are not rejected,
+    {reason: n} of planned scenes rejected at fetch): plan rows joined with the ledger."""
     from gl10m import plan as planmod
     from gl10m import samples
 
-    ready, missing = [], []
+    ready, missing, rejected = [], {}, {}
     for r in regions:
         p = planmod.plan_path(workdir, r)
         if not p.exists():
@@ -52,19 +80,33 @@ def collect(profile: Profile, workdir: Path, regions: Sequence[str], ledger: Led
         for row in rows.drop(columns="geometry").to_dict("records"):
             o = ledger.get("fetch", str(row["key"]))
             folder = samples.staged_dir(workdir, str(row["split"]), str(row["key"]))
+            if o is not None and o.status == REJECTED:
+                reason = o.reason or "unknown"
+                rejected[reason] = rejected.get(reason, 0) + 1
+                continue
             if o is None or o.status != OK or not folder.exists():
-                if o is None or o.status == "failed":
-                    missing.append(str(row["key"]))
+                missing[str(row["key"])] = ("not fetched" if o is None else
+                                            o.label if o.status != OK else "staged sample missing")
                 continue
             ready.append({"key": str(row["key"]), "split": str(row["split"]), "state": str(row["state"]),
                           "west": row["west"], "south": row["south"], "east": row["east"], "north": row["north"],
                           "folder": folder, "fetch_hash": o.input_hash})
-    return sorted(ready, key=lambda s: s["key"]), sorted(missing)
+    return sorted(ready, key=lambda s: s["key"]), dict(sorted(missing.items())), dict(sorted(rejected.items()))
+
+
+def _not_planned(ledger: Ledger, regions: Sequence[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for o in ledger.outcomes("plan-scene"):
+        if o.status == REJECTED and o.unit.split("-", 1)[0] in regions:
+            out[o.reason or "unknown"] = out.get(o.reason or "unknown", 0) + 1
+    return dict(sorted(out.items()))
 
 
 def run_shard(profile: Profile, workdir: str | Path, *, regions: Sequence[str] | None = None,
               max_bytes: int | None = None, force: bool = False, quiet: bool = False,
-              card: bool = True) -> ShardResult:
+              card: bool = True, allow_incomplete: bool = False) -> ShardResult:
+    """Shard the fetched scenes of `regions`. Raises :class:`IncompleteError` while planned scenes
+    are failed or not fetched, unless `allow_incomplete` (then the manifest and the card list them)."""
     from gl10m import shards
     from gl10m.io import clean_temp
     from gl10m.splits import border_drops
@@ -78,16 +120,24 @@ def run_shard(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
     if not (workdir / "ledger.sqlite").is_file() or not any(planmod.plan_path(workdir, r).exists() for r in regions):
         raise UserError(f"{workdir}: nothing to shard for {', '.join(regions)} (no plan; run `gl10m download` first)")
     out = shards_dir(workdir)
-    if out.is_dir():
-        clean_temp(out)  # half-written shards, index or card of a killed run are never outputs
-    ensure_dir(out, "shards folder")
     res = ShardResult(out_dir=out)
     with Ledger.for_workdir(workdir) as ledger:
-        scenes, res.missing = collect(profile, workdir, regions, ledger)
+        scenes, res.missing, res.rejected = collect(profile, workdir, regions, ledger)
+        res.not_planned = _not_planned(ledger, regions)
+        res.planned = len(scenes) + len(res.missing) + sum(res.rejected.values())
+        if res.missing and not allow_incomplete:
+            n, first = len(res.missing), next(iter(res.missing.items()))
+            raise IncompleteError(
+                f"{n} of {res.planned} planned scenes have no sample (e.g. {first[0]}: {first[1]}): rerun "
+                "`gl10m download` to fetch them, or pass --allow-incomplete to shard without them")
+        if out.is_dir():
+            clean_temp(out)  # half-written shards, index or card of a killed run are never outputs
+        ensure_dir(out, "shards folder")
         res.dropped = border_drops(scenes, profile)
         kept = [s for s in scenes if s["key"] not in res.dropped]
         h = hash_inputs("shard", STAGE_VERSION, max_bytes, [(s["key"], s["fetch_hash"]) for s in kept],
-                        sorted(res.dropped.items()), profile.splits.model_dump(mode="json"), card)
+                        sorted(res.dropped.items()), profile.splits.model_dump(mode="json"), card,
+                        sorted(res.missing.items()), sorted(res.rejected.items()))
         run, why = ledger.decide("shard", "all", h)
         if not run and not (out / shards.MANIFEST_NAME).exists():
             run = True
@@ -100,7 +150,10 @@ def run_shard(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
                  "builder": {"name": "gl10m", "version": __version__},
                  "split_scheme": profile.splits.scheme,
                  "concepts": [{"id": c.id, "name": c.name, "label": c.label} for c in profile.concepts],
-                 "dropped_border": len(res.dropped), "not_fetched": len(res.missing)}
+                 "dropped_border": len(res.dropped), "planned": res.planned,
+                 "rejected_at_fetch": res.rejected, "not_planned": res.not_planned,
+                 "not_fetched": len(res.missing),
+                 "missing": [{"key": k, "why": v} for k, v in res.missing.items()]}
         with progress_bar(quiet) as bar:
             task = bar.add_task("shard", total=len(entries))
             manifest = shards.build(entries, out, max_bytes=max_bytes, manifest_extra=extra,

@@ -167,23 +167,25 @@ def test_bad_pbf_to_gl10m_osm_is_one_line_and_writes_nothing(osm_world, tmp_path
 def test_bad_pbf_in_the_index_stage_is_a_rejected_region(osm_world, tmp_path, case):
     """`gl10m index --stage osm`: the bad region is rejected (one line naming it), the good one is
     done, and the bad one leaves no features, no temp file and no node-index file behind.
-    (The exit code: test_a_rejected_region_makes_gl10m_index_exit_nonzero.)"""
+    (The exit code: test_a_rejected_region_makes_gl10m_index_exit_2.)"""
     prof = write_profile(osm_world, f"p-{case}.yaml", BAD_PBFS[case])
     wd = tmp_path / "W"
     r = gl10m("index", "-p", prof, "-w", wd, "--stage", "osm", "--no-dask", "-q", cwd=tmp_path)
-    line = one_error_line(r)
+    assert "Traceback" not in r.stderr, r.stderr
+    line, last = [ln for ln in r.stderr.splitlines() if ln.strip()]  # the unit, then the closing line
     assert line.startswith("osm/CO: rejected:OsmError:") and "cannot read as OSM PBF" in line
+    assert last.startswith("1 region rejected as bad input (osm 1)")
     rows = ledger_rows(wd, "osm")
     assert rows["CO"].status == "rejected" and rows["AZ"].status == "ok"
     assert not ix.osm_path(wd, "CO").exists() and ix.osm_path(wd, "AZ").exists()
     assert not leftovers(wd), leftovers(wd)
 
 
-def test_a_rejected_region_makes_gl10m_index_exit_nonzero(osm_world, tmp_path):
+def test_a_rejected_region_makes_gl10m_index_exit_2(osm_world, tmp_path):
     prof = write_profile(osm_world, "p-exit.yaml", BAD_PBFS["truncated"])
     r = gl10m("index", "-p", prof, "-w", tmp_path / "W", "--stage", "osm", "--no-dask", "-q", cwd=tmp_path)
     assert "osm/CO: rejected" in r.stderr
-    assert r.returncode != 0
+    assert r.returncode == 2  # bad input (gl10m.outcomes)
 
 
 def test_unreachable_pbf_url_is_failed_not_rejected(osm_world, tmp_path, monkeypatch):
@@ -219,7 +221,9 @@ def test_full_disk_in_the_osm_stage_is_failed_and_retried(osm_world, tmp_path):
     wd = tmp_path / "W"
     r = gl10m("index", "-p", prof, "-w", wd, "--states", "CO", "--stage", "osm", "--no-dask", "-q",
               cwd=tmp_path, fsize_limit=64 * 1024)
-    line = one_error_line(r)
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr  # transient: rerun (gl10m.outcomes)
+    line, last = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert last.startswith("1 unit failed transiently (osm 1): rerun `gl10m index`"), last
     assert line.startswith("osm/CO: failed:OsmIOError:") and "File too large" in line, line
     assert "cannot read as OSM PBF" not in line  # the PBF is fine; do not blame it
     assert ledger_rows(wd, "osm")["CO"].status == "failed"

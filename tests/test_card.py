@@ -150,3 +150,16 @@ def test_an_empty_build_gets_a_card_that_says_so(profile, tmp_path):
     readme = card.write_card(out, profile)
     assert "holds no samples" in readme.read_text()
     assert not list((out / "card").glob("*.png"))
+
+
+def test_anchor_and_pbf_wording_follows_the_profile(tmp_path, profile):
+    """Anchors are points on the surface (not centroids); the OSM source is what the profile says:
+    dated Geofabrik extracts for gl10m-66, the PBF files it names for a profile that pins them."""
+    text = card.write_card(make_shards(tmp_path / "a")[0], profile, n_examples=1).read_text()
+    assert "point on the surface" in text and "centroid" not in text.replace("unlike a centroid", "")
+    assert "geofabrik" in text.lower() and "PBF files the profile names" not in text
+    regions = {k: r.model_copy(update={"pbf": f"osm/{k}.osm.pbf"}) for k, r in profile.regions.items()}
+    pinned = profile.model_copy(update={"regions": regions})
+    text = card.write_card(make_shards(tmp_path / "b")[0], pinned, n_examples=1).read_text()
+    assert "PBF files the profile names" in text and "-osm.pbf`" not in text
+    assert "<state>-" not in text

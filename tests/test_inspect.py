@@ -125,6 +125,10 @@ def test_load_sample_reads_by_offset(built):
     assert some.tiles == (0, 37, 99) and some.hr.shape == (3, 268, 268, 3)
     assert np.array_equal(some.hr[1], s.hr[37])
     assert abs(int(s.hr[37][5, 5, 1]) - 74) <= 3  # tile 37 is where the index says (JPEG tolerance)
+    every = gi.load_sample(root, key, tiles="all")  # as gl10m.data.load takes it
+    assert every.tiles == tuple(range(100)) and np.array_equal(every.hr, s.hr)
+    with pytest.raises(UserError, match="tiles must be 'all'"):
+        gi.load_sample(root, key, tiles="some")
 
 
 def test_unknown_key_and_bad_folders_are_one_line_errors(built, tmp_path):

@@ -15,7 +15,13 @@ when the error carries one; it is honoured up to ``max_retry_after`` seconds).
 ``urllib`` errors, ``rasterio`` / GDAL I/O errors (by their ``HTTP response code: N`` or
 curl messages) and the OS-level timeouts and connection resets. Any other 4xx is permanent.
 The cause chain (``__cause__`` / ``__context__``) is followed, so a wrapped error classifies
-like the error it wraps.
+like the error it wraps (pystac's ``STACError: ... does not resolve to a STAC object`` raised
+over a body cut short is transient).
+
+A :class:`Budget` bounds the retrying of one unit of work (a scene, a catalog search) in time
+rather than in attempts: every retried call of the unit shares it, and retrying stops when it is
+spent. A hostile provider (one request in five failing) is then ridden out however unlucky a
+unit's draws are, and a provider that is down still fails the unit in bounded time.
 """
 from __future__ import annotations
 
@@ -41,6 +47,9 @@ class TransientError(Exception):
         self.retry_after = retry_after
         self.status = status
 
+    def __reduce__(self):  # picklable with its fields: Dask sends it from worker to driver
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
 
 class PermanentHTTPError(Exception):
     """An HTTP error that retrying will not fix (a 4xx other than 408/425/429)."""
@@ -48,6 +57,17 @@ class PermanentHTTPError(Exception):
     def __init__(self, message: str, *, status: int | None = None):
         super().__init__(message)
         self.status = status
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls, args, state):
+    """Unpickle one of our errors: its message, then its fields (``__init__`` takes keywords)."""
+    e = cls.__new__(cls)
+    Exception.__init__(e, *args)
+    e.__dict__.update(state)
+    return e
 
 
 # -- Retry-After ------------------------------------------------------------------------------
@@ -201,6 +221,38 @@ def check_response(resp: Any, what: str = "request") -> Any:
 
 
 # -- the loop ---------------------------------------------------------------------------------
+BUDGET_ENV = "GL10M_RETRY_BUDGET_S"
+
+
+def unit_budget(default_s: float) -> "Budget":
+    """A fresh :class:`Budget` for one unit: `default_s` seconds, or ``$GL10M_RETRY_BUDGET_S``."""
+    import os
+
+    v = os.environ.get(BUDGET_ENV)
+    try:
+        seconds = float(v) if v else default_s
+    except ValueError:
+        seconds = default_s
+    return Budget(seconds if seconds > 0 else default_s)
+
+
+class Budget:
+    """A time budget (seconds) shared by the retried calls of one unit of work."""
+
+    def __init__(self, seconds: float, *, clock: Callable[[], float] = time.monotonic):
+        if seconds <= 0:
+            raise ValueError("a retry budget must be > 0 seconds")
+        self.seconds = float(seconds)
+        self._clock = clock
+        self.deadline = clock() + self.seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - self._clock())
+
+    def __repr__(self) -> str:
+        return f"Budget({self.seconds:g} s, {self.remaining():.1f} s left)"
+
+
 def backoff_delay(attempt: int, *, base_delay: float, max_delay: float, rng: random.Random,
                   retry_after: float | None = None, max_retry_after: float = 300.0) -> float:
     """Sleep before retry number `attempt` (0-based): full jitter, at least `retry_after`."""
@@ -211,31 +263,44 @@ def backoff_delay(attempt: int, *, base_delay: float, max_delay: float, rng: ran
     return d
 
 
-def retry(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.5, max_delay: float = 30.0,
+def retry(fn: Callable[[], T], *, attempts: int | None = 5, base_delay: float = 0.5, max_delay: float = 30.0,
           retry_on: Callable[[BaseException], bool] = is_transient, max_retry_after: float = 300.0,
           sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None,
-          on_retry: Callable[[int, BaseException, float], None] | None = None) -> T:
+          on_retry: Callable[[int, BaseException, float], None] | None = None,
+          budget: Budget | None = None) -> T:
     """Call ``fn()`` until it returns; retry errors for which ``retry_on(exc)`` is true.
 
-    At most `attempts` calls in all; the last error is raised when they run out, and a
-    non-retryable error is raised at once. ``on_retry(attempt, exc, delay)`` is called before
-    each sleep (for logging or counting; it must not log credentials).
+    At most `attempts` calls in all (None: no count, only the `budget`), and no retry once the
+    `budget` is spent (a sleep is shortened to what is left; a ``Retry-After`` beyond it ends the
+    retrying). The last error is raised when they run out, and a non-retryable error at once.
+    ``on_retry(attempt, exc, delay)`` is called before each sleep (for logging or counting; it
+    must not log credentials).
     """
-    if attempts < 1:
+    if attempts is not None and attempts < 1:
         raise ValueError("attempts must be >= 1")
+    if attempts is None and budget is None:
+        raise ValueError("retry without a count of attempts needs a budget")
     rng = rng or random.Random()
-    for i in range(attempts):
+    i = 0
+    while True:
         try:
             return fn()
         except BaseException as exc:  # noqa: BLE001 - reraised below unless retryable
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)) or i == attempts - 1 or not retry_on(exc):
+            last = attempts is not None and i == attempts - 1
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)) or last or not retry_on(exc):
                 raise
+            ra = retry_after_of(exc)
             delay = backoff_delay(i, base_delay=base_delay, max_delay=max_delay, rng=rng,
-                                  retry_after=retry_after_of(exc), max_retry_after=max_retry_after)
+                                  retry_after=ra, max_retry_after=max_retry_after)
+            if budget is not None:
+                left = budget.remaining()
+                if left <= 0 or (ra is not None and min(ra, max_retry_after) > left):
+                    raise
+                delay = min(delay, left)
+            i += 1
             if on_retry is not None:
-                on_retry(i + 1, exc, delay)
+                on_retry(i, exc, delay)
             sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def retrying(**kw: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:

@@ -230,7 +230,7 @@ def _retry_io_class():
 
         def __init__(self, *, retry_kw: dict | None = None, timeout: Any = (10, 120), **kw: Any):
             super().__init__(max_retries=None, timeout=timeout, **kw)
-            self.retry_kw = dict(retry_kw or {})
+            self.retry_kw = {"attempts": 8, "max_delay": 10.0, **(retry_kw or {})}
             self.n_requests = 0
 
         def request(self, href: str, method: str | None = None, headers: dict | None = None,
@@ -252,7 +252,13 @@ def _retry_io_class():
                     err = APIError(f"{e}: {resp.text[:300]}")
                     err.status_code = resp.status_code
                     raise err from None
-                return resp.content.decode("utf-8")
+                text = resp.content.decode("utf-8", errors="replace")
+                try:  # a STAC API answers JSON: a garbled or truncated body is a transient fault
+                    json.loads(text)
+                except ValueError:
+                    raise TransientError(f"STAC {method} {_public_url(href)}: the answer is not valid JSON "
+                                         f"({len(resp.content)} bytes)") from None
+                return text
 
             return retry(once, **self.retry_kw)
 

@@ -350,12 +350,13 @@ class FaultyTestbed:
     whose answers point at ``http_url``) and ``http_url`` (the COG files). Close it (or use it
     as a context manager) to stop the proxies; the servers behind keep running."""
 
-    def __init__(self, servers, spec: FaultSpec, *, host: str = "127.0.0.1"):
+    def __init__(self, servers, spec: FaultSpec, *, host: str = "127.0.0.1", stac_port: int = 0,
+                 http_port: int = 0):
         self.servers = servers
         self.spec = spec
-        self.files = FaultProxy(servers.http_url, spec, host=host, name="files")
+        self.files = FaultProxy(servers.http_url, spec, host=host, port=http_port, name="files")
         try:
-            self.stac = FaultProxy(servers.stac_url, spec, host=host, name="stac",
+            self.stac = FaultProxy(servers.stac_url, spec, host=host, port=stac_port, name="stac",
                                    rewrite={servers.http_url: self.files.url})
         except BaseException:
             self.files.close()
@@ -396,9 +397,11 @@ class FaultyTestbed:
         return f"FaultyTestbed(stac_url={self.stac_url!r}, http_url={self.http_url!r})"
 
 
-def inject_faults(servers, spec: FaultSpec, *, host: str = "127.0.0.1") -> FaultyTestbed:
-    """Proxies with faults in front of a running :class:`~gl10m.testbed.serve.Servers`."""
-    return FaultyTestbed(servers, spec, host=host)
+def inject_faults(servers, spec: FaultSpec, *, host: str = "127.0.0.1", stac_port: int = 0,
+                  http_port: int = 0) -> FaultyTestbed:
+    """Proxies with faults in front of a running :class:`~gl10m.testbed.serve.Servers` (on the
+    given ports; 0: free ones)."""
+    return FaultyTestbed(servers, spec, host=host, stac_port=stac_port, http_port=http_port)
 
 
 def main(argv: Iterable[str] | None = None) -> int:

@@ -617,10 +617,11 @@ def wait_ready_http(http_url: str, proc: subprocess.Popen | None, timeout: float
 
 
 def run_forever(dir: str | Path, *, host: str = "127.0.0.1", stac_port: int = 0, http_port: int = 0,
-                info_path: str | Path | None = None, out=None, faults=None) -> None:
+                info_path: str | Path | None = None, out=None, faults=None, extra: dict | None = None) -> None:
     """Serve `dir`, print the URLs, block until Ctrl-C (or SIGTERM), then stop cleanly. `faults`
     (a :class:`gl10m.testbed.faults.FaultSpec`): serve behind fault proxies instead; the URLs
-    printed and written are the proxies', and what they injected is printed at the end."""
+    printed and written are the proxies' (on `stac_port` / `http_port`), and what they injected
+    is printed at the end. `extra`: more entries for the info file (another server's URL)."""
     out = out or sys.stdout
     stop = threading.Event()
 
@@ -633,12 +634,15 @@ def run_forever(dir: str | Path, *, host: str = "127.0.0.1", stac_port: int = 0,
     old = {sig: signal.signal(sig, _term) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
         with contextlib.ExitStack() as stack:
-            s = stack.enter_context(serve(dir, host=host, stac_port=stac_port, http_port=http_port))
+            behind = faults is not None  # the proxies, not the servers behind them, take the ports asked for
+            s = stack.enter_context(serve(dir, host=host, stac_port=0 if behind else stac_port,
+                                          http_port=0 if behind else http_port))
             front, note = s, ""
             if faults is not None:
                 from gl10m.testbed.faults import inject_faults
 
-                front = stack.enter_context(inject_faults(s, faults, host=host))
+                front = stack.enter_context(inject_faults(s, faults, host=host, stac_port=stac_port,
+                                                          http_port=http_port))
                 note = ", behind fault proxies"
             print(f"STAC API:   {front.stac_url}  ({s.n_items} items in "
                   f"{', '.join(s.collections) or 'their collections'}{note})", file=out)
@@ -647,7 +651,8 @@ def run_forever(dir: str | Path, *, host: str = "127.0.0.1", stac_port: int = 0,
                 from gl10m.io import atomic_write_text
 
                 atomic_write_text(Path(info_path), json.dumps(
-                    {**s.info(), "stac_url": front.stac_url, "http_url": front.http_url}, indent=2) + "\n")
+                    {**s.info(), "stac_url": front.stac_url, "http_url": front.http_url, **(extra or {})},
+                    indent=2) + "\n")
                 print(f"written:    {info_path}", file=out)
             print("Ctrl-C to stop", file=out, flush=True)
             try:
