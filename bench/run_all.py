@@ -311,6 +311,23 @@ def _umask() -> int:
     return m
 
 
+def declared_timeout(script: Path) -> float:
+    """A bench may ask for a longer limit than the default with a line ``# run_all: timeout N``
+    (seconds) among its first 40 lines (the model-quality bench builds a world and trains a
+    model); 0 when it does not."""
+    import re
+
+    try:
+        head = script.read_text().splitlines()[:40]
+    except OSError:
+        return 0.0
+    for line in head:
+        m = re.match(r"#\s*run_all:\s*timeout\s+(\d+)\s*$", line.strip())
+        if m:
+            return float(m.group(1))
+    return 0.0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description="Run every bench/*.py (except this file and _helpers), each as a subprocess with "
@@ -340,7 +357,7 @@ def main(argv=None) -> int:
     outcomes = []
     for s in scripts:
         print(f"== {_rel(s)}", flush=True)
-        o = run_bench(s, a.timeout, ROOT)
+        o = run_bench(s, max(a.timeout, declared_timeout(s)), ROOT)
         status = "ok" if not o["error"] else f"FAILED: {o['error']}"
         print(f"== {_rel(s)}: {status} in {o['elapsed']:.1f} s", flush=True)
         if o["error"] and o["stderr"].strip():

@@ -95,6 +95,26 @@ def test_runner_timeout_and_missing_json(tmp_path):
     assert "no JSON records" in text and "timed out after 2 s" in text
 
 
+def test_a_bench_can_declare_a_longer_timeout(tmp_path):
+    """`# run_all: timeout N` in a bench's head raises its limit above --timeout (never lowers it)."""
+    bd = tmp_path / "benches"
+    bd.mkdir()
+    (bd / "long.py").write_text('"""A bench that needs 3 s."""\n# run_all: timeout 30\nimport time, sys\n'
+                                'time.sleep(3)\nsys.exit(4)\n')
+    (bd / "short.py").write_text('"""Asks for less than the default."""\n# run_all: timeout 1\nimport time, sys\n'
+                                 'time.sleep(3)\nsys.exit(4)\n')
+    out = tmp_path / "R.md"
+    p = _run("--bench-dir", bd, "--out", out, "--timeout", "2")
+    text = out.read_text()
+    assert p.returncode != 0
+    assert "timed out after 30 s" not in text and "exit" in text.split("## long")[1].split("## short")[0]
+    assert "timed out after 2 s" in text.split("## short")[1]
+    sys.path.insert(0, str(ROOT / "bench"))
+    import run_all
+    assert run_all.declared_timeout(ROOT / "bench" / "model_quality.py") >= 3600
+    assert run_all.declared_timeout(bd / "nothing.py") == 0.0
+
+
 def test_help_explains():
     p = _run("--help")
     assert p.returncode == 0
