@@ -4,7 +4,6 @@
 served testbed world, with real fault proxies in front of it."""
 import json
 import shutil
-import socket
 
 import pytest
 
@@ -12,6 +11,7 @@ from gl10m.ledger import Ledger
 from gl10m.outcomes import MAX_LINES
 from gl10m.testbed.faults import FaultProxy, FaultSpec
 from tests.test_bad_inputs import gl10m, one_error_line
+from tests.test_security import _closed_port
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -28,14 +28,6 @@ def _copy(indexed, tmp_path):
     wd = tmp_path / "W"
     shutil.copytree(indexed[0], wd)
     return wd
-
-
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def fetch_rows(wd):
