@@ -334,8 +334,10 @@ def colour_shards(tmp_path_factory):
 
 def test_bootstrap_loss_falls_and_learns_concepts(colour_shards, text_encoder, tmp_path):
     sd, classes = colour_shards
+    # pos_threshold 0.1 (the default counts any presence, 1e-4): concept 10's 0-5 % of every tile
+    # must then be a negative everywhere
     cfg = {"encoder": TINY, "train": dict(steps=40, batch_size=4, tiles_per_scene=8, lr=2e-3, seed=0, shuffle=0,
-                                           weight_decay=0.0)}
+                                           weight_decay=0.0, pos_threshold=0.1)}
     path = P.pretrain_encoder(sd, tmp_path / "boot", cfg, text_encoder=text_encoder)
     assert path == tmp_path / "boot" / "encoder.pt"
     import json
