@@ -35,6 +35,9 @@ connection as if the file were that short: the read fails like a truncated COG (
 expected M"). A truncated file fails the same way every time, a dropped transfer differently
 (N is where the connection broke), so a read is called corrupt only when it fails with the same
 error twice; until then a failure that looks like corruption is retried like a transient one.
+The same holds for what the reader finds wrong in a dataset it opened over HTTP (no
+georeferencing, too few bands): a transfer cut inside the TIFF header opens as a TIFF without its
+GeoTIFF tags, so such a finding is confirmed on a fresh read before the asset is rejected.
 """
 from __future__ import annotations
 
@@ -227,6 +230,21 @@ def read_asset(href: str, fn: Callable[[Any], Any], *, item: str, asset: str,
                 with lim, rasterio.Env(**env):
                     with rasterio.open(url) as ds:
                         return fn(ds)
+            except Rejection as r:
+                # what `fn` found wrong in an opened dataset (no georeferencing, too few bands):
+                # over HTTP a transfer cut inside the header opens as a TIFF without its GeoTIFF
+                # tags, so it is suspect like a corrupt-looking read: the same finding twice (on
+                # a fresh read) is the file, once is the transfer
+                if r.reason != ASSET_CORRUPT or not _is_http(url):
+                    raise
+                forget_url(url)
+                text = f"{r.reason}: {r}"
+                if text in suspects:
+                    raise
+                suspects.add(text)
+                if attempt == 0:
+                    continue
+                raise TransientError(f"{item} {asset}: {r} (on one read only: retrying)") from None
             except (RasterioError, CPLE_BaseError) as exc:
                 forget_url(url)
                 kind, status, retry_after = _classify(exc, url)

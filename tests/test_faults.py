@@ -301,6 +301,41 @@ def test_dropped_bodies_are_retried_not_taken_for_corruption(cog):
     assert drops >= 20
 
 
+def test_a_dataset_finding_over_http_is_confirmed_on_a_fresh_read(cog):
+    """What the reader finds wrong in an opened dataset (no georeferencing, too few bands) is
+    suspect over HTTP: a transfer cut inside the TIFF header opens as a TIFF without its GeoTIFF
+    tags (fault seed 31 of the CLI download test: three scenes ended as asset_corrupt, "not
+    georeferenced"). Once is retried on a fresh read; the same finding twice is the file."""
+    from gl10m import fetch
+
+    up, data = cog
+    calls = []
+
+    def flaky_header(ds):  # the first open looks like a cut header, the next ones are fine
+        calls.append(1)
+        if len(calls) == 1:
+            raise fetch.Rejection(fetch.ASSET_CORRUPT, "it image: not georeferenced (no CRS or no geotransform)")
+        return _read_window(ds)
+
+    got = fetch.read_asset(up.url + "/a.tif", flaky_header, item="it", asset="image", gdal_env=NO_GDAL_RETRY,
+                           retry_opts=NO_WAIT)
+    assert np.array_equal(got, data[:3, 100:400, 200:500]) and len(calls) == 2
+
+    def always(ds):
+        calls.append(1)
+        raise fetch.Rejection(fetch.ASSET_CORRUPT, "it image: not georeferenced (no CRS or no geotransform)")
+
+    calls.clear()
+    with pytest.raises(fetch.Rejection) as ei:
+        fetch.read_asset(up.url + "/a.tif", always, item="it", asset="image", gdal_env=NO_GDAL_RETRY,
+                         retry_opts=NO_WAIT)
+    assert ei.value.reason == fetch.ASSET_CORRUPT and len(calls) == 2
+    calls.clear()  # a local file cannot be cut in transfer: rejected at once
+    with pytest.raises(fetch.Rejection):
+        fetch.read_asset(str(up.root / "a.tif"), always, item="it", asset="image", retry_opts=NO_WAIT)
+    assert len(calls) == 1
+
+
 def test_a_truncated_cog_is_still_corrupt_behind_a_flaky_link(cog):
     from gl10m import fetch
 
