@@ -496,6 +496,13 @@ def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], 
       + (f" (samples: {', '.join(builders)})" if builders else "") + ".")
     A(f"- Imagery provider(s): {', '.join(providers) if providers else profile.provider.name}"
       f" (profile default `{profile.provider.name}`).")
+    syn = manifest.get("synthetic")
+    if syn:  # `gl10m testbed scenes`: no PBF was downloaded and no provider was asked
+        A(f"- **Synthetic scenes**, not imagery of real places: {syn.get('n_scenes')} scenes of seed {syn.get('seed')} "
+          f"by `{syn.get('generator')}` version {syn.get('generator_version')} (`gl10m testbed scenes`): each scene "
+          "its own seeded layout of the testbed's recipes, rendered by the testbed's NAIP and Sentinel-2 renderer; "
+          "labels from the layout written as a PBF and read by the osm and anchors stages. The OpenStreetMap, "
+          "NAIP and Sentinel-2 lines below describe the profile the scenes imitate, not downloads.")
     A(f"- OpenStreetMap: {_pbf_sources(profile, st)}.")
     A(f"- Pipeline: OSM features matching a concept rule -> anchors (a point on the surface of each feature, "
       f"always inside it, unlike a centroid; {geo.footprint_deg:g}-degree "

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from gl10m import data as gdata
 from gl10m import samples as smp
 from gl10m.errors import UserError
-from gl10m.io import atomic_path, atomic_write_text
+from gl10m.io import atomic_write_text
 
 from .checkpoint import read_checkpoint
 from .encoders import TileEncoder, load_encoder
@@ -288,8 +288,6 @@ class Timer:
         keys = self.totals if stages is None else stages
         return float(sum(self.totals.get(k, 0.0) for k in keys))
 
-
-IO_STAGES = ("io_lr", "io_hr")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from gl10m.outcomes import MAX_LINES
 from gl10m.testbed.faults import FaultProxy, FaultSpec
 from tests.test_bad_inputs import gl10m, one_error_line
 from tests.test_security import _closed_port
+from tests.test_testbed_serve import wait_for_served
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -172,7 +173,6 @@ def test_plan_and_download_read_the_urls_of_gl10m_testbed_serve(built_world, ind
     import os
     import signal
     import subprocess
-    import time
 
     from tests.test_bad_inputs import GL10M
 
@@ -183,12 +183,7 @@ def test_plan_and_download_read_the_urls_of_gl10m_testbed_serve(built_world, ind
                           "--files-port", str(files_port), "--faults", "0"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"})
     try:
-        deadline = time.monotonic() + 60
-        while not info.exists():
-            assert p.poll() is None, p.stderr.read()
-            assert time.monotonic() < deadline, "served.json never appeared"
-            time.sleep(0.1)
-        urls = json.loads(info.read_text())
+        urls = wait_for_served(p, info, 60)
         assert urls["stac_url"] == f"http://127.0.0.1:{port}" and urls["http_url"] == f"http://127.0.0.1:{files_port}"
         r = gl10m("plan", "-p", built_world / "profile.yaml", "-w", wd, "-q", cwd=tmp_path)
         assert r.returncode == 0, r.stderr

@@ -217,3 +217,18 @@ def test_every_concept_present_at_2000_scenes(tmp_path):
     idx = shards.read_index(res.shards_dir / shards.INDEX_NAME)
     counts = np.stack(idx["labels"].to_numpy()).sum(0)
     assert (counts > 0).all(), [CONCEPT_NAMES[i] for i in np.flatnonzero(counts == 0)]
+
+
+def test_the_card_says_the_scenes_are_synthetic(world, profile, tmp_path):
+    """The dataset card of a model-scale world says what it is (no PBF downloaded, no provider)."""
+    import json
+    import shutil
+
+    from gl10m import card as cardmod
+
+    sd = tmp_path / "shards"
+    shutil.copytree(world.shards_dir, sd)  # the module's world stays as built
+    cardmod.write_card(sd, profile)
+    text = (sd / "README.md").read_text()
+    man = json.loads((sd / shards.MANIFEST_NAME).read_text())
+    assert "**Synthetic scenes**" in text and f"seed {man['synthetic']['seed']}" in text

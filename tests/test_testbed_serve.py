@@ -412,6 +412,16 @@ def test_missing_rustac_gives_a_one_line_error(testbed_world):
     assert out.stdout.count("\n") == 1
 
 
+def wait_for_served(p, info, timeout: float) -> dict:
+    """The URLs a `gl10m testbed serve` process `p` writes to `info` (served.json), once there."""
+    deadline = time.monotonic() + timeout
+    while not info.exists():
+        assert p.poll() is None, p.stderr.read()
+        assert time.monotonic() < deadline, "served.json never appeared"
+        time.sleep(0.05)
+    return json.loads(info.read_text())
+
+
 @needs_rustac
 @pytest.mark.parametrize("faults", [False, True])
 def test_run_forever_prints_urls_and_stops_on_ctrl_c(testbed_world, tmp_path, faults):
@@ -425,12 +435,7 @@ def test_run_forever_prints_urls_and_stops_on_ctrl_c(testbed_world, tmp_path, fa
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**os.environ, "COLUMNS": "250"})
     try:
-        deadline = time.monotonic() + 30
-        while not info.exists():
-            assert p.poll() is None, p.stderr.read()
-            assert time.monotonic() < deadline, "served.json never appeared"
-            time.sleep(0.05)
-        urls = json.loads(info.read_text())
+        urls = wait_for_served(p, info, 30)
         client = pystac_client.Client.open(urls["stac_url"])
         assert {i.id for i in client.search().items()} == {i["id"] for i in _items_on_disk(testbed_world)}
         p.send_signal(signal.SIGINT)
