@@ -508,20 +508,42 @@ def _tile_indices(sel, where: str) -> tuple[int, ...]:
     return out
 
 
-def _decode_tiles(idx: Sequence[int], data: dict[str, bytes], where: str) -> np.ndarray:
-    """Decode the HR tiles `idx` straight into one [n, 268, 268, 3] buffer, with exactly the
-    settings of :func:`gl10m.samples.decode_tile`."""
+def decoded_tile_px(tile_px: int | None) -> int:
+    """Side of a tile decoded for a reader that needs ``tile_px`` pixels (None: the full 268): the
+    smallest JPEG DCT scaling M/8 of 268 (M = 1..8, rounded up as libjpeg does) that is at least
+    ``tile_px``. E.g. 64 -> 67, 96 -> 101, 128 -> 134, 224 -> 235."""
+    if tile_px is None:
+        return smp.TILE_PX
+    if isinstance(tile_px, bool) or not isinstance(tile_px, (int, np.integer)) or tile_px < 1:
+        raise LoaderError(f"tile_px must be a positive integer or None, got {tile_px!r}")
+    for m in range(1, 9):
+        side = -(-smp.TILE_PX * m // 8)
+        if side >= tile_px:
+            return side
+    return smp.TILE_PX
+
+
+def _decode_tiles(idx: Sequence[int], data: dict[str, bytes], where: str, tile_px: int | None = None) -> np.ndarray:
+    """Decode the HR tiles `idx` straight into one [n, S, S, 3] buffer, with exactly the settings
+    of :func:`gl10m.samples.decode_tile`; S = 268, or with ``tile_px`` the reduced size of
+    :func:`decoded_tile_px`, scaled inside the JPEG decoder (its DCT scaling: a model that resizes
+    tiles to 64 px decodes them at 67 px, ~1.6x faster than in full and with no 268 px resize to
+    follow; the result differs from full decode + antialiased resize by ~0.4 DN on average)."""
     import simplejpeg
 
-    hr = np.empty((len(idx), smp.TILE_PX, smp.TILE_PX, 3), dtype=np.uint8)
+    side = decoded_tile_px(tile_px)
+    scale = {} if side == smp.TILE_PX else {"min_width": side, "min_height": side}
+    hr = np.empty((len(idx), side, side, 3), dtype=np.uint8)
     for j, i in enumerate(idx):
         f = smp.hr_field(i)
         try:
-            got = simplejpeg.decode_jpeg(data[f], colorspace="RGB", fastdct=False, fastupsample=False, buffer=hr[j])
+            got = simplejpeg.decode_jpeg(data[f], colorspace="RGB", fastdct=False, fastupsample=False, buffer=hr[j],
+                                         **scale)
         except ValueError as e:
             raise LoaderError(f"{where}: {f} is not a {smp.TILE_PX}x{smp.TILE_PX} JPEG ({e})") from None
         if got.shape != hr[j].shape:
-            raise LoaderError(f"{where}: {f} is {got.shape[1]}x{got.shape[0]}, expected {smp.TILE_PX}x{smp.TILE_PX}")
+            raise LoaderError(f"{where}: {f} decodes to {got.shape[1]}x{got.shape[0]}, expected {side}x{side} "
+                              f"(a {smp.TILE_PX}x{smp.TILE_PX} JPEG)")
     return hr
 
 
@@ -587,7 +609,7 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, shards: list[_Shard], index: _Index | None, *, split: str | None, tiles: TileSpec,
                  shuffle: int, seed: int, rank: int, world_size: int, with_epoch: int | None, verify: bool,
-                 decode_meta: bool, split_by: str):
+                 decode_meta: bool, split_by: str, tile_px: int | None = None):
         self._shards, self._index, self.split = shards, index, split
         self._tiles_fn = tiles if callable(tiles) else None
         self._tiles = None if callable(tiles) else (
@@ -597,6 +619,7 @@ class ShardDataset(IterableDataset):
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.with_epoch, self.verify, self.decode_meta, self.split_by = with_epoch, verify, decode_meta, split_by
         self.epoch = 0
+        self.tile_px = tile_px
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -839,7 +862,7 @@ class ShardDataset(IterableDataset):
             raise LoaderError(f"{where}: {e}") from None
         if labels.ndim != 1 or frac.ndim != 2 or frac.shape[0] != smp.N_TILES:
             raise LoaderError(f"{where}: labels {labels.shape} / tile_frac {frac.shape} have the wrong shape")
-        hr = _decode_tiles(sel, data, where)
+        hr = _decode_tiles(sel, data, where, self.tile_px)
         out.update(lr=_chw(lr), hr=_chw(hr), tiles=torch.tensor(sel, dtype=torch.int64).reshape(-1),
                    labels=torch.from_numpy(np.ascontiguousarray(labels, dtype=np.uint8)),
                    tile_frac=torch.from_numpy(np.ascontiguousarray(frac[list(sel)])))
@@ -865,7 +888,7 @@ def _take(it: Iterator, n: int) -> Iterator:
 def load(source, split: str | None = None, tiles: TileSpec = "all", *, shuffle: int = 0, seed: int = 0,
          rank: int | None = None, world_size: int | None = None, with_epoch: int | None = None,
          verify: bool = False, decode_meta: bool = True, split_by: str = "auto",
-         index: str | os.PathLike | None = None) -> ShardDataset:
+         index: str | os.PathLike | None = None, tile_px: int | None = None) -> ShardDataset:
     """gl10m shards -> a torch IterableDataset of decoded sample dicts (see the module doc).
 
     `source`: a shards folder (local or URL), a shard path/URL, a brace pattern, or a list of
@@ -878,6 +901,8 @@ def load(source, split: str | None = None, tiles: TileSpec = "all", *, shuffle: 
     `verify`: check each sample's sha256 against the index. `split_by`: "auto", "shard" or
     "sample" (the rule splitting samples over ranks x workers). `index`: the sidecar index for a
     list of shard URLs (found automatically for a shards folder and for local shards).
+    `tile_px`: decode HR tiles at the smallest JPEG DCT scaling of at least this many pixels
+    (:func:`decoded_tile_px`: 64 -> 67 x 67) instead of 268, for a model that resizes them down.
 
     Batching: pass ``collate_fn=gl10m.data.collate`` to a ``torch.utils.data.DataLoader``
     (``DataLoader(load(...), batch_size=4, collate_fn=collate)``); torch's default collate fails
@@ -907,7 +932,8 @@ def load(source, split: str | None = None, tiles: TileSpec = "all", *, shuffle: 
         raise LoaderError(f"verify=True needs the shard index ({INDEX_NAME}); none was found for {shards[0].url}")
     return ShardDataset(shards, ix, split=split, tiles=tiles, shuffle=int(shuffle), seed=int(seed), rank=int(rank),
                         world_size=int(world_size), with_epoch=None if with_epoch is None else int(with_epoch),
-                        verify=verify, decode_meta=decode_meta, split_by=split_by)
+                        verify=verify, decode_meta=decode_meta, split_by=split_by,
+                        tile_px=None if tile_px is None else int(decoded_tile_px(tile_px)))
 
 
 def collate(batch: Sequence[dict]) -> dict:
@@ -1002,9 +1028,11 @@ def decode_lr(data: bytes, where: str = "lr") -> np.ndarray:
     return _decode_lr(data, where)
 
 
-def decode_tiles(idx: Sequence[int], data: dict[str, bytes], where: str = "sample") -> np.ndarray:
-    """The HR tiles ``idx`` from ``{hr_XX.jpg: bytes}`` -> uint8 [n, 268, 268, 3] (NHWC)."""
-    return _decode_tiles(tuple(int(i) for i in idx), data, where)
+def decode_tiles(idx: Sequence[int], data: dict[str, bytes], where: str = "sample",
+                 tile_px: int | None = None) -> np.ndarray:
+    """The HR tiles ``idx`` from ``{hr_XX.jpg: bytes}`` -> uint8 [n, 268, 268, 3] (NHWC); with
+    ``tile_px``, [n, S, S, 3] at the reduced size of :func:`decoded_tile_px`."""
+    return _decode_tiles(tuple(int(i) for i in idx), data, where, tile_px)
 
 
 def decode_labels(data: bytes, where: str = "sample") -> np.ndarray:

@@ -300,6 +300,12 @@ class TileEncoder(nn.Module):
         self.saliency_fn = SALIENCY[self.cfg.saliency]
 
     @property
+    def tile_px(self) -> int | None:
+        """The HR tile size this encoder resizes to when it is below the stored 268 px (readers
+        then decode tiles at a reduced size: ``gl10m.data.load(..., tile_px=)``), else None."""
+        return self.cfg.hr_size if self.cfg.hr_size < 268 else None
+
+    @property
     def embed_dim(self) -> int:
         return self.cfg.embed_dim
 

@@ -258,7 +258,7 @@ def write_features(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, en
                 st["skipped"] += 1
                 continue
             ds = data.load([str(src / s / n) for n in names], split=s, tiles="all", rank=0, world_size=1,
-                           decode_meta=False)
+                           decode_meta=False, tile_px=enc.tile_px)
             dl = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
                                              collate_fn=data.collate, pin_memory=dev.type == "cuda")
 

@@ -138,7 +138,8 @@ def pretrain_encoder(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     text_raw = enc.text_raw(labels, te).to(dev)
 
     ds = data.load(shards_dir, split=tr["split"], tiles=_tile_picker(tr["tiles_per_scene"], seed),
-                   shuffle=int(tr["shuffle"]), seed=seed, rank=0, world_size=1, decode_meta=False)
+                   shuffle=int(tr["shuffle"]), seed=seed, rank=0, world_size=1, decode_meta=False,
+                   tile_px=enc.tile_px)
     dl = torch.utils.data.DataLoader(ds, batch_size=tr["batch_size"], num_workers=0, collate_fn=data.collate)
 
     hr_head, lr_head = SigLIPHead().to(dev), SigLIPHead().to(dev)

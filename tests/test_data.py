@@ -399,3 +399,24 @@ def test_sample_reader_reads_members_by_index_order(sd, monkeypatch):
             r.read(len(r), [smp.LR_FIELD])
         with pytest.raises(data.LoaderError, match="not a field"):
             r.read(0, ["lr.jpg"])
+
+
+def test_tiles_decoded_at_a_reduced_size_match_a_resize_of_the_full_ones(sd):
+    """tile_px: the JPEG decoder's own DCT scaling gives [n, 3, S, S] with S the smallest M/8 of 268
+    at or above tile_px; its pixels agree with the full tile box-averaged to that size."""
+    assert [data.decoded_tile_px(p) for p in (None, 1, 34, 35, 64, 96, 128, 224, 268, 300)] == \
+        [268, 34, 34, 67, 67, 101, 134, 235, 268, 268]
+    with pytest.raises(data.LoaderError):
+        data.decoded_tile_px(0)
+    ref = full_samples(sd, "val")
+    n = 0
+    for s in data.load(sd, split="val", tiles=[0, 37, 99], tile_px=64):
+        assert s["hr"].shape == (3, 3, 67, 67) and s["hr"].dtype == torch.uint8
+        full = torch.from_numpy(ref[s["key"]].hr[[0, 37, 99]]).permute(0, 3, 1, 2).float()
+        small = torch.nn.functional.interpolate(full, size=(67, 67), mode="area")
+        assert (s["hr"].float() - small).abs().mean() < 4.0     # DN, of 255
+        assert np.array_equal(s["lr"].permute(1, 2, 0).numpy(), ref[s["key"]].lr)  # LR untouched
+        n += 1
+    assert n > 0
+    raw = {smp.hr_field(i): smp.encode_tile(ref[s["key"]].hr[i]) for i in (5,)}
+    assert data.decode_tiles([5], raw, tile_px=128).shape == (1, 134, 134, 3)
