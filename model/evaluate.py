@@ -25,7 +25,7 @@ the stage II predictor when there is one, else stage I):
 - ``lr_only``: no tile observed, the predictor completes the whole grid from LR (OBR 0);
 - ``full_hr``: all 100 tiles observed (OBR 1);
 - ``random``: random tiles, as many per scene as the default selects, observed tiles only (the
-  scene's mean token over them); ``random_predictor``: the same tiles completed by the predictor;
+  scene's pooled tokens over them); ``random_predictor``: the same tiles completed by the predictor;
 - ``sampler_only``: the learned sampler's tiles, observed tiles only;
 - ``lr_fill``: the sampler's tiles, unobserved tiles filled with the LR tokens of their area;
 - ``predictor_nolr``: the sampler's tiles completed by a predictor trained without LR context;
@@ -76,7 +76,7 @@ from .eval_report import plot_sweep, render_markdown, summary_table
 from .features import _HR_CHUNK
 from .predictor import Predictor, complete, load_predictor
 from .sampler import load_sampler
-from .scoring import SceneSpace
+from .scoring import SceneSpace, mean_half
 from .selection import RULE, calibrate_threshold, select
 from .supervision import VARIANTS
 
@@ -219,7 +219,7 @@ def load_bundle(model_dir: str | os.PathLike | None = None, *, device: str | tor
         holdout["predictor-stage2"] = novel
         space = SceneSpace(p_s2.head, text, s2info["center"].to(dev), "the stage II head of the completed grid")
     else:
-        space = SceneSpace(enc.embed_mean, text, info_main["center"].to(dev),
+        space = SceneSpace(lambda pooled: enc.embed_mean(mean_half(pooled)), text, info_main["center"].to(dev),
                            "the encoder's HR head of the completed grid (no stage II model)")
     found = {v: load_sampler(parts[f"sampler-{v}"]).to(dev) for v in VARIANTS if f"sampler-{v}" in parts}
     return Bundle(enc, text, list(labels), samp, p_main, selection, space, p_nolr, p_s2, found, novel, holdout,
@@ -366,7 +366,7 @@ class _Batch:
             raw = [ev.reader.read(i, [smp.hr_field(int(x)) for x in s]) if len(s) else {}
                    for i, s in zip(self.idx, sel)]
         with t("decode_hr"):
-            hr = np.concatenate([gdata.decode_tiles(s, r, k) for s, r, k in zip(sel, raw, self.keys) if len(s)])
+            hr = np.concatenate([gdata.decode_tiles(s, r, k, enc.tile_px) for s, r, k in zip(sel, raw, self.keys) if len(s)])
             hr = torch.from_numpy(hr).permute(0, 3, 1, 2)
         with t("encode_hr"), ev.autocast():
             pooled = torch.cat([enc.encode_hr(hr[i:i + _HR_CHUNK].to(ev.device))[0].float()

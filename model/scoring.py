@@ -7,13 +7,19 @@ Its scene embedding is always
 
     embed(tokens, mask) = normalise(head(pool_scene(tokens, mask)))
 
-- :func:`pool_scene`: the mean token of the scene over the masked tiles (all tiles when no mask;
-  a scene without any masked tile gets ``fallback``, the target centre = the mean true token,
-  i.e. "nothing observed");
-- ``head``: the stage II predictor's head (trained with SigLIP on exactly this pooling of the
-  completed grid, :meth:`gl10m.model.predictor.Predictor.forward`) when there is a stage II
-  model; otherwise the encoder's own HR head (:meth:`TileEncoder.embed_mean`), consistently for
-  every row.
+- :func:`pool_scene`: the **mean and the max** over the masked tiles (all tiles when no mask) of
+  the tiles' mean tokens, concatenated, [B, 2D]; a scene without any masked tile gets
+  ``fallback`` in both halves (the target centre = the mean true token, i.e. "nothing
+  observed"). The max half is there because a mean over 100 tiles dilutes what only one tile
+  shows (a pool, a helipad, a court: the concepts HR exists for) a hundredfold: on the
+  bootstrap encoder's cache of a 3,400-scene world (seed 2027, train -> val, base concepts) a
+  linear probe reads mAP@100 0.13 from the mean of the true HR tokens, 0.30 from their max,
+  0.33 from both, against 0.18 from the LR tokens' mean;
+- ``head``: the stage II predictor's head (LayerNorm + linear, trained with SigLIP on exactly
+  this pooling of the completed grid, :meth:`gl10m.model.predictor.Predictor.forward`) when
+  there is a stage II model; otherwise the encoder's own HR head
+  (:meth:`TileEncoder.embed_mean`) of the mean half (:func:`mean_half`), consistently for every
+  row.
 
 Concept scores are cosines between the scene embedding and the **centred** concept text
 embeddings (:func:`center_text`): the text embeddings of the 66 concepts are nearly collinear
@@ -48,23 +54,31 @@ def center_text(text: torch.Tensor) -> torch.Tensor:
 
 def pool_scene(tokens: torch.Tensor, mask: torch.Tensor | None = None,
                fallback: torch.Tensor | None = None) -> torch.Tensor:
-    """Tile tokens [B, 100, g, g, D] -> the scene's mean token [B, D], over the ``mask``'s tiles
-    when given (a scene with none takes ``fallback`` [D], zeros when None)."""
+    """Tile tokens [B, 100, g, g, D] -> the scene's pooled token [B, 2D]: the mean and the max
+    over the ``mask``'s tiles (all tiles when None) of each tile's mean token, concatenated (a
+    scene with no masked tile takes ``fallback`` [D] in both halves, zeros when None)."""
     if tokens.dim() != 5 or tokens.shape[1] != N_TILES:
         raise UserError(f"pool_scene: expected tokens [B, 100, g, g, D], got {tuple(tokens.shape)}")
     per_tile = tokens.float().mean(dim=(2, 3))                          # [B, 100, D]
     if mask is None:
-        return per_tile.mean(1)
-    m = mask.to(per_tile.device, torch.float32)[..., None]
+        return torch.cat([per_tile.mean(1), per_tile.amax(1)], dim=-1)
+    m = mask.to(per_tile.device, torch.bool)[..., None]
     n = m.sum(1)
-    mean = (per_tile * m).sum(1) / n.clamp(min=1)
+    mean = torch.where(m, per_tile, 0.0).sum(1) / n.clamp(min=1)
+    top = torch.where(m, per_tile, float("-inf")).amax(1)
     fb = per_tile.new_zeros(per_tile.shape[-1]) if fallback is None else fallback.to(per_tile)
-    return torch.where(n > 0, mean, fb.expand_as(mean))
+    fb = fb.expand_as(mean)
+    return torch.cat([torch.where(n > 0, mean, fb), torch.where(n > 0, top, fb)], dim=-1)
+
+
+def mean_half(pooled: torch.Tensor) -> torch.Tensor:
+    """The mean half [..., D] of :func:`pool_scene`'s [..., 2D] (for a head that takes one token)."""
+    return pooled[..., : pooled.shape[-1] // 2]
 
 
 @dataclass
 class SceneSpace:
-    """``head``: [B, D] -> [B, E]; ``text``: [C, E] raw concept embeddings; ``centre``: [D] the
+    """``head``: [B, 2D] (:func:`pool_scene`) -> [B, E]; ``text``: [C, E] raw concept embeddings; ``centre``: [D] the
     mean true token (fallback of an empty mask); ``name``: which head (for the report)."""
 
     head: Callable[[torch.Tensor], torch.Tensor]
@@ -85,4 +99,4 @@ class SceneSpace:
         return emb.float() @ self.text_c.to(emb.device).T
 
 
-__all__ = ["SceneSpace", "center_text", "pool_scene"]
+__all__ = ["SceneSpace", "center_text", "mean_half", "pool_scene"]

@@ -315,6 +315,19 @@ def _resolve_holdout(cfg: dict, task, features_dir, feats, dims: dict) -> None:
         where["novel_concepts"] = []
 
 
+def _param_groups(model: torch.nn.Module, cfg: dict, lr_mult=None) -> list[dict]:
+    """AdamW groups: weight decay on matrices only, and the task's per-parameter learning-rate
+    multiplier (``lr_mult(name)``, default 1); a fixed order (decayed first, then by multiplier)."""
+    groups: dict[tuple[bool, float], list] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            m = 1.0 if lr_mult is None else float(lr_mult(n))
+            groups.setdefault((p.ndim >= 2, m), []).append(p)
+    lr, wd = float(cfg["lr"]), float(cfg["weight_decay"])
+    return [{"params": ps, "weight_decay": wd if dec else 0.0, "lr": lr * m}
+            for (dec, m), ps in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+
+
 def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: str | Path, *,
           resume: bool = False, max_steps: int | None = None, device: str | None = None,
           dataset: Any = None, text: torch.Tensor | None = None, task: Any = None) -> dict:
@@ -368,10 +381,7 @@ def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: s
         missing, unexpected = model.load_state_dict(init["model"], strict=False)
         if unexpected:
             raise UserError(f"init_from {cfg['init_from']}: unexpected weights {unexpected[:3]}...")
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": float(cfg["weight_decay"])},
-                             {"params": no_decay, "weight_decay": 0.0}],
+    opt = torch.optim.AdamW(_param_groups(model, cfg, getattr(task, "lr_mult", None)),
                             lr=float(cfg["lr"]), betas=tuple(cfg["betas"]))
     total = int(cfg["steps"])
     sched = torch.optim.lr_scheduler.LambdaLR(

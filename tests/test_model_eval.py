@@ -111,10 +111,33 @@ def test_pool_scene_masks_and_falls_back_to_the_centre():
     mask = torch.zeros(2, 100, dtype=torch.bool)
     mask[0, :50] = True                    # scene 0 sees only the first half; scene 1 nothing
     centre = torch.tensor([0.25, 0.5])
-    out = pool_scene(tok, mask, centre)
-    assert torch.allclose(out[0], torch.tensor([1.0, 0.0]))
-    assert torch.allclose(out[1], centre)  # nothing observed: the mean true token, in the same space
-    assert torch.allclose(pool_scene(tok)[0], torch.tensor([0.5, 0.5]))
+    out = pool_scene(tok, mask, centre)    # [mean | max]
+    assert torch.allclose(out[0], torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    assert torch.allclose(out[1], torch.cat([centre, centre]))  # nothing observed: the mean true token
+    assert torch.allclose(pool_scene(tok)[0], torch.tensor([0.5, 0.5, 1.0, 1.0]))
+
+
+def test_pool_scene_keeps_what_one_tile_shows():
+    """A small object seen in one tile of 100: the mean dilutes it a hundredfold, the max half
+    keeps it whole (the old mean-only pooling scored such scenes like empty ones)."""
+    from gl10m.model.scoring import mean_half, pool_scene
+    g = torch.Generator().manual_seed(3)
+    d = 8
+    base = torch.randn(1, 1, 1, 1, d, generator=g).expand(2, 100, 2, 2, d).clone()
+    base += 0.01 * torch.randn(base.shape, generator=g)
+    spike = torch.zeros(d)
+    spike[5] = 4.0
+    base[1, 37] += spike                   # scene 1 holds the object in tile 37 only
+    out = pool_scene(base)
+    assert out.shape == (2, 2 * d)
+    mean_gap = (mean_half(out)[1] - mean_half(out)[0])[5]
+    max_gap = (out[1, d:] - out[0, d:])[5]
+    assert mean_gap < 0.06 and max_gap > 3.9
+    mask = torch.zeros(2, 100, dtype=torch.bool)
+    mask[:, 30:40] = True                  # observed tiles only: the max is over them
+    assert (pool_scene(base, mask)[1, d:] - pool_scene(base, mask)[0, d:])[5] > 3.9
+    mask[:, 37] = False
+    assert (pool_scene(base, mask)[1, d:] - pool_scene(base, mask)[0, d:])[5] < 0.1
 
 
 def test_centred_text_scoring_separates_collinear_concepts():

@@ -230,3 +230,22 @@ def test_predicted_tokens_sit_as_far_from_the_centre_as_true_ones(tmp_path, scal
         assert 0.8 < ratio < 1.25, ratio
     else:
         assert not 0.8 < ratio < 1.25, ratio   # the defect the scale term fixes
+
+
+@pytest.mark.parametrize("seed", [0, 7, 123])
+def test_full_share_observes_whole_scenes_on_top_of_the_drawn_masks(seed):
+    dims = {"D": 16, "g": 2, "Gl": 10, "D_lr": 16, "E": 8, "n_concepts": 66}
+    batch = {k: torch.stack([s[k] for s in synthetic_samples(64)]) for k in ("lr_tokens", "hr_tokens")}
+
+    def masks(share):
+        task = PredictorTask()
+        task.build_model({"model": tiny_cfg(), "seed": seed, "max_observed_frac": 0.3, "full_share": share}, dims)
+        return task.masks(batch, step=11)
+
+    plain, some, every = masks(0.0), masks(0.3), masks(1.0)
+    assert plain.sum(1).max() <= 30 and every.all()
+    full = some.all(1)
+    assert 5 <= int(full.sum()) <= 35                        # ~30 % of 64 scenes
+    assert torch.equal(some[~full], plain[~full])            # the others keep the drawn masks
+    with pytest.raises(UserError):
+        masks(1.5)

@@ -97,7 +97,7 @@ def test_stage2_trains_from_stage1_and_holds_out_novel_concepts(tmp_path):
     recs = [json.loads(ln) for ln in Path(res["metrics"]).read_text().splitlines()]
     assert all(math.isfinite(r["loss_siglip"]) and r["loss"] > r["loss_cc"] for r in recs)
     st = load_checkpoint(res["checkpoint"])
-    assert "predictor.head.weight" in st["model"] and "predictor.log_scale" in st["model"]
+    assert "predictor.head.1.weight" in st["model"] and "predictor.log_scale" in st["model"]
     # the novel concepts' text embeddings do not enter the loss; the others do
     task = get_task("predictor_stage2")
     model = task.build_model(c2, st["dims"])
@@ -324,3 +324,23 @@ def test_ddp_two_cpu_ranks_train_in_step(tmp_path):
     assert len(recs) == 3
     st = load_checkpoint(checkpoint_paths(out)[-1])
     assert st["step"] == 3 and all(torch.equal(st["model"][k], r0["model"][k]) for k in st["model"])
+
+
+def test_stage2_head_learns_at_its_own_rate():
+    """head_lr_mult: the stage II head (and its SigLIP scale/bias) gets lr x mult, the predictor
+    lr; with the default 1 every parameter shares one rate; decayed matrices come first."""
+    from gl10m.model.train import _param_groups
+    dims = {"D": 16, "g": 2, "Gl": 10, "D_lr": 16, "E": 8, "n_concepts": 66}
+    for mult in (1.0, 10.0):
+        task = get_task("predictor_stage2")
+        c = {"model": tiny_cfg(), "head_lr_mult": mult, "lr": 2e-4, "weight_decay": 0.05}
+        model = task.build_model(c, dims)
+        groups = _param_groups(model, c, task.lr_mult)
+        ids = {id(p): g["lr"] for g in groups for p in g["params"]}
+        names = dict(model.named_parameters())
+        assert sum(len(g["params"]) for g in groups) == len(names)
+        for n, p in names.items():
+            head = n.startswith("predictor.head.") or n in ("predictor.log_scale", "predictor.bias")
+            assert ids[id(p)] == pytest.approx(2e-4 * (mult if head else 1.0)), n
+        assert groups[0]["weight_decay"] == 0.05 and groups[-1]["weight_decay"] == 0.0
+        assert len(groups) == (2 if mult == 1.0 else 4)
