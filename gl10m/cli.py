@@ -494,9 +494,13 @@ def testbed_scenes(out_dir: Path = typer.Option(..., "--out", "-o", help="Folder
     res = build_world(out_dir, scenes, seed, workers, scheduler=scheduler, states=states, truth=truth,
                       quiet=quiet, card=not no_card)
     counts = ", ".join(f"{k} {v}" for k, v in res.samples.items()) or "no samples"
-    out.print(f"shards in {res.shards_dir}: {counts}; rendered {res.built} scenes in {res.seconds:.0f} s "
-              f"({res.scenes_per_s:.2f} scenes/s), {res.skipped} already staged; shards and card "
-              f"{res.shard_seconds:.0f} s", highlight=False)
+    if res.shards_up_to_date:
+        out.print(f"shards in {res.shards_dir} are up to date (same inputs hash, files unchanged): "
+                  f"not re-sharded; {res.skipped} scenes already staged", highlight=False)
+    else:
+        out.print(f"shards in {res.shards_dir}: {counts}; rendered {res.built} scenes in {res.seconds:.0f} s "
+                  f"({res.scenes_per_s:.2f} scenes/s), {res.skipped} already staged; shards and card "
+                  f"{res.shard_seconds:.0f} s", highlight=False)
     if res.failed:
         unit, why = sorted(res.failed.items())[0]
         err.print(f"{len(res.failed)} scenes failed (rerun to retry them); first: scene {int(unit)}: {why}")

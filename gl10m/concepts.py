@@ -107,6 +107,7 @@ class ConceptMatcher:
             keys |= rule_keys(c.rule)
         self.exact_keys = frozenset(k for k in keys if not k.endswith("*"))
         self.prefixes = tuple(sorted(k[:-1] for k in keys if k.endswith("*")))
+        self._memo: dict[frozenset, tuple[int, ...]] = {}
 
     def could_match(self, keys) -> bool:
         """Cheap pre-filter: does the object carry any key some rule reads?"""
@@ -116,5 +117,15 @@ class ConceptMatcher:
         return False
 
     def match(self, tags: Tags) -> list[int]:
-        """Concept ids whose rule holds for these tags (sorted)."""
-        return [cid for cid, pred in self._preds if pred(tags)]
+        """Concept ids whose rule holds for these tags (sorted). Memoised by the tag set: the rules
+        are pure functions of the tags, and generated worlds repeat the same few tag sets."""
+        try:
+            key = frozenset(tags.items())
+        except TypeError:  # an unhashable value: match without the memo
+            return [cid for cid, pred in self._preds if pred(tags)]
+        hit = self._memo.get(key)
+        if hit is None:
+            if len(self._memo) >= 8192:
+                self._memo.clear()
+            hit = self._memo[key] = tuple(cid for cid, pred in self._preds if pred(tags))
+        return list(hit)

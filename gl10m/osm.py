@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -409,8 +410,14 @@ def _scan(pbf: Path, col: _Collector, index_kind: str, tmpdir: Path) -> None:
 
 
 # -- geometry ------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _transformer(src: int, dst: int) -> Transformer:
+    """A cached always_xy Transformer (building one costs ~5 ms; a scene build asks for a few)."""
+    return Transformer.from_crs(src, dst, always_xy=True)
+
+
 def _transform(geoms: np.ndarray, src: int, dst: int) -> np.ndarray:
-    tr = Transformer.from_crs(src, dst, always_xy=True)
+    tr = _transformer(src, dst)
 
     def f(xy):
         x, y = tr.transform(xy[:, 0], xy[:, 1])

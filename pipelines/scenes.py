@@ -9,10 +9,15 @@ The step (gl10m.testbed.scenes.build_scene) is a plain function of a scene plan;
 only maps it over the plan on a Dask cluster (a LocalCluster, or ``scheduler``) and records the
 outcomes in the ledger (the driver alone writes it). A rerun skips the scenes the ledger has as
 done with the same inputs and whose staged sample is there, so a run killed at any point (kill -9)
-reruns to the same bytes. Public entry point: :func:`build_world`.
+reruns to the same bytes. A rerun that renders nothing and whose shards were written from the
+same inputs (stage ``scenes-shards`` in the ledger: a hash of every scene's input hash, the
+manifest fields and the shard size, and the files it wrote, by size and checksum) leaves the
+shards as they are. Public entry point: :func:`build_world`.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +26,7 @@ from typing import Sequence
 from gl10m.errors import UserError
 
 STAGE = "scenes"
+SHARD_STAGE = "scenes-shards"
 
 
 @dataclass
@@ -36,6 +42,7 @@ class WorldResult:
     seconds: float = 0.0  # the scenes' step (layout .. staged), wall clock
     shard_seconds: float = 0.0  # gl10m.shards.build + card
     manifest: dict = field(default_factory=dict)
+    shards_up_to_date: bool = False  # the shards were already written from the same inputs: left as they were
 
     @property
     def scenes_per_s(self) -> float:
@@ -131,11 +138,45 @@ def build_world(out: str | Path, n: int, seed: int, workers: int | None = None, 
              "synthetic": {"generator": S.GENERATOR, "generator_version": S.GENERATOR_VERSION, "seed": int(seed),
                            "n_scenes": n, "states": sorted({p.state for p in plans}),
                            "note": "synthetic scenes of the gl10m testbed world (gl10m testbed scenes)"}}
-    res.manifest = shards.build(entries, sh_dir, max_bytes=max_bytes or shards.DEFAULT_SHARD_BYTES,
-                                manifest_extra=extra)
-    if card:
-        from gl10m import card as cardmod
-        cardmod.write_card(sh_dir, profile)
+    max_bytes = max_bytes or shards.DEFAULT_SHARD_BYTES
+    shard_hash = hash_inputs(SHARD_STAGE, [(i, hashes[i], d["key"], d["split"], d["folder"])
+                                           for i, d in sorted(done.items())], extra, max_bytes, bool(card))
+    with Ledger.for_workdir(out) as ledger:
+        prev = ledger.get(SHARD_STAGE, "all")
+        if res.built == 0 and prev is not None and prev.status == OK and prev.input_hash == shard_hash \
+                and _shards_intact(sh_dir, prev.detail or {}):
+            res.shards_up_to_date = True
+            res.manifest = json.loads((sh_dir / shards.MANIFEST_NAME).read_text())
+        else:
+            ledger.record(SHARD_STAGE, "all", FAILED, shard_hash, reason="writing")  # until the files are all there
+            res.manifest = shards.build(entries, sh_dir, max_bytes=max_bytes, manifest_extra=extra)
+            if card:
+                from gl10m import card as cardmod
+                cardmod.write_card(sh_dir, profile)
+            ledger.record(SHARD_STAGE, "all", OK, shard_hash, detail=_shard_files(sh_dir))
     res.shard_seconds = time.perf_counter() - t1
     res.samples = res.manifest["samples"]
     return res
+
+
+def _shard_files(sh_dir: Path) -> dict:
+    """What the shard step wrote: {relative path: [size, sha256 of the small files or ""]}. The tars
+    are checked by size (their sample checksums are in the index, whose sha256 is recorded)."""
+    out = {}
+    for p in sorted(sh_dir.rglob("*")):
+        if p.is_file() and not p.name.startswith("."):
+            big = p.suffix == ".tar"
+            out[p.relative_to(sh_dir).as_posix()] = [p.stat().st_size,
+                                                     "" if big else hashlib.sha256(p.read_bytes()).hexdigest()]
+    return {"files": out}
+
+
+def _shards_intact(sh_dir: Path, detail: dict) -> bool:
+    """The files of the last shard step are all there, unchanged (sizes; checksums of the small ones)."""
+    want = detail.get("files")
+    if not want:
+        return False
+    try:
+        return _shard_files(sh_dir)["files"] == want
+    except OSError:
+        return False

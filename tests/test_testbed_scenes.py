@@ -232,3 +232,31 @@ def test_the_card_says_the_scenes_are_synthetic(world, profile, tmp_path):
     text = (sd / "README.md").read_text()
     man = json.loads((sd / shards.MANIFEST_NAME).read_text())
     assert "**Synthetic scenes**" in text and f"seed {man['synthetic']['seed']}" in text
+
+
+def test_rerun_of_a_finished_world_leaves_the_shards_alone(tmp_path, profile):
+    """A rerun that renders nothing and finds the shards written from the same inputs skips the
+    shard step (says so); a changed or missing shard file makes it re-shard to the same bytes."""
+    import time
+
+    out = tmp_path / "w"
+    first = build_world(out, 3, 303, use_dask=False, profile=profile, card=False)
+    assert not first.shards_up_to_date
+    before = _digest_tree(first.shards_dir)
+    mtimes = {p: p.stat().st_mtime_ns for p in first.shards_dir.rglob("*") if p.is_file()}
+    time.sleep(0.01)
+    again = build_world(out, 3, 303, use_dask=False, profile=profile, card=False)
+    assert again.shards_up_to_date and again.built == 0 and again.skipped == 3
+    assert again.samples == first.samples and again.manifest == first.manifest
+    assert {p: p.stat().st_mtime_ns for p in first.shards_dir.rglob("*") if p.is_file()} == mtimes
+    # other inputs (a smaller shard size) or a damaged file: the shard step runs again
+    tar = sorted(first.shards_dir.glob("*/*.tar"))[0]
+    tar.write_bytes(tar.read_bytes()[:-512])
+    fixed = build_world(out, 3, 303, use_dask=False, profile=profile, card=False)
+    assert not fixed.shards_up_to_date and _digest_tree(fixed.shards_dir) == before
+    p = subprocess.run([sys.executable, "-m", "gl10m.cli", "testbed", "scenes", "--out", str(out), "--scenes", "3",
+                        "--seed", "303", "--no-card", "--quiet"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "up to date" in p.stdout and _digest_tree(first.shards_dir) == before
+    other = build_world(out, 3, 303, use_dask=False, profile=profile, card=False, max_bytes=1 << 20)
+    assert not other.shards_up_to_date

@@ -44,7 +44,7 @@ import numpy as np
 from gl10m.errors import UserError
 
 GENERATOR = "gl10m.testbed.scenes"
-GENERATOR_VERSION = 2  # 2: states are biome mixtures
+GENERATOR_VERSION = 3  # 2: states are biome mixtures; 3: LR block means summed rows-then-columns (float32)
 GL10M_SCENES = 94077  # train + val scenes of GL-10M: the denominator of the `count` prior
 FLOOR_SHARE = 0.002  # every concept is asked for in at least this share of the scenes (>= 1)
 SPLIT_SHARE = {"val": 0.08, "test": 0.09}  # the rest is train (~83 %)
@@ -271,10 +271,11 @@ def local_crs(bounds) -> str:
 def metric_grid(bounds, size: int):
     """(crs, transform, xs, ys) of the `size` x `size` EPSG:4326 grid over `bounds`, in local_crs."""
     from affine import Affine
-    from pyproj import Transformer
+
+    from gl10m.testbed.world import _transformer_from_4326
 
     crs = local_crs(bounds)
-    tr = Transformer.from_crs(4326, crs, always_xy=True)
+    tr = _transformer_from_4326(crs)  # the one rasterize_layers then uses for this scene
     w, s, e, n = bounds
     (x0, x1), (y0, y1) = tr.transform([w, e], [n, s])[0], tr.transform([w, e], [n, s])[1]
     px, py = (x1 - x0) / size, (y0 - y1) / size

@@ -2108,6 +2108,11 @@ def draw_shapes(region: RegionWorld, crs) -> tuple[list, np.ndarray, np.ndarray]
     return list(out), df["cover"].to_numpy(), df["z"].to_numpy(), df["material"].to_numpy()
 
 
+def rasterio_bounds(transform, height: int, width: int) -> tuple[float, float, float, float]:
+    """(west, south, east, north) of a north-up grid."""
+    return (transform.c, transform.f + height * transform.e, transform.c + width * transform.a, transform.f)
+
+
 def rasterize_truth(region: RegionWorld, crs, transform, shape) -> tuple[np.ndarray, np.ndarray]:
     """Burn the region into a grid: (classes uint8 [H, W], marks uint8 [H, W]).
 
@@ -2117,6 +2122,11 @@ def rasterize_truth(region: RegionWorld, crs, transform, shape) -> tuple[np.ndar
     """
     layers = rasterize_layers(region, crs, transform, shape)
     return layers["classes"], layers["marks"]
+
+
+def _index_dtype(n: int) -> str:
+    """The narrowest burn dtype for feature indices 1..n (half the memory traffic of int32)."""
+    return "uint16" if n < 65535 else "int32"
 
 
 def rasterize_layers(region: RegionWorld, crs, transform, shape) -> dict[str, np.ndarray]:
@@ -2130,17 +2140,16 @@ def rasterize_layers(region: RegionWorld, crs, transform, shape) -> dict[str, np
     shapes, cover, z, mat = draw_shapes(region, crs)
     # one burn of feature indices in draw order (later shapes overwrite earlier ones)
     idx = rfeat.rasterize(((g, i + 1) for i, g in enumerate(shapes) if g is not None and not g.is_empty),
-                          out_shape=(H, W), transform=transform, fill=0, dtype="int32")
+                          out_shape=(H, W), transform=transform, fill=0, dtype=_index_dtype(len(shapes)))
     lut_c = np.concatenate([[region.base_cover], cover]).astype(np.uint8)
     lut_z = np.concatenate([[0], z]).astype(np.int16)
-    classes = lut_c[idx]
-    ztop = lut_z[idx]
-    material = np.concatenate([[CLASS_MATERIAL[region.base_cover]], mat]).astype(np.uint8)[idx]
-    del idx
-    inside = rfeat.rasterize([(_to_crs([box(*region.bbox)], crs)[0], 1)], out_shape=(H, W), transform=transform,
-                             fill=0, dtype="uint8")
-    classes[inside == 0] = NODATA
-    material[inside == 0] = 0
+    classes = np.take(lut_c, idx)
+    material = np.take(np.concatenate([[CLASS_MATERIAL[region.base_cover]], mat]).astype(np.uint8), idx)
+    bbox = _to_crs([box(*region.bbox)], crs)[0]
+    if not bbox.contains(box(*rasterio_bounds(transform, H, W))):  # else every pixel is inside the region
+        inside = rfeat.rasterize([(bbox, 1)], out_shape=(H, W), transform=transform, fill=0, dtype="uint8")
+        classes[inside == 0] = NODATA
+        material[inside == 0] = 0
     marks = np.zeros((H, W), dtype=np.uint8)
     m = region.marks
     if m is not None and len(m):
@@ -2149,12 +2158,14 @@ def rasterize_layers(region: RegionWorld, crs, transform, shape) -> dict[str, np
         mid = m["mark"].to_numpy()[mo]
         mz = m["z"].to_numpy()[mo]
         j = rfeat.rasterize(((g, i + 1) for i, g in enumerate(mg) if g is not None and not g.is_empty),
-                            out_shape=(H, W), transform=transform, fill=0, dtype="int32", all_touched=False)
-        lut_m = np.concatenate([[0], mid]).astype(np.uint8)
-        lut_mz = np.concatenate([[0], mz]).astype(np.int16)
-        mk = lut_m[j]
-        keep = (lut_mz[j] >= ztop) & (classes != NODATA)
-        marks[keep] = mk[keep]
+                            out_shape=(H, W), transform=transform, fill=0, dtype=_index_dtype(len(mg)),
+                            all_touched=False)
+        at = np.flatnonzero(j != 0)  # marks are thin: work on their pixels only
+        ja = j.ravel()[at]
+        keep = (np.concatenate([[0], mz]).astype(np.int16)[ja] >= lut_z[idx.ravel()[at]]) \
+            & (classes.ravel()[at] != NODATA)
+        marks.ravel()[at[keep]] = np.concatenate([[0], mid]).astype(np.uint8)[ja[keep]]
+    del idx
     return {"classes": classes, "marks": marks, "material": material}
 
 
