@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gl10m.concepts import RuleError, compile_rule
+from gl10m import safeyaml
 from gl10m.errors import UserError
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
@@ -332,7 +333,7 @@ def load(path: str | Path | None = None) -> Profile:
     if not p.is_file():
         raise ProfileError(f"profile {p}: not a file")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = safeyaml.load(p.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ProfileError(f"profile {p.name}: not a YAML text file (not UTF-8)") from None
     except OSError as e:

@@ -41,6 +41,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from gl10m import safeyaml
 from gl10m.errors import UserError
 from gl10m.io import atomic_write_text
 
@@ -72,7 +73,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 def _read_yaml(path: Path, what: str) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safeyaml.load(path.read_text())
     except OSError as e:
         raise FitError(f"{what} {path}: cannot be read ({e.strerror or e})") from None
     except yaml.YAMLError as e:

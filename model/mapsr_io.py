@@ -74,11 +74,13 @@ class ClassMap:
     def load(cls, path: str | os.PathLike) -> "ClassMap":
         import yaml
 
+        from gl10m import safeyaml
+
         p = Path(path)
         if not p.is_file():
             raise MapSRError(f"class map {p}: no such file")
         try:
-            d = yaml.safe_load(p.read_text())
+            d = safeyaml.load(p.read_text())
         except yaml.YAMLError as e:
             raise MapSRError(f"class map {p}: not valid YAML ({getattr(e, 'problem', e)})") from None
         return cls.from_dict(d, f"class map {p.name}")

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
+from gl10m import safeyaml
 from gl10m.errors import UserError
 
 from .selection import (check_scores, check_threshold, obr, rank, scene_budgets, select,  # noqa: F401
@@ -101,7 +102,7 @@ def load_model_config(name_or_path: str | Path) -> dict:
     if not p.is_file():
         raise UserError(f"sampler config not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = safeyaml.load(p.read_text())
     except yaml.YAMLError as e:
         raise UserError(f"sampler config {p}: not valid YAML ({str(e).splitlines()[0]})") from None
     if raw is not None and not isinstance(raw, dict):

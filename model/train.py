@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import yaml
 
+from gl10m import safeyaml
 from gl10m.errors import UserError
 from gl10m.io import atomic_path
 
@@ -72,7 +73,7 @@ def get_task(name: str):
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safeyaml.load(path.read_text())
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
     except yaml.YAMLError as e:

@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gl10m import safeyaml
 from gl10m.errors import UserError
 from gl10m.profile import DEFAULT_PROFILE, MANIFESTS, Profile, format_validation_error, load as load_profile
 
@@ -215,7 +216,7 @@ def load_spec(path: str | Path | None = None) -> TestbedSpec:
     if not p.exists():
         raise TestbedSpecError(f"testbed spec {p}: no such file")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = safeyaml.load(p.read_text())
     except yaml.YAMLError as e:
         raise TestbedSpecError(f"testbed spec {p.name}: not valid YAML ({getattr(e, 'problem', e)})") from None
     return spec_from_dict(data, p)
