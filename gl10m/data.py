@@ -72,7 +72,7 @@ import numpy as np
 
 from gl10m import samples as smp
 from gl10m.errors import UserError
-from gl10m.shards import INDEX_NAME, MANIFEST_NAME, ShardError, split_member
+from gl10m.shards import INDEX_NAME, MANIFEST_NAME, MAX_MEMBER_BYTES, ShardError, split_member
 
 try:  # torch is needed to iterate, not to import this module (docs, tooling)
     import torch
@@ -221,8 +221,13 @@ def _read_index(raw: bytes, split: str | None, shard_names: Iterable[str]) -> tu
         raise LoaderError(f"{INDEX_NAME}: a sample's field set differs from the schema")
     offs = square("offsets").to_numpy().reshape(n, N_FIELDS).astype(np.int64)
     sizes = square("sizes").to_numpy().reshape(n, N_FIELDS)
-    if offs.min() < _BLOCK or sizes.min() < 0 or sizes.max() > np.iinfo(np.int32).max:
+    if offs.min() < _BLOCK or sizes.min() < 0:
         raise LoaderError(f"{INDEX_NAME}: offsets/sizes out of range")
+    if sizes.max() > MAX_MEMBER_BYTES:  # checked before any read: a size is also a read length
+        r = int(np.argmax(sizes.max(axis=1)))
+        raise LoaderError(f"{INDEX_NAME}: sample {t['key'][r].as_py()} ({t['shard'][r].as_py()}): a member of "
+                          f"{int(sizes.max())} bytes, above the per-member cap of {MAX_MEMBER_BYTES >> 20} MiB "
+                          "(gl10m.shards.MAX_MEMBER_BYTES)")
     sizes = sizes.astype(np.int32)  # a member is < 2 GiB; halves the index in memory
     o2, s2 = np.empty_like(offs), np.empty_like(sizes)
     np.put_along_axis(o2, canon, offs, axis=1)
@@ -793,6 +798,9 @@ class ShardDataset(IterableDataset):
                             or (field.startswith("hr_") and (cur["tiles"] is None or field in _names(cur["tiles"]))))
                     if field in cur["data"]:
                         raise LoaderError(f"{s.name}: sample {key}: {field} appears twice")
+                    if want and ti.size > MAX_MEMBER_BYTES:  # before reading it: the header is not trusted
+                        raise LoaderError(f"{s.name}: sample {key}: {field} claims {ti.size} bytes, above the "
+                                          f"per-member cap of {MAX_MEMBER_BYTES >> 20} MiB (gl10m.shards.MAX_MEMBER_BYTES)")
                     if want:
                         cur["data"][field] = tar.extractfile(ti).read()
                     if field == smp.LR_FIELD and self._tiles_fn is not None and cur["tiles"] is None:

@@ -99,8 +99,16 @@ def read_fields(shards_dir: str | Path, row, names: Iterable[str] | None = None,
     out: dict[str, bytes] = {}
 
     def _read(f):
+        from gl10m.shards import check_extent
+
+        size = os.fstat(f.fileno()).st_size
+        if not (len(fields) == len(offsets) == len(sizes)):
+            raise UserError(f"sample {row['key']} ({row['split']}/{row['shard']}): the index lists "
+                            f"{len(fields)} fields, {len(offsets)} offsets, {len(sizes)} sizes")
         for n in sorted(want, key=lambda n: offsets[fields.index(n)]):
             i = fields.index(n)
+            # before anything is read: the size under the per-member cap, the bytes inside the file
+            check_extent(f"sample {row['key']} ({row['split']}/{row['shard']})", n, offsets[i], sizes[i], size)
             f.seek(int(offsets[i]))
             data = f.read(int(sizes[i]))
             if len(data) != int(sizes[i]):
@@ -124,7 +132,13 @@ def load_sample(shards_dir: str | Path, key: str, *, tiles: Iterable[int] | str 
     row = index_row(read_index(root), key, root)
     idx = smp._tile_list(tiles)
     names = [smp.LR_FIELD, smp.LABELS_FIELD, smp.TILE_FRAC_FIELD, smp.META_FIELD, *(smp.hr_field(i) for i in idx)]
-    return smp.decode_sample(read_fields(root, row, names), tiles=idx)
+    data = read_fields(root, row, names)
+    try:
+        return smp.decode_sample(data, tiles=idx)
+    except Exception as e:  # noqa: BLE001 - a bad image or array: one line naming the shard and sample
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"sample {key} ({row['split']}/{row['shard']}): does not decode "
+                        f"({type(e).__name__}: {msg})"[:500]) from None
 
 
 def iter_meta(shards_dir: str | Path, rows) -> Iterable[tuple[str, dict]]:

@@ -24,6 +24,10 @@ from gl10m.io import atomic_path
 
 SHARD_NAME = "gl10m-{split}-{n:06d}.tar"
 DEFAULT_SHARD_BYTES = 768 * 1024 * 1024  # ~0.75 GB, inside the 0.5-1 GB that streams well
+# The largest member any gl10m reader accepts (index sizes and tar headers are checked against it
+# and against the file before a byte is read). A real member is far smaller: an HR tile ~20-45 kB,
+# lr.png ~0.2 MB, tile_frac.npy 13 kB; a 2680x2680 RGB raster would be 21.5 MB uncompressed.
+MAX_MEMBER_BYTES = 64 * 1024 * 1024
 
 
 class ShardError(UserError, ValueError):
@@ -142,15 +146,40 @@ def write_shard(path: Path, samples: Iterable[tuple[str, dict[str, bytes]]], spl
     return rows
 
 
-def iter_members(path: Path):
-    """(member name, bytes) of a shard, refusing unsafe member names."""
-    with tarfile.open(path, mode="r:") as tar:
-        for ti in tar:
-            check_member_name(ti.name)
-            if not ti.isfile():
-                raise ShardError(f"{path.name}: member {ti.name!r} is not a regular file")
-            f = tar.extractfile(ti)
-            yield ti.name, f.read()
+def check_extent(where: str, field: str, offset: int, size: int, file_size: int | None,
+                 max_member: int = MAX_MEMBER_BYTES) -> None:
+    """Refuse a member extent (from the index or a tar header) before anything is read: a size
+    above the per-member cap, a negative size, or bytes outside the file. `where` names the shard
+    and the sample."""
+    offset, size = int(offset), int(size)
+    if size < 0:
+        raise ShardError(f"{where}: {field} has a negative size ({size})")
+    if size > max_member:
+        raise ShardError(f"{where}: {field} claims {size} bytes, above the per-member cap of "
+                         f"{max_member / 2**20:g} MiB (gl10m.shards.MAX_MEMBER_BYTES)")
+    if offset < _BLOCK or (file_size is not None and offset + size > file_size):
+        raise ShardError(f"{where}: {field} at offset {offset} (+{size} bytes) is outside the shard "
+                         f"({file_size} bytes; truncated or a stale index?)")
+
+
+def iter_members(path: Path, *, max_member: int = MAX_MEMBER_BYTES):
+    """(member name, bytes) of a shard, refusing unsafe member names, non-files, and members whose
+    header declares more than `max_member` bytes or more than the file holds (checked before the
+    member is read). A file that is not a readable tar is a ShardError too."""
+    path = Path(path)
+    file_size = path.stat().st_size
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for ti in tar:
+                check_member_name(ti.name)
+                if not ti.isfile():
+                    raise ShardError(f"{path.name}: member {ti.name!r} is not a regular file")
+                check_extent(f"{path.name}: member {ti.name!r}", "its data", ti.offset_data, ti.size, file_size,
+                             max_member)
+                f = tar.extractfile(ti)
+                yield ti.name, f.read()
+    except tarfile.TarError as e:
+        raise ShardError(f"{path.name}: not a readable tar ({e})") from None
 
 
 def check_member_name(name: str) -> None:
@@ -316,67 +345,130 @@ def _count(rows, keys_of) -> dict:
 
 
 # -- verify ----------------------------------------------------------------------------------
+class VerifyError(ShardError):
+    """`gl10m verify` found bad shards: ``problems`` holds one line per bad shard (its split/shard,
+    the sample and what is wrong), ``str()`` all of them."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
 def verify(out_dir: str | Path, *, decode: bool = True, progress=None) -> dict:
     """Check every shard against the index: member names, field sets, offsets and sizes, sample
-    checksums, image sizes and labels. Raises ShardError naming the first bad sample."""
-    from gl10m import samples as smp
+    checksums, image sizes and labels. Sizes and offsets (from the index and from every tar
+    header) are checked against the file and :data:`MAX_MEMBER_BYTES` before anything is read.
 
+    Every shard is checked; a bad one gives one line naming the shard and the (first) bad sample.
+    Raises :class:`VerifyError` (a ShardError) with those lines when any shard is bad."""
     out_dir = Path(out_dir)
-    idx = read_index(out_dir / INDEX_NAME)
-    expected = list(smp.FIELDS)
-    by_shard = {s: g for s, g in idx.groupby(["split", "shard"], sort=True)}
+    try:
+        idx = read_index(out_dir / INDEX_NAME)
+    except ShardError:
+        raise
+    except Exception as e:  # a truncated or foreign parquet file
+        raise ShardError(f"{out_dir / INDEX_NAME}: not a readable shard index ({type(e).__name__}: {e})") from None
+    for col in ("key", "split", "shard", "fields", "offsets", "sizes", "sha256", "labels"):
+        if col not in idx.columns:
+            raise ShardError(f"{out_dir / INDEX_NAME}: not a gl10m shard index (no column {col!r})")
+    problems: list[str] = []
     seen: set[str] = set()
     n = 0
+    by_shard = {s: g for s, g in idx.groupby(["split", "shard"], sort=True)}
     for (split, shard), g in by_shard.items():
-        path = out_dir / split / shard
-        if not path.exists():
-            raise ShardError(f"{split}/{shard}: listed in the index but missing")
-        want = {r.key: r for r in g.itertuples()}
-        cur_key, files = None, {}
-
-        def finish(key, files):
-            r = want.get(key)
-            if r is None:
-                raise ShardError(f"sample {key} ({split}/{shard}): not in the index")
-            if sorted(files) != sorted(expected):
-                raise ShardError(f"sample {key} ({split}/{shard}): field set differs from the schema")
-            if sample_digest(files) != r.sha256:
-                raise ShardError(f"sample {key} ({split}/{shard}): checksum mismatch")
-            if list(r.fields) != member_order(files):
-                raise ShardError(f"sample {key} ({split}/{shard}): member order differs from the index")
-            if decode:
-                s = smp.decode_sample(files)
-                if s.lr.shape != (smp.TILE_PX, smp.TILE_PX, 3) or s.hr.shape != (smp.N_TILES, smp.TILE_PX, smp.TILE_PX, 3):
-                    raise ShardError(f"sample {key} ({split}/{shard}): image sizes {s.lr.shape} / {s.hr.shape}")
-                if [int(x) for x in s.labels] != [int(x) for x in r.labels]:
-                    raise ShardError(f"sample {key} ({split}/{shard}): labels differ from the index")
-
-        with open(path, "rb") as raw:
-            for name, data in iter_members(path):
-                key, field_ = split_member(name)
-                if key != cur_key:
-                    if cur_key is not None:
-                        finish(cur_key, files)
-                        n += 1
-                        if progress:
-                            progress(1)
-                    if key in seen:
-                        raise ShardError(f"sample {key}: appears twice")
-                    seen.add(key)
-                    cur_key, files = key, {}
-                files[field_] = data
-                r = want.get(key)
-                if r is not None and field_ in list(r.fields):
-                    i = list(r.fields).index(field_)
-                    raw.seek(int(r.offsets[i]))
-                    if raw.read(int(r.sizes[i])) != data:
-                        raise ShardError(f"sample {key} ({split}/{shard}): {field_} is not at the indexed offset")
-            if cur_key is not None:
-                finish(cur_key, files)
-                n += 1
-                if progress:
-                    progress(1)
-        missing = set(want) - seen
-        if missing:
-            raise ShardError(f"sample {sorted(missing)[0]} ({split}/{shard}): in the index but not in the shard")
+        state = {"key": None}
+        try:
+            n += _verify_shard(out_dir, str(split), str(shard), g, seen, decode, progress, state)
+        except ShardError as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if f"{split}/{shard}" not in msg:  # a tar-level error (iter_members): say where and after which sample
+                msg = msg[len(shard) + 2:] if msg.startswith(f"{shard}: ") else msg
+                at = f"after sample {state['key']}: " if state["key"] else ""
+                msg = f"{split}/{shard}: {at}{msg}"
+            problems.append(msg[:500])
+        except Exception as e:  # noqa: BLE001 - one line per bad shard, never a traceback
+            key = f"sample {state['key']} " if state["key"] else ""
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            problems.append(f"{key}({split}/{shard}): {type(e).__name__}: {msg}"[:500])
+    if problems:
+        raise VerifyError(problems)
     return {"samples": n, "shards": len(by_shard)}
+
+
+def _verify_shard(out_dir: Path, split: str, shard: str, g, seen: set, decode: bool, progress, state) -> int:
+    from gl10m import samples as smp
+
+    expected = list(smp.FIELDS)
+    if "/" in shard or "\\" in shard or shard in ("", ".", "..") or "/" in split or split in ("", ".", ".."):
+        raise ShardError(f"{split}/{shard}: the index names an unsafe shard path")
+    path = out_dir / split / shard
+    if not path.is_file():
+        raise ShardError(f"{split}/{shard}: listed in the index but missing")
+    file_size = path.stat().st_size
+    want = {}
+    for r in g.itertuples():
+        where = f"sample {r.key} ({split}/{shard})"
+        fields, offsets, sizes = list(r.fields), list(r.offsets), list(r.sizes)
+        if not (len(fields) == len(offsets) == len(sizes)):
+            raise ShardError(f"{where}: the index lists {len(fields)} fields, {len(offsets)} offsets, "
+                             f"{len(sizes)} sizes")
+        for f, o, sz in zip(fields, offsets, sizes):
+            check_extent(where, f"{f} (index)", o, sz, file_size)
+        want[r.key] = r
+    n = 0
+    cur_key, files = None, {}
+
+    def finish(key, files):
+        r = want.get(key)
+        where = f"sample {key} ({split}/{shard})"
+        if r is None:
+            raise ShardError(f"{where}: not in the index")
+        if sorted(files) != sorted(expected):
+            raise ShardError(f"{where}: field set differs from the schema")
+        if sample_digest(files) != r.sha256:
+            raise ShardError(f"{where}: checksum mismatch")
+        if list(r.fields) != member_order(files):
+            raise ShardError(f"{where}: member order differs from the index")
+        if decode:
+            try:
+                s = smp.decode_sample(files)
+            except Exception as e:  # noqa: BLE001 - a bad image or array, whatever the decoder raises
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise ShardError(f"{where}: does not decode ({type(e).__name__}: {msg})"[:500]) from None
+            if s.lr.shape != (smp.TILE_PX, smp.TILE_PX, 3) or s.hr.shape != (smp.N_TILES, smp.TILE_PX, smp.TILE_PX, 3):
+                raise ShardError(f"{where}: image sizes {s.lr.shape} / {s.hr.shape}")
+            if [int(x) for x in s.labels] != [int(x) for x in r.labels]:
+                raise ShardError(f"{where}: labels differ from the index")
+
+    with open(path, "rb") as raw:
+        for name, data in iter_members(path):
+            key, field_ = split_member(name)
+            if key != cur_key:
+                if cur_key is not None:
+                    finish(cur_key, files)
+                    n += 1
+                    if progress:
+                        progress(1)
+                if key in seen:
+                    raise ShardError(f"sample {key} ({split}/{shard}): appears twice")
+                seen.add(key)
+                cur_key, files = key, {}
+                state["key"] = key
+            if field_ in files:
+                raise ShardError(f"sample {key} ({split}/{shard}): {field_} appears twice")
+            files[field_] = data
+            r = want.get(key)
+            if r is not None and field_ in list(r.fields):
+                i = list(r.fields).index(field_)
+                raw.seek(int(r.offsets[i]))
+                if raw.read(int(r.sizes[i])) != data:
+                    raise ShardError(f"sample {key} ({split}/{shard}): {field_} is not at the indexed offset")
+        if cur_key is not None:
+            finish(cur_key, files)
+            n += 1
+            if progress:
+                progress(1)
+    missing = set(want) - seen
+    if missing:
+        raise ShardError(f"sample {sorted(missing)[0]} ({split}/{shard}): in the index but not in the shard")
+    return n
