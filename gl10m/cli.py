@@ -62,6 +62,18 @@ def _regions(prof, states: Optional[str], bbox: Optional[str]):
     return prof.subset(box, regions)
 
 
+def _writer_lock(workdir: Path, *, create: bool = True, what: str = "work dir", under: bool = False):
+    """The work dir's one-writer lock (gl10m.lock) for a command that writes into it; under=True:
+    lock the work dir that `workdir` lies in, if any (a model dir inside W locks W)."""
+    from gl10m.lock import lock_root, workdir_lock
+
+    if under:
+        p = Path(workdir).resolve()
+        base = next((d for d in (p, *p.parents) if d.is_dir()), p)
+        workdir = lock_root(base) or p
+    return workdir_lock(workdir, create=create, what=what)
+
+
 def _profile(path: Optional[Path]):
     from gl10m import profile as prof
 
@@ -104,18 +116,22 @@ def index(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, stat
                       prof.pbf_source(p.region) if p.stage == "osm" else str(ix.osm_path(workdir, p.region)))
         out.print(t)
         return
-    if no_dask:
-        res = ix.run_index(prof, workdir, regions=regions, stages=stages, force=force, quiet=quiet,
-                           n_partitions=partitions)
-    else:
-        with dask_client(_client_opts(workers, threads, scheduler), quiet=quiet) as client:
-            res = ix.run_index(prof, workdir, regions=regions, stages=stages, client=client, force=force,
-                               quiet=quiet, n_partitions=partitions)
-    ran = [k for k, v in res.outcomes.items() if not v.startswith("skipped")]
-    if not ran:
-        out.print("nothing to do: every requested stage is up to date (use --force to redo)")
-    _print_summary(workdir, stages=list(stages))
-    _finish(workdir, "index", res.failures())
+    if partitions < 1:  # option values before the work dir is locked (and so created)
+        raise UserError(f"--partitions must be at least 1, got {partitions!r}")
+    opts = None if no_dask else _client_opts(workers, threads, scheduler)
+    with _writer_lock(workdir):
+        if no_dask:
+            res = ix.run_index(prof, workdir, regions=regions, stages=stages, force=force, quiet=quiet,
+                               n_partitions=partitions)
+        else:
+            with dask_client(opts, quiet=quiet) as client:
+                res = ix.run_index(prof, workdir, regions=regions, stages=stages, client=client, force=force,
+                                   quiet=quiet, n_partitions=partitions)
+        ran = [k for k, v in res.outcomes.items() if not v.startswith("skipped")]
+        if not ran:
+            out.print("nothing to do: every requested stage is up to date (use --force to redo)")
+        _print_summary(workdir, stages=list(stages))
+        _finish(workdir, "index", res.failures())
 
 
 StacUrlOpt = typer.Option(None, "--stac-url", help="Override the profile's provider.stac_url (e.g. the testbed's).")
@@ -169,17 +185,18 @@ def plan(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, state
     prof, regions = _regions(_with_provider(_profile(profile), provider, ee_project, ee_key_file, ee_url), states, bbox)
     if dry_run:
         return _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet)
-    res = dl.run_download(prof, workdir, regions=regions, stages=("catalog", "plan"), stac_url=stac_url,
-                          max_scenes=max_scenes, seed=seed, quiet=quiet)
-    import pandas as pd
+    with _writer_lock(workdir, create=False):
+        res = dl.run_download(prof, workdir, regions=regions, stages=("catalog", "plan"), stac_url=stac_url,
+                              max_scenes=max_scenes, seed=seed, quiet=quiet)
+        import pandas as pd
 
-    rows = [planmod.read_plan(planmod.plan_path(workdir, r)) for r in regions
-            if planmod.plan_path(workdir, r).exists()]
-    if rows:
-        out.print(planmod.format_estimate(planmod.estimate(pd.concat(rows, ignore_index=True), prof)),
-                  highlight=False)
-    _print_summary(workdir, stages=["catalog", "plan", "plan-scene"])
-    _finish(workdir, "plan", res.failures())
+        rows = [planmod.read_plan(planmod.plan_path(workdir, r)) for r in regions
+                if planmod.plan_path(workdir, r).exists()]
+        if rows:
+            out.print(planmod.format_estimate(planmod.estimate(pd.concat(rows, ignore_index=True), prof)),
+                      highlight=False)
+        _print_summary(workdir, stages=["catalog", "plan", "plan-scene"])
+        _finish(workdir, "plan", res.failures())
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -202,19 +219,21 @@ def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, s
         return _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet)
     if max_scenes is not None and max_scenes < 0:  # before a Dask cluster is started for nothing
         raise UserError(f"--max-scenes must be >= 0, got {max_scenes}")
-    if prof.provider.name == "stac" and (Path(workdir) / "ledger.sqlite").is_file():
-        stac_url = dl.preflight(prof, stac_url)  # an unreachable provider: one line, before Dask starts
-    kw = dict(regions=regions, stac_url=stac_url, max_scenes=max_scenes, seed=seed, force=force, quiet=quiet)
-    if no_dask:
-        res = dl.run_download(prof, workdir, **kw)
-    else:
-        with dask_client(_client_opts(workers, threads, scheduler), quiet=quiet) as client:
-            res = dl.run_download(prof, workdir, client=client, **kw)
-    fetched = res.counts.get("fetch", {})
-    if fetched and all(k.startswith("skipped") for k in fetched):
-        out.print("nothing to fetch: every planned scene is done (use --force to redo)")
-    _print_summary(workdir, stages=["catalog", "plan", "fetch"])
-    _finish(workdir, "download", res.failures())
+    opts = None if no_dask else _client_opts(workers, threads, scheduler)
+    with _writer_lock(workdir, create=False):
+        if prof.provider.name == "stac" and (Path(workdir) / "ledger.sqlite").is_file():
+            stac_url = dl.preflight(prof, stac_url)  # an unreachable provider: one line, before Dask starts
+        kw = dict(regions=regions, stac_url=stac_url, max_scenes=max_scenes, seed=seed, force=force, quiet=quiet)
+        if no_dask:
+            res = dl.run_download(prof, workdir, **kw)
+        else:
+            with dask_client(opts, quiet=quiet) as client:
+                res = dl.run_download(prof, workdir, client=client, **kw)
+        fetched = res.counts.get("fetch", {})
+        if fetched and all(k.startswith("skipped") for k in fetched):
+            out.print("nothing to fetch: every planned scene is done (use --force to redo)")
+        _print_summary(workdir, stages=["catalog", "plan", "fetch"])
+        _finish(workdir, "download", res.failures())
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -233,16 +252,17 @@ def shard(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, stat
     prof, regions = _regions(_profile(profile), states, bbox)
     if shard_mb is not None and shard_mb < 1:
         raise UserError("--shard-mb must be at least 1")
-    res = sh.run_shard(prof, workdir, regions=regions, max_bytes=shard_mb * 1024 * 1024 if shard_mb else None,
-                       force=force, quiet=quiet, card=not no_card, allow_incomplete=allow_incomplete)
-    if res.status.startswith("skipped"):
-        out.print(f"nothing to do: shards are up to date ({res.status})")
-    counts = ", ".join(f"{k} {v}" for k, v in res.samples.items()) or "no samples"
-    out.print(f"shards in {res.out_dir}: {counts}", highlight=False)
-    out.print(res.summary(), highlight=False)
-    if res.missing:
-        out.print(f"incomplete (--allow-incomplete): {len(res.missing)} planned scenes are not in the shards; "
-                  "the manifest and the card list them", highlight=False)
+    with _writer_lock(workdir, create=False):
+        res = sh.run_shard(prof, workdir, regions=regions, max_bytes=shard_mb * 1024 * 1024 if shard_mb else None,
+                           force=force, quiet=quiet, card=not no_card, allow_incomplete=allow_incomplete)
+        if res.status.startswith("skipped"):
+            out.print(f"nothing to do: shards are up to date ({res.status})")
+        counts = ", ".join(f"{k} {v}" for k, v in res.samples.items()) or "no samples"
+        out.print(f"shards in {res.out_dir}: {counts}", highlight=False)
+        out.print(res.summary(), highlight=False)
+        if res.missing:
+            out.print(f"incomplete (--allow-incomplete): {len(res.missing)} planned scenes are not in the shards; "
+                      "the manifest and the card list them", highlight=False)
 
 
 @app.command()
@@ -255,6 +275,12 @@ def verify(shards_dir: Path = typer.Argument(..., help="A shards folder (W/shard
         raise UserError(f"{shards_dir}: no such folder")
     try:
         res = shards.verify(shards_dir, decode=not no_decode)
+    except shards.VerifyError as e:  # one line per bad shard, then exit 2
+        from rich.markup import escape
+
+        for line in e.problems:
+            err.print(f"[red]error:[/red] verify failed: {escape(line)}", highlight=False)
+        raise typer.Exit(2) from None
     except shards.ShardError as e:
         raise UserError(f"verify failed: {e}") from None
     out.print(f"ok: {res['samples']} samples in {res['shards']} shards match the index")
@@ -296,7 +322,8 @@ def demo(workdir: Path = typer.Option(Path("work/demo"), "--workdir", "-w", help
     then train the model briefly and evaluate it on the test split (W/model/eval/report.md)."""
     from gl10m.pipelines.demo import run_demo
 
-    res = run_demo(workdir, workers=workers, quiet=quiet, rebuild=rebuild, model=not no_model)
+    with _writer_lock(workdir):
+        res = run_demo(workdir, workers=workers, quiet=quiet, rebuild=rebuild, model=not no_model)
     counts = ", ".join(f"{k} {v}" for k, v in res.samples.items())
     out.print(f"\n[bold]demo done[/bold] in {sum(res.seconds.values()):.0f} s "
               f"({', '.join(f'{k} {v:.0f} s' for k, v in res.seconds.items())})")
@@ -491,8 +518,9 @@ def testbed_scenes(out_dir: Path = typer.Option(..., "--out", "-o", help="Folder
     renderer and labelled by the osm and anchors stages, written as the shards `gl10m shard` writes."""
     from gl10m.pipelines.scenes import build_world
 
-    res = build_world(out_dir, scenes, seed, workers, scheduler=scheduler, states=states, truth=truth,
-                      quiet=quiet, card=not no_card)
+    with _writer_lock(out_dir, what="output folder"):
+        res = build_world(out_dir, scenes, seed, workers, scheduler=scheduler, states=states, truth=truth,
+                          quiet=quiet, card=not no_card)
     counts = ", ".join(f"{k} {v}" for k, v in res.samples.items()) or "no samples"
     if res.shards_up_to_date:
         out.print(f"shards in {res.shards_dir} are up to date (same inputs hash, files unchanged): "
@@ -558,9 +586,10 @@ def model_features(shards_dir: Path = typer.Argument(..., help="A shards folder 
     """Run the frozen encoders once over the shards; write features keyed like the samples."""
     from gl10m.model.features import cli_features
 
-    cli_features(shards_dir, out_dir, encoder, split=split, batch_size=batch_size, device=device,
-                 shard_mb=shard_mb, resume=not no_resume, num_workers=num_workers,
-                 profile=str(profile) if profile else None, echo=_echo)
+    with _writer_lock(out_dir, what="feature cache folder", under=True):
+        cli_features(shards_dir, out_dir, encoder, split=split, batch_size=batch_size, device=device,
+                     shard_mb=shard_mb, resume=not no_resume, num_workers=num_workers,
+                     profile=str(profile) if profile else None, echo=_echo)
 
 
 @model_app.command("train")
@@ -589,7 +618,10 @@ def model_fit(shards: Path = typer.Option(..., "--shards", help="A shards folder
     held out everywhere. Reruns skip finished parts, resume unfinished ones and redo what changed."""
     from gl10m.model.fit import cli_fit
 
-    cli_fit(shards, out_dir, config, encoder=encoder, device=device, dry_run=dry_run, echo=_echo)
+    if dry_run:
+        return cli_fit(shards, out_dir, config, encoder=encoder, device=device, dry_run=True, echo=_echo)
+    with _writer_lock(out_dir, what="model dir", under=True):
+        cli_fit(shards, out_dir, config, encoder=encoder, device=device, dry_run=dry_run, echo=_echo)
 
 
 @model_app.command("eval")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -39,7 +40,7 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sfx = suffix if suffix is not None else "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{sfx}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=f".tmp{sfx}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -64,13 +65,39 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+_TEMP_OWNER = re.compile(r"\.(\d+)-[A-Za-z0-9_]+(?:\.old)?\.tmp")
+
+
+def temp_prefix(name: str) -> str:
+    """Prefix of a temp file or folder beside `name`: ``.{name}.{pid}-``, so that a cleaner can
+    tell whose it is (:func:`is_orphan_temp`)."""
+    return f".{name}.{os.getpid()}-"
+
+
+def is_orphan_temp(name: str) -> bool:
+    """Is the temp file/folder `name` (``.{target}.{pid}-{random}.tmp...``) left by a process that
+    no longer runs on this host? Temp names without a pid (written by older versions) count as
+    orphans; the temp files of this process and of any other live process are never orphans."""
+    from gl10m.lock import pid_alive
+
+    m = None
+    for m in _TEMP_OWNER.finditer(name):
+        pass
+    if m is None:
+        return True
+    pid = int(m.group(1))
+    return pid != os.getpid() and not pid_alive(pid)
+
+
 def clean_temp(folder: str | Path) -> int:
-    """Remove leftover temp files of interrupted atomic writes under `folder`; return how many."""
+    """Remove leftover temp files of interrupted atomic writes under `folder` (only orphans:
+    :func:`is_orphan_temp`, never another live process's); return how many."""
     n = 0
     for p in Path(folder).rglob(".*.tmp*"):
-        if p.is_file():
-            p.unlink()
-            n += 1
+        if p.is_file() and is_orphan_temp(p.name):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                n += 1
     return n
 
 

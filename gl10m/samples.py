@@ -32,6 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from gl10m.errors import UserError
+from gl10m.io import is_orphan_temp, temp_prefix
 
 LR_FIELD = "lr.png"
 LABELS_FIELD = "labels.npy"
@@ -324,7 +325,7 @@ def write_staged(workdir: str | Path, sample: Sample, *, durable: bool = True) -
     final = staged_dir(workdir, sample.split, sample.key)
     parent = final.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{sample.key}.", suffix=".tmp", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(sample.key), suffix=".tmp", dir=parent))
     try:
         for name, data in fields.items():
             with open(tmp / name, "wb") as f:
@@ -336,7 +337,7 @@ def write_staged(workdir: str | Path, sample: Sample, *, durable: bool = True) -
         if durable:
             _fsync_dir(tmp)
         if final.exists():
-            old = parent / f".{sample.key}.{uuid.uuid4().hex[:8]}.old.tmp"
+            old = parent / f"{temp_prefix(sample.key)}{uuid.uuid4().hex[:8]}.old.tmp"
             os.rename(final, old)
             try:
                 os.rename(tmp, final)
@@ -383,7 +384,7 @@ def clean_staged_temp(workdir: str | Path) -> int:
         for split in root.iterdir():
             if split.is_dir():
                 for p in split.glob(".*.tmp"):
-                    if p.is_dir():
+                    if p.is_dir() and is_orphan_temp(p.name):  # never a live writer's
                         shutil.rmtree(p, ignore_errors=True)
                         n += 1
     return n
