@@ -84,9 +84,11 @@ def failure(stage: str, unit: str, label: str, err: BaseException | None) -> Fai
     """A :class:`Failure` with the kind and traceback of `err` (a Dask worker's, when it came from one)."""
     if err is None:
         return Failure(stage, unit, label)
+    from gl10m.errors import redact
+
     tb = getattr(err, "gl10m_traceback", None) or "".join(traceback.format_exception(type(err), err,
                                                                                      err.__traceback__))
-    return Failure(stage, unit, label, tb, kind_of(err))
+    return Failure(stage, unit, redact(label), redact(tb), kind_of(err))
 
 
 @dataclass
@@ -150,7 +152,9 @@ def write_log(workdir: Path, command: str, failures: Iterable[Failure]) -> Path 
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = Path(workdir) / "logs" / f"{command}-{stamp}-{os.getpid()}.log"
-    text = "".join(f"== {f.stage} {f.unit}: {f.label}\n{f.traceback.rstrip()}\n\n" for f in fails)
+    from gl10m.errors import redact
+
+    text = redact("".join(f"== {f.stage} {f.unit}: {f.label}\n{f.traceback.rstrip()}\n\n" for f in fails))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, text)

@@ -51,6 +51,7 @@ def dask_client(opts: ClusterOptions | None = None, *, quiet: bool = False) -> I
             dashboard_address="127.0.0.1:0", memory_limit=opts.memory_limit,
             silence_logs=logging.CRITICAL, **extra)
         client = distributed.Client(cluster)
+    _redact_dask_logs(client)
     if not quiet:
         console.print(f"[dim]dask: {len(client.scheduler_info()['workers'])} workers, "
                       f"dashboard {client.dashboard_link}[/dim]")
@@ -60,6 +61,51 @@ def dask_client(opts: ClusterOptions | None = None, *, quiet: bool = False) -> I
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def install_log_redaction() -> None:
+    """Redact URL credentials from every log record this process creates (Dask's own "Compute
+    Failed" warnings print a failed task's arguments, which may hold a ``--stac-url`` with a
+    password or a key). Idempotent."""
+    from gl10m.errors import redact
+
+    old = logging.getLogRecordFactory()
+    if getattr(old, "gl10m_redacting", False):
+        return
+
+    def factory(*a, **kw):
+        rec = old(*a, **kw)
+        try:
+            msg = rec.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is the logging module's business
+            return rec
+        clean = redact(msg)
+        if clean != msg:
+            rec.msg, rec.args = clean, ()
+        return rec
+
+    factory.gl10m_redacting = True
+    logging.setLogRecordFactory(factory)
+
+
+def _redact_dask_logs(client) -> None:
+    """Log redaction (:func:`install_log_redaction`) here, on every worker (a plugin: workers that
+    join later too) and on the scheduler, so no Dask log line carries URL credentials."""
+    import distributed
+
+    install_log_redaction()
+
+    class RedactLogs(distributed.WorkerPlugin):  # cloudpickled by value; the worker imports gl10m
+        def setup(self, worker):
+            from gl10m.pipelines.runner import install_log_redaction as install
+
+            install()
+
+    try:
+        client.register_plugin(RedactLogs(), name="gl10m-redact-logs")
+        client.run_on_scheduler(install_log_redaction)
+    except Exception:  # noqa: BLE001 - a cluster that cannot import gl10m fails on its first task anyway
+        pass
 
 
 class RateColumn(ProgressColumn):
@@ -100,6 +146,7 @@ def map_units(client, fn: Callable, args: Sequence[tuple], *, keys: Sequence[str
                     res, err = fn(*a, **kw), None
                 except Exception as e:  # one bad unit never stops a run
                     res, err = None, e
+                    _record_error(err)
                 on_result(key, res, err)
                 bar.advance(task)
         return
@@ -130,23 +177,64 @@ def run_unit(fn: Callable, *a, **kw):
     ``Exception("TransientError(...)")``, which no longer classifies as transient. So the error
     keeps its type, its kind (:func:`gl10m.outcomes.kind_of`) and full traceback text are
     recorded on it here, and its chain is cut (whether a link unpickles depends on what Dask has
-    patched into pickling by then, so it is not tried).
+    patched into pickling by then, so it is not tried). URL credentials are redacted from the
+    error's message and traceback here, on the worker, before Dask logs or pickles it.
     """
     try:
         return fn(*a, **kw)
     except Exception as e:  # noqa: BLE001 - reraised below
         err = e
+    _record_error(err)
+    err.__cause__ = err.__context__ = None  # what the chain says is in gl10m_kind and gl10m_traceback
+    raise err
+
+
+def _record_error(err: BaseException) -> None:
+    """Record the kind (:func:`gl10m.outcomes.kind_of`) and the full traceback text of a unit's
+    error on it, URL credentials redacted from both the traceback and the error's message
+    (:func:`redact_error`): from here on nothing that prints, logs or pickles it can leak them."""
     import traceback
 
+    from gl10m.errors import redact
     from gl10m.outcomes import kind_of
 
     try:
         err.gl10m_kind = kind_of(err)
-        err.gl10m_traceback = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        err.gl10m_traceback = redact("".join(traceback.format_exception(type(err), err, err.__traceback__)))
     except AttributeError:  # pragma: no cover - an error type that takes no attributes
         pass
-    err.__cause__ = err.__context__ = None  # what the chain says is in gl10m_kind and gl10m_traceback
-    raise err
+    redact_error(err)
+
+
+def redact_error(err: BaseException) -> BaseException:
+    """`err` with URL credentials (``user:password@``, query strings) removed from its message, in
+    place, before it leaves the worker: Dask logs and pickles a failed task's error, and whatever
+    prints it later (a log, the console) then never sees them. Its type and kind are kept."""
+    from gl10m.errors import redact
+
+    try:
+        err.args = tuple(redact(a) if isinstance(a, str) else a for a in err.args)
+    except (AttributeError, TypeError):  # pragma: no cover - read-only args
+        pass
+    for name in ("filename", "filename2", "strerror", "msg", "errmsg"):  # OSError, CPLE_* and friends
+        v = getattr(err, name, None)
+        if isinstance(v, str) and redact(v) != v:
+            try:
+                setattr(err, name, redact(v))
+            except (AttributeError, TypeError):
+                pass
+    if redact(str(err)) != str(err):  # a message built elsewhere: keep the type, say no more than it
+        try:
+            err.args = (redact(str(err)),)
+        except (AttributeError, TypeError):  # pragma: no cover
+            pass
+    for name in ("request", "response"):  # requests' errors carry the request (URL, auth header)
+        if getattr(err, name, None) is not None:
+            try:
+                setattr(err, name, None)
+            except (AttributeError, TypeError):
+                pass
+    return err
 
 
 def error_label(err: BaseException) -> str:
