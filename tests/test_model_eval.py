@@ -310,7 +310,7 @@ def test_rows_really_differ_and_reruns_are_identical(model_env, tmp_path):
                  ("default", "predictor_nolr")):
         assert not np.allclose(a["scores"][x], a["scores"][y]), (x, y)
     # full HR through the evaluator == the one scene space applied to the encoder's own tokens
-    it = next(iter(gdata.load(sd, split="val", decode_meta=False)))
+    it = next(iter(gdata.load(sd, split="val", decode_meta=False, tile_px=bundle.encoder.tile_px)))
     with torch.inference_mode():
         pooled, _, _ = bundle.encoder.encode_hr(it["hr"].contiguous())
         want = bundle.space.score(bundle.space.embed(pooled[None]))[0].numpy()

@@ -44,8 +44,8 @@ def env(tmp_path_factory):
     return sd, out, root / "enc", summary
 
 
-def source_items(sd, split):
-    return {it["key"]: it for it in data.load(sd, split=split, tiles="all", decode_meta=False)}
+def source_items(sd, split, tile_px=None):
+    return {it["key"]: it for it in data.load(sd, split=split, tiles="all", decode_meta=False, tile_px=tile_px)}
 
 
 def test_schema_and_values(env):
@@ -61,7 +61,7 @@ def test_schema_and_values(env):
         assert names and all(n.split(".", 1)[1][:-4] in F.FIELDS and n.endswith(".npy") for n in names)
     enc, _ = E.load_encoder(enc_dir)
     for split in ("train", "val"):
-        src = source_items(sd, split)
+        src = source_items(sd, split, enc.tile_px)     # the tiles as the cache reads them
         got = list(F.FeatureDataset(out, split, rank=0, world_size=1))
         assert sorted(g["key"] for g in got) == sorted(src)
         for item in got:
