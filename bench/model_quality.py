@@ -1,6 +1,6 @@
 """Benchmark: does the cross-scale model do what the paper claims, on a held-out model-scale world?
 
-    .venv/bin/python bench/model_quality.py [--seed 2027] [--out bench/out/model_quality] [--scenes N] [--workers K]
+    .venv/bin/python bench/model_quality.py [--seed 7373] [--out bench/out/model_quality] [--scenes N] [--workers K]
         [--config model/configs/fit-cpu.yaml] [--target-obr 0.12] [--json PATH]
 
 One run, three commands, each the user's own:
@@ -21,8 +21,9 @@ default's OBR), sampler_only, lr_fill, predictor_nolr, and "gap recovered" =
 sampler_only >= 0.01; predictor_nolr < default). A missed target is printed as MISSED with the
 numbers; the exit status is 0 when the bench ran (the table says what held), 1 when it failed.
 
-Seeds: tuning (configs, world parameters) was done on seed 101 only; report on other seeds
-(e.g. 2027). The default size, 3,400 scenes, gives ~2,800 train / ~270 val / ~300 test scenes
+Seeds: tuning (configs, world parameters, the scene pooling and stage II head, the encoder's
+loss) was done on seed 101 and on the train/val splits of seed 2027 (whose test split was
+reported once, before that tuning, and is spent); report on other seeds (default 7373). The default size, 3,400 scenes, gives ~2,800 train / ~270 val / ~300 test scenes
 (the paper's 83 / 8 / 9 %).
 """
 # run_all: timeout 5400
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from _results import add_json_arg, record, write_json  # noqa: E402
 
 ROWS = ("lr_only", "full_hr", "default", "random", "random_predictor", "sampler_only", "lr_fill", "predictor_nolr")
-TUNED_ON_SEED = 101
+TUNED_ON_SEEDS = (101, 2027)
 
 
 def _gl10m() -> list[str]:
@@ -91,8 +92,8 @@ def targets(v: dict[str, float | None], obr: float | None) -> list[tuple[str, bo
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seed", type=int, default=2027,
-                    help=f"world seed (default 2027; tuned on {TUNED_ON_SEED}: report on another)")
+    ap.add_argument("--seed", type=int, default=7373,
+                    help=f"world seed (default 7373; tuned on {', '.join(map(str, TUNED_ON_SEEDS))}: report on another)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "model_quality",
                     help="work folder: world/, model/, eval/ (default bench/out/model_quality; reused when there)")
     ap.add_argument("--scenes", type=int, default=3400, help="scenes in the world (default 3400)")
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
     out = a.out.resolve()
     world, md, ev = out / "world", out / "model", out / "eval"
     times = {}
-    if a.seed == TUNED_ON_SEED:
+    if a.seed in TUNED_ON_SEEDS:
         print(f"note: seed {a.seed} is the tuning seed; its numbers are not a held-out result", flush=True)
     times["world"] = run(_gl10m() + ["testbed", "scenes", "--out", str(world), "--scenes", str(a.scenes),
                                      "--seed", str(a.seed), "--workers", str(a.workers)], "the world build")
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
     recs.append(record("bench time", sum(times.values()), "s", higher_is_better=False,
                        meaning="world + fit + eval wall time", note=json.dumps({k: round(t) for k, t in times.items()})))
     write_json(a.json, "model_quality", recs, seed=a.seed, scenes=a.scenes, test_scenes=n_test,
-               target_obr=a.target_obr, config=str(a.config), tuned_on_seed=TUNED_ON_SEED)
+               target_obr=a.target_obr, config=str(a.config), tuned_on_seeds=list(TUNED_ON_SEEDS))
     return 0
 
 

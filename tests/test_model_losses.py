@@ -62,6 +62,31 @@ def test_siglip_loss_hand_computed():
         siglip_loss(img, txt, targets[:, :2], log_scale, bias)
 
 
+def test_balanced_siglip_weighs_positive_and_negative_pairs_alike():
+    """balanced: mean over positive pairs + mean over negative pairs; with 1 positive in 60 pairs
+    the plain mean all but ignores it, the balanced loss gives it half the weight."""
+    g = torch.Generator().manual_seed(4)
+    img, txt = torch.randn(6, 8, generator=g), torch.randn(10, 8, generator=g)
+    t = torch.zeros(6, 10, dtype=torch.uint8)
+    t[2, 7] = 1
+    ls, b = torch.tensor(LOG_SCALE_INIT), torch.tensor(BIAS_INIT)
+    logits = torch.exp(ls) * torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).T + b
+    pair = -torch.nn.functional.logsigmoid(torch.where(t.bool(), logits, -logits))
+    want = pair[2, 7] + (pair.sum() - pair[2, 7]) / 59
+    assert siglip_loss(img, txt, t, ls, b, balanced=True).item() == pytest.approx(want.item(), rel=1e-5)
+    assert siglip_loss(img, txt, t, ls, b).item() == pytest.approx(pair.mean().item(), rel=1e-5)
+    # relative to the negatives-only images, the positive pair's image gets ~59x more gradient
+    ratios = []
+    for bal in (False, True):
+        x = img.clone().requires_grad_(True)
+        siglip_loss(x, txt, t, ls, b, balanced=bal).backward()
+        ratios.append(x.grad[2].norm() / x.grad[[0, 1, 3, 4, 5]].norm(dim=1).mean())
+    assert ratios[1] / ratios[0] > 10
+    none = torch.zeros_like(t)               # no positive at all: the negatives' mean
+    assert siglip_loss(img, txt, none, ls, b, balanced=True).item() == pytest.approx(
+        siglip_loss(img, txt, none, ls, b).item(), rel=1e-5)
+
+
 def test_siglip_gradients_reach_scale_and_bias():
     torch.manual_seed(0)
     img = torch.randn(4, 6, requires_grad=True)
