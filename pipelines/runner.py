@@ -139,6 +139,9 @@ def map_units(client, fn: Callable, args: Sequence[tuple], *, keys: Sequence[str
     """
     kwargs = list(kwargs) if kwargs is not None else [{}] * len(args)
     if client is None:
+        from gl10m.memory import keep_freed_memory
+
+        keep_freed_memory()
         with progress_bar(quiet, unit) as bar:
             task = bar.add_task(description, total=len(args))
             for key, a, kw in zip(keys, args, kwargs):
@@ -178,8 +181,13 @@ def run_unit(fn: Callable, *a, **kw):
     keeps its type, its kind (:func:`gl10m.outcomes.kind_of`) and full traceback text are
     recorded on it here, and its chain is cut (whether a link unpickles depends on what Dask has
     patched into pickling by then, so it is not tried). URL credentials are redacted from the
-    error's message and traceback here, on the worker, before Dask logs or pickles it.
+    error's message and traceback here, on the worker, before Dask logs or pickles it. Freed
+    memory stays in the worker (:func:`gl10m.memory.keep_freed_memory`): steps allocate large
+    arrays, and fresh pages for each cost more than the arithmetic on them.
     """
+    from gl10m.memory import keep_freed_memory
+
+    keep_freed_memory()
     try:
         return fn(*a, **kw)
     except Exception as e:  # noqa: BLE001 - reraised below
