@@ -511,7 +511,7 @@ def testbed_scenes(out_dir: Path = typer.Option(..., "--out", "-o", help="Folder
                    states: Optional[str] = StatesOpt, workers: Optional[int] = WorkersOpt,
                    scheduler: Optional[str] = SchedulerOpt,
                    truth: bool = typer.Option(False, "--truth", help="Also write DIR/truth/{key}.npy, the 1 m truth "
-                                              "class map of each scene (world.TRUTH_CLASSES)."),
+                                              "class map of each scene (gl10m.testbed.classes.TRUTH_CLASSES)."),
                    no_card: bool = typer.Option(False, "--no-card", help="Skip the dataset card and its plots."),
                    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")):
     """A model-scale synthetic world: N scenes laid out by the testbed's recipes, rendered by its

@@ -151,7 +151,7 @@ def built_world(tmp_path_factory) -> Path:
     import yaml
 
     from gl10m.testbed import build as tb
-    from gl10m.testbed.world import DEFAULT_SPEC
+    from gl10m.testbed.spec import DEFAULT_SPEC
 
     root = tmp_path_factory.mktemp("e2e")
     spec = yaml.safe_load(Path(DEFAULT_SPEC).read_text())

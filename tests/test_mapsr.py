@@ -304,7 +304,7 @@ def test_build_shards_samples_have_random_tile_fracs_over_many_concepts(tmp_path
 
 def test_mapsr_on_a_gl10m_sample_api(shard_dir):
     from gl10m.model.encoders import build_encoder
-    from gl10m.testbed.world import CONCEPT_NAMES
+    from gl10m.testbed.classes import CONCEPT_NAMES
 
     (s,) = _loaded(shard_dir, "val")
     img, coarse = M.sample_scene(s)

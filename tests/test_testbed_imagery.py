@@ -313,7 +313,7 @@ def test_hr_lr_consistency(world):
 def test_small_objects_visible_at_1m_not_at_10m(world):
     from rasterio import features as rfeat
     from shapely.geometry import shape
-    from gl10m.testbed.world import CID
+    from gl10m.testbed.classes import CID
     root = world.out_dir
     pool = CID["swimming_pool"]
     meta = json.loads((root / "world.json").read_text())

@@ -23,7 +23,7 @@ from gl10m.errors import UserError
 from gl10m.pipelines.scenes import build_world
 from gl10m.testbed import scenes as S
 from gl10m.testbed import visibility as V
-from gl10m.testbed.world import CONCEPT_NAMES, CID
+from gl10m.testbed.classes import CONCEPT_NAMES, CID
 
 N, SEED = 12, 101
 

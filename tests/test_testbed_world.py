@@ -1,4 +1,4 @@
-"""The testbed's vector world: spec validation, the PBF it writes, frequencies, truth raster."""
+"""The testbed's vector world (spec, layout, pbfwrite, raster): spec validation, the PBF it writes, frequencies, truth raster."""
 from __future__ import annotations
 
 import collections
@@ -13,12 +13,14 @@ from shapely.geometry import box
 
 from gl10m import profile as prof_mod
 from gl10m.concepts import ConceptMatcher
-from gl10m.testbed import world as W
+from gl10m.testbed import classes as C
+from gl10m.testbed import layout, pbfwrite, raster
+from gl10m.testbed import spec as tbspec
 
 
 @pytest.fixture(scope="module")
 def spec():
-    return W.load_spec()
+    return tbspec.load_spec()
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +30,13 @@ def profile():
 
 @pytest.fixture(scope="module")
 def regions(spec):
-    return W.generate(spec)
+    return layout.generate(spec)
 
 
 @pytest.fixture(scope="module")
 def pbfs(regions, tmp_path_factory):
     d = tmp_path_factory.mktemp("osm")
-    return W.write_pbfs(regions, d)
+    return pbfwrite.write_pbfs(regions, d)
 
 
 def _read_pbf(path):
@@ -51,7 +53,7 @@ def _read_pbf(path):
 
 
 def _raw_spec():
-    return yaml.safe_load(W.DEFAULT_SPEC.read_text())
+    return yaml.safe_load(tbspec.DEFAULT_SPEC.read_text())
 
 
 # -- spec ------------------------------------------------------------------------------------
@@ -79,21 +81,21 @@ def test_default_spec_regions_inside_their_states_and_cover_every_split(spec, pr
 def test_bad_spec_is_one_clear_error(mutate, needle):
     data = copy.deepcopy(_raw_spec())
     mutate(data)
-    with pytest.raises(W.TestbedSpecError) as ei:
-        W.spec_from_dict(data, W.DEFAULT_SPEC)
+    with pytest.raises(tbspec.TestbedSpecError) as ei:
+        tbspec.spec_from_dict(data, tbspec.DEFAULT_SPEC)
     msg = str(ei.value)
     assert needle in msg and "\n" not in msg and msg.startswith("testbed spec testbed.yaml:")
 
 
 def test_missing_spec_file(tmp_path):
-    with pytest.raises(W.TestbedSpecError, match="no such file"):
-        W.load_spec(tmp_path / "nope.yaml")
+    with pytest.raises(tbspec.TestbedSpecError, match="no such file"):
+        tbspec.load_spec(tmp_path / "nope.yaml")
 
 
 # -- world -----------------------------------------------------------------------------------
 def test_truth_classes_start_with_the_profile_concepts(profile):
-    assert W.TRUTH_CLASSES[:66] == [c.name for c in profile.concepts]
-    assert len(W.TRUTH_CLASSES) == len(set(W.TRUTH_CLASSES)) < 255
+    assert C.TRUTH_CLASSES[:66] == [c.name for c in profile.concepts]
+    assert len(C.TRUTH_CLASSES) == len(set(C.TRUTH_CLASSES)) < 255
 
 
 def test_regions_and_features_stay_inside_bbox(regions, spec, profile):
@@ -196,9 +198,9 @@ def test_scenes_hold_several_concepts(regions, profile):
 
 
 def test_same_seed_same_bytes_other_seed_differs(spec, tmp_path):
-    a = W.write_pbf(W.generate(spec, seed=7)[:2], tmp_path / "a.osm.pbf")
-    b = W.write_pbf(W.generate(spec, seed=7)[:2], tmp_path / "b.osm.pbf")
-    c = W.write_pbf(W.generate(spec, seed=8)[:2], tmp_path / "c.osm.pbf")
+    a = pbfwrite.write_pbf(layout.generate(spec, seed=7)[:2], tmp_path / "a.osm.pbf")
+    b = pbfwrite.write_pbf(layout.generate(spec, seed=7)[:2], tmp_path / "b.osm.pbf")
+    c = pbfwrite.write_pbf(layout.generate(spec, seed=8)[:2], tmp_path / "c.osm.pbf")
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes() != c.read_bytes()
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temp files
@@ -216,7 +218,7 @@ def _grid_around(region, geom_ll, half_m=60.0, res=0.5, crs=None):
 
 def _pick(region, concept, osm_type=None):
     f = region.features
-    sel = f[(f.concept == W.CID[concept])]
+    sel = f[(f.concept == C.CID[concept])]
     if osm_type:
         sel = sel[sel.osm_type == osm_type]
     assert len(sel), concept
@@ -226,19 +228,19 @@ def _pick(region, concept, osm_type=None):
 @pytest.mark.parametrize("concept, osm_type", [("swimming_pool", None), ("tower", "node"),
                                                ("helipad", None), ("wind_farm", "node")])
 def test_truth_puts_small_objects_where_they_are(regions, concept, osm_type):
-    region = next(r for r in regions if (r.features.concept == W.CID[concept]).any()
-                  and (osm_type is None or ((r.features.concept == W.CID[concept])
+    region = next(r for r in regions if (r.features.concept == C.CID[concept]).any()
+                  and (osm_type is None or ((r.features.concept == C.CID[concept])
                                             & (r.features.osm_type == osm_type)).any()))
     feat = _pick(region, concept, osm_type)
     crs, tr, shape, (ci, cj) = _grid_around(region, feat.geometry)
-    classes, marks = W.rasterize_truth(region, crs, tr, shape)
+    classes, marks = raster.rasterize_truth(region, crs, tr, shape)
     assert classes.dtype == np.uint8 and marks.dtype == np.uint8 and classes.shape == shape
     px = classes[ci - 1:ci + 2, cj - 1:cj + 2]
-    assert (px == W.CID[concept]).all(), (concept, np.unique(px))
-    area_m2 = (classes == W.CID[concept]).sum() * 0.25
+    assert (px == C.CID[concept]).all(), (concept, np.unique(px))
+    area_m2 = (classes == C.CID[concept]).sum() * 0.25
     assert 2 <= area_m2 < 400  # visible at 1 m, smaller than 4 Sentinel-2 pixels
     # 50 m away in some direction the object is gone
-    assert (classes[:10, :10] != W.CID[concept]).all()
+    assert (classes[:10, :10] != C.CID[concept]).all()
 
 
 def test_truth_draw_order_marks_and_nodata(regions):
@@ -247,70 +249,70 @@ def test_truth_draw_order_marks_and_nodata(regions):
     # a church building sits on top of the town's residential landuse
     church = _pick(region, "religious_building")
     crs, tr, shape, (ci, cj) = _grid_around(region, church.geometry, half_m=40)
-    classes, marks = W.rasterize_truth(region, crs, tr, shape)
+    classes, marks = raster.rasterize_truth(region, crs, tr, shape)
     p = church.geometry.representative_point()
     from pyproj import Transformer
     x, y = Transformer.from_crs(4326, crs, always_xy=True).transform(p.x, p.y)
     row, col = rowcol(tr, x, y)
-    assert classes[row, col] == W.CID["religious_building"]
+    assert classes[row, col] == C.CID["religious_building"]
     # the material layer tells the roof from the ground around it
-    layers = W.rasterize_layers(region, crs, tr, shape)
+    layers = raster.rasterize_layers(region, crs, tr, shape)
     assert (layers["classes"] == classes).all() and (layers["marks"] == marks).all()
-    assert layers["material"][row, col] == W.MATERIAL["roof"]
-    assert W.MATERIAL["roof"] not in layers["material"][classes == W.BG["residential"]]
-    assert (classes == W.BG["residential"]).any()
+    assert layers["material"][row, col] == C.MATERIAL["roof"]
+    assert C.MATERIAL["roof"] not in layers["material"][classes == C.BG["residential"]]
+    assert (classes == C.BG["residential"]).any()
     # a parking lot carries stripes; a tennis court its lines
     lot = _pick(region, "parking_lot")
     crs, tr, shape, _ = _grid_around(region, lot.geometry, half_m=50, res=0.25)
-    classes, marks = W.rasterize_truth(region, crs, tr, shape)
-    on_lot = classes == W.CID["parking_lot"]
-    assert (marks[on_lot] == W.MARK["parking_stripe"]).mean() > 0.05
-    stripes = marks == W.MARK["parking_stripe"]
-    assert np.isin(classes[stripes], [W.CID["parking_lot"], W.CID["parking_garage"]]).all()
+    classes, marks = raster.rasterize_truth(region, crs, tr, shape)
+    on_lot = classes == C.CID["parking_lot"]
+    assert (marks[on_lot] == C.MARK["parking_stripe"]).mean() > 0.05
+    stripes = marks == C.MARK["parking_stripe"]
+    assert np.isin(classes[stripes], [C.CID["parking_lot"], C.CID["parking_garage"]]).all()
     # the full-region grid: nodata outside the bbox, base cover where nothing is mapped
-    crs, tr, shape = W.truth_grid(region, res_m=10.0)
-    classes, marks = W.rasterize_truth(region, crs, tr, shape)
-    assert (classes == W.NODATA).any() and (classes != W.NODATA).mean() > 0.9
-    assert classes[0, 0] == W.NODATA or classes[-1, -1] == W.NODATA
-    present = set(np.unique(classes).tolist()) - {W.NODATA}
-    assert {W.BG["sea"], W.CID["highway"], W.CID["farmland"], W.BG["building"]} <= present
+    crs, tr, shape = raster.truth_grid(region, res_m=10.0)
+    classes, marks = raster.rasterize_truth(region, crs, tr, shape)
+    assert (classes == C.NODATA).any() and (classes != C.NODATA).mean() > 0.9
+    assert classes[0, 0] == C.NODATA or classes[-1, -1] == C.NODATA
+    present = set(np.unique(classes).tolist()) - {C.NODATA}
+    assert {C.BG["sea"], C.CID["highway"], C.CID["farmland"], C.BG["building"]} <= present
 
 
 def test_tunnel_is_drawn_as_portals_only(regions):
     region = next(r for r in regions if r.features.tags.map(lambda t: t.get("tunnel") == "yes").any())
     f = region.features
     tun = f[f.tags.map(lambda t: t.get("tunnel") == "yes")].iloc[0]
-    assert tun.concept == W.CID["tunnel_opening"]
+    assert tun.concept == C.CID["tunnel_opening"]
     line = tun.geometry
     mid = line.interpolate(0.5, normalized=True)
     end = line.interpolate(0.0, normalized=True)
     for pt, expect in ((end, True), (mid, False)):
         crs, tr, shape, (ci, cj) = _grid_around(region, pt, half_m=20, res=1.0)
-        classes, _ = W.rasterize_truth(region, crs, tr, shape)
-        assert (classes[ci, cj] == W.CID["tunnel_opening"]) == expect
+        classes, _ = raster.rasterize_truth(region, crs, tr, shape)
+        assert (classes[ci, cj] == C.CID["tunnel_opening"]) == expect
 
 
 def test_write_truth_cog(regions, tmp_path):
     import rasterio
     region = min(regions, key=lambda r: len(r.features))
-    path = W.write_truth(region, tmp_path / "truth" / f"{region.code}.tif", res_m=8.0)
+    path = raster.write_truth(region, tmp_path / "truth" / f"{region.code}.tif", res_m=8.0)
     with rasterio.open(path) as ds:
-        assert ds.crs.to_epsg() == region.utm_epsg_nad83 and ds.nodata == W.NODATA and ds.dtypes == ("uint8",)
+        assert ds.crs.to_epsg() == region.utm_epsg_nad83 and ds.nodata == C.NODATA and ds.dtypes == ("uint8",)
         assert ds.res == (8.0, 8.0) and ds.overviews(1)
         a = ds.read(1)
-    assert (a != W.NODATA).mean() > 0.9 and a[a != W.NODATA].max() < len(W.TRUTH_CLASSES)
+    assert (a != C.NODATA).mean() > 0.9 and a[a != C.NODATA].max() < len(C.TRUTH_CLASSES)
 
 
 def test_write_truth_takes_precomputed_classes_on_its_grid(regions, tmp_path):
     import rasterio
     region = regions[0]
-    crs, tr, shape = W.truth_grid(region, res_m=20.0)
-    classes, _ = W.rasterize_truth(region, crs, tr, shape)
-    path = W.write_truth(region, tmp_path / "t.tif", res_m=20.0, classes=classes)
+    crs, tr, shape = raster.truth_grid(region, res_m=20.0)
+    classes, _ = raster.rasterize_truth(region, crs, tr, shape)
+    path = raster.write_truth(region, tmp_path / "t.tif", res_m=20.0, classes=classes)
     with rasterio.open(path) as ds:
         assert (ds.read(1) == classes).all()
     with pytest.raises(ValueError, match="classes must be uint8"):
-        W.write_truth(region, tmp_path / "u.tif", res_m=10.0, classes=classes)
+        raster.write_truth(region, tmp_path / "u.tif", res_m=10.0, classes=classes)
     assert not (tmp_path / "u.tif").exists()
 
 
@@ -324,3 +326,23 @@ def test_osm_stage_extracts_every_concept_from_the_pbfs(pbfs, profile):
         for ids in res.features["concepts"]:
             seen.update(ids)
     assert sorted(seen) == list(range(66))
+
+
+def test_importing_the_testbed_loads_no_profile():
+    """The profile-derived tables (CONCEPT_NAMES, CID, TRUTH_CLASSES, BG, CLASS_MATERIAL) are made
+    on first use, not at import; the old `world` names still resolve."""
+    import subprocess
+    import sys
+
+    code = ("import gl10m.profile as P\n"
+            "calls = []\n"
+            "real = P.load\n"
+            "P.load = lambda *a, **k: calls.append(a) or real(*a, **k)\n"
+            "import gl10m.cli, gl10m.testbed.world, gl10m.testbed.scenes, gl10m.testbed.build\n"
+            "import gl10m.testbed.imagery, gl10m.testbed.visibility\n"
+            "assert calls == [], calls\n"
+            "from gl10m.testbed.classes import CID, TRUTH_CLASSES\n"
+            "from gl10m.testbed.world import CONCEPT_NAMES\n"
+            "assert len(calls) == 1 and CID[CONCEPT_NAMES[3]] == 3 and TRUTH_CLASSES[:66] == CONCEPT_NAMES\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

@@ -2,7 +2,7 @@
 
 Layout of a built world DIR (hrefs in the STAC items are relative to DIR):
 
-    DIR/osm/{STATE}.osm.pbf                 OSM extract per region (gl10m.testbed.world)
+    DIR/osm/{STATE}.osm.pbf                 OSM extract per region (gl10m.testbed.layout, pbfwrite)
     DIR/truth/{STATE}.tif                   1 m truth classes (uint8, 255 = nodata), UTM NAD83
     DIR/naip/{STATE}/{year}/m_*.tif         NAIP-like quarter-quad COGs
     DIR/s2/{MGRS}/{YYYYMMDD}[_Nxxxx]/{B02,B03,B04,SCL}.tif   Sentinel-2 granules (_Nxxxx: reprocessing)
@@ -76,8 +76,10 @@ def _dir_bytes(d: Path) -> int:
 def build(out_dir: str | Path, spec_path: str | Path | None = None, seed: int | None = None,
           progress: Callable[[str], None] | None = None, workers: int = 2) -> BuildResult:
     """Generate the world of `spec_path` (default manifests/testbed.yaml) into `out_dir`."""
-    from gl10m.testbed import world
     from gl10m.testbed.imagery import imagery_spec, region_parts
+    from gl10m.testbed.layout import generate
+    from gl10m.testbed.pbfwrite import write_pbfs
+    from gl10m.testbed.spec import load_spec
     from gl10m.testbed.stac_items import build_items, write_stac
 
     t0 = time.perf_counter()
@@ -85,11 +87,11 @@ def build(out_dir: str | Path, spec_path: str | Path | None = None, seed: int | 
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise BuildError(f"output {out_dir} exists and is not a folder")
-    spec = world.load_spec(spec_path)
+    spec = load_spec(spec_path)
     seed = spec.seed if seed is None else int(seed)
     img = imagery_spec(spec.imagery)
     say(f"generating world (seed {seed})")
-    regions = world.generate(spec, seed)
+    regions = generate(spec, seed)
     codes = [r.code for r in regions]
     faults_spec = {f.kind: f for f in img.faults}
 
@@ -119,12 +121,12 @@ def build(out_dir: str | Path, spec_path: str | Path | None = None, seed: int | 
             with cf.ProcessPoolExecutor(n_workers, mp_context=mp.get_context("fork")) as ex:
                 futs = {ex.submit(_work, t): (t[0], t[4]) for t in tasks}
                 say("writing OSM extracts")
-                world.write_pbfs(regions, tmp / "osm")
+                write_pbfs(regions, tmp / "osm")
                 for fut in cf.as_completed(futs):
                     results_by_task[futs[fut]] = fut.result()
                     say(f"rendered {futs[fut][0]} {futs[fut][1]}")
         else:
-            world.write_pbfs(regions, tmp / "osm")
+            write_pbfs(regions, tmp / "osm")
             for t in tasks:
                 results_by_task[(t[0], t[4])] = _work(t)
                 say(f"rendered {t[0]} {t[4]}")

@@ -1,7 +1,7 @@
 """The testbed's imagery: NAIP-like and Sentinel-2-L2A-like COGs rendered from the truth.
 
 Everything starts from one 1 m surface-reflectance rendering of a region (bands R, G, B, NIR),
-made from the truth raster (class id per pixel, gl10m.testbed.world.TRUTH_CLASSES) and its
+made from the truth raster (class id per pixel, gl10m.testbed.classes.TRUTH_CLASSES) and its
 detail layer of thin markings (MARK_NAMES), with textures that are functions of *world*
 coordinates (hashed value-noise lattices), so any grid of the same place renders the same
 ground:
@@ -262,7 +262,7 @@ def _L(r, g, b, n, kind, **kw) -> Look:
     return Look((r, g, b, n), kind, **kw)
 
 
-# What a pixel looks like is decided by its surface material (world.MATERIALS: the school's
+# What a pixel looks like is decided by its surface material (classes.MATERIALS: the school's
 # lawn and its roof share a class); roofs and tall structures then take their class's colour and
 # height. Colours are plausible surface reflectances.
 MATERIAL_LOOKS: dict[str, Look] = {
@@ -404,7 +404,7 @@ def build_tables(class_names: list[str], material_names: list[str], mark_names: 
 
 
 def default_tables() -> Tables:
-    from gl10m.testbed.world import CLASS_MATERIAL, MARK_NAMES, MATERIALS, TRUTH_CLASSES
+    from gl10m.testbed.classes import CLASS_MATERIAL, MARK_NAMES, MATERIALS, TRUTH_CLASSES
     return build_tables(TRUTH_CLASSES, MATERIALS, MARK_NAMES, CLASS_MATERIAL)
 
 
@@ -944,15 +944,15 @@ def render_region(region, spec: ImagerySpec, out_dir: str | Path, seed: int, par
                   wedge: bool = False, progress: Callable[[str], None] | None = None) -> dict:
     """Render one region's truth, NAIP and Sentinel-2 COGs under out_dir; describe what was written.
 
-    region: a gl10m.testbed.world.RegionWorld (code, bbox, utm_epsg_nad83, utm_epsg_wgs84,
+    region: a gl10m.testbed.layout.RegionWorld (code, bbox, utm_epsg_nad83, utm_epsg_wgs84,
     base_cover). part: "all", or one of `region_parts` (so a build can spread a region over
     processes). rasterize(region, crs, transform, shape) -> {"classes", "marks", "material"}
-    (uint8 layers) defaults to world.rasterize_layers. wedge: put the black no-data wedge fault
+    (uint8 layers) defaults to raster.rasterize_layers. wedge: put the black no-data wedge fault
     into one NAIP quarter quad of the region's newest state-year. Returns {"state", "truth",
     "naip": [...], "s2": [...], "faults": [...]} with hrefs relative to out_dir.
     """
     if rasterize is None:
-        from gl10m.testbed.world import rasterize_layers as rasterize
+        from gl10m.testbed.raster import rasterize_layers as rasterize
     tables = tables or default_tables()
     region = imagery_region(region, spec)
     parts = region_parts(region, spec) if part == "all" else [part]
@@ -989,7 +989,7 @@ def merge_parts(results: list[dict]) -> dict:
 
 
 def _render_base(region, spec, out_dir, seed, rasterize, tables, wedge, progress) -> dict:
-    from gl10m.testbed.world import NODATA, TRUTH_CLASSES
+    from gl10m.testbed.classes import NODATA, TRUTH_CLASSES
     say = progress or (lambda s: None)
     code = region.code
     w, s, e, n = region.bbox

@@ -1,4 +1,4 @@
-"""Write testbed regions as a real OSM PBF with osmium.SimpleWriter.
+"""Write testbed regions (layout.RegionWorld) as a real OSM PBF with osmium.SimpleWriter.
 
 Point features become tagged nodes; line features tagged ways; simple polygons closed tagged
 ways; polygons with holes and multi-part polygons multipolygon relations whose outer/inner
@@ -76,8 +76,9 @@ def _region_objects(region):
     return nodes, ways, rels
 
 
-def write_regions_pbf(regions, path) -> Path:
-    """Write regions (sorted by code) into one PBF at `path` (atomic); returns the path."""
+def write_pbf(regions, path: str | Path) -> Path:
+    """Write the regions' features (sorted by code) as one OSM PBF at `path` (nodes, ways, relations,
+    each sorted by id); atomic; returns the path."""
     import osmium
     from osmium.osm.mutable import Node, Relation, Way
 
@@ -115,6 +116,11 @@ def write_regions_pbf(regions, path) -> Path:
     return path
 
 
+def write_pbfs(regions: list, osm_dir: str | Path) -> dict[str, Path]:
+    """One PBF per region, DIR/osm/{CODE}.osm.pbf (how the pipeline reads one extract per state)."""
+    return {r.code: write_pbf([r], Path(osm_dir) / f"{r.code}.osm.pbf") for r in regions}
+
+
 def pbf_counts(path) -> dict[str, int]:
     """Count nodes, ways and relations in a PBF (a quick sanity helper)."""
     import osmium
@@ -125,4 +131,16 @@ def pbf_counts(path) -> dict[str, int]:
     return out
 
 
-__all__ = ["write_regions_pbf", "pbf_counts"]
+def write_vector_world(regions: list, out: str | Path, truth_res_m: float | None = 1.0) -> dict:
+    """Write DIR/osm/{CODE}.osm.pbf and (unless truth_res_m is None) DIR/truth/{CODE}.tif; returns the paths."""
+    from gl10m.testbed.raster import write_truth
+
+    out = Path(out)
+    paths = {"osm": write_pbfs(regions, out / "osm"), "truth": {}}
+    if truth_res_m is not None:
+        for r in regions:
+            paths["truth"][r.code] = write_truth(r, out / "truth" / f"{r.code}.tif", truth_res_m)
+    return paths
+
+
+__all__ = ["write_pbf", "write_pbfs", "write_vector_world", "pbf_counts"]

@@ -1,7 +1,7 @@
 """The model-scale world: thousands of synthetic GL-10M scenes, straight to staged samples.
 
 Each scene is its own small seeded layout: a mini "region" around the scene footprint, built
-by the testbed's recipes (gl10m.testbed.world `build_region` / `_Builder`) with a per-scene
+by the testbed's recipes (gl10m.testbed.layout `build_region` / `_Builder`) with a per-scene
 concept budget, then rendered by the testbed's renderer (gl10m.testbed.imagery) and labelled by
 the pipeline's own osm and anchors code. Nothing here draws, shades or measures on its own:
 
@@ -14,7 +14,7 @@ the pipeline's own osm and anchors code. Nothing here draws, shades or measures 
    GL-10M / 94,077 train+val scenes) with a floor of :data:`FLOOR_SHARE` of the scenes, so every
    concept is asked for at N >= 2,000 (rare ones stay rare: the floor is 0.2 % of scenes) and
    each scene asks for >= 2 concepts.
-2. :func:`render_scene` (a plan row) -> arrays: the layout rasterised (world.rasterize_layers)
+2. :func:`render_scene` (a plan row) -> arrays: the layout rasterised (raster.rasterize_layers)
    straight onto the scene's EPSG:4326 HR grid (2680 x 2680, gl10m.compose.hr_grid) through a
    local equidistant projection whose pixels are exactly that grid's (so no warping), the 1 m
    surface reflectance (imagery.surface_reflectance), NAIP DN with a per-scene year look
@@ -22,7 +22,7 @@ the pipeline's own osm and anchors code. Nothing here draws, shades or measures 
    reflectance (imagery.block_mean), imagery.render_s2 (season, PSF blur, noise, L2A DN with the
    baseline's offset; no clouds: the pipeline's composite is cloud-free), then the pipeline's own
    harmonisation and stretch 0..0.3 (gl10m.compose.harmonise / stretch) -> 268 x 268.
-3. :func:`scene_labels`: the layout written as a PBF (world.write_pbf), read by the osm stage
+3. :func:`scene_labels`: the layout written as a PBF (pbfwrite.write_pbf), read by the osm stage
    (gl10m.osm.extract: the same buffers of lines and points) and measured by the anchors stage
    (gl10m.anchors.scene_stats): labels, per-tile fractions, pixel sizes.
 4. :func:`stage_scene`: all of it as one staged sample through gl10m.samples (one writer).
@@ -193,7 +193,7 @@ def plan_world(n: int, seed: int, profile, states: list[str] | None = None) -> l
     for i in range(n):
         while len(asked[i]) < 2:
             asked[i].add(int(rng.choice(len(names), p=p)))
-    from gl10m.testbed.world import COASTAL
+    from gl10m.testbed.spec import COASTAL
     out = []
     for i in range(n):
         st = str(state_of[i])
@@ -222,10 +222,10 @@ def plan_world(n: int, seed: int, profile, states: list[str] | None = None) -> l
 # 2. layout
 # ------------------------------------------------------------------------------------------
 def _spec(plan: ScenePlan, profile):
-    from gl10m.testbed import world as W
+    from gl10m.testbed.spec import TestbedSpec
 
     fp = profile.geometry.footprint_deg
-    return W.TestbedSpec.model_validate({
+    return TestbedSpec.model_validate({
         "name": "scenes", "seed": plan.seed, "region_size_deg": round(fp * REGION_PAD, 7), "cell_m": 200.0,
         "street_margin_m": 18.0, "frequency": {"scale": 1.0, "min_per_concept": 1, "max_per_concept": 1},
         "regions": {plan.state: {"center": (plan.lon, plan.lat), "biome": plan.biome, "coast": plan.coast,
@@ -236,17 +236,17 @@ _MATCHER = {}
 
 
 def layout(plan: ScenePlan, profile, attempt: int = 0):
-    """The scene's layout (a world.RegionWorld in EPSG:4326), from the world seed, the scene index
+    """The scene's layout (a layout.RegionWorld in EPSG:4326), from the world seed, the scene index
     and the layout attempt (a retry lays the scene out again from another sub-seed)."""
     from gl10m.concepts import ConceptMatcher
-    from gl10m.testbed import world as W
+    from gl10m.testbed.layout import build_region
 
     key = profile.hash()
     if key not in _MATCHER:
         _MATCHER[key] = ConceptMatcher(profile.concepts)
     entropy = [plan.seed, 14, 1, plan.index] + ([attempt] if attempt else [])
     rng = np.random.default_rng(np.random.SeedSequence(entropy))
-    return W.build_region(_spec(plan, profile), plan.state, rng, plan.budget, _MATCHER[key], plan.id_base,
+    return build_region(_spec(plan, profile), plan.state, rng, plan.budget, _MATCHER[key], plan.id_base,
                           split=plan.split, budget_network=True)
 
 
@@ -272,7 +272,7 @@ def metric_grid(bounds, size: int):
     """(crs, transform, xs, ys) of the `size` x `size` EPSG:4326 grid over `bounds`, in local_crs."""
     from affine import Affine
 
-    from gl10m.testbed.world import _transformer_from_4326
+    from gl10m.testbed.shapes import _transformer_from_4326
 
     crs = local_crs(bounds)
     tr = _transformer_from_4326(crs)  # the one rasterize_layers then uses for this scene
@@ -290,8 +290,8 @@ class Rendered:
     hr: np.ndarray  # [H, W, 3] uint8 NAIP RGB on the HR grid
     lr: np.ndarray  # [268, 268, 3] uint8 stretched Sentinel-2 RGB
     lr_refl: np.ndarray  # [3, 268, 268] float32 harmonised reflectance (R, G, B)
-    truth: np.ndarray | None  # [H, W] uint8 truth class per HR pixel (world.TRUTH_CLASSES)
-    marks: np.ndarray | None  # [H, W] uint8 mark id per HR pixel (world.MARK_NAMES), with keep_truth
+    truth: np.ndarray | None  # [H, W] uint8 truth class per HR pixel (classes.TRUTH_CLASSES)
+    marks: np.ndarray | None  # [H, W] uint8 mark id per HR pixel (classes.MARK_NAMES), with keep_truth
     naip: dict
     s2: dict
 
@@ -310,12 +310,12 @@ def render_scene(plan: ScenePlan, region, profile, *, marks: bool = True, keep_t
     detail layer (court lines, rows, vehicles ...): only for measuring what the marks carry."""
     from gl10m import compose
     from gl10m.testbed import imagery as I
-    from gl10m.testbed import world as W
+    from gl10m.testbed.raster import rasterize_layers
 
     bounds = footprint(plan, profile)
     size = profile.geometry.hr_px
     crs, transform, xs, ys = metric_grid(bounds, size)
-    layers = W.rasterize_layers(region, crs, transform, (size, size))
+    layers = rasterize_layers(region, crs, transform, (size, size))
     tables = _tables()
     key = I.key_of(layers["classes"], layers["material"], tables, int(region.base_cover))
     mk = layers["marks"] if marks else None
@@ -380,10 +380,10 @@ def concept_features(region, profile, tmpdir: str | Path | None = None):
     """The layout through the osm stage: written as a PBF, read by gl10m.osm.extract (the same
     area/line/point rules and buffers as for a real extract)."""
     from gl10m import osm
-    from gl10m.testbed import world as W
+    from gl10m.testbed.pbfwrite import write_pbf
 
     with tempfile.TemporaryDirectory(prefix="gl10m-scene-", dir=tmpdir) as d:
-        pbf = W.write_pbf([region], Path(d) / "scene.osm.pbf")
+        pbf = write_pbf([region], Path(d) / "scene.osm.pbf")
         return osm.extract(pbf, profile, node_index="flex_mem", tmpdir=d).features
 
 
@@ -488,7 +488,7 @@ def build_scene(plan: ScenePlan, profile, out_root: str | Path, n_scenes: int, *
     A plain function of its inputs (no Dask): the same plan gives the same bytes. Returns
     {key, split, state, west, south, east, north, concepts, folder, attempt}. With `truth_dir`,
     also writes ``{truth_dir}/{key}.npy``: the 1 m truth class per HR pixel (uint8,
-    world.TRUTH_CLASSES; the layout's top feature, as rendered).
+    classes.TRUTH_CLASSES; the layout's top feature, as rendered).
     """
     from gl10m import samples
 

@@ -77,7 +77,7 @@ def classify(purity: float, marks: float, shares_material: bool) -> str:
 def material_twins() -> set[int]:
     """Concept ids whose default surface material another concept also has (tell-apart needs more
     than colour)."""
-    from gl10m.testbed.world import CLASS_MATERIAL, CONCEPT_NAMES
+    from gl10m.testbed.classes import CLASS_MATERIAL, CONCEPT_NAMES
     mats = [CLASS_MATERIAL[i] for i in range(len(CONCEPT_NAMES))]
     return {i for i, m in enumerate(mats) if mats.count(m) > 1}
 
@@ -86,7 +86,7 @@ def measure(n: int, seed: int, profile=None) -> list[dict]:
     """Render the first `n` scenes of world (n, seed) in-process and measure every concept."""
     from gl10m import profile as prof_mod
     from gl10m.testbed import scenes as S
-    from gl10m.testbed.world import CONCEPT_NAMES
+    from gl10m.testbed.classes import CONCEPT_NAMES
 
     profile = profile or prof_mod.load()
     nc = len(CONCEPT_NAMES)
