@@ -1,0 +1,252 @@
+"""Byte access to shards: random reads by offset (local, HTTP Range, seekable fsspec), streams
+(the fallback), members read at their indexed offsets and checked against their tar headers, and
+:class:`SampleReader` (random access to raw member bytes)."""
+from __future__ import annotations
+
+import io
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from gl10m.data.common import FIELD_POS, LoaderError
+from gl10m.data.sources import INDEX_NAME, _fsspec_fs, _http_session, _local, _resolve
+
+_BLOCK = 512
+_MERGE_GAP = 2 * _BLOCK  # members closer than this (padding + next header) are read together
+_MAX_OPEN = 8  # open shard readers per consumer (least recently used closed first)
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte access: random reads (sparse) and streams (fallback)
+# ---------------------------------------------------------------------------------------------
+class _NotSeekable(Exception):
+    pass
+
+
+class _LocalReader:
+    def __init__(self, path: str):
+        try:
+            self.fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise LoaderError(f"{path}: cannot open shard ({e.strerror})") from None
+        self.url = path
+
+    def read(self, offset: int, size: int) -> bytes:
+        data = os.pread(self.fd, size, offset)
+        if len(data) != size:
+            raise LoaderError(f"{self.url}: truncated (wanted {size} bytes at {offset})")
+        return data
+
+    def close(self):
+        os.close(self.fd)
+
+
+class _HttpReader:
+    def __init__(self, url: str):
+        import requests
+
+        self.url, self.s = url, _http_session()
+        try:
+            r = self.s.get(url, headers={"Range": "bytes=0-0"}, stream=True, timeout=60)
+            r.close()
+        except requests.RequestException as e:
+            self.s.close()
+            raise LoaderError(f"{url}: cannot open shard ({e})") from None
+        if r.status_code != 206:
+            self.s.close()
+            if r.status_code in (200, 416):
+                raise _NotSeekable(url)
+            raise LoaderError(f"{url}: HTTP {r.status_code}")
+
+    def read(self, offset: int, size: int) -> bytes:
+        import requests
+
+        try:
+            r = self.s.get(self.url, headers={"Range": f"bytes={offset}-{offset + size - 1}"}, timeout=60)
+        except requests.RequestException as e:
+            raise LoaderError(f"{self.url}: range read failed ({e})") from None
+        if r.status_code != 206 or len(r.content) != size:
+            raise LoaderError(f"{self.url}: range read failed (HTTP {r.status_code}, {len(r.content)} of {size} bytes)")
+        return r.content
+
+    def close(self):
+        self.s.close()
+
+
+class _FsspecReader:
+    def __init__(self, url: str):
+        fs, path = _fsspec_fs(url)
+        try:
+            self.f = fs.open(path, "rb")
+        except FileNotFoundError:
+            raise LoaderError(f"{url}: shard not found") from None
+        if not self.f.seekable():
+            self.f.close()
+            raise _NotSeekable(url)
+        self.url = url
+
+    def read(self, offset: int, size: int) -> bytes:
+        self.f.seek(offset)
+        data = self.f.read(size)
+        if len(data) != size:
+            raise LoaderError(f"{self.url}: truncated (wanted {size} bytes at {offset})")
+        return data
+
+    def close(self):
+        self.f.close()
+
+
+def _open_reader(url: str):
+    loc = _local(url)
+    if loc is not None:
+        return _LocalReader(loc)
+    if url.startswith(("http://", "https://")):
+        return _HttpReader(url)
+    return _FsspecReader(url)
+
+
+class _HttpStream(io.RawIOBase):
+    """A streaming GET as a readable file that closes its session too."""
+
+    def __init__(self, url: str):
+        self.s = _http_session()
+        try:
+            self.r = self.s.get(url, stream=True, timeout=60)
+            self.r.raise_for_status()
+        except Exception:
+            self.s.close()
+            raise
+        self.r.raw.decode_content = True
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.r.raw.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.r.close()
+            self.s.close()
+        super().close()
+
+
+def _open_stream(url: str):
+    loc = _local(url)
+    try:
+        if loc is not None:
+            return open(loc, "rb")
+        if url.startswith(("http://", "https://")):
+            return io.BufferedReader(_HttpStream(url), 1 << 20)
+        fs, path = _fsspec_fs(url)
+        return fs.open(path, "rb")
+    except OSError as e:
+        raise LoaderError(f"{url}: cannot open shard ({e})") from None
+    except Exception as e:  # requests' HTTPError/ConnectionError
+        if type(e).__module__.startswith("requests"):
+            raise LoaderError(f"{url}: cannot open shard ({e})") from None
+        raise
+
+
+def _parse_header(block: bytes) -> tuple[str, int]:
+    name = block[0:100].split(b"\0", 1)[0]
+    prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
+    if prefix:
+        name = prefix + b"/" + name
+    try:
+        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        size = -1
+    return name.decode("utf-8", "replace"), size
+
+
+def _read_members(reader, shard: str, key: str, offs: np.ndarray, sizes: np.ndarray,
+                  fields: Sequence[str]) -> dict[str, bytes]:
+    """Read `fields` of one sample at their indexed offsets, merging adjacent members into one
+    read, and check each member's tar header (name, size) against the index."""
+    items = sorted(((int(offs[FIELD_POS[f]]), int(sizes[FIELD_POS[f]]), f) for f in fields))
+    out: dict[str, bytes] = {}
+    i = 0
+    while i < len(items):
+        j = i
+        start = items[i][0] - _BLOCK
+        end = items[i][0] + items[i][1]
+        while j + 1 < len(items) and items[j + 1][0] - _BLOCK - end <= _MERGE_GAP:
+            j += 1
+            end = max(end, items[j][0] + items[j][1])
+        if start < 0:
+            raise LoaderError(f"{shard}: sample {key}: the index gives an offset before the first header")
+        buf = reader.read(start, end - start)
+        for off, size, f in items[i:j + 1]:
+            a = off - start
+            name, hsize = _parse_header(buf[a - _BLOCK:a])
+            if name != f"{key}.{f}" or hsize != size:
+                raise LoaderError(f"{shard}: sample {key}: the index does not match the shard at {f} "
+                                  f"(found {name!r}, {hsize} bytes): a stale index?")
+            out[f] = buf[a:a + size]
+        i = j + 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Random access to raw member bytes (evaluation, timing harnesses)
+# ---------------------------------------------------------------------------------------------
+class SampleReader:
+    """Random access to the members of a split's samples, as raw bytes, by index order.
+
+    ``reader.read(i, fields)`` returns ``{field: bytes}`` for sample ``i`` (``reader.keys[i]``),
+    reading only those members (by offset, checked against their tar headers): the IO of a
+    pipeline that requests only some HR tiles, separate from decoding. :func:`decode_lr`,
+    :func:`decode_tiles`, :func:`decode_labels` then decode them. Needs the shard index (a shards
+    folder, local or over HTTP with Range). Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, source, split: str | None = None, *, index: str | os.PathLike | None = None):
+        shards, ix, self.split = _resolve(source, split, index)
+        if ix is None:
+            raise LoaderError(f"{shards[0].url}: random access needs the shard index ({INDEX_NAME})")
+        self._index = ix
+        self._shards = shards
+        self._rows: list[tuple[int, int]] = [(si, int(r)) for si, s in enumerate(shards)
+                                             if s.rows is not None for r in s.rows]
+        self._readers: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def keys(self) -> list[str]:
+        return [self._index.keys[r] for _, r in self._rows]
+
+    def read(self, i: int, fields: Sequence[str]) -> dict[str, bytes]:
+        if not 0 <= i < len(self._rows):
+            raise LoaderError(f"sample {i} is outside 0..{len(self._rows) - 1}")
+        bad = [f for f in fields if f not in FIELD_POS]
+        if bad:
+            raise LoaderError(f"{bad[0]!r} is not a field of the sample schema")
+        si, row = self._rows[i]
+        s = self._shards[si]
+        if s.url not in self._readers:
+            while len(self._readers) >= _MAX_OPEN:  # bounded: a split may have hundreds of shards
+                self._readers.pop(next(iter(self._readers))).close()
+            try:
+                self._readers[s.url] = _open_reader(s.url)
+            except _NotSeekable:
+                raise LoaderError(f"{s.url}: random access needs a seekable shard (a local file or "
+                                  "an HTTP server that honours Range)") from None
+        return _read_members(self._readers[s.url], s.name, self._index.keys[row],
+                             self._index.offsets[row], self._index.sizes[row], list(fields))
+
+    def close(self) -> None:
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+
+    def __enter__(self) -> "SampleReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
