@@ -1,13 +1,12 @@
 """The testbed's vector world: a seeded, realistic-looking OSM world for every concept.
 
 `generate` lays out each region of a spec (sea, river, highway, railway with a viaduct, an
-overpass and a tunnel, a town with streets and blocks, an industrial zone, rural parcels, and sites such as an airport, a port or a wind farm) in the region's UTM
-(NAD83) zone on a grid of cells, and returns one `RegionWorld` per region with its features as
-a GeoDataFrame (EPSG:4326). The recipes that fill the cells are in `recipes` (town lots) and
-`sites` (larger sites and their placement order); `pbfwrite.write_pbf` writes the regions as an
-OSM PBF, `raster.rasterize_truth` burns them into a truth raster (ids in `classes`).
-
-
+overpass and a tunnel, a town with streets and blocks, an industrial zone, rural parcels, and
+sites such as an airport, a port or a wind farm) in the region's UTM (NAD83) zone on a grid of
+cells, and returns one `RegionWorld` per region with its features as a GeoDataFrame
+(EPSG:4326). The recipes that fill the cells are in `recipes` (town lots) and `sites` (larger
+sites and their placement order); `pbfwrite.write_pbf` writes the regions as an OSM PBF,
+`raster.rasterize_truth` burns them into a truth raster (ids and draw order in `classes`).
 """
 from __future__ import annotations
 
