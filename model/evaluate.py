@@ -511,8 +511,10 @@ class Evaluator:
         labels = []
         bar = None
         if self.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=n, desc="eval", unit="scene", dynamic_ncols=True)
+            from gl10m.pipelines.runner import progress_bar
+            bar = progress_bar(unit="scenes")
+            bar_task = bar.add_task("eval", total=n)
+            bar.start()
         try:
             for start in range(0, n, self.batch_size):
                 idx = list(range(start, min(n, start + self.batch_size)))
@@ -532,10 +534,10 @@ class Evaluator:
                     sweep_scores[name].append(s.numpy())
                     sweep_masks[name].append(m.numpy())
                 if bar is not None:
-                    bar.update(len(idx))
+                    bar.advance(bar_task, len(idx))
         finally:
             if bar is not None:
-                bar.close()
+                bar.stop()
         y = np.concatenate(labels)
         if y.shape[1] != len(self.bundle.labels):
             raise EvalError(f"the shards have {y.shape[1]} concepts, the model {len(self.bundle.labels)}")

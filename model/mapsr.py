@@ -101,8 +101,10 @@ class MapSRError(UserError, ValueError):
 def _progress(it, total=None, desc="", enable=True):
     if not enable:
         return it
-    from tqdm.auto import tqdm
-    return tqdm(it, total=total, desc=desc, leave=False)
+    from rich.progress import track
+
+    from gl10m.pipelines.runner import console
+    return track(it, total=total, description=desc, console=console, transient=True)
 
 
 # ---------------------------------------------------------------------------------------------

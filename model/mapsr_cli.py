@@ -117,7 +117,7 @@ def fit_cmd(
     """Fit MapSR: train the linear probe on the coarse labels and compute the class prompts."""
     try:
         from gl10m.model.mapsr import ClassMap, MapSR, MapSRConfig, MapSRError, coarse_on_grid, read_image
-        from gl10m.testbed.world import CONCEPT_NAMES
+        from gl10m.testbed.classes import CONCEPT_NAMES
 
         dev = _device(device)
         cfg = MapSRConfig(chip=chip, overlap=overlap, probe_steps=probe_steps, probe_pixels=probe_pixels,

@@ -280,7 +280,7 @@ TESTBED_BASE: dict[str, tuple[str, ...]] = {
 
 def material_to_base() -> np.ndarray:
     """uint8 LUT material id -> base class index (255 = none)."""
-    from gl10m.testbed.world import MATERIALS
+    from gl10m.testbed.classes import MATERIALS
 
     lut = np.full(256, 255, np.uint8)
     for i, (_, mats) in enumerate(TESTBED_BASE.items()):
@@ -314,7 +314,7 @@ def testbed_scene(spec: Any = None, region: str = "CA", size: int = 256, cell: i
     """Render a ``size`` x ``size`` m window (1 m) of a testbed region like NAIP, with its truth.
 
     ``spec``: a testbed spec (path, dict or TestbedSpec; default manifests/testbed.yaml) or pass the
-    already generated ``regions`` (``gl10m.testbed.world.generate``). ``offset``: (row, col) of the
+    already generated ``regions`` (``gl10m.testbed.layout.generate``). ``offset``: (row, col) of the
     window in the region's 1 m truth grid (default: centred on the region). The image is the
     testbed's own NAIP rendering (``surface_reflectance`` + the first NAIP year's look, shadows,
     noise) of the truth window; the truth is grouped by material into :data:`TESTBED_BASE`; the
@@ -323,14 +323,14 @@ def testbed_scene(spec: Any = None, region: str = "CA", size: int = 256, cell: i
     from affine import Affine
 
     from gl10m.testbed import imagery as I
-    from gl10m.testbed import world as W
+    from gl10m.testbed import classes as C, layout as L, raster as R, spec as SP
 
     if regions is None:
         if spec is None or isinstance(spec, (str, os.PathLike)):
-            spec = W.load_spec(spec)
+            spec = SP.load_spec(spec)
         elif isinstance(spec, dict):
-            spec = W.spec_from_dict(spec)
-        regions = W.generate(spec, seed)
+            spec = SP.spec_from_dict(spec)
+        regions = L.generate(spec, seed)
         ispec = I.imagery_spec(spec.imagery)
         tb_seed = spec.seed if seed is None else int(seed)
     else:
@@ -340,14 +340,14 @@ def testbed_scene(spec: Any = None, region: str = "CA", size: int = 256, cell: i
     if region not in by:
         raise MapSRError(f"testbed region {region!r} unknown (have {', '.join(sorted(by))})")
     r = by[region]
-    crs, tr, shape = W.truth_grid(r, 1.0)
+    crs, tr, shape = R.truth_grid(r, 1.0)
     if offset is None:
         offset = ((shape[0] - size) // 2, (shape[1] - size) // 2)
     r0, c0 = int(offset[0]), int(offset[1])
     if r0 < 0 or c0 < 0 or r0 + size > shape[0] or c0 + size > shape[1]:
         raise MapSRError(f"testbed window {size} px at {offset} leaves the region grid {shape}")
     tw = tr * Affine.translation(c0, r0)
-    layers = W.rasterize_layers(r, f"EPSG:{crs}", tw, (size, size))
+    layers = R.rasterize_layers(r, f"EPSG:{crs}", tw, (size, size))
     tables = I.default_tables()
     key = I.key_of(layers["classes"], layers["material"], tables, int(r.base_cover))
     xs, ys = I.pixel_centres(tw, (size, size))
@@ -358,11 +358,11 @@ def testbed_scene(spec: Any = None, region: str = "CA", size: int = 256, cell: i
     shadow = I.shadow_mask(key, tables, look, 1.0)
     dn = I.naip_dn(refl, tables.veg[key], shadow, look, I.rng_for(tb_seed, "mapsr", region, r0, c0),
                    ispec.naip_noise_dn)
-    mat = np.where(layers["material"] == 0, tables.class_material[np.where(layers["classes"] == W.NODATA,
+    mat = np.where(layers["material"] == 0, tables.class_material[np.where(layers["classes"] == C.NODATA,
                                                                           r.base_cover, layers["classes"])],
                    layers["material"])
     base = material_to_base()[mat].astype(np.int16)
-    base[(base == 255) | (layers["classes"] == W.NODATA)] = IGNORE
+    base[(base == 255) | (layers["classes"] == C.NODATA)] = IGNORE
     classes = list(TESTBED_BASE)
     grid = majority_pool(base, cell, len(classes)).astype(np.int16)
     coarse = upsample_coarse(grid, (size, size)).astype(np.int16)

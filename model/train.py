@@ -429,8 +429,10 @@ def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: s
     stop = total if max_steps is None else min(total, int(max_steps))
     bar = None
     if is_main and cfg["progress"]:
-        from tqdm import tqdm
-        bar = tqdm(total=stop, initial=step, desc=cfg["task"], unit="step", dynamic_ncols=True)
+        from gl10m.pipelines.runner import progress_bar
+        bar = progress_bar(unit="steps")
+        bar_task = bar.add_task(cfg["task"], total=stop, completed=step)
+        bar.start()
     use_amp = dev.type == "cuda"
 
     def state() -> dict:
@@ -481,8 +483,7 @@ def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: s
                             if k not in ("step", "epoch"):
                                 writer.add_scalar(k, v, step)
                     if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{last_loss:.4f}")
+                        bar.update(bar_task, advance=1, description=f"{cfg['task']} loss {last_loss:.4f}")
                 if step % int(cfg["ckpt_every"]) == 0 or step >= stop:
                     if is_main:
                         last_ckpt = _save_checkpoint(out_dir, state(), int(cfg["keep_checkpoints"]))
@@ -498,7 +499,7 @@ def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: s
         if mf is not None:
             mf.close()
         if bar is not None:
-            bar.close()
+            bar.stop()
         if writer is not None:
             writer.close()
     if is_main and last_ckpt is None:

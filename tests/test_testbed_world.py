@@ -330,7 +330,7 @@ def test_osm_stage_extracts_every_concept_from_the_pbfs(pbfs, profile):
 
 def test_importing_the_testbed_loads_no_profile():
     """The profile-derived tables (CONCEPT_NAMES, CID, TRUTH_CLASSES, BG, CLASS_MATERIAL) are made
-    on first use, not at import; the old `world` names still resolve."""
+    on first use, not at import."""
     import subprocess
     import sys
 
@@ -338,11 +338,11 @@ def test_importing_the_testbed_loads_no_profile():
             "calls = []\n"
             "real = P.load\n"
             "P.load = lambda *a, **k: calls.append(a) or real(*a, **k)\n"
-            "import gl10m.cli, gl10m.testbed.world, gl10m.testbed.scenes, gl10m.testbed.build\n"
+            "import gl10m.cli, gl10m.testbed.layout, gl10m.testbed.scenes, gl10m.testbed.build\n"
             "import gl10m.testbed.imagery, gl10m.testbed.visibility\n"
             "assert calls == [], calls\n"
             "from gl10m.testbed.classes import CID, TRUTH_CLASSES\n"
-            "from gl10m.testbed.world import CONCEPT_NAMES\n"
+            "from gl10m.testbed.classes import CONCEPT_NAMES\n"
             "assert len(calls) == 1 and CID[CONCEPT_NAMES[3]] == 3 and TRUTH_CLASSES[:66] == CONCEPT_NAMES\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
