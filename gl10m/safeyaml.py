@@ -67,3 +67,25 @@ def load(text: str | bytes):
         return loader.get_single_data()
     finally:
         loader.dispose()
+
+
+def read_mapping(path, what: str = "config", error: type[Exception] | None = None) -> dict:
+    """A YAML file that must hold a mapping, parsed with :func:`load`; every failure (unreadable,
+    not valid YAML, not a mapping) is one line naming ``what`` and the file, raised as ``error``
+    (default :class:`gl10m.errors.UserError`)."""
+    from pathlib import Path
+
+    if error is None:
+        from gl10m.errors import UserError as error
+    p = Path(path)
+    try:
+        data = load(p.read_text())
+    except FileNotFoundError:
+        raise error(f"{what} {p}: not found") from None
+    except OSError as e:
+        raise error(f"{what} {p}: cannot be read ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise error(f"{what} {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise error(f"{what} {p}: expected a mapping")
+    return data

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import yaml
 
 from gl10m import safeyaml
 from gl10m.errors import UserError
@@ -72,15 +71,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _read_yaml(path: Path, what: str) -> dict:
-    try:
-        data = safeyaml.load(path.read_text())
-    except OSError as e:
-        raise FitError(f"{what} {path}: cannot be read ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        raise FitError(f"{what} {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise FitError(f"{what} {path}: expected a mapping")
-    return data
+    return safeyaml.read_mapping(path, what, FitError)
 
 
 def _part(section: dict | None, name: str) -> dict:

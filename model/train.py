@@ -21,7 +21,6 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-import yaml
 
 from gl10m import safeyaml
 from gl10m.errors import UserError
@@ -72,15 +71,7 @@ def get_task(name: str):
 # -- config --------------------------------------------------------------------------------------
 
 def _read_yaml(path: Path) -> dict:
-    try:
-        data = safeyaml.load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"config {path} must be a mapping")
-    return data
+    return safeyaml.read_mapping(path, "config")
 
 
 def load_config(config: str | Path | dict) -> dict:

@@ -420,3 +420,14 @@ def test_tiles_decoded_at_a_reduced_size_match_a_resize_of_the_full_ones(sd):
     assert n > 0
     raw = {smp.hr_field(i): smp.encode_tile(ref[s["key"]].hr[i]) for i in (5,)}
     assert data.decode_tiles([5], raw, tile_px=128).shape == (1, 134, 134, 3)
+
+
+def test_a_loader_left_open_at_exit_closes_quietly(sd):
+    """An iterator abandoned mid-epoch and still referenced at interpreter exit: its shard
+    readers close during shutdown without 'Exception ignored' noise."""
+    code = ("import sys\nfrom gl10m import data\n"
+            f"it = iter(data.load({str(sd)!r}, split='train', tiles=[0]))\n"
+            "next(it)\nKEEP = it\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "Exception ignored" not in out.stderr, out.stderr

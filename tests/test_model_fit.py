@@ -159,7 +159,7 @@ def test_dry_run_writes_nothing(fitted, shards, tmp_path):
     ({"novel": ["Not a concept"]}, "is not one of the 66 concepts"),
     ({"novel": [66]}, "outside 0..65"),
     ({"variants": ["nope"]}, "unknown sampler variant 'nope'"),
-    ({"sampler": {"base": "no-such.yaml"}}, "cannot be read"),
+    ({"sampler": {"base": "no-such.yaml"}}, "no-such.yaml: not found"),
 ])
 def test_bad_configs_are_one_line_errors(shards, tmp_path, cfg, msg):
     with pytest.raises(UserError, match=msg):

@@ -38,8 +38,8 @@ class _LocalReader:
             raise LoaderError(f"{self.url}: truncated (wanted {size} bytes at {offset})")
         return data
 
-    def close(self):
-        os.close(self.fd)
+    def close(self, _close=os.close):  # bound now: a loader dropped at interpreter exit closes after `os` is gone
+        _close(self.fd)
 
 
 class _HttpReader:
