@@ -157,20 +157,9 @@ class EncoderConfig:
 
 def load_config(path: str | os.PathLike) -> dict:
     """A YAML/JSON config file -> dict (``encoder:`` and optional ``train:`` sections)."""
-    import yaml
-
     from gl10m import safeyaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise EncoderError(f"config {p}: no such file")
-    try:
-        d = safeyaml.load(p.read_text())
-    except yaml.YAMLError as e:
-        raise EncoderError(f"config {p}: not valid YAML ({e})") from None
-    if not isinstance(d, dict):
-        raise EncoderError(f"config {p}: expected a mapping")
-    return d
+    return safeyaml.read_mapping(path, "config", EncoderError)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,7 +118,8 @@ def test_uint8_is_normalised_inside():
 
 def test_tile_px_asks_readers_for_tiles_no_larger_than_needed():
     """An encoder at hr_size < 268 names it (readers decode at 67 px for 64); at 268 none; and a
-    67 px tile encodes like the 268 px one it was scaled from (the resize goes to hr_size either way)."""
+    67 px tile encodes close to the 268 px one it was scaled from (the resize goes to hr_size
+    either way), much closer than another tile does."""
     enc = tiny()
     assert enc.tile_px == enc.cfg.hr_size == 64
     assert E.TileEncoder(E.EncoderConfig.from_dict({**enc.cfg.to_dict(), "hr_size": 268, "patch": 4, "lr_size": 40,
@@ -127,7 +128,9 @@ def test_tile_px_asks_readers_for_tiles_no_larger_than_needed():
     small = torch.nn.functional.interpolate(x.float(), size=(67, 67), mode="area").round().to(torch.uint8)
     with torch.no_grad():
         a, b = enc.encode_hr(x)[0], enc.encode_hr(small)[0]
+        other = enc.encode_hr(rand_u8(2, seed=4))[0]
     assert a.shape == b.shape
+    assert (a - b).norm() < 0.5 * (a - other).norm()
 
 
 def test_svis_textured_above_flat():
