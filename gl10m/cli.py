@@ -566,7 +566,7 @@ def model_pretrain(shards_dir: Path = typer.Argument(..., help="A shards folder 
                        None, "--novel", help="Comma-separated concepts (names or ids) held out of pretraining "
                        "(default: the profile's novel: true concepts).")):
     """Bootstrap a small ViT tile encoder on the shards (SigLIP: HR tiles vs concept text)."""
-    from gl10m.model.pretrain import cli_pretrain_encoder
+    from gl10m.model.crossscale.pretrain import cli_pretrain_encoder
 
     cli_pretrain_encoder(shards_dir, out_dir, config, steps=steps, batch_size=batch_size, device=device,
                          seed=seed, profile=str(profile) if profile else None,
@@ -584,7 +584,7 @@ def model_features(shards_dir: Path = typer.Argument(..., help="A shards folder 
                    num_workers: int = typer.Option(0, "--num-workers"),
                    no_resume: bool = typer.Option(False, "--no-resume"), profile: Optional[Path] = ProfileOpt):
     """Run the frozen encoders once over the shards; write features keyed like the samples."""
-    from gl10m.model.features import cli_features
+    from gl10m.model.crossscale.features import cli_features
 
     with _writer_lock(out_dir, what="feature cache folder", under=True):
         cli_features(shards_dir, out_dir, encoder, split=split, batch_size=batch_size, device=device,
@@ -599,7 +599,7 @@ def model_train(config: Path = typer.Option(..., "--config", help="Training YAML
                 resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
                 max_steps: Optional[int] = typer.Option(None, "--max-steps"), device: Optional[str] = DeviceOpt):
     """Train the sampler or the predictor (stage I / II) on cached features; torchrun for DDP."""
-    from gl10m.model.train import cli_train
+    from gl10m.model.crossscale.train import cli_train
 
     cli_train(config, features, out_dir, resume=resume, max_steps=max_steps, device=device, echo=_echo)
 
@@ -616,7 +616,7 @@ def model_fit(shards: Path = typer.Option(..., "--shards", help="A shards folder
     """Train the whole model from image shards: encoder bootstrap, feature cache, sampler (+ the
     structural ablation), predictor stage I (+ no-LR ablation) and stage II, with novel concepts
     held out everywhere. Reruns skip finished parts, resume unfinished ones and redo what changed."""
-    from gl10m.model.fit import cli_fit
+    from gl10m.model.crossscale.fit import cli_fit
 
     if dry_run:
         return cli_fit(shards, out_dir, config, encoder=encoder, device=device, dry_run=True, echo=_echo)
@@ -661,7 +661,7 @@ def model_eval(checkpoint: Optional[Path] = typer.Option(
                dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be evaluated, run nothing.")):
     """Evaluate the sampler + predictor on a split: mAP@20/100 (all, base, novel), OBR and time per
     scene for the default pipeline, its baselines and ablations, and the threshold sweep."""
-    from gl10m.model.evaluate import EvalError, describe, evaluate, summary_table
+    from gl10m.model.crossscale.evaluate import EvalError, describe, evaluate, summary_table
 
     variants = {}
     for v in variant or []:

@@ -151,9 +151,9 @@ def _demo_model(shards_dir: Path, wd: Path, profile_path: Path, quiet: bool) -> 
     import json
 
     from gl10m.model.encoders import concept_labels
-    from gl10m.model.features import write_features
-    from gl10m.model.pretrain import cli_pretrain_encoder
-    from gl10m.model.train import checkpoint_paths, load_config, train
+    from gl10m.model.crossscale.features import write_features
+    from gl10m.model.crossscale.pretrain import cli_pretrain_encoder
+    from gl10m.model.crossscale.train import checkpoint_paths, load_config, train
 
     say = (lambda m: None) if quiet else (lambda m: console.print(f"[dim]{m}[/dim]"))
     configs = Path(__file__).resolve().parent.parent / "model" / "configs"
@@ -192,7 +192,7 @@ def _demo_model(shards_dir: Path, wd: Path, profile_path: Path, quiet: bool) -> 
 
 def _demo_eval(shards_dir: Path, wd: Path, quiet: bool) -> dict:
     """`gl10m model eval` of the demo's model dir on the test split -> W/model/eval/report.*"""
-    from gl10m.model.evaluate import evaluate
+    from gl10m.model.crossscale.evaluate import evaluate
 
     # a handful of test scenes: allow_small, and the report and the CLI say the numbers mean nothing
     rep = evaluate(wd / "model", shards_dir, wd / "model" / "eval", split="test", device="cpu",

@@ -1,4 +1,4 @@
-"""model/encoders.py + model/pretrain.py + model/_compat.py: shapes, normalisation, saliency,
+"""model/encoders.py + model/crossscale/pretrain.py + model/_compat.py: shapes, normalisation, saliency,
 text embeddings, the bootstrap SigLIP training, save/load."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ except _compat.DependencyError as e:  # pragma: no cover - timm not installed
 from gl10m import samples as smp, shards  # noqa: E402
 from gl10m.errors import UserError  # noqa: E402
 from gl10m.model import encoders as E  # noqa: E402
-from gl10m.model import pretrain as P  # noqa: E402
+from gl10m.model.crossscale import pretrain as P  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(backend="vit", width=48, depth=2, heads=2, patch=8, hr_size=64, lr_size=80, pool=2, embed_dim=32)

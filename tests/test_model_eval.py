@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from gl10m.errors import UserError  # noqa: E402
-from gl10m.model import metrics as M  # noqa: E402
+from gl10m.model.crossscale import metrics as M  # noqa: E402
 
 # -- mAP@K, hand-computed -----------------------------------------------------------------------
 
@@ -77,7 +77,7 @@ def test_metric_input_errors():
 
 
 # -- pipeline pieces ----------------------------------------------------------------------------
-from gl10m.model import evaluate as EV  # noqa: E402
+from gl10m.model.crossscale import evaluate as EV  # noqa: E402
 
 
 def test_random_masks_match_counts_and_are_seeded_per_scene():
@@ -104,7 +104,7 @@ def test_lr_fill_takes_each_tiles_own_lr_block():
 
 
 def test_pool_scene_masks_and_falls_back_to_the_centre():
-    from gl10m.model.scoring import pool_scene
+    from gl10m.model.crossscale.scoring import pool_scene
     tok = torch.zeros(2, 100, 2, 2, 2)
     tok[:, :50, ..., 0] = 1.0
     tok[:, 50:, ..., 1] = 1.0
@@ -120,7 +120,7 @@ def test_pool_scene_masks_and_falls_back_to_the_centre():
 def test_pool_scene_keeps_what_one_tile_shows():
     """A small object seen in one tile of 100: the mean dilutes it a hundredfold, the max half
     keeps it whole (the old mean-only pooling scored such scenes like empty ones)."""
-    from gl10m.model.scoring import mean_half, pool_scene
+    from gl10m.model.crossscale.scoring import mean_half, pool_scene
     g = torch.Generator().manual_seed(3)
     d = 8
     base = torch.randn(1, 1, 1, 1, d, generator=g).expand(2, 100, 2, 2, d).clone()
@@ -143,7 +143,7 @@ def test_pool_scene_keeps_what_one_tile_shows():
 def test_centred_text_scoring_separates_collinear_concepts():
     """Concept texts = a large common direction + a small own one (mean pairwise cosine ~0.9):
     raw cosines rank scenes by the common direction, centred ones by the concept's own."""
-    from gl10m.model.scoring import SceneSpace, center_text
+    from gl10m.model.crossscale.scoring import SceneSpace, center_text
     g = torch.Generator().manual_seed(0)
     c, e, n = 6, 16, 60
     common = torch.nn.functional.normalize(torch.randn(e, generator=g), dim=0)
@@ -216,8 +216,8 @@ TINY_PRED = {"dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0, "pool": 2}
 @pytest.fixture(scope="module")
 def model_env(tmp_path_factory):
     from gl10m.model import encoders as E
-    from gl10m.model.features import write_features
-    from gl10m.model.train import train
+    from gl10m.model.crossscale.features import write_features
+    from gl10m.model.crossscale.train import train
     from tests.test_data import build_shards
 
     root = tmp_path_factory.mktemp("eval")
@@ -339,7 +339,7 @@ def test_every_row_scores_the_same_grid_the_same_way(model_env):
     mask = torch.rand(2, 100, generator=g) < 0.2
     with torch.inference_mode():
         pred, emb = p2(lr, tok, mask, return_embed=True)
-        from gl10m.model.predictor import complete
+        from gl10m.model.crossscale.predictor import complete
         torch.testing.assert_close(torch.nn.functional.normalize(emb, dim=-1),
                                    bundle.space.embed(complete(tok, pred, mask)), rtol=1e-5, atol=1e-6)
 
@@ -412,7 +412,7 @@ def test_target_obr_calibrates_the_shared_threshold_on_val(model_env, tmp_path):
     # the calibrated threshold is what the train split's default row used
     with gdata.SampleReader(sd, "train") as reader:
         tl = EV.sampler_logits(bundle, reader)
-    from gl10m.model.selection import select
+    from gl10m.model.crossscale.selection import select
     assert rep["rows"]["default"]["obr"] == pytest.approx(float(select(tl, threshold=sel["threshold"]).float().mean()),
                                                           abs=1e-6)
     assert "calibrated on split `val`" in (tmp_path / "r" / "report.md").read_text()

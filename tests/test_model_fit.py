@@ -13,8 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from gl10m.errors import UserError  # noqa: E402
-from gl10m.model import fit as F  # noqa: E402
-from gl10m.model import train as T  # noqa: E402
+from gl10m.model.crossscale import fit as F  # noqa: E402
+from gl10m.model.crossscale import train as T  # noqa: E402
 
 TINY_ENC = dict(backend="vit", width=32, depth=1, heads=2, patch=8, hr_size=32, lr_size=80, pool=2, embed_dim=16)
 TINY_PRED = {"dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0, "pool": 2, "use_lr": True,
@@ -59,7 +59,7 @@ def _losses(run: Path) -> list:
 
 
 def test_fit_writes_the_model_dir_that_eval_reads(fitted, shards):
-    from gl10m.model.evaluate import resolve_parts
+    from gl10m.model.crossscale.evaluate import resolve_parts
 
     md, res = fitted
     assert list(res["parts"]) == PARTS and all(v["status"] == "done" for v in res["parts"].values())

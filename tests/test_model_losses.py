@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gl10m.errors import UserError
-from gl10m.model.losses import (BIAS_INIT, LOG_SCALE_INIT, RunningCenter, centered_cosine, collapse_monitors,
+from gl10m.model.crossscale.losses import (BIAS_INIT, LOG_SCALE_INIT, RunningCenter, centered_cosine, collapse_monitors,
                           siglip_loss)
 
 
@@ -124,7 +124,7 @@ def test_running_center_momentum_formula_targets_only_frozen_in_eval():
 
 
 def test_task_updates_centre_from_targets_not_predictions():
-    from gl10m.model.predictor import PredictorTask
+    from gl10m.model.crossscale.predictor import PredictorTask
     from tests.test_model_predictor import synthetic_samples, tiny_cfg
 
     torch.manual_seed(0)

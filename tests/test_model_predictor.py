@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from gl10m.errors import UserError
-from gl10m.model.predictor import Predictor, PredictorTask, draw_masks, rasterise, unrasterise
-from gl10m.model.train import train
+from gl10m.model.crossscale.predictor import Predictor, PredictorTask, draw_masks, rasterise, unrasterise
+from gl10m.model.crossscale.train import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "model" / "configs"
 
@@ -137,7 +137,7 @@ def test_shipped_predictor_configs_fit_the_shipped_encoders():
     import yaml
 
     from gl10m.model.encoders import load_config as enc_config
-    from gl10m.model.sampler import CONFIG_DIR
+    from gl10m.model.crossscale.sampler import CONFIG_DIR
     gs = {enc_config(p)["encoder"].get("pool", 2) for p in CONFIG_DIR.glob("encoder-*.yaml")}
     for p in CONFIG_DIR.glob("predictor-*.yaml"):
         cfg = {k: v for k, v in yaml.safe_load(p.read_text()).items()}
@@ -206,8 +206,8 @@ def test_predicted_tokens_sit_as_far_from_the_centre_as_true_ones(tmp_path, scal
     """Centered cosine alone leaves the norm free (scale_weight 0: the old loss); with the scale
     term (default) the predicted tokens of unobserved tiles are as far from the centre as the true
     ones, so a completed grid mixes observed and predicted tokens on one scale."""
-    from gl10m.model.losses import norm_ratio
-    from gl10m.model.predictor import draw_masks
+    from gl10m.model.crossscale.losses import norm_ratio
+    from gl10m.model.crossscale.predictor import draw_masks
 
     torch.manual_seed(0)
     data = synthetic_samples(8, d=16, seed=1)

@@ -8,11 +8,11 @@ import torch
 import yaml
 
 from gl10m.errors import UserError
-from gl10m.model.sampler import (CONFIG_DIR, TASKS, Sampler, SamplerTask, build_sampler,
+from gl10m.model.crossscale.sampler import (CONFIG_DIR, TASKS, Sampler, SamplerTask, build_sampler,
                                  load_model_config, load_sampler, obr,
                                  precision_at_k, rank, resolve_config, sampler_loss,
                                  scene_budgets, select)
-from gl10m.model.supervision import g_star
+from gl10m.model.crossscale.supervision import g_star
 
 torch.set_num_threads(1)
 
@@ -158,7 +158,7 @@ def test_bce_hand_case():
 
 # -- selection --------------------------------------------------------------------------------
 def test_threshold_on_sigmoid_scores_strictly():
-    """The rule (model/selection.py): sigmoid(logit) > threshold; the scale is the logits' own."""
+    """The rule (model/crossscale/selection.py): sigmoid(logit) > threshold; the scale is the logits' own."""
     s = torch.zeros(2, 100)
     s[0, :4] = torch.tensor([0.3, 0.1, 0.2, -5.0])        # sigmoid 0.574, 0.525, 0.550, ~0
     s[1] = torch.linspace(-4, 4, 100)
@@ -269,7 +269,7 @@ def test_task_loss_and_metrics():
     target = g_star(batch["s_vis"], batch["hr_embed"], batch["lr_embed"], text, batch["labels"])
     logits = model(batch["lr_tokens"])
     assert torch.allclose(loss, torch.nn.functional.binary_cross_entropy_with_logits(logits, target))
-    # the same rule, on the same scores, as the evaluation (model/selection.py)
+    # the same rule, on the same scores, as the evaluation (model/crossscale/selection.py)
     assert metrics["obr@0.55"] == pytest.approx(obr(select(logits, threshold=0.55))[1])
     assert metrics["obr@0.55"] == pytest.approx(float((torch.sigmoid(logits.double()) > 0.55).double().mean()))
     assert metrics["precision@12"] == pytest.approx(precision_at_k(logits, target, k=12))

@@ -1,4 +1,4 @@
-"""The one selection rule (model/selection.py): the same scores in training and evaluation,
+"""The one selection rule (model/crossscale/selection.py): the same scores in training and evaluation,
 threshold 1.0 selects nothing, and a shared threshold calibrated to a target OBR."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from gl10m.errors import UserError
-from gl10m.model import selection as S
-from gl10m.model.sampler import SamplerTask, select
+from gl10m.model.crossscale import selection as S
+from gl10m.model.crossscale.sampler import SamplerTask, select
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gl10m.errors import UserError
-from gl10m.model.supervision import cache_g_star, g_star, minmax, s_gain
+from gl10m.model.crossscale.supervision import cache_g_star, g_star, minmax, s_gain
 
 
 def unit(*v):
@@ -165,7 +165,7 @@ def test_cache_g_star_over_batches():
 def test_s_gain_never_sees_novel_concepts():
     """A tile whose only gain is for a held-out (novel) concept gains nothing, whatever that
     concept's label says; base concepts are unaffected."""
-    from gl10m.model.supervision import g_star, s_gain
+    from gl10m.model.crossscale.supervision import g_star, s_gain
     g = torch.Generator().manual_seed(0)
     text = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)
     hr = torch.randn(2, 100, 8, generator=g) * 0.1

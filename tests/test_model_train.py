@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gl10m.errors import UserError
-from gl10m.model.train import checkpoint_paths, get_task, load_checkpoint, lr_factor, train
+from gl10m.model.crossscale.train import checkpoint_paths, get_task, load_checkpoint, lr_factor, train
 from tests.test_model_predictor import CONFIGS, synthetic_samples, tiny_cfg
 
 
@@ -178,7 +178,7 @@ def _write_feature_cache(root: Path, samples: list[dict], text: torch.Tensor) ->
 
 
 def test_train_reads_the_feature_cache_and_resumes(tmp_path):
-    pytest.importorskip("gl10m.model.features")
+    pytest.importorskip("gl10m.model.crossscale.features")
     samples = synthetic_samples(5, n_concepts=6)
     feats = tmp_path / "features"
     _write_feature_cache(feats, samples, torch.randn(6, 8, generator=torch.Generator().manual_seed(2)))
@@ -194,7 +194,7 @@ def test_train_reads_the_feature_cache_and_resumes(tmp_path):
 
 
 def test_stage2_holds_out_the_profiles_novel_concepts_unless_told_otherwise(tmp_path):
-    pytest.importorskip("gl10m.model.features")
+    pytest.importorskip("gl10m.model.crossscale.features")
     samples = synthetic_samples(3, n_concepts=6)
     feats = tmp_path / "features"
     _write_feature_cache(feats, samples, torch.randn(6, 8, generator=torch.Generator().manual_seed(2)))
@@ -212,7 +212,7 @@ def test_sampler_and_stage2_hold_out_what_the_encoder_held_out(tmp_path):
     """No novel leak: the sampler's s_gain and stage II default to the encoder's held-out list
     (recorded in the feature cache), record it in their checkpoints, and refuse a novel concept the
     encoder was pretrained on."""
-    pytest.importorskip("gl10m.model.features")
+    pytest.importorskip("gl10m.model.crossscale.features")
     samples = synthetic_samples(3, n_concepts=6)
     feats = tmp_path / "features"
     _write_feature_cache(feats, samples, torch.randn(6, 8, generator=torch.Generator().manual_seed(2)))
@@ -231,7 +231,7 @@ def test_sampler_and_stage2_hold_out_what_the_encoder_held_out(tmp_path):
 
 
 def test_features_record_the_profiles_novel_concepts(tmp_path):
-    features = pytest.importorskip("gl10m.model.features")
+    features = pytest.importorskip("gl10m.model.crossscale.features")
     import yaml
 
     from gl10m import profile as prof_mod
@@ -249,7 +249,7 @@ def test_features_record_the_profiles_novel_concepts(tmp_path):
 
 
 def test_sampler_task_through_the_registry_and_as_the_mask_scorer(tmp_path):
-    sampler_mod = pytest.importorskip("gl10m.model.sampler")
+    sampler_mod = pytest.importorskip("gl10m.model.crossscale.sampler")
     samples = synthetic_samples(4, n_concepts=6)
     text = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
     sc = cfg(task="sampler", model={"hidden": 8, "kernel": 3, "layers": 1}, steps=2)
@@ -272,8 +272,8 @@ def test_sampler_task_through_the_registry_and_as_the_mask_scorer(tmp_path):
 
 
 def test_cli_train(tmp_path):
-    pytest.importorskip("gl10m.model.features")
-    from gl10m.model.train import cli_train
+    pytest.importorskip("gl10m.model.crossscale.features")
+    from gl10m.model.crossscale.train import cli_train
 
     feats = tmp_path / "features"
     _write_feature_cache(feats, synthetic_samples(3, n_concepts=6), torch.randn(6, 8))
@@ -329,7 +329,7 @@ def test_ddp_two_cpu_ranks_train_in_step(tmp_path):
 def test_stage2_head_learns_at_its_own_rate():
     """head_lr_mult: the stage II head (and its SigLIP scale/bias) gets lr x mult, the predictor
     lr; with the default 1 every parameter shares one rate; decayed matrices come first."""
-    from gl10m.model.train import _param_groups
+    from gl10m.model.crossscale.train import _param_groups
     dims = {"D": 16, "g": 2, "Gl": 10, "D_lr": 16, "E": 8, "n_concepts": 66}
     for mult in (1.0, 10.0):
         task = get_task("predictor_stage2")

@@ -248,7 +248,7 @@ def test_duplicate_top_level_keys_are_refused_naming_the_line(tmp_path):
 
 
 def test_model_configs_use_the_strict_loader(tmp_path):
-    from gl10m.model.sampler import load_model_config
+    from gl10m.model.crossscale.sampler import load_model_config
 
     p = tmp_path / "sampler-x.yaml"
     p.write_text("d: &d 8\nheads: *d\n")

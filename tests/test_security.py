@@ -197,7 +197,7 @@ def test_gl10m_verify_names_an_unsafe_member(shard_dir, tmp_path):
 def test_feature_shards_refuse_unsafe_members(tmp_path):
     from gl10m.errors import UserError
 
-    feats = pytest.importorskip("gl10m.model.features")
+    feats = pytest.importorskip("gl10m.model.crossscale.features")
     npy = io.BytesIO()
     np.save(npy, np.zeros((100, 4), np.float16), allow_pickle=False)
     for i, name in enumerate(["../CA-w1.hr_tokens.npy", "/tmp/CA-w1.hr_tokens.npy"]):
@@ -371,7 +371,7 @@ def test_shard_build_refuses_a_pickled_staged_sample(tmp_path):
 
 
 def test_pickled_feature_arrays_and_text_are_never_run(tmp_path):
-    feats = pytest.importorskip("gl10m.model.features")
+    feats = pytest.importorskip("gl10m.model.crossscale.features")
     marker = tmp_path / "pwned"
     path = write_tar(tmp_path / "feat.tar", [("CA-w1.hr_tokens.npy", evil_npy(marker))])
     with pytest.raises(ValueError):  # a FeatureError (a ValueError too)
@@ -384,7 +384,7 @@ def test_pickled_feature_arrays_and_text_are_never_run(tmp_path):
 
 
 def test_pickled_feature_array_is_a_feature_error(tmp_path):
-    feats = pytest.importorskip("gl10m.model.features")
+    feats = pytest.importorskip("gl10m.model.crossscale.features")
     path = write_tar(tmp_path / "feat.tar", [("CA-w1.hr_tokens.npy", evil_npy(tmp_path / "pwned"))])
     with pytest.raises(feats.FeatureError, match="hr_tokens"):
         list(feats._iter_shard(path))
@@ -411,8 +411,8 @@ def test_the_checkpoint_payload_is_live(evil_checkpoint, tmp_path):
     assert marker.exists()
 
 
-@pytest.mark.parametrize("loader", ["train.load_checkpoint", "sampler.load_sampler", "encoders.load_encoder",
-                                    "predictor.load_predictor"])
+@pytest.mark.parametrize("loader", ["crossscale.train.load_checkpoint", "crossscale.sampler.load_sampler", "encoders.load_encoder",
+                                    "crossscale.predictor.load_predictor"])
 def test_checkpoints_load_with_weights_only(evil_checkpoint, tmp_path, loader):
     from gl10m.errors import UserError
 
@@ -428,7 +428,7 @@ def test_checkpoints_load_with_weights_only(evil_checkpoint, tmp_path, loader):
     else:
         import importlib
 
-        mod_name, fn_name = loader.split(".")
+        mod_name, fn_name = loader.rsplit(".", 1)
         fn = getattr(importlib.import_module(f"gl10m.model.{mod_name}"), fn_name)
         target = path
     with pytest.raises(UserError) as e:

@@ -1,5 +1,5 @@
 """The evaluation report: per-row metrics with bootstrap intervals, paired differences, the
-sweep, timings, and its Markdown and plot renderings (used by :mod:`gl10m.model.evaluate`).
+sweep, timings, and its Markdown and plot renderings (used by :mod:`gl10m.model.crossscale.evaluate`).
 
 ``report["rows"]`` maps a row name to::
 

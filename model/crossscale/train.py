@@ -284,7 +284,7 @@ def _resolve_holdout(cfg: dict, task, features_dir, feats, dims: dict) -> None:
     """Novel concepts held out by stage II (``novel_concepts``) and by the sampler's s_gain
     (``supervision.novel_concepts``): null takes what the feature cache records (the encoder's
     held-out list, else the profile's novel flags); a list must agree with them
-    (:func:`~gl10m.model.supervision.resolve_novel_concepts`). The resolved list is written into the
+    (:func:`~gl10m.model.crossscale.supervision.resolve_novel_concepts`). The resolved list is written into the
     config saved with every checkpoint."""
     from .supervision import resolve_novel_concepts
 
@@ -326,7 +326,7 @@ def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: s
     """Train the config's task; returns {"step", "loss", "checkpoint", "metrics", "out_dir",
     "model" (the trained module, unwrapped from DDP)}.
 
-    features_dir: the feature cache (FeatureDataset + load_text from model.features); tests may
+    features_dir: the feature cache (FeatureDataset + load_text from crossscale.features); tests may
     pass `dataset` (map-style or iterable of sample dicts) and `text` instead. `max_steps` stops
     this call at that global step (the schedule still spans cfg["steps"]); `resume` continues from
     the newest checkpoint in out_dir. `task` overrides the registered task object (e.g. a
@@ -346,7 +346,7 @@ def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: s
         if features_dir is None:
             raise UserError("train needs a features folder (or a dataset)")
         if feats is None or not hasattr(feats, "FeatureDataset"):
-            raise UserError("model.features (FeatureDataset) is not available")
+            raise UserError("gl10m.model.crossscale.features (FeatureDataset) is not available")
         if not Path(features_dir).is_dir():
             raise UserError(f"features folder not found: {features_dir}")
         dataset = feats.FeatureDataset(features_dir, cfg["split"], shuffle=int(cfg["shuffle_buffer"]),

@@ -15,7 +15,7 @@ Config (dict or YAML, see model/configs/encoder-*.yaml)::
             profile: null, device: cpu, log_every: 50, novel: null, balanced: false}
 
 ``balanced``: positive and negative pairs weigh alike in both losses
-(:func:`gl10m.model.losses.siglip_loss`). Tried on seed 2027 (fit-cpu's encoder, 500 steps, val
+(:func:`gl10m.model.crossscale.losses.siglip_loss`). Tried on seed 2027 (fit-cpu's encoder, 500 steps, val
 split): it did not read scenes better (zero-shot mAP@100 LR 0.080 vs 0.095, best HR tile 0.092 vs
 0.103), so the default stays the plain mean.
 
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gl10m.model.losses import siglip_loss
+from gl10m.model.crossscale.losses import siglip_loss
 from gl10m.model.encoders import EncoderConfig, EncoderError, TextEncoder, TileEncoder, concept_labels, load_config, save_encoder
 
 TRAIN_DEFAULTS = dict(split="train", steps=2000, batch_size=8, tiles_per_scene=8, lr=3.0e-4, weight_decay=0.05,
@@ -91,7 +91,7 @@ def _tile_picker(k: int, seed: int) -> Callable:
 def novel_ids(novel, labels: list[str], profile=None) -> list[int]:
     """Novel concepts (names or ids; None = the profile's ``novel: true`` flags) -> sorted ids."""
     if novel is None:
-        from gl10m.model.features import _novel_ids
+        from gl10m.model.crossscale.features import _novel_ids
 
         return _novel_ids(profile, labels)
     pos = {lab.lower(): i for i, lab in enumerate(labels)}
@@ -202,7 +202,7 @@ def pretrain_encoder(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     return path
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "encoder-bootstrap.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "encoder-bootstrap.yaml"
 
 
 def cli_pretrain_encoder(shards: str | os.PathLike, out: str | os.PathLike, config: str | os.PathLike | None = None,

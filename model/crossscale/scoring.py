@@ -16,7 +16,7 @@ Its scene embedding is always
   linear probe reads mAP@100 0.13 from the mean of the true HR tokens, 0.30 from their max,
   0.33 from both, against 0.18 from the LR tokens' mean;
 - ``head``: the stage II predictor's head (LayerNorm + linear, trained with SigLIP on exactly
-  this pooling of the completed grid, :meth:`gl10m.model.predictor.Predictor.forward`) when
+  this pooling of the completed grid, :meth:`gl10m.model.crossscale.predictor.Predictor.forward`) when
   there is a stage II model; otherwise the encoder's own HR head
   (:meth:`TileEncoder.embed_mean`) of the mean half (:func:`mean_half`), consistently for every
   row.

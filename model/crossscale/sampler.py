@@ -4,9 +4,9 @@ The sampler sees only the LR scene (frozen LR encoder tokens ``lr_tokens`` [B, G
 Gl a multiple of 10 so that every tile owns a (Gl/10)x(Gl/10) block of cells) plus two
 coordinate channels, and predicts one logit per HR tile, flattened in tile order
 ``t = row * 10 + col`` (row 0 north, col 0 west): ``[B, 100]``. It is trained with
-BCE-with-logits against the soft target G* (:mod:`gl10m.model.supervision`).
+BCE-with-logits against the soft target G* (:mod:`gl10m.model.crossscale.supervision`).
 
-Selection (:func:`select`, defined in :mod:`gl10m.model.selection`, the one rule used in training
+Selection (:func:`select`, defined in :mod:`gl10m.model.crossscale.selection`, the one rule used in training
 metrics, evaluation and the sweep): a tile is a candidate when ``sigmoid(logit) > threshold``
 (strict, so threshold 1.0 selects nothing); ``top_k`` and per-class ``budgets`` cap how many
 candidates a scene keeps (highest logit first, ties to the lower tile index).
@@ -41,7 +41,7 @@ from .selection import (check_scores, check_threshold, obr, rank, scene_budgets,
 from .supervision import N_TILES, VARIANTS, g_star, resolve_novel_concepts
 
 GRID = 10
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 DEFAULTS = {
     "model": {"hidden": 64, "kernel": 3, "layers": 1},
@@ -181,7 +181,7 @@ def sampler_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), target.float())
 
 
-# -- selection: the one rule lives in model/selection.py ----------------------------------------
+# -- selection: the one rule lives in model/crossscale/selection.py ----------------------------------------
 _check_threshold = check_threshold
 _check_scores = check_scores
 

@@ -44,7 +44,7 @@ from gl10m import safeyaml
 from gl10m.errors import UserError
 from gl10m.io import atomic_write_text
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_FIT_CONFIG = CONFIGS / "fit-cpu.yaml"
 STATE_NAME = "fit.json"
 FIT_VERSION = 1
@@ -133,7 +133,7 @@ def resolve_device(dev: str) -> str:
 
 def resolve_novel(novel: Sequence | None, labels: Sequence[str], profile: str | None = None) -> list[int]:
     """Concept ids held out as novel: names or ids; None: the profile's flags (the encoder
-    pretraining's own rule, :func:`gl10m.model.pretrain.novel_ids`)."""
+    pretraining's own rule, :func:`gl10m.model.crossscale.pretrain.novel_ids`)."""
     from .pretrain import novel_ids
 
     return novel_ids(novel, list(labels), profile)
@@ -201,7 +201,7 @@ def plan(shards: str | os.PathLike, out: str | os.PathLike, config: str | os.Pat
          encoder: str | os.PathLike | None = None, device: str | None = None,
          echo: Callable[[str], None] = print) -> tuple[list[Plan], dict]:
     """The parts `fit` would run, in order, with their hashes (nothing is run or written)."""
-    from .encoders import concept_labels
+    from ..encoders import concept_labels
 
     cfg = load_fit_config(config)
     src, md = Path(shards), Path(out)

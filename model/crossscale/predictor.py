@@ -245,7 +245,7 @@ class Predictor(nn.Module):
     def scene_embed(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
                     fallback: torch.Tensor | None = None) -> torch.Tensor:
         """Stage II head of a completed token grid [B, 100, g, g, D] -> [B, E] (not normalised):
-        ``head(pool_scene(tokens, mask))`` (:mod:`gl10m.model.scoring`), the same function in
+        ``head(pool_scene(tokens, mask))`` (:mod:`gl10m.model.crossscale.scoring`), the same function in
         training and in every evaluation row."""
         if not hasattr(self, "head"):
             raise UserError("this predictor has no stage II head (built without embed_dim)")
@@ -273,7 +273,7 @@ class PredictorModel(nn.Module):
 
 class PredictorTask:
     """Stage I: centered cosine between predicted and target HR tokens of all 100 tiles, plus
-    ``scale_weight`` (default 1) x :func:`~gl10m.model.losses.scale_loss` (their distances to the
+    ``scale_weight`` (default 1) x :func:`~gl10m.model.crossscale.losses.scale_loss` (their distances to the
     centre)."""
 
     name = "predictor"
@@ -346,7 +346,7 @@ class PredictorTask:
 class PredictorStage2Task(PredictorTask):
     """Stage II: stage I loss + SigLIP between the head's embedding of the completed grid
     (:meth:`Predictor.scene_embed`, the evaluation's scene embedding) and the centred text
-    embeddings of the concepts (:func:`~gl10m.model.scoring.center_text`), multi-label from
+    embeddings of the concepts (:func:`~gl10m.model.crossscale.scoring.center_text`), multi-label from
     `labels`; cfg `novel_concepts` are held out."""
 
     name = "predictor_stage2"
@@ -373,7 +373,7 @@ class PredictorStage2Task(PredictorTask):
             raise UserError(f"novel_concepts {sorted(bad)} out of range 0..{n - 1}")
         keep = torch.tensor([c for c in range(n) if c not in novel], device=text.device, dtype=torch.long)
         inner = unwrap(model).predictor
-        # centred as the evaluation centres its scoring text (model/scoring.py), over the base
+        # centred as the evaluation centres its scoring text (model/crossscale/scoring.py), over the base
         # concepts only: nothing about a novel concept, not even its text, enters stage II
         txt = center_text(text.to(emb.device)[keep])
         sl = siglip_loss(emb, txt, labels.to(emb.device)[:, keep],

@@ -3,19 +3,19 @@
 ``gl10m model eval --checkpoint MODEL_DIR --shards W/shards --split test --out REPORT_DIR
 [--target-obr 0.12] [--allow-small]`` runs the full pipeline on every scene of a split, straight
 from the shards, and writes ``report.json``, ``report.md`` and ``sweep.png``
-(:mod:`gl10m.model.eval_report`). A split with fewer than 100 scenes is refused unless
+(:mod:`gl10m.model.crossscale.eval_report`). A split with fewer than 100 scenes is refused unless
 ``allow_small``.
 
 The pipeline of one batch (``batch_size`` scenes, 32 by default), each stage timed:
 
 1. read the LR image and labels (IO) and decode the LR image;
 2. encode it (LR tokens) and score the 100 tiles with the sampler;
-3. select tiles with the one rule of :mod:`gl10m.model.selection` (``sigmoid(logit) >
+3. select tiles with the one rule of :mod:`gl10m.model.crossscale.selection` (``sigmoid(logit) >
    threshold``; the threshold from the sampler's config, given, or calibrated on the **val**
    split to ``target_obr`` -- never on the split reported), read (IO) and decode **only the
    selected tiles**, encode them (pooled HR tokens);
 4. complete the 10 x 10 token grid (observed tiles keep their own tokens);
-5. score it in the one scene space of :mod:`gl10m.model.scoring`: the stage II head's embedding of
+5. score it in the one scene space of :mod:`gl10m.model.crossscale.scoring`: the stage II head's embedding of
    the completed grid (the encoder's HR head when there is no stage II model, then for every row),
    cosine with the centred concept text embeddings. Zero-shot from text prompts throughout.
 
@@ -70,7 +70,7 @@ from gl10m.errors import UserError
 from gl10m.io import atomic_write_text
 
 from .checkpoint import read_checkpoint
-from .encoders import TileEncoder, load_encoder
+from ..encoders import TileEncoder, load_encoder
 from .eval_report import IO_STAGES, MIN_SCENES, N_BOOT, _clean, _timing, build_report, device_name  # noqa: F401
 from .eval_report import plot_sweep, render_markdown, summary_table
 from .features import _HR_CHUNK

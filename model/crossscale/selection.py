@@ -1,10 +1,10 @@
 """The one tile-selection rule of the model: sampler training metrics, evaluation rows, the
-threshold sweep and :func:`gl10m.model.sampler.select` all go through :func:`select`.
+threshold sweep and :func:`gl10m.model.crossscale.sampler.select` all go through :func:`select`.
 
 Scores. The sampler outputs one logit per tile; its **normalised score** is the sigmoid of that
 logit, ``p = sigmoid(logit)`` in (0, 1). Why this and not a per-scene min-max: the sampler is
 trained with BCE against G*, which is already min-max normalised over the 100 tiles of each scene
-(:mod:`gl10m.model.supervision`), so ``p`` estimates G* on its own [0, 1] scale, identically in
+(:mod:`gl10m.model.crossscale.supervision`), so ``p`` estimates G* on its own [0, 1] scale, identically in
 training and evaluation. A per-scene min-max on top would force the best tile of *every* scene to
 1.0 (threshold 1.0 would still request one tile per scene, and a scene the sampler finds
 uninformative would still get tiles), and it amplifies noise in flat scenes. Scores are computed
