@@ -84,6 +84,14 @@ def lock_root(path: str | Path) -> Path | None:
     return root
 
 
+def enclosing_lock(path: str | Path, *, what: str = "work dir"):
+    """:func:`workdir_lock` for a writer of `path` that may lie inside a work dir: the work dir it
+    lies in (:func:`lock_root` of its nearest existing folder) if any, else `path` itself."""
+    p = Path(path).resolve()
+    base = next((d for d in (p, *p.parents) if d.is_dir()), p)
+    return workdir_lock(lock_root(base) or p, what=what)
+
+
 def describe(rec: dict) -> str:
     if not rec:
         return "another process (no holder record)"

@@ -318,13 +318,15 @@ def test_a_lock_left_by_a_killed_writer_is_taken_over(osm_world, tmp_path):
     assert (wd / "gl10m.lock").read_text() == ""  # released: no holder
 
 
-def test_model_commands_lock_the_work_dir_they_write_into(tmp_path):
+@pytest.mark.parametrize("command", [("fit", "--shards", "{W}/shards", "--out", "{W}/model/run"),
+                                     ("features", "{W}/shards", "{W}/model/run", "--encoder", "{W}/enc")])
+def test_model_commands_lock_the_work_dir_they_write_into(tmp_path, command):
     wd = tmp_path / "W"
     wd.mkdir()
     (wd / "ledger.sqlite").write_bytes(b"")
     holder = hold(wd)
     try:
-        r = gl10m("model", "fit", "--shards", wd / "shards", "--out", wd / "model", cwd=tmp_path, timeout=120)
+        r = gl10m("model", *(a.format(W=wd) for a in command), cwd=tmp_path, timeout=120)
         assert r.returncode == 2
         assert f"pid {holder.pid}" in one_error_line(r)
         assert not (wd / "model").exists()
