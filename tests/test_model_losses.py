@@ -124,7 +124,7 @@ def test_running_center_momentum_formula_targets_only_frozen_in_eval():
 
 
 def test_task_updates_centre_from_targets_not_predictions():
-    from gl10m.model.crossscale.predictor import PredictorTask
+    from gl10m.model.crossscale.tasks import PredictorTask
     from tests.test_model_predictor import synthetic_samples, tiny_cfg
 
     torch.manual_seed(0)

@@ -10,7 +10,9 @@ import torch
 import yaml
 
 from gl10m.errors import UserError
-from gl10m.model.crossscale.predictor import Predictor, PredictorTask, draw_masks, rasterise, unrasterise
+from gl10m.model.crossscale.masks import draw_masks
+from gl10m.model.crossscale.predictor import Predictor, rasterise, unrasterise
+from gl10m.model.crossscale.tasks import PredictorTask
 from gl10m.model.crossscale.train import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "model" / "configs"
@@ -207,7 +209,7 @@ def test_predicted_tokens_sit_as_far_from_the_centre_as_true_ones(tmp_path, scal
     term (default) the predicted tokens of unobserved tiles are as far from the centre as the true
     ones, so a completed grid mixes observed and predicted tokens on one scale."""
     from gl10m.model.crossscale.losses import norm_ratio
-    from gl10m.model.crossscale.predictor import draw_masks
+    from gl10m.model.crossscale.masks import draw_masks
 
     torch.manual_seed(0)
     data = synthetic_samples(8, d=16, seed=1)

@@ -26,7 +26,7 @@ from gl10m import safeyaml
 from gl10m.errors import UserError
 from gl10m.io import atomic_path
 
-from .predictor import PredictorStage2Task, PredictorTask, unwrap
+from .tasks import PredictorStage2Task, PredictorTask, unwrap
 
 CKPT_DIR = "checkpoints"
 DEFAULTS: dict[str, Any] = {
