@@ -429,27 +429,13 @@ def _build_outcome(manifest: dict, total: int) -> list[str]:
     return out
 
 
-def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], values: dict,
-              examples: list[str], *, n_meta: int) -> str:
-    splits = _splits(st)
+def _intro(st: dict, profile, splits: list[str]) -> list[str]:
+    """Title, what the data is, and the at-a-glance table."""
     counts = st["concept_counts"]
-    geo, s2p, naip, qc = profile.geometry, profile.imagery.s2, profile.imagery.naip, profile.qc
-    prof_m = manifest.get("profile") or {"name": profile.name, "version": profile.version, "hash": profile.hash()}
-    builder = manifest.get("builder") or {}
-    providers = sorted({str(m.get("provider")) for _, m in metas if m.get("provider")})
-    builders = sorted({f"{_get(m, 'builder.name')} {_get(m, 'builder.version')}" for _, m in metas
-                       if _get(m, "builder.version")})
-    prof_hashes = sorted({str(_get(m, "profile.hash")) for _, m in metas if _get(m, "profile.hash")})
-    s2_years = sorted({str(it.get("datetime"))[:4] for _, m in metas for it in (_get(m, "s2.items") or [])
-                       if isinstance(it, dict) and it.get("datetime")})
-    if not s2_years:
-        s2_years = sorted({str(s2p.clip_start.year), str(s2p.clip_end.year)})
-    naip_years = sorted({str(_get(m, "naip.year")) for _, m in metas if _get(m, "naip.year") is not None})
-    cop_year = ", ".join(s2_years)
+    geo = profile.geometry
     total = st["total_samples"]
     L: list[str] = []
     A = L.append
-
     A(f"# {profile.name}: a GL-10M-style Sentinel-2 / NAIP dataset with OpenStreetMap concepts")
     A("")
     if profile.description:
@@ -485,8 +471,22 @@ def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], 
         A(f"**Warning:** {len(st['missing_shards'])} shard file(s) listed in the index are missing: "
           f"{', '.join(st['missing_shards'][:5])}.")
     A("")
+    return L
 
-    # -- provenance --------------------------------------------------------------------------
+
+def _provenance(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]]) -> list[str]:
+    """"How it was built": profile, builder, providers, sources, pipeline, imagery rules, splits, outcome."""
+    geo, s2p, naip = profile.geometry, profile.imagery.s2, profile.imagery.naip
+    prof_m = manifest.get("profile") or {"name": profile.name, "version": profile.version, "hash": profile.hash()}
+    builder = manifest.get("builder") or {}
+    providers = sorted({str(m.get("provider")) for _, m in metas if m.get("provider")})
+    builders = sorted({f"{_get(m, 'builder.name')} {_get(m, 'builder.version')}" for _, m in metas
+                       if _get(m, "builder.version")})
+    prof_hashes = sorted({str(_get(m, "profile.hash")) for _, m in metas if _get(m, "profile.hash")})
+    naip_years = sorted({str(_get(m, "naip.year")) for _, m in metas if _get(m, "naip.year") is not None})
+    total = st["total_samples"]
+    L: list[str] = []
+    A = L.append
     A("## How it was built")
     A("")
     A(f"- Profile: `{prof_m.get('name')}` version {prof_m.get('version')}, hash `{prof_m.get('hash')}`"
@@ -527,8 +527,13 @@ def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], 
       + (f" ({manifest['dropped_border']} dropped in this build)" if "dropped_border" in manifest else "") + ".")
     L += _build_outcome(manifest, total)
     A("")
+    return L
 
-    # -- counts per split and state ---------------------------------------------------------
+
+def _per_state(st: dict, profile, splits: list[str]) -> list[str]:
+    """Samples per split and state."""
+    L: list[str] = []
+    A = L.append
     A("## Samples per split and state")
     A("")
     rows = []
@@ -539,8 +544,14 @@ def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], 
     L += _table(["split", "state", "name", "samples", "profile download target"], rows,
                 ["---", "---", "---", "--:", "--:"])
     A("")
+    return L
 
-    # -- schema ------------------------------------------------------------------------------
+
+def _schema(profile) -> list[str]:
+    """The sample schema, the tile index convention, meta.json keys, the index."""
+    geo = profile.geometry
+    L: list[str] = []
+    A = L.append
     A("## Sample schema")
     A("")
     A("Every sample has exactly these fields; in a shard each is the tar member `{key}.{field}` (keys have no "
@@ -564,8 +575,14 @@ def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], 
       f"`labels` ({profile.n_concepts} uint8) and `nbytes`. `manifest.json` lists the shards (name, bytes, samples, "
       "sha256), samples and states per split, and the profile and builder.")
     A("")
+    return L
 
-    # -- concepts ----------------------------------------------------------------------------
+
+def _concepts(st: dict, profile, splits: list[str]) -> list[str]:
+    """Concept frequencies: the plot, most/least frequent, absent, the table."""
+    counts = st["concept_counts"]
+    L: list[str] = []
+    A = L.append
     A("## Concepts")
     A("")
     factor, n_ref = reference_scale(st)
@@ -595,8 +612,15 @@ def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], 
     L += _table(["id", "name", "label", *splits, "total", "GL-10M count", "OSM kinds"], rows,
                 ["--:", "---", "---"] + ["--:"] * (len(splits) + 2) + ["---"])
     A("")
+    return L
 
-    # -- QC ----------------------------------------------------------------------------------
+
+def _quality(st: dict, profile, values: dict, n_meta: int) -> list[str]:
+    """The QC rules applied and the QC statistics of the samples."""
+    geo, s2p, qc = profile.geometry, profile.imagery.s2, profile.qc
+    total = st["total_samples"]
+    L: list[str] = []
+    A = L.append
     A("## Quality control")
     A("")
     A("Rules applied while building (a scene failing any of them is not in the data; the build ledger "
@@ -626,8 +650,13 @@ def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], 
     else:
         A("(the samples' meta.json hold no QC statistics)")
     A("")
+    return L
 
-    # -- examples ----------------------------------------------------------------------------
+
+def _examples(examples: list[str]) -> list[str]:
+    """The example scenes (none: no section)."""
+    L: list[str] = []
+    A = L.append
     if examples:
         A("## Examples")
         A("")
@@ -640,8 +669,13 @@ def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], 
             A("")
             A(f"![example {i}: {key}](card/example_{i}.png)")
             A("")
+    return L
 
-    # -- loading -----------------------------------------------------------------------------
+
+def _loading() -> list[str]:
+    """How to load the shards: gl10m, webdataset, Hugging Face datasets, the index."""
+    L: list[str] = []
+    A = L.append
     A("## Loading")
     A("")
     load_call = _data_load_call()
@@ -682,8 +716,19 @@ def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], 
     A("From the command line: `gl10m stats W/shards` (counts), `gl10m show KEY --shards W/shards -o out.png` "
       "(one sample), `gl10m verify W/shards` (checksums against the index).")
     A("")
+    return L
 
-    # -- licences ----------------------------------------------------------------------------
+
+def _licences(profile, metas: list[tuple[str, dict]]) -> list[str]:
+    """Licences and attribution of the three sources."""
+    s2p = profile.imagery.s2
+    s2_years = sorted({str(it.get("datetime"))[:4] for _, m in metas for it in (_get(m, "s2.items") or [])
+                       if isinstance(it, dict) and it.get("datetime")})
+    if not s2_years:
+        s2_years = sorted({str(s2p.clip_start.year), str(s2p.clip_end.year)})
+    cop_year = ", ".join(s2_years)
+    L: list[str] = []
+    A = L.append
     A("## Licences and attribution")
     A("")
     A("This dataset combines three sources, each under its own terms; keep these notices with any copy or "
@@ -701,4 +746,14 @@ def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], 
     A("")
     A("The card and its plots are generated from the data by `gl10m.card.write_card`; rebuilding the same "
       "shards gives the same card.")
-    return "\n".join(L) + "\n"
+    return L
+
+
+def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], values: dict,
+              examples: list[str], *, n_meta: int) -> str:
+    """The card's Markdown: its sections in order."""
+    splits = _splits(st)
+    sections = [_intro(st, profile, splits), _provenance(st, manifest, profile, metas),
+                _per_state(st, profile, splits), _schema(profile), _concepts(st, profile, splits),
+                _quality(st, profile, values, n_meta), _examples(examples), _loading(), _licences(profile, metas)]
+    return "\n".join(line for lines in sections for line in lines) + "\n"
