@@ -226,8 +226,8 @@ def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, s
         else:
             with dask_client(opts, quiet=quiet) as client:
                 res = dl.run_download(prof, workdir, client=client, **kw)
-        fetched = res.counts.get("fetch", {})
-        if fetched and all(k.startswith("skipped") for k in fetched):
+        fetched = res.summaries.get("fetch")
+        if fetched is not None and fetched.skipped and not fetched.ran:
             out.print("nothing to fetch: every planned scene is done (use --force to redo)")
         _print_summary(workdir, stages=["catalog", "plan", "fetch"])
         _finish(workdir, "download", res.failures())

@@ -1,4 +1,8 @@
-"""Atomic file writes: temp file in the same folder, fsync, rename. Nothing half-written."""
+"""Atomic file writes: temp file in the same folder, fsync, rename. Nothing half-written.
+
+Also the small helpers every writer and reader shares: :func:`fsync_dir`, :func:`is_url`,
+:func:`jsonable`.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -18,7 +22,9 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: str | Path) -> None:
+    """Make a rename or a new entry in folder `d` durable (fsync the folder). Best effort: a
+    filesystem that cannot open or fsync a folder is not an error."""
     try:
         fd = os.open(d, os.O_RDONLY)
     except OSError:
@@ -29,6 +35,19 @@ def _fsync_dir(d: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def is_url(source: str | Path) -> bool:
+    """Does `source` name a URL (``scheme://...``, file:// included) rather than a plain path?"""
+    return "://" in str(source)
+
+
+def jsonable(value):
+    """`value` as plain JSON values: numpy scalars become numbers (``.item()``), anything else
+    JSON does not know becomes its ``str``."""
+    import json
+
+    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
 
 
 @contextlib.contextmanager
@@ -49,7 +68,7 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp_path, _FILE_MODE)  # mkstemp makes 0600; outputs get the usual 0666 & ~umask
         os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()

@@ -5,7 +5,7 @@
   against `sha256` when one is pinned);
 * an http(s) URL (a dated Geofabrik extract, see Profile.pbf_source) is downloaded into
   `dest_dir/<name>.part`, resuming a partial `.part` with an HTTP Range request (a server that
-  ignores Range gets a fresh start), retried a few times on a dropped connection, checked
+  ignores Range gets a fresh start), retried a few times on a dropped connection (gl10m.sources.retry), checked
   (the pinned `sha256`; else Geofabrik's `<url>.md5` sidecar when the server has one) and only
   then renamed to `dest_dir/<name>` (atomic). A file already there is reused (dated extracts do
   not change; with a pinned sha256 it is verified first). A lock file serialises concurrent
@@ -14,7 +14,6 @@ Every failure is one `PbfError` line (HTTP status, checksum mismatch, missing fi
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import os
@@ -26,6 +25,8 @@ from urllib.parse import unquote, urlparse
 import requests
 
 from gl10m.errors import UserError
+from gl10m.io import fsync_dir, is_url
+from gl10m.sources.retry import retry
 
 CHUNK = 1 << 20  # hashing
 NET_CHUNK = 1 << 16  # network reads: small, so a dropped link loses little
@@ -55,10 +56,6 @@ def file_digest(path: str | Path, algo: str = "sha256", chunk: int = CHUNK) -> s
     return h.hexdigest()
 
 
-def _is_url(source: str) -> bool:
-    return urlparse(str(source)).scheme in ("http", "https")
-
-
 def _local(source: str, sha256: str | None) -> Path:
     s = str(source)
     if s.startswith("file://"):
@@ -73,15 +70,6 @@ def _local(source: str, sha256: str | None) -> Path:
         if got != sha256.lower():
             raise PbfError(f"{p}: sha256 mismatch (pinned {sha256.lower()}, file has {got})")
     return p
-
-
-def _fsync_dir(d: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _remote_md5(url: str, session: requests.Session, timeout: float) -> str | None:
@@ -158,10 +146,10 @@ def fetch_pbf(source: str, dest_dir: str | Path, *, sha256: str | None = None,
     """
     if sha256 is not None and (len(sha256) != 64 or any(c not in "0123456789abcdefABCDEF" for c in sha256)):
         raise PbfError(f"sha256 {sha256!r} is not 64 hex digits")
-    if not _is_url(source):
-        if "://" in str(source) and not str(source).startswith("file://"):
-            raise PbfError(f"{source}: unsupported URL scheme (http, https or a local path)")
+    if not is_url(source) or str(source).startswith("file://"):
         return _local(source, sha256)
+    if urlparse(str(source)).scheme not in ("http", "https"):
+        raise PbfError(f"{source}: unsupported URL scheme (http, https or a local path)")
 
     name = Path(unquote(urlparse(source).path)).name
     if not name:
@@ -179,18 +167,14 @@ def fetch_pbf(source: str, dest_dir: str | Path, *, sha256: str | None = None,
             if not sha256 or file_digest(dest) == sha256.lower():
                 return dest
             dest.unlink()  # the pin changed or the file is damaged: fetch again
-        attempt = 0
-        while True:
-            try:
-                _download(source, part, session, timeout, progress)
-                break
-            except requests.RequestException as e:
-                attempt += 1
-                if attempt > retries:
-                    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    raise PbfUnavailable(f"{source}: download failed after {retries} retries ({msg}); "
-                                   f"partial data kept in {part}") from None
-                time.sleep(backoff_s * 2 ** (attempt - 1))
+        try:  # a dropped link resumes where it stopped (the .part file keeps what arrived)
+            retry(lambda: _download(source, part, session, timeout, progress), attempts=retries + 1,
+                  base_delay=backoff_s, max_delay=max(backoff_s * 2 ** retries, backoff_s),
+                  retry_on=lambda e: isinstance(e, requests.RequestException), sleep=time.sleep)
+        except requests.RequestException as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise PbfUnavailable(f"{source}: download failed after {retries} retries ({msg}); "
+                                 f"partial data kept in {part}") from None
         if sha256:
             got, want, algo = file_digest(part), sha256.lower(), "sha256"
         else:
@@ -200,7 +184,7 @@ def fetch_pbf(source: str, dest_dir: str | Path, *, sha256: str | None = None,
             part.unlink()
             raise PbfError(f"{source}: {algo} mismatch (expected {want}, downloaded file has {got})")
         os.replace(part, dest)
-        _fsync_dir(dest_dir)
+        fsync_dir(dest_dir)
         return dest
     finally:
         fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

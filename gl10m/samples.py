@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from gl10m.errors import UserError
-from gl10m.io import is_orphan_temp, temp_prefix
+from gl10m.io import fsync_dir, is_orphan_temp, temp_prefix
 
 LR_FIELD = "lr.png"
 LABELS_FIELD = "labels.npy"
@@ -305,14 +305,6 @@ def staged_dir(workdir: str | Path, split: str, key: str) -> Path:
     return Path(workdir) / "staged" / split / check_key(key)
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_staged(workdir: str | Path, sample: Sample, *, durable: bool = True) -> Path:
     """Write `sample` to ``W/staged/{split}/{key}/`` atomically and return that folder.
 
@@ -335,7 +327,7 @@ def write_staged(workdir: str | Path, sample: Sample, *, durable: bool = True) -
                     os.fsync(f.fileno())
         os.chmod(tmp, 0o755)
         if durable:
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
         if final.exists():
             old = parent / f"{temp_prefix(sample.key)}{uuid.uuid4().hex[:8]}.old.tmp"
             os.rename(final, old)
@@ -348,7 +340,7 @@ def write_staged(workdir: str | Path, sample: Sample, *, durable: bool = True) -
         else:
             os.rename(tmp, final)
         if durable:
-            _fsync_dir(parent)
+            fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

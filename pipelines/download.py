@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from gl10m.errors import UserError, is_rejection
-from gl10m.io import ensure_dir
-from gl10m.ledger import FAILED, OK, REJECTED, Ledger, hash_inputs
-from gl10m.outcomes import failure
-from gl10m.pipelines.runner import error_label, map_units
+from gl10m.errors import UserError
+from gl10m.io import ensure_dir, jsonable
+from gl10m.ledger import OK, REJECTED, Ledger, hash_inputs
+from gl10m.pipelines.stage import Recorded, Stage, StageSummary, Unit, run_stage
 from gl10m.profile import Profile
+from gl10m.samples import staged_dir
 
 STAGES = ("catalog", "plan", "fetch")
 STAGE_VERSION = {"catalog": 1, "plan": 2, "fetch": 2}
@@ -33,30 +33,32 @@ CATALOG_BUDGET_S = 300.0  # seconds one catalog unit (a state's collection) may 
 
 @dataclass
 class DownloadResult:
-    outcomes: dict[tuple[str, str], str] = field(default_factory=dict)  # (stage, unit) -> label
+    summaries: dict[str, StageSummary] = field(default_factory=dict)  # stage -> how its units ended
     estimate: object = None        # plan.estimate() frame of the planned rows
     rejections: object = None      # plan rejections of the states planned in this run
-    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> label -> n
-    errors: dict[tuple[str, str], object] = field(default_factory=dict)  # of the units that failed
-    failed_scenes: list = field(default_factory=list)  # gl10m.outcomes.Failure of each failed fetch
+
+    @property
+    def outcomes(self) -> dict[tuple[str, str], str]:
+        """(stage, unit) -> label of the region stages (catalog, plan; fetch: "waiting for plan")."""
+        return {(s, k): v for s, summ in self.summaries.items() for k, v in summ.units.items()}
+
+    @property
+    def counts(self) -> dict[str, dict[str, int]]:
+        """stage -> label -> units (:meth:`StageSummary.counts`)."""
+        return {s: summ.counts() for s, summ in self.summaries.items()}
 
     def failures(self):
         """Failed units (catalog, plan, fetch) and rejected regions (:mod:`gl10m.outcomes`)."""
-        from gl10m.outcomes import region_failures
+        return [f for summ in self.summaries.values() for f in summ.failures]
 
-        return region_failures(self.outcomes, self.errors) + list(self.failed_scenes)
-
-    def count(self, stage: str, label: str) -> None:
-        c = self.counts.setdefault(stage, {})
-        c[label] = c.get(label, 0) + 1
+    def add(self, summary: StageSummary) -> None:
+        """Merge a stage's summary into this result's."""
+        have = self.summaries.get(summary.stage)
+        self.summaries[summary.stage] = summary if have is None else have + summary
 
 
 def collections(profile: Profile) -> tuple[str, str]:
     return profile.imagery.naip.collection, profile.imagery.s2.collection
-
-
-def staged_dir(workdir: Path, split: str, key: str) -> Path:
-    return Path(workdir) / "staged" / split / key
 
 
 # -- input hashes --------------------------------------------------------------------------
@@ -154,6 +156,7 @@ def run_download(profile: Profile, workdir: str | Path, *, regions: Sequence[str
                  quiet: bool = False, provider=None) -> DownloadResult:
     """Run catalog, plan and fetch for the regions (all by default). With dry_run, catalog and plan
     run in memory only (nothing is written, no imagery is read) and the estimate is returned."""
+    from gl10m import catalog as catmod
     from gl10m import plan as planmod
     from gl10m.pipelines.index import anchors_path
     from gl10m.sources.stac import provider_from_profile
@@ -181,116 +184,78 @@ def run_download(profile: Profile, workdir: str | Path, *, regions: Sequence[str
             if o is None or o.status != OK or not anchors_path(workdir, r).exists():
                 raise UserError(f"region {r}: run `gl10m index` first (no anchors in {workdir})")
             anchors_h[r] = o.input_hash
+        if dry_run:
+            # in memory: search into a throwaway folder, nothing written under W
+            import tempfile
 
-        # ---- catalog ----
-        cat_units = [(r, c) for r in regions for c in collections(profile)]
-        cat_h = {u: catalog_hash(profile, provider, *u) for u in cat_units}
-        from gl10m import catalog as catmod
+            tmp = Path(tempfile.mkdtemp(prefix="gl10m-dry-"))
+            try:
+                return _dry_run(profile, provider, regions, workdir, tmp, max_scenes, seed, pname, result)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
 
-        todo = []
-        for u in cat_units:
-            run, why = ledger.decide("catalog", f"{u[0]}/{u[1]}", cat_h[u])
-            if not run and not catmod.catalog_path(workdir, *u).exists():
-                run = True
-            if run or force:
-                todo.append(u)
-            else:
-                result.outcomes[("catalog", f"{u[0]}/{u[1]}")] = f"skipped ({why})"
-        if "catalog" in stages or dry_run:
-            if dry_run:
-                # in memory: search into a throwaway folder, nothing written under W
-                import tempfile
+        # ---- catalog: one unit per state and collection ----
+        if "catalog" in stages:
+            result.add(run_stage(Stage(
+                "catalog", [Unit(f"{r}/{c}", catalog_hash(profile, provider, r, c),
+                                 (provider, profile, r, c, str(workdir)))
+                            for r in regions for c in collections(profile)],
+                step=catalog_step,
+                output_ok=lambda u, o: catmod.catalog_path(workdir, *u.key.split("/", 1)).exists()),
+                ledger, client=client, force=force, quiet=quiet))
 
-                tmp = Path(tempfile.mkdtemp(prefix="gl10m-dry-"))
-                try:
-                    return _dry_run(profile, provider, regions, workdir, tmp, max_scenes, seed, pname, result)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-
-            def on_cat(unit, res, err):
-                state, coll = unit.split("/", 1)
-                _record(ledger, result, "catalog", unit, cat_h[(state, coll)], res, err)
-
-            map_units(client, catalog_step, [(provider, profile, s, c, str(workdir)) for s, c in todo],
-                      keys=[f"{s}/{c}" for s, c in todo], description="catalog", quiet=quiet, on_result=on_cat)
-
-        # ---- plan ----
-        plan_h = {}
-        ready = []
+        # ---- plan: one unit per state, once its catalogs are done ----
+        plan_h: dict[str, str] = {}
         for r in regions:
             cats = [ledger.get("catalog", f"{r}/{c}") for c in collections(profile)]
-            if any(o is None or o.status != OK for o in cats):
-                result.outcomes[("plan", r)] = "waiting for catalog"
-                continue
-            target = _target(profile, r, max_scenes)
-            plan_h[r] = plan_hash(profile, r, anchors_h[r], [o.input_hash for o in cats], target, seed)
-            run, why = ledger.decide("plan", r, plan_h[r])
-            if not run and not planmod.plan_path(workdir, r).exists():
-                run = True
-            if run or force:
-                ready.append(r)
-            else:
-                result.outcomes[("plan", r)] = f"skipped ({why})"
-        if "plan" in stages and ready:
-            def on_plan(state, res, err):
-                if err is None:
-                    _record(ledger, result, "plan", state, plan_h[state], res.stats, None)
-                    rows = [(k, OK, plan_h[state], None, None) for k in res.rows["key"]]
-                    rows += [(k, REJECTED, plan_h[state], reason, None)
-                             for k, reason in zip(res.rejections["key"], res.rejections["reason"])]
-                    ledger.forget("plan-scene", _keys_of_state(ledger, "plan-scene", state))
-                    ledger.record_many("plan-scene", rows)
-                else:
-                    _record(ledger, result, "plan", state, plan_h[state], None, err)
+            if all(o is not None and o.status == OK for o in cats):
+                plan_h[r] = plan_hash(profile, r, anchors_h[r], [o.input_hash for o in cats],
+                                      _target(profile, r, max_scenes), seed)
+        if "plan" in stages:
+            def on_plan(u: Unit, res) -> None:  # the plan's verdict on each candidate scene
+                state = u.key
+                rows = [(k, OK, plan_h[state], None, None) for k in res.rows["key"]]
+                rows += [(k, REJECTED, plan_h[state], reason, None)
+                         for k, reason in zip(res.rejections["key"], res.rejections["reason"])]
+                ledger.forget("plan-scene", _keys_of_state(ledger, "plan-scene", state))
+                ledger.record_many("plan-scene", rows)
 
-            map_units(client, plan_step,
-                      [(profile, r, str(workdir)) for r in ready], keys=ready, description="plan", quiet=quiet,
-                      on_result=on_plan, kwargs=[dict(target=_target(profile, r, max_scenes), seed=seed,
-                                                      provider_name=pname) for r in ready])
+            result.add(run_stage(Stage(
+                "plan", [Unit(r, plan_h.get(r), (profile, r, str(workdir)),
+                              dict(target=_target(profile, r, max_scenes), seed=seed, provider_name=pname))
+                         for r in regions],
+                step=plan_step, output_ok=lambda u, o: planmod.plan_path(workdir, u.key).exists(),
+                blocked=lambda u: None if u.key in plan_h else "waiting for catalog",
+                result=lambda res: Recorded(OK, None, jsonable(res.stats or {})), on_ok=on_plan),
+                ledger, client=client, force=force, quiet=quiet))
 
-        # ---- fetch ----
+        # ---- fetch: one unit per planned scene of the states whose plan is current ----
         if "fetch" not in stages:
             return result
-        rows = []
+        rows, waiting = [], StageSummary("fetch")
         for r in regions:
             o = ledger.get("plan", r)
             if o is None or o.status != OK or o.input_hash != plan_h.get(r):
-                result.outcomes[("fetch", r)] = "waiting for plan"
+                waiting.note(r, "waiting for plan", "waiting")
                 continue
             rows.extend(planmod.read_plan(planmod.plan_path(workdir, r)).drop(columns="geometry")
                         .to_dict("records"))
-        todo, hashes = [], {}
-        for row in rows:
-            key = str(row["key"])
-            hashes[key] = fetch_hash(profile, row)
-            run, why = ledger.decide("fetch", key, hashes[key])
-            o = ledger.get("fetch", key)
-            if not run and o.status == OK and not staged_dir(workdir, str(row["split"]), key).exists():
-                run, why = True, "output missing"
-            if run or force:
-                todo.append(row)
-            else:
-                result.count("fetch", f"skipped ({why})")
-        if todo:
+        result.add(waiting)
+        limiter = _limiter(client, pname, getattr(provider, "max_concurrency", 8)) if rows else None
+        ee = provider if pname == "earthengine" else None
+
+        def clean(units) -> None:  # leftovers of a killed run are never samples
             from gl10m import samples
 
-            samples.clean_staged_temp(workdir)  # leftovers of a killed run are never samples
-            limiter = _limiter(client, pname, getattr(provider, "max_concurrency", 8))
+            samples.clean_staged_temp(workdir)
 
-            def on_fetch(key, res, err):
-                if err is None:
-                    status = OK if res["status"] == OK else REJECTED
-                    ledger.record("fetch", key, status, hashes[key], reason=res["reason"], detail=res["detail"])
-                    label = status if status == OK else f"{status}:{res['reason']}"
-                else:
-                    label = f"{FAILED}:{error_label(err)}"
-                    ledger.record("fetch", key, FAILED, hashes[key], reason=error_label(err))
-                    result.failed_scenes.append(failure("fetch", key, label, err))
-                result.count("fetch", label.split(":")[0] if label.startswith(FAILED) else label)
-
-            ee = provider if pname == "earthengine" else None
-            map_units(client, fetch_step, [(row, profile, str(workdir), stac_url, limiter, ee) for row in todo],
-                      keys=[str(r["key"]) for r in todo], description="fetch", quiet=quiet, on_result=on_fetch)
+        result.add(run_stage(Stage(
+            "fetch", [Unit(str(row["key"]), fetch_hash(profile, row), (row, profile, str(workdir), stac_url, limiter, ee))
+                      for row in rows],
+            step=fetch_step, regions=False, before=clean,
+            output_ok=lambda u, o: o.status != OK or staged_dir(workdir, str(u.args[0]["split"]), u.key).exists(),
+            result=lambda res: Recorded(OK if res["status"] == OK else REJECTED, res["reason"], res["detail"])),
+            ledger, client=client, force=force, quiet=quiet))
     return result
 
 
@@ -337,19 +302,3 @@ def _target(profile: Profile, state: str, max_scenes: int | None) -> int:
 
 def _keys_of_state(ledger: Ledger, stage: str, state: str) -> list[str]:
     return [o.unit for o in ledger.outcomes(stage) if o.unit.startswith(f"{state}-")]
-
-
-def _record(ledger, result, stage, unit, h, res, err):
-    if err is None:
-        ledger.record(stage, unit, OK, h, detail=_jsonable(res or {}))
-        result.outcomes[(stage, unit)] = OK
-    else:
-        status = REJECTED if is_rejection(err) else FAILED
-        label = error_label(err)
-        ledger.record(stage, unit, status, h, reason=label)
-        result.outcomes[(stage, unit)] = f"{status}:{label}"
-        result.errors[(stage, unit)] = failure(stage, unit, f"{status}:{label}", err)
-
-
-def _jsonable(d):
-    return json.loads(json.dumps(d, default=lambda o: o.item() if hasattr(o, "item") else str(o)))

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from gl10m.io import atomic_path, atomic_write_text, ensure_dir
-from gl10m.ledger import FAILED, OK, REJECTED, Ledger, hash_inputs
-from gl10m.outcomes import failure
-from gl10m.pipelines.runner import error_label, map_units
+from gl10m.io import atomic_path, atomic_write_text, ensure_dir, is_url, jsonable
+from gl10m.ledger import OK, Ledger, hash_inputs
+from gl10m.pipelines.runner import map_units
+from gl10m.pipelines.stage import Stage, StageSummary, Unit, decide, run_stage
 from gl10m.profile import Profile
 
 STAGES = ("osm", "anchors")
@@ -42,14 +42,16 @@ class Plan:
 @dataclass
 class IndexResult:
     plans: list[Plan] = field(default_factory=list)
-    outcomes: dict[tuple[str, str], str] = field(default_factory=dict)  # (stage, region) -> label
-    errors: dict[tuple[str, str], object] = field(default_factory=dict)  # of the units that did not finish
+    summaries: dict[str, StageSummary] = field(default_factory=dict)  # stage -> how its regions ended
+
+    @property
+    def outcomes(self) -> dict[tuple[str, str], str]:
+        """(stage, region) -> label: ok, skipped (why), rejected:..., failed:..., waiting for ..."""
+        return {(s, k): v for s, summ in self.summaries.items() for k, v in summ.units.items()}
 
     def failures(self):
         """Failed units and rejected regions (:mod:`gl10m.outcomes`)."""
-        from gl10m.outcomes import region_failures
-
-        return region_failures(self.outcomes, self.errors)
+        return [f for summ in self.summaries.values() for f in summ.failures]
 
 
 def osm_path(workdir: Path, region: str) -> Path:
@@ -61,16 +63,12 @@ def anchors_path(workdir: Path, region: str) -> Path:
 
 
 # -- input hashes --------------------------------------------------------------------------
-def _is_url(source: str) -> bool:
-    return "://" in source
-
-
 def osm_input_hash(profile: Profile, region: str) -> str:
     """What the osm output of a region depends on: the PBF bytes and the concept rules."""
     from gl10m.pbf import file_digest
 
     source = profile.pbf_source(region)
-    if _is_url(source):
+    if is_url(source):
         # a dated extract URL names immutable content; a pinned sha256 makes it explicit
         pbf_id = {"url": source, "sha256": profile.regions[region].sha256}
     else:
@@ -108,7 +106,7 @@ def osm_step(region: str, source: str, sha256: str | None, profile: Profile, wor
     with atomic_path(wd / "osm" / f"{region}.yield.csv") as t:
         report.to_csv(t, index=False)
     zero = [str(n) for n in report.loc[report["zero"], "name"]] if "zero" in report else []
-    return {"features": int(len(res.features)), "stats": _jsonable(res.stats), "zero_yield": zero}
+    return {"features": int(len(res.features)), "stats": jsonable(res.stats), "zero_yield": zero}
 
 
 def anchors_select_step(region: str, profile: Profile, workdir: str, n_partitions: int):
@@ -144,36 +142,43 @@ def anchors_write_step(region: str, parts: list, counts: dict, workdir: str) -> 
     else:
         cand = anchors._empty_candidates()
     anchors.write_candidates(cand, anchors_path(wd, region))
-    stats = _jsonable(dict(counts))
+    stats = jsonable(dict(counts))
     stats["scenes"] = int(len(cand))
     stats["late_dropped"] = int(stats.get("kept", 0) - len(cand))
     atomic_write_text(wd / "anchors" / f"{region}.stats.json", json.dumps(stats, indent=1, sort_keys=True))
     return stats
 
 
-def _jsonable(d):
-    return json.loads(json.dumps(d, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-
-
 # -- the pipeline --------------------------------------------------------------------------
+def _stages(profile: Profile, workdir: Path, regions: Sequence[str], stages: Sequence[str], ledger: Ledger,
+            client=None, n_partitions: int = 4) -> list[Stage]:
+    """The requested index stages over `regions`, in order."""
+    oh = {r: osm_input_hash(profile, r) for r in regions}
+    out = []
+    if "osm" in stages:
+        out.append(Stage(
+            "osm", [Unit(r, oh[r], (r, profile.pbf_source(r), profile.regions[r].sha256, profile, str(workdir)))
+                    for r in regions],
+            step=osm_step, output_ok=lambda u, o: osm_path(workdir, u.key).exists()))
+    if "anchors" in stages:
+        def blocked(u: Unit) -> str | None:  # anchors need a good osm output of the same inputs
+            o = ledger.get("osm", u.key)
+            return None if o is not None and o.status == OK and o.input_hash == oh[u.key] else "waiting for osm"
+
+        out.append(Stage(
+            "anchors", [Unit(r, anchors_input_hash(profile, r, oh[r])) for r in regions],
+            output_ok=lambda u, o: anchors_path(workdir, u.key).exists(), blocked=blocked,
+            mapper=lambda client, units, on_result, quiet: _run_anchors(
+                client, profile, workdir, [u.key for u in units], n_partitions, quiet, on_result)))
+    return out
+
+
 def plan(profile: Profile, workdir: Path, regions: Sequence[str], stages: Sequence[str],
          ledger: Ledger, force: bool = False) -> list[Plan]:
     """Decide per stage and region whether to run, without running anything."""
-    plans = []
-    for region in regions:
-        oh = osm_input_hash(profile, region)
-        if "osm" in stages:
-            run, why = ledger.decide("osm", region, oh)
-            if not run and not osm_path(workdir, region).exists():
-                run, why = True, "output missing"
-            plans.append(Plan("osm", region, oh, run or force, "forced" if force else why))
-        if "anchors" in stages:
-            ah = anchors_input_hash(profile, region, oh)
-            run, why = ledger.decide("anchors", region, ah)
-            if not run and not anchors_path(workdir, region).exists():
-                run, why = True, "output missing"
-            plans.append(Plan("anchors", region, ah, run or force, "forced" if force else why))
-    return plans
+    plans = [Plan(st.name, d.unit.key, d.unit.input_hash, d.run, d.why)
+             for st in _stages(profile, workdir, regions, stages, ledger) for d in decide(st, ledger, force=force)]
+    return sorted(plans, key=lambda p: (regions.index(p.region), STAGES.index(p.stage)))
 
 
 def run_index(profile: Profile, workdir: str | Path, *, regions: Sequence[str] | None = None,
@@ -194,57 +199,20 @@ def run_index(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
         result.plans = plan(profile, workdir, regions, stages, ledger, force)
         if dry_run:
             return result
-        for stage in STAGES:
-            if stage not in stages:
-                continue
-            todo = [p for p in result.plans if p.stage == stage and p.run]
-            for p in result.plans:
-                if p.stage == stage and not p.run:
-                    result.outcomes[(stage, p.region)] = f"skipped ({p.why})"
-            if stage == "anchors":
-                # anchors need a good osm output of the same inputs
-                ready = []
-                for p in todo:
-                    o = ledger.get("osm", p.region)
-                    if o is None or o.status != OK or o.input_hash != osm_input_hash(profile, p.region):
-                        result.outcomes[("anchors", p.region)] = "waiting for osm"
-                    else:
-                        ready.append(p)
-                todo = ready
-            if not todo:
-                continue
-            by_region = {p.region: p for p in todo}
-
-            def record(stage, region, res, err):
-                p = by_region[region]
-                if err is None:
-                    ledger.record(stage, region, OK, p.input_hash, detail=res)
-                    result.outcomes[(stage, region)] = OK
-                else:
-                    status = REJECTED if _is_user_error(err) else FAILED
-                    label = error_label(err)
-                    ledger.record(stage, region, status, p.input_hash, reason=label)
-                    result.outcomes[(stage, region)] = f"{status}:{label}"
-                    result.errors[(stage, region)] = failure(stage, region, f"{status}:{label}", err)
-
-            if stage == "osm":
-                args = [(p.region, profile.pbf_source(p.region), profile.regions[p.region].sha256,
-                         profile, str(workdir)) for p in todo]
-                map_units(client, osm_step, args, keys=[p.region for p in todo], description="osm",
-                          quiet=quiet, on_result=lambda r, res, err: record("osm", r, res, err))
-            else:
-                _run_anchors(client, profile, workdir, [p.region for p in todo], n_partitions, quiet,
-                             lambda r, res, err: record("anchors", r, res, err))
+        for st in _stages(profile, workdir, regions, stages, ledger, client, n_partitions):
+            # decided when it starts: anchors see the osm outcomes of this run
+            result.summaries[st.name] = run_stage(st, ledger, client=client, force=force, quiet=quiet)
     return result
 
 
-def _run_anchors(client, profile, workdir, regions, n_partitions, quiet, record) -> None:
-    """Thin per region, map scene statistics over spatial partitions, write per region."""
+def _run_anchors(client, profile, workdir, regions, n_partitions, quiet, on_result) -> None:
+    """Thin per region, map scene statistics over spatial partitions, write per region;
+    on_result(region, stats, error) once per region."""
     selected: dict[str, tuple[list, dict]] = {}
 
     def on_select(region, res, err):
         if err is not None:
-            record(region, None, err)
+            on_result(region, None, err)
         else:
             selected[region] = res
 
@@ -267,18 +235,11 @@ def _run_anchors(client, profile, workdir, regions, n_partitions, quiet, record)
               on_result=on_stats)
     for region in sorted(selected):
         if region in failed:
-            record(region, None, failed[region])
+            on_result(region, None, failed[region])
             continue
         parts = [stats_parts[region][i] for i in sorted(stats_parts[region])]
         try:
             res, err = anchors_write_step(region, parts, selected[region][1], str(workdir)), None
         except Exception as e:
             res, err = None, e
-        record(region, res, err)
-
-
-def _is_user_error(err: BaseException) -> bool:
-    """Bad input (recorded as rejected); a transient UserError (full disk, network) is failed."""
-    from gl10m.errors import is_rejection
-
-    return is_rejection(err)
+        on_result(region, res, err)

@@ -152,6 +152,7 @@ def test_the_demo_stops_with_exit_3_when_download_units_failed(tmp_path):
     from gl10m.outcomes import FailedUnits, failure
     from gl10m.pipelines.demo import _check
     from gl10m.pipelines.download import DownloadResult
+    from gl10m.pipelines.stage import StageSummary
     from gl10m.sources.retry import TransientError
 
     res = DownloadResult()
@@ -159,7 +160,8 @@ def test_the_demo_stops_with_exit_3_when_download_units_failed(tmp_path):
     try:
         raise TransientError("CA-1 image: HTTP 503")
     except TransientError as e:
-        res.failed_scenes.append(failure("fetch", "CA-1", "failed:TransientError: CA-1 image: HTTP 503", e))
+        res.add(StageSummary("fetch", failed=1,
+                             failures=[failure("fetch", "CA-1", "failed:TransientError: CA-1 image: HTTP 503", e)]))
     with pytest.raises(FailedUnits) as exc:
         _check(res, "download", tmp_path)
     assert exc.value.exit_code == 3 and "fetch/CA-1" in str(exc.value)

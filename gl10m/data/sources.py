@@ -14,6 +14,7 @@ import numpy as np
 
 from gl10m import samples as smp
 from gl10m.data.common import FIELD_POS, N_FIELDS, LoaderError
+from gl10m.io import is_url
 from gl10m.shards import INDEX_NAME, MANIFEST_NAME, MAX_MEMBER_BYTES
 
 _BLOCK = 512  # a tar header: no member starts before the first one ends
@@ -22,15 +23,11 @@ _BLOCK = 512  # a tar header: no member starts before the first one ends
 # ---------------------------------------------------------------------------------------------
 # Sources
 # ---------------------------------------------------------------------------------------------
-def _is_url(s: str) -> bool:
-    return "://" in s
-
-
 def _local(s: str) -> str | None:
     """The local path of `s` (plain path or file:// URL), else None."""
     if s.startswith("file://"):
         return s[len("file://"):]
-    return None if _is_url(s) else s
+    return None if is_url(s) else s
 
 
 def _join(base: str, *parts: str) -> str:

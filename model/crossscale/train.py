@@ -24,7 +24,7 @@ import torch
 
 from gl10m import safeyaml
 from gl10m.errors import UserError
-from gl10m.io import atomic_path
+from gl10m.io import atomic_path, jsonable
 
 from .tasks import PredictorStage2Task, PredictorTask, unwrap
 
@@ -234,10 +234,6 @@ def _save_checkpoint(out_dir: Path, state: dict, keep: int) -> Path:
     return path
 
 
-def _jsonable(cfg: dict) -> dict:
-    return json.loads(json.dumps(cfg, default=str))
-
-
 # -- the loop ------------------------------------------------------------------------------------
 
 def _dist_setup(device: str | None):
@@ -429,7 +425,7 @@ def train(config: str | Path | dict, features_dir: str | Path | None, out_dir: s
     def state() -> dict:
         return {"model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "rng": _rng_state(), "config": _jsonable(cfg),
+                "batch_in_epoch": batch_in_epoch, "rng": _rng_state(), "config": jsonable(cfg),
                 "dims": dims}
 
     last_ckpt: Path | None = None
