@@ -127,7 +127,7 @@ def index(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, stat
         ran = [k for k, v in res.outcomes.items() if not v.startswith("skipped")]
         if not ran:
             out.print("nothing to do: every requested stage is up to date (use --force to redo)")
-        _print_summary(workdir, stages=list(stages))
+        _print_summary(workdir, stages=list(stages), run=res.summaries)
         _finish(workdir, "index", res.failures())
 
 
@@ -192,7 +192,7 @@ def plan(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, state
         if rows:
             out.print(planmod.format_estimate(planmod.estimate(pd.concat(rows, ignore_index=True), prof)),
                       highlight=False)
-        _print_summary(workdir, stages=["catalog", "plan", "plan-scene"])
+        _print_summary(workdir, stages=["catalog", "plan", "plan-scene"], run=res.summaries)
         _finish(workdir, "plan", res.failures())
 
 
@@ -229,7 +229,7 @@ def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, s
         fetched = res.summaries.get("fetch")
         if fetched is not None and fetched.skipped and not fetched.ran:
             out.print("nothing to fetch: every planned scene is done (use --force to redo)")
-        _print_summary(workdir, stages=["catalog", "plan", "fetch"])
+        _print_summary(workdir, stages=["catalog", "plan", "fetch"], run=res.summaries)
         _finish(workdir, "download", res.failures())
 
 
@@ -378,7 +378,9 @@ def _finish(workdir: Path, command: str, failures) -> None:
         raise typer.Exit(v.code)
 
 
-def _print_summary(workdir: Path, stages: list[str] | None = None) -> None:
+def _print_summary(workdir: Path, stages: list[str] | None = None, run: dict | None = None) -> None:
+    """The ledger's counts per stage and outcome (every run so far), then one line per stage of this
+    run (`run`: stage -> gl10m.pipelines.stage.StageSummary)."""
     from gl10m.ledger import Ledger
 
     path = Path(workdir) / "ledger.sqlite"
@@ -390,6 +392,8 @@ def _print_summary(workdir: Path, stages: list[str] | None = None) -> None:
     for s, label, n in rows:
         t.add_row(s, label, str(n))
     out.print(t)
+    for summary in (run or {}).values():
+        out.print(f"this run: {summary.line()}", highlight=False)
 
 
 @app.command()

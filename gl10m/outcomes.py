@@ -9,6 +9,8 @@ Every stage command (``index``, ``plan``, ``download``, ``shard``) and ``demo`` 
   one line on stderr;
 * **1** anything else (a bug: an unexpected error in a unit, tracebacks in ``W/logs/``).
 
+Which units failed (and whether a rejection is an outcome or bad input) is recorded by the stage
+runner, :mod:`gl10m.pipelines.stage`, whose summaries hand their :class:`Failure` list here.
 A failed unit is one line on the console (the first :data:`MAX_LINES`, then a count); the full
 tracebacks go to ``W/logs/{command}-{time}.log`` (:func:`write_log`), never to the console.
 """
@@ -28,9 +30,6 @@ EXIT_CODES_HELP = ("Exit codes: 0 everything done (rejections are outcomes), 3 s
                    "transiently (rerun the same command to retry them), 2 bad input (one line on stderr), "
                    "1 anything else.")
 MAX_LINES = 5
-# stages whose unit is a region (or a region's collection): a rejection there is bad input (an
-# unreadable PBF, a bad collection), not a scene-level outcome such as "cloudy"
-REGION_STAGES = ("osm", "anchors", "catalog", "plan")
 
 
 class FailedUnits(UserError):
@@ -127,19 +126,6 @@ def verdict(failures: Iterable[Failure], *, command: str, log: Path | None = Non
     return Verdict(EXIT_BAD_INPUT, lines,
                    f"{n} region{'s' if n != 1 else ''} rejected as bad input ({_count(f.stage for f in fails)}): "
                    f"fix the input named above and rerun `gl10m {command}`{where}")
-
-
-def region_failures(outcomes: dict[tuple[str, str], str], errors: dict[tuple[str, str], Failure] | None = None
-                    ) -> list[Failure]:
-    """Failures among a pipeline's per-region outcomes ``(stage, unit) -> label``: ``failed:*``
-    everywhere, ``rejected:*`` of the region stages (`errors`: the :class:`Failure` recorded for a
-    unit, with its kind and traceback). "waiting for ..." units are consequences, not failures."""
-    errs = errors or {}
-    out = []
-    for (stage, unit), label in sorted(outcomes.items()):
-        if label.startswith("failed") or (label.startswith("rejected") and stage in REGION_STAGES):
-            out.append(errs.get((stage, unit)) or Failure(stage, unit, label))
-    return out
 
 
 def write_log(workdir: Path, command: str, failures: Iterable[Failure]) -> Path | None:

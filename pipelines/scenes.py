@@ -70,7 +70,8 @@ def build_world(out: str | Path, n: int, seed: int, workers: int | None = None, 
     from gl10m import profile as prof_mod
     from gl10m.io import clean_temp, ensure_dir
     from gl10m.ledger import FAILED, OK, Ledger, hash_inputs
-    from gl10m.pipelines.runner import ClusterOptions, dask_client, error_label, map_units
+    from gl10m.pipelines.runner import ClusterOptions, dask_client
+    from gl10m.pipelines.stage import Recorded, Stage, Unit, decide, run_stage
     from gl10m.samples import clean_staged_temp
     from gl10m.testbed import scenes as S
 
@@ -87,47 +88,36 @@ def build_world(out: str | Path, n: int, seed: int, workers: int | None = None, 
         clean_temp(sh_dir)
     truth_dir = ensure_dir(out / "truth", "truth folder") if truth else None
     res = WorldResult(out_dir=out, shards_dir=sh_dir, n_scenes=n, seed=int(seed))
-    done: dict[int, dict] = {}
     with Ledger.for_workdir(out) as ledger:
-        todo, hashes = [], {}
-        for p in plans:
-            h = hash_inputs(STAGE, S.GENERATOR_VERSION, p.seed, n, p.index, p.state, p.split, p.lon, p.lat,
-                            p.biome, p.coast, list(p.town_cells), sorted(p.budget.items()), profile.hash(),
-                            bool(truth))
-            hashes[p.index] = h
-            o = ledger.get(STAGE, _unit(p.index))
-            if o is not None and o.status == OK and o.input_hash == h and o.detail \
-                    and (out / o.detail.get("folder", "-")).is_dir() \
-                    and (not truth or (truth_dir / f"{o.detail['key']}.npy").exists()):
-                done[p.index] = o.detail
-                res.skipped += 1
-            else:
-                todo.append(p)
+        units = [Unit(_unit(p.index), hash_inputs(STAGE, S.GENERATOR_VERSION, p.seed, n, p.index, p.state, p.split,
+                                                  p.lon, p.lat, p.biome, p.coast, list(p.town_cells),
+                                                  sorted(p.budget.items()), profile.hash(), bool(truth)),
+                      (p, profile, str(out), n), {"truth_dir": str(truth_dir) if truth_dir else None})
+                 for p in plans]
+        hashes = {int(u.key): u.input_hash for u in units}
 
-        def on_result(unit, info, err):
-            i = int(unit)
-            if err is None:
-                info = {**info, "folder": Path(info["folder"]).relative_to(out).as_posix()}
-                done[i] = info
-                ledger.record(STAGE, unit, OK, hashes[i], detail=info)
-            else:
-                res.failed[unit] = error_label(err)
-                ledger.record(STAGE, unit, FAILED, hashes[i], reason=error_label(err))
+        def staged(u: Unit, o) -> bool:  # the staged sample (and truth map) of a scene done earlier
+            return bool(o.detail) and (out / o.detail.get("folder", "-")).is_dir() \
+                and (not truth or (truth_dir / f"{o.detail['key']}.npy").exists())
 
+        stage = Stage(STAGE, units, step=S.build_scene, output_ok=staged, regions=False, rate_unit="scenes",
+                      result=lambda info: Recorded(OK, None, {**info, "folder": Path(info["folder"])
+                                                              .relative_to(out).as_posix()}))
+        decisions = decide(stage, ledger)
         t0 = time.perf_counter()
-        if todo:
-            args = [(p, profile, str(out), n) for p in todo]
-            kwargs = [{"truth_dir": str(truth_dir) if truth_dir else None}] * len(todo)
-            keys = [_unit(p.index) for p in todo]
-            if use_dask:
-                with dask_client(ClusterOptions(workers=workers, scheduler=scheduler), quiet=quiet) as client:
-                    map_units(client, S.build_scene, args, keys=keys, description="scenes", quiet=quiet,
-                              on_result=on_result, kwargs=kwargs, unit="scenes")
-            else:
-                map_units(None, S.build_scene, args, keys=keys, description="scenes", quiet=quiet,
-                          on_result=on_result, kwargs=kwargs, unit="scenes")
+        if use_dask and any(d.run for d in decisions):
+            with dask_client(ClusterOptions(workers=workers, scheduler=scheduler), quiet=quiet) as client:
+                summary = run_stage(stage, ledger, client=client, quiet=quiet, decisions=decisions)
+        else:
+            summary = run_stage(stage, ledger, quiet=quiet, decisions=decisions)
         res.seconds = time.perf_counter() - t0
-        res.built = len(todo) - len(res.failed)
+        res.failed = {f.unit: f.label.split(":", 1)[1] for f in summary.failures}
+        res.built, res.skipped = summary.done, sum(summary.skipped.values())
+        done: dict[int, dict] = {}
+        for u in units:
+            o = ledger.get(STAGE, u.key)
+            if o is not None and o.status == OK and o.input_hash == u.input_hash:
+                done[int(u.key)] = o.detail
     t1 = time.perf_counter()
     entries = [shards.Entry(d["key"], d["split"], d["state"], out / d["folder"]) for _, d in sorted(done.items())]
     extra = {"profile": {"name": profile.name, "version": profile.version, "hash": profile.hash()},
@@ -141,22 +131,33 @@ def build_world(out: str | Path, n: int, seed: int, workers: int | None = None, 
     max_bytes = max_bytes or shards.DEFAULT_SHARD_BYTES
     shard_hash = hash_inputs(SHARD_STAGE, [(i, hashes[i], d["key"], d["split"], d["folder"])
                                            for i, d in sorted(done.items())], extra, max_bytes, bool(card))
+    written: dict = {}
     with Ledger.for_workdir(out) as ledger:
-        prev = ledger.get(SHARD_STAGE, "all")
-        if res.built == 0 and prev is not None and prev.status == OK and prev.input_hash == shard_hash \
-                and _shards_intact(sh_dir, prev.detail or {}):
-            res.shards_up_to_date = True
-            res.manifest = json.loads((sh_dir / shards.MANIFEST_NAME).read_text())
-        else:
-            ledger.record(SHARD_STAGE, "all", FAILED, shard_hash, reason="writing")  # until the files are all there
-            res.manifest = shards.build(entries, sh_dir, max_bytes=max_bytes, manifest_extra=extra)
-            if card:
-                from gl10m import card as cardmod
-                cardmod.write_card(sh_dir, profile)
-            ledger.record(SHARD_STAGE, "all", OK, shard_hash, detail=_shard_files(sh_dir))
+        shard_stage = Stage(
+            SHARD_STAGE, [Unit("all", shard_hash, (entries, sh_dir, max_bytes, extra, profile, card))],
+            step=_shard_step, output_ok=lambda u, o: _shards_intact(sh_dir, o.detail or {}), progress=False,
+            raise_errors=True, result=lambda manifest: Recorded(OK, None, _shard_files(sh_dir)),
+            # until the files are all there, the ledger says the shards are being written
+            before=lambda units: ledger.record(SHARD_STAGE, "all", FAILED, shard_hash, reason="writing"),
+            on_ok=lambda u, manifest: written.update(manifest))
+        # scenes rendered in this run: the shards are rewritten even if their inputs hash the same
+        summary = run_stage(shard_stage, ledger, force=res.built > 0, quiet=True)
+        res.shards_up_to_date = bool(summary.skipped)
+        res.manifest = json.loads((sh_dir / shards.MANIFEST_NAME).read_text()) if not written else written
     res.shard_seconds = time.perf_counter() - t1
     res.samples = res.manifest["samples"]
     return res
+
+
+def _shard_step(entries, sh_dir: Path, max_bytes: int, extra: dict, profile, card: bool) -> dict:
+    """The shards, index and manifest of the scenes (and the dataset card); returns the manifest."""
+    from gl10m import card as cardmod
+    from gl10m import shards
+
+    manifest = shards.build(entries, sh_dir, max_bytes=max_bytes, manifest_extra=extra)
+    if card:
+        cardmod.write_card(sh_dir, profile)
+    return manifest
 
 
 def _shard_files(sh_dir: Path) -> dict:

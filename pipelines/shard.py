@@ -21,6 +21,7 @@ from gl10m.io import ensure_dir
 from gl10m.ledger import OK, REJECTED, Ledger, hash_inputs
 from gl10m.outcomes import FailedUnits
 from gl10m.pipelines.runner import progress_bar
+from gl10m.pipelines.stage import Recorded, Stage, Unit, by_count, run_stage
 from gl10m.profile import Profile
 
 STAGE_VERSION = 1
@@ -43,22 +44,18 @@ class ShardResult:
         parts = [f"{self.planned} planned scene{'s' if self.planned != 1 else ''}: {n} in the shards"]
         if self.dropped:
             parts.append(f"{len(self.dropped)} dropped at split borders")
-        parts.append(f"{sum(self.rejected.values())} rejected at fetch" + (f" ({_by_reason(self.rejected)})"
+        parts.append(f"{sum(self.rejected.values())} rejected at fetch" + (f" ({by_count(self.rejected)})"
                                                                            if self.rejected else ""))
         parts.append(f"{len(self.missing)} missing (failed or not fetched)")
         line = ", ".join(parts)
         if self.not_planned:
-            line += f"; candidates not planned: {sum(self.not_planned.values())} ({_by_reason(self.not_planned)})"
+            line += f"; candidates not planned: {sum(self.not_planned.values())} ({by_count(self.not_planned)})"
         return line
 
 
 class IncompleteError(FailedUnits):
     """Planned scenes are failed or not fetched: shard only after a complete download (or
     ``--allow-incomplete``). Exit code 3: rerunning the download is the fix."""
-
-
-def _by_reason(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def shards_dir(workdir: Path) -> Path:
@@ -138,13 +135,6 @@ def run_shard(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
         h = hash_inputs("shard", STAGE_VERSION, max_bytes, [(s["key"], s["fetch_hash"]) for s in kept],
                         sorted(res.dropped.items()), profile.splits.model_dump(mode="json"), card,
                         sorted(res.missing.items()), sorted(res.rejected.items()))
-        run, why = ledger.decide("shard", "all", h)
-        if not run and not (out / shards.MANIFEST_NAME).exists():
-            run = True
-        if not (run or force):
-            res.status = f"skipped ({why})"
-            res.samples = _count_splits(kept)
-            return res
         entries = [shards.Entry(s["key"], s["split"], s["state"], s["folder"]) for s in kept]
         extra = {"profile": {"name": profile.name, "version": profile.version, "hash": profile.hash()},
                  "builder": {"name": "gl10m", "version": __version__},
@@ -154,20 +144,40 @@ def run_shard(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
                  "rejected_at_fetch": res.rejected, "not_planned": res.not_planned,
                  "not_fetched": len(res.missing),
                  "missing": [{"key": k, "why": v} for k, v in res.missing.items()]}
-        with progress_bar(quiet) as bar:
-            task = bar.add_task("shard", total=len(entries))
-            manifest = shards.build(entries, out, max_bytes=max_bytes, manifest_extra=extra,
-                                    progress=lambda n: bar.advance(task, n))
-        if card:
-            from gl10m import card as cardmod
 
-            cardmod.write_card(out, profile)
-        ledger.forget("shard-scene")
-        ledger.record_many("shard-scene", [(k, REJECTED, h, reason, None) for k, reason in sorted(res.dropped.items())])
-        ledger.record("shard", "all", OK, h, detail={"samples": manifest["samples"]})
+        def on_ok(unit, manifest) -> None:  # the scenes dropped at split borders, then the stage's "done"
+            ledger.forget("shard-scene")
+            ledger.record_many("shard-scene", [(k, REJECTED, h, reason, None)
+                                               for k, reason in sorted(res.dropped.items())])
+
+        summary = run_stage(Stage(
+            "shard", [Unit("all", h, (entries, out, max_bytes, extra, profile, card, quiet))], step=shard_step,
+            output_ok=lambda u, o: (out / shards.MANIFEST_NAME).exists(), progress=False, raise_errors=True,
+            result=lambda manifest: Recorded(OK, None, {"samples": manifest["samples"]}), on_ok=on_ok),
+            ledger, force=force, quiet=quiet)
+        if summary.skipped:
+            res.status = f"skipped ({next(iter(summary.skipped))})"
+            res.samples = _count_splits(kept)
+            return res
         res.status = OK
-        res.samples = manifest["samples"]
+        res.samples = ledger.get("shard", "all").detail["samples"]
     return res
+
+
+def shard_step(entries, out: Path, max_bytes: int, extra: dict, profile: Profile, card: bool, quiet: bool) -> dict:
+    """Write the shards, index and manifest of `entries` into `out` (and the dataset card); return
+    the manifest."""
+    from gl10m import shards
+
+    with progress_bar(quiet) as bar:
+        task = bar.add_task("shard", total=len(entries))
+        manifest = shards.build(entries, out, max_bytes=max_bytes, manifest_extra=extra,
+                                progress=lambda n: bar.advance(task, n))
+    if card:
+        from gl10m import card as cardmod
+
+        cardmod.write_card(out, profile)
+    return manifest
 
 
 def _count_splits(scenes) -> dict[str, int]:

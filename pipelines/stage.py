@@ -83,8 +83,9 @@ class Stage:
     stages check their output file whatever the status, so a rejected region (which has none) is
     tried again on every run and keeps failing the command; scene stages check only ``ok`` units. blocked(unit): why a unit that would run cannot yet ("waiting for
     osm"), or None. result(value): the :class:`Recorded` row of a step's return value (default
-    :func:`ok_with_detail`). on_ok(unit, value): called after an ``ok`` row is recorded (rows of
-    another ledger stage, e.g. ``plan-scene``). before(units): called once with the units about to
+    :func:`ok_with_detail`). on_ok(unit, value): called for an ``ok`` result just before its row is
+    recorded (rows of another ledger stage, e.g. ``plan-scene``: a run killed between the two
+    leaves the unit not done). before(units): called once with the units about to
     run, before they run. mapper(client, units, on_result, quiet): runs the units and calls
     ``on_result(key, value, error)`` for each, in place of mapping `step` (stages of several steps).
     progress: show the runner's bar over units (False when the step shows its own). regions: units
@@ -156,7 +157,7 @@ class StageSummary:
         return verdict(self.failures, command=command or self.stage).code
 
     def line(self) -> str:
-        """One line: ``fetch: 12 ok, 3 rejected (no_naip 2, cloudy 1), 1 failed, 4 skipped``."""
+        """One line: ``fetch: 12 ok, 3 rejected (no_naip 2, cloudy 1), 1 failed, 4 skipped (done)``."""
         parts = [f"{self.done} ok"]
         if self.rejected:
             parts.append(f"{sum(self.rejected.values())} rejected ({by_count(self.rejected)})")
@@ -164,8 +165,7 @@ class StageSummary:
             parts.append(f"{self.failed} failed")
         if self.skipped:
             parts.append(f"{sum(self.skipped.values())} skipped (done)")
-        if self.waiting:
-            parts.append(by_count(self.waiting))
+        parts += [f"{n} {why}" for why, n in sorted(self.waiting.items())]
         return f"{self.stage}: " + ", ".join(parts)
 
     # -- filled by run_stage (and by pipelines for units they report themselves) --
@@ -251,11 +251,11 @@ def run_stage(stage: Stage, ledger: Ledger, *, client=None, force: bool = False,
         u = by_key[key]
         if err is None:
             rec = stage.result(value)
+            if rec.status == OK and stage.on_ok is not None:  # its rows first, then the unit's "done"
+                stage.on_ok(u, value)
             ledger.record(stage.name, key, rec.status, u.input_hash, reason=rec.reason, detail=rec.detail)
             if rec.status == OK:
                 summary.note(key, OK, OK)
-                if stage.on_ok is not None:
-                    stage.on_ok(u, value)
             else:
                 summary.note(key, rec.reason or "unknown", REJECTED)
         elif stage.raise_errors:

@@ -23,6 +23,10 @@ class Handler(RangeRequestHandler):
 
     def send_head(self):
         self.server.log.append((self.command, self.path, self.headers.get("Range")))
+        if self.server.fail_first and self.path.endswith(".pbf"):  # hang up before any answer
+            self.server.fail_first -= 1
+            self.close_connection = True
+            return None
         if not self.server.ranges:  # behave like a server without Range support
             self.range = None
             return http.server.SimpleHTTPRequestHandler.send_head(self)
@@ -44,7 +48,7 @@ def server(tmp_path):
     data = os.urandom(3_000_000 + 12345)  # several 1 MiB chunks
     (root / NAME).write_bytes(data)
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
-    srv.log, srv.drop_after, srv.ranges = [], 0, True
+    srv.log, srv.drop_after, srv.ranges, srv.fail_first = [], 0, True, 0
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     srv.url = f"http://127.0.0.1:{srv.server_port}/{NAME}"
@@ -93,6 +97,35 @@ def test_resume_after_dropped_connection(server, tmp_path):
     assert gets[0][2] is None and gets[1][2].startswith("bytes=")
     resumed_at = int(gets[1][2][len("bytes="):-1])
     assert 0 < resumed_at <= 1_000_000  # what arrived before the drop was kept
+
+
+@pytest.mark.parametrize("fails", [1, 3])
+def test_a_server_that_hangs_up_is_retried_through_the_retry_module(server, tmp_path, monkeypatch, fails):
+    """A connection closed before any answer is retried with gl10m.sources.retry's backoff (one
+    delay per retry, attempts counted from 0), up to `retries`; then one PbfUnavailable line."""
+    from gl10m.pbf import PbfUnavailable
+    from gl10m.sources import retry as retry_mod
+
+    delays = []
+    real = retry_mod.backoff_delay
+
+    def spy(attempt, **kw):
+        delays.append(attempt)
+        return real(attempt, **kw)
+
+    monkeypatch.setattr(retry_mod, "backoff_delay", spy)
+    server.fail_first = fails
+    p = fetch_pbf(server.url, tmp_path / "dl", sha256=sha(server.data), retries=3, backoff_s=0)
+    assert p.read_bytes() == server.data
+    assert delays == list(range(fails))
+    assert len(pbf_gets(server)) == fails + 1
+
+    delays.clear()
+    server.fail_first = fails + 1  # one more hang-up than retries=fails allows
+    with pytest.raises(PbfUnavailable, match=f"download failed after {fails} retries") as e:
+        fetch_pbf(server.url, tmp_path / "dl2", sha256=sha(server.data), retries=fails, backoff_s=0)
+    assert "\n" not in str(e.value)
+    assert delays == list(range(fails))
 
 
 def test_server_without_range_restarts(server, tmp_path):
