@@ -151,7 +151,7 @@ def anchors_write_step(region: str, parts: list, counts: dict, workdir: str) -> 
 
 # -- the pipeline --------------------------------------------------------------------------
 def _stages(profile: Profile, workdir: Path, regions: Sequence[str], stages: Sequence[str], ledger: Ledger,
-            client=None, n_partitions: int = 4) -> list[Stage]:
+            n_partitions: int = 4) -> list[Stage]:
     """The requested index stages over `regions`, in order."""
     oh = {r: osm_input_hash(profile, r) for r in regions}
     out = []
@@ -199,7 +199,7 @@ def run_index(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
         result.plans = plan(profile, workdir, regions, stages, ledger, force)
         if dry_run:
             return result
-        for st in _stages(profile, workdir, regions, stages, ledger, client, n_partitions):
+        for st in _stages(profile, workdir, regions, stages, ledger, n_partitions):
             # decided when it starts: anchors see the osm outcomes of this run
             result.summaries[st.name] = run_stage(st, ledger, client=client, force=force, quiet=quiet)
     return result

@@ -78,19 +78,25 @@ def ok_with_detail(result: Any) -> Recorded:
 class Stage:
     """A stage: what :func:`run_stage` needs to decide, map and record.
 
-    output_ok(unit, outcome): is the output of a unit the ledger has as done (ok, or rejected) still
-    there? A unit whose output is missing runs again (None: the ledger alone decides). Region
-    stages check their output file whatever the status, so a rejected region (which has none) is
-    tried again on every run and keeps failing the command; scene stages check only ``ok`` units. blocked(unit): why a unit that would run cannot yet ("waiting for
-    osm"), or None. result(value): the :class:`Recorded` row of a step's return value (default
-    :func:`ok_with_detail`). on_ok(unit, value): called for an ``ok`` result just before its row is
-    recorded (rows of another ledger stage, e.g. ``plan-scene``: a run killed between the two
-    leaves the unit not done). before(units): called once with the units about to
-    run, before they run. mapper(client, units, on_result, quiet): runs the units and calls
-    ``on_result(key, value, error)`` for each, in place of mapping `step` (stages of several steps).
-    progress: show the runner's bar over units (False when the step shows its own). regions: units
-    are regions (see the module docstring). raise_errors: a unit's error is re-raised after the
-    others are recorded, unrecorded (a one-unit stage whose failure is the command's, e.g. shard).
+    * ``step``: the plain function each unit's ``args``/``kwargs`` are handed to.
+    * ``output_ok(unit, outcome)``: is the output of a unit the ledger has as done (ok or rejected)
+      still there? If not, the unit runs again ("output missing"); None: the ledger alone decides.
+      Region stages check their output file whatever the status, so a rejected region (which has
+      none) is tried again on every run and keeps failing the command; scene stages check ``ok``
+      units only (a rejected scene has no output).
+    * ``blocked(unit)``: why a unit that would run cannot yet ("waiting for osm"), or None.
+    * ``result(value)``: the :class:`Recorded` row of a step's return value (default
+      :func:`ok_with_detail`).
+    * ``on_ok(unit, value)``: called for an ``ok`` result just before its row is recorded (rows of
+      another ledger stage, e.g. ``plan-scene``; a run killed between the two leaves the unit not
+      done).
+    * ``before(units)``: called once with the units about to run, before they run (not when none do).
+    * ``mapper(client, units, on_result, quiet)``: runs the units and calls ``on_result(key, value,
+      error)`` once per unit, in place of mapping ``step`` (a stage of several steps: anchors).
+    * ``progress``: show the runner's bar over units (False where the step shows its own).
+    * ``regions``: the units are regions (see the module docstring).
+    * ``raise_errors``: a unit's error is re-raised, unrecorded, once the others are recorded (a
+      one-unit stage whose failure is the command's, e.g. shard).
     """
 
     name: str
