@@ -164,7 +164,7 @@ class StageSummary:
 
     def line(self) -> str:
         """One line: ``fetch: 12 ok, 3 rejected (no_naip 2, cloudy 1), 1 failed, 4 skipped (done)``."""
-        parts = [f"{self.done} ok"]
+        parts = [f"{self.done} ok"] if self.done or not (self.skipped or self.waiting) else []
         if self.rejected:
             parts.append(f"{sum(self.rejected.values())} rejected ({by_count(self.rejected)})")
         if self.failed:

@@ -82,6 +82,7 @@ def test_a_rerun_skips_what_is_done_and_retries_what_failed(env):
     CALLS.clear()
     s = run_stage(make_stage(out, fates), led, quiet=True)
     assert CALLS == [] and s.ran == 0 and sum(s.skipped.values()) == 3
+    assert s.line() == "demo: 3 skipped (done)"
 
 
 def test_a_done_unit_whose_output_is_missing_is_redone(env):
