@@ -28,6 +28,7 @@ import numpy as np
 from gl10m import inspect as gi
 from gl10m import samples as smp
 from gl10m.errors import UserError
+from gl10m.io import is_url
 
 CARD_DIR = "card"
 README = "README.md"
@@ -403,7 +404,7 @@ def _pbf_name(pbf: str) -> str:
     """A URL as it is (credentials redacted); a local file by its name (no paths of this machine)."""
     from gl10m.errors import redact
 
-    return redact(pbf) if "://" in pbf else Path(pbf).name
+    return redact(pbf) if is_url(pbf) else Path(pbf).name
 
 
 def _build_outcome(manifest: dict, total: int) -> list[str]:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gl10m.concepts import RuleError, compile_rule
 from gl10m import safeyaml
 from gl10m.errors import UserError
+from gl10m.io import is_url
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 DEFAULT_PROFILE = MANIFESTS / "gl10m-66.yaml"
@@ -245,7 +246,7 @@ class Profile(_Strict):
         """Where the region's PBF comes from: its own `pbf`, or the pinned Geofabrik extract."""
         r = self.regions[region]
         if r.pbf:
-            if "://" in r.pbf or self.source is None or Path(r.pbf).is_absolute():
+            if is_url(r.pbf) or self.source is None or Path(r.pbf).is_absolute():
                 return r.pbf
             return str((self.source.parent / r.pbf).resolve())
         return f"{self.osm.base_url}/{r.slug}-{self.osm.extract_date}.osm.pbf"
