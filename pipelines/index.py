@@ -176,9 +176,13 @@ def _stages(profile: Profile, workdir: Path, regions: Sequence[str], stages: Seq
 def plan(profile: Profile, workdir: Path, regions: Sequence[str], stages: Sequence[str],
          ledger: Ledger, force: bool = False) -> list[Plan]:
     """Decide per stage and region whether to run, without running anything."""
+    return _plans(_stages(profile, workdir, regions, stages, ledger), regions, ledger, force)
+
+
+def _plans(stages: Sequence[Stage], regions: Sequence[str], ledger: Ledger, force: bool) -> list[Plan]:
     plans = [Plan(st.name, d.unit.key, d.unit.input_hash, d.run, d.why)
-             for st in _stages(profile, workdir, regions, stages, ledger) for d in decide(st, ledger, force=force)]
-    return sorted(plans, key=lambda p: (regions.index(p.region), STAGES.index(p.stage)))
+             for st in stages for d in decide(st, ledger, force=force)]
+    return sorted(plans, key=lambda p: (list(regions).index(p.region), STAGES.index(p.stage)))
 
 
 def run_index(profile: Profile, workdir: str | Path, *, regions: Sequence[str] | None = None,
@@ -196,11 +200,11 @@ def run_index(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
     ensure_dir(workdir, "work dir")
     result = IndexResult()
     with Ledger.for_workdir(workdir) as ledger:
-        result.plans = plan(profile, workdir, regions, stages, ledger, force)
+        sts = _stages(profile, workdir, regions, stages, ledger, n_partitions)  # hashes each PBF once
+        result.plans = _plans(sts, regions, ledger, force)
         if dry_run:
             return result
-        for st in _stages(profile, workdir, regions, stages, ledger, n_partitions):
-            # decided when it starts: anchors see the osm outcomes of this run
+        for st in sts:  # each decided again when it starts: anchors see the osm outcomes of this run
             result.summaries[st.name] = run_stage(st, ledger, client=client, force=force, quiet=quiet)
     return result
 
