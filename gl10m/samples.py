@@ -111,19 +111,26 @@ def encode_tile(tile: np.ndarray) -> bytes:
                                   colorsubsampling=JPEG_SUBSAMPLING, fastdct=False)
 
 
-def decode_tile(data: bytes) -> np.ndarray:
+def decode_tile(data: bytes, *, out: np.ndarray | None = None, min_side: int | None = None) -> np.ndarray:
+    """JPEG bytes -> uint8 [H, W, 3] (accurate DCT and upsampling: the same pixels everywhere).
+    ``out``: decode into this array (its shape must be the decoded one). ``min_side``: let the
+    decoder scale the image down (JPEG DCT scaling, M/8 for M = 1..8) to the smallest size whose
+    sides are at least ``min_side``. A ValueError when the bytes are not a JPEG."""
     import simplejpeg
 
-    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False)
+    scale = {} if min_side is None else {"min_width": int(min_side), "min_height": int(min_side)}
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=False, fastupsample=False, buffer=out, **scale)
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
+def encode_npy(arr: np.ndarray) -> bytes:
+    """An array as ``.npy`` bytes (``np.save``, never a pickle: object arrays are refused)."""
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
     return buf.getvalue()
 
 
-def _npy_load(data: bytes, what: str) -> np.ndarray:
+def decode_npy(data: bytes, what: str) -> np.ndarray:
+    """``.npy`` bytes -> the array, never unpickling; a SampleError naming `what` otherwise."""
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as e:
@@ -134,22 +141,22 @@ def encode_labels(labels: np.ndarray) -> bytes:
     a = np.asarray(labels)
     if a.ndim != 1 or not np.isin(a, (0, 1)).all():
         raise SampleError(f"{LABELS_FIELD}: expected a 1-D multi-hot vector of 0/1, got shape {a.shape}")
-    return _npy_bytes(a.astype(np.uint8))
+    return encode_npy(a.astype(np.uint8))
 
 
 def decode_labels(data: bytes) -> np.ndarray:
-    return _npy_load(data, LABELS_FIELD)
+    return decode_npy(data, LABELS_FIELD)
 
 
 def encode_tile_frac(frac: np.ndarray) -> bytes:
     a = np.asarray(frac, dtype=np.float16)
     if a.ndim != 2 or a.shape[0] != N_TILES:
         raise SampleError(f"{TILE_FRAC_FIELD}: expected [{N_TILES}, n_concepts], got shape {a.shape}")
-    return _npy_bytes(a)
+    return encode_npy(a)
 
 
 def decode_tile_frac(data: bytes) -> np.ndarray:
-    return _npy_load(data, TILE_FRAC_FIELD)
+    return decode_npy(data, TILE_FRAC_FIELD)
 
 
 def _json_default(o: Any):

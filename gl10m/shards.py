@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from gl10m.errors import UserError
 from gl10m.io import atomic_path
@@ -162,26 +163,6 @@ def check_extent(where: str, field: str, offset: int, size: int, file_size: int 
                          f"({file_size} bytes; truncated or a stale index?)")
 
 
-def iter_members(path: Path, *, max_member: int = MAX_MEMBER_BYTES):
-    """(member name, bytes) of a shard, refusing unsafe member names, non-files, and members whose
-    header declares more than `max_member` bytes or more than the file holds (checked before the
-    member is read). A file that is not a readable tar is a ShardError too."""
-    path = Path(path)
-    file_size = path.stat().st_size
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for ti in tar:
-                check_member_name(ti.name)
-                if not ti.isfile():
-                    raise ShardError(f"{path.name}: member {ti.name!r} is not a regular file")
-                check_extent(f"{path.name}: member {ti.name!r}", "its data", ti.offset_data, ti.size, file_size,
-                             max_member)
-                f = tar.extractfile(ti)
-                yield ti.name, f.read()
-    except tarfile.TarError as e:
-        raise ShardError(f"{path.name}: not a readable tar ({e})") from None
-
-
 def check_member_name(name: str) -> None:
     """Reject absolute paths, '..' components and nested paths in member names."""
     if name.startswith("/") or name.startswith("\\") or ".." in name.split("/") or "/" in name:
@@ -195,6 +176,138 @@ def split_member(name: str) -> tuple[str, str]:
     if not key or not field:
         raise ShardError(f"member {name!r} is not '<key>.<field>'")
     return key, field
+
+
+# -- reading: the one tar reader ---------------------------------------------------------------
+# verify, gl10m.data (streams and reads by offset), gl10m.inspect and the feature cache read
+# shards only through iter_tar (iter_members, iter_samples) and read_members.
+@dataclass(frozen=True)
+class Member:
+    """A member of a shard being read, checked but not yet read: ``read()`` returns its bytes
+    (call it before taking the next member; a member never read is skipped unread)."""
+    key: str
+    field: str
+    offset: int  # of its data in the tar
+    size: int
+    read: Callable[[], bytes]
+
+
+def iter_tar(fh, where: str, *, stream: bool = True, file_size: int | None = None,
+             max_member: int = MAX_MEMBER_BYTES) -> Iterator[Member]:
+    """The members of the tar in the open file `fh`, in tar order, each checked from its header
+    (which is not trusted) before the caller can read it: a safe name (no absolute path, '..' or
+    folder), a regular file (no link, device, folder), named ``<key>.<field>``, its size at most
+    `max_member` and inside `file_size` (when known); a sample's members are contiguous (a key
+    that comes back, or a field twice in a sample, is refused). Every error is a one-line
+    :class:`ShardError` starting with `where` (the shard's name); so is a file that is not a
+    readable tar.
+
+    ``stream=True`` reads `fh` front to back (any readable file, compressed tars too); ``False``
+    needs a seekable `fh` and skips unread members by seeking."""
+    def reader(tar, ti):
+        def read() -> bytes:
+            try:
+                return tar.extractfile(ti).read()
+            except tarfile.TarError as e:
+                raise ShardError(f"{where}: not a readable tar ({e})") from None
+        return read
+
+    try:
+        with tarfile.open(fileobj=fh, mode="r|*" if stream else "r:") as tar:
+            seen: set[str] = set()
+            cur, fields = None, set()
+            for ti in tar:
+                try:
+                    check_member_name(ti.name)
+                    if not ti.isfile():
+                        raise ShardError(f"member {ti.name!r} is not a regular file")
+                    key, field = split_member(ti.name)
+                except ShardError as e:
+                    raise ShardError(f"{where}: {e}") from None
+                check_extent(f"{where}: sample {key}", field, ti.offset_data, ti.size, file_size, max_member)
+                if key != cur:
+                    if key in seen:
+                        raise ShardError(f"{where}: sample {key} appears twice")
+                    seen.add(key)
+                    cur, fields = key, set()
+                if field in fields:
+                    raise ShardError(f"{where}: sample {key}: {field} appears twice")
+                fields.add(field)
+                yield Member(key, field, ti.offset_data, ti.size, reader(tar, ti))
+    except tarfile.TarError as e:
+        raise ShardError(f"{where}: not a readable tar ({e})") from None
+
+
+def iter_members(path: Path, *, max_member: int = MAX_MEMBER_BYTES) -> Iterator[tuple[str, bytes]]:
+    """(member name, bytes) of a local shard, checked as :func:`iter_tar` checks them (sizes also
+    against the file's)."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        for m in iter_tar(fh, path.name, stream=False, file_size=os.fstat(fh.fileno()).st_size,
+                          max_member=max_member):
+            yield f"{m.key}.{m.field}", m.read()
+
+
+def iter_samples(fh, where: str, **kw) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {field: bytes}) of the tar in `fh`, one sample at a time (:func:`iter_tar`'s checks;
+    `kw` are its keywords)."""
+    key, cur = None, {}
+    for m in iter_tar(fh, where, **kw):
+        if m.key != key:
+            if key is not None:
+                yield key, cur
+            key, cur = m.key, {}
+        cur[m.field] = m.read()
+    if key is not None:
+        yield key, cur
+
+
+def parse_header(block: bytes) -> tuple[str, int]:
+    """A 512-byte ustar/GNU tar header -> (member name, size); size -1 when it is not a number."""
+    name = block[0:100].split(b"\0", 1)[0]
+    prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
+    if prefix:
+        name = prefix + b"/" + name
+    try:
+        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        size = -1
+    return name.decode("utf-8", "replace"), size
+
+
+_MERGE_GAP = 2 * _BLOCK  # members closer than this (padding + the next header) are read together
+
+
+def read_members(read: Callable[[int, int], bytes], where: str, key: str,
+                 extents: Iterable[tuple[str, int, int]], *, file_size: int | None = None,
+                 max_member: int = MAX_MEMBER_BYTES) -> dict[str, bytes]:
+    """{field: bytes} of sample `key`'s members at their indexed ``(field, offset, size)``, read
+    with ``read(offset, size)``. Each extent is checked (:func:`check_extent`) before anything is
+    read; members close together are read at once (adjacent tiles: one read); the tar header in
+    front of each member must name ``{key}.{field}`` with that size, so a stale index is an
+    error, not wrong bytes. Errors are one-line ShardErrors starting with `where` (the shard)."""
+    items = sorted((int(o), int(n), f) for f, o, n in extents)
+    for off, size, f in items:
+        check_extent(f"{where}: sample {key}", f, off, size, file_size, max_member)
+    out: dict[str, bytes] = {}
+    i = 0
+    while i < len(items):
+        j = i
+        start = items[i][0] - _BLOCK
+        end = items[i][0] + items[i][1]
+        while j + 1 < len(items) and items[j + 1][0] - _BLOCK - end <= _MERGE_GAP:
+            j += 1
+            end = max(end, items[j][0] + items[j][1])
+        buf = read(start, end - start)
+        for off, size, f in items[i:j + 1]:
+            a = off - start
+            name, hsize = parse_header(buf[a - _BLOCK:a])
+            if name != f"{key}.{f}" or hsize != size:
+                raise ShardError(f"{where}: sample {key}: the index does not match the shard at {f} "
+                                 f"(found {name!r}, {hsize} bytes): a stale index?")
+            out[f] = buf[a:a + size]
+        i = j + 1
+    return out
 
 
 def manifest_json(data: dict) -> bytes:
@@ -381,7 +494,7 @@ def verify(out_dir: str | Path, *, decode: bool = True, progress=None) -> dict:
             n += _verify_shard(out_dir, str(split), str(shard), g, seen, decode, progress, state)
         except ShardError as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if f"{split}/{shard}" not in msg:  # a tar-level error (iter_members): say where and after which sample
+            if f"{split}/{shard}" not in msg:  # a tar-level error (iter_tar): say where and after which sample
                 msg = msg[len(shard) + 2:] if msg.startswith(f"{shard}: ") else msg
                 at = f"after sample {state['key']}: " if state["key"] else ""
                 msg = f"{split}/{shard}: {at}{msg}"
@@ -440,29 +553,25 @@ def _verify_shard(out_dir: Path, split: str, shard: str, g, seen: set, decode: b
             if [int(x) for x in s.labels] != [int(x) for x in r.labels]:
                 raise ShardError(f"{where}: labels differ from the index")
 
-    with open(path, "rb") as raw:
-        for name, data in iter_members(path):
-            key, field_ = split_member(name)
-            if key != cur_key:
+    with open(path, "rb") as fh:
+        for m in iter_tar(fh, shard, stream=False, file_size=file_size):
+            if m.key != cur_key:
                 if cur_key is not None:
                     finish(cur_key, files)
                     n += 1
                     if progress:
                         progress(1)
-                if key in seen:
-                    raise ShardError(f"sample {key} ({split}/{shard}): appears twice")
-                seen.add(key)
-                cur_key, files = key, {}
-                state["key"] = key
-            if field_ in files:
-                raise ShardError(f"sample {key} ({split}/{shard}): {field_} appears twice")
-            files[field_] = data
-            r = want.get(key)
-            if r is not None and field_ in list(r.fields):
-                i = list(r.fields).index(field_)
-                raw.seek(int(r.offsets[i]))
-                if raw.read(int(r.sizes[i])) != data:
-                    raise ShardError(f"sample {key} ({split}/{shard}): {field_} is not at the indexed offset")
+                if m.key in seen:  # in an earlier shard (iter_tar refuses a key twice in one)
+                    raise ShardError(f"sample {m.key} ({split}/{shard}): appears twice")
+                seen.add(m.key)
+                cur_key, files = m.key, {}
+                state["key"] = m.key
+            r = want.get(m.key)
+            if r is not None and m.field in list(r.fields):
+                i = list(r.fields).index(m.field)
+                if (int(r.offsets[i]), int(r.sizes[i])) != (m.offset, m.size):
+                    raise ShardError(f"sample {m.key} ({split}/{shard}): {m.field} is not at the indexed offset")
+            files[m.field] = m.read()
         if cur_key is not None:
             finish(cur_key, files)
             n += 1

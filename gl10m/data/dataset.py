@@ -14,9 +14,7 @@ from gl10m.data.common import HEAD_FIELDS, N_FIELDS, IterableDataset, LoaderErro
 from gl10m.data.decode import _chw, _decode_lr, _decode_tiles, _tile_indices, decoded_tile_px
 from gl10m.data.sources import INDEX_NAME, _Index, _resolve, _Shard
 from gl10m.data.tar import _NotSeekable, _open_reader, _open_stream, _read_members
-from gl10m.shards import ShardError, check_extent, split_member
-
-
+from gl10m.shards import ShardError, iter_tar
 
 
 @dataclass
@@ -188,12 +186,9 @@ class ShardDataset(IterableDataset):
         return HEAD_FIELDS if self.decode_meta else HEAD_FIELDS[1:]
 
     def _stream(self, s: _Shard, keep, counter) -> Iterator[_Partial]:
-        import tarfile
-
         ix = self._index
         by_key = {ix.keys[r]: r for r in s.rows} if s.rows is not None else None
         head = set(self._needed_head())
-        seen: set[str] = set()
         cur: dict | None = None
         pos = -1
 
@@ -221,54 +216,36 @@ class ShardDataset(IterableDataset):
 
         fh = _open_stream(s.url)
         try:
-            with tarfile.open(fileobj=fh, mode="r|*") as tar:
-                for ti in tar:
-                    try:
-                        key, field = split_member(ti.name)
-                    except ShardError as e:
-                        raise LoaderError(f"{s.name}: {e}") from None
-                    if not ti.isfile():
-                        raise LoaderError(f"{s.name}: member {ti.name!r} is not a regular file")
-                    if cur is None or key != cur["key"]:
-                        if cur is not None:
-                            out = finish(cur)
-                            if out is not None:
-                                yield out
-                        if key in seen:
-                            raise LoaderError(f"{s.name}: sample {key} appears twice")
-                        seen.add(key)
-                        pos += 1
-                        k = keep is None or keep(pos)
-                        cur = {"key": key, "names": [], "data": {}, "keep": k, "lr": None,
-                               "tiles": self._tiles}
-                    cur["names"].append(field)
-                    if not cur["keep"]:
-                        continue
-                    want = (self.verify or field in head or field == smp.LR_FIELD
-                            or (field.startswith("hr_") and (cur["tiles"] is None or field in _names(cur["tiles"]))))
-                    if field in cur["data"]:
-                        raise LoaderError(f"{s.name}: sample {key}: {field} appears twice")
-                    if want:  # the per-member cap, before reading it: the header is not trusted
-                        try:
-                            check_extent(f"{s.name}: sample {key}", field, ti.offset_data, ti.size, None)
-                        except ShardError as e:
-                            raise LoaderError(str(e)) from None
-                    if want:
-                        cur["data"][field] = tar.extractfile(ti).read()
-                    if field == smp.LR_FIELD and self._tiles_fn is not None and cur["tiles"] is None:
-                        where = f"{s.name}: sample {key}"
-                        cur["lr"] = _decode_lr(cur["data"][field], where)
-                        cur["tiles"] = _tile_indices(self._tiles_fn(_chw(cur["lr"])), where)
-                        if not self.verify:  # drop tiles that came before LR and are not selected
-                            names = _names(cur["tiles"])
-                            for f in [f for f in cur["data"] if f.startswith("hr_") and f not in names]:
-                                del cur["data"][f]
-                if cur is not None:
-                    out = finish(cur)
-                    if out is not None:
-                        yield out
-        except tarfile.TarError as e:
-            raise LoaderError(f"{s.name}: not a readable tar ({e})") from None
+            for m in iter_tar(fh, s.name):  # names, types and sizes checked before anything is read
+                key, field = m.key, m.field
+                if cur is None or key != cur["key"]:
+                    if cur is not None:
+                        out = finish(cur)
+                        if out is not None:
+                            yield out
+                    pos += 1
+                    k = keep is None or keep(pos)
+                    cur = {"key": key, "names": [], "data": {}, "keep": k, "lr": None, "tiles": self._tiles}
+                cur["names"].append(field)
+                if not cur["keep"]:
+                    continue
+                if (self.verify or field in head or field == smp.LR_FIELD
+                        or (field.startswith("hr_") and (cur["tiles"] is None or field in _names(cur["tiles"])))):
+                    cur["data"][field] = m.read()
+                if field == smp.LR_FIELD and self._tiles_fn is not None and cur["tiles"] is None:
+                    where = f"{s.name}: sample {key}"
+                    cur["lr"] = _decode_lr(cur["data"][field], where)
+                    cur["tiles"] = _tile_indices(self._tiles_fn(_chw(cur["lr"])), where)
+                    if not self.verify:  # drop tiles that came before LR and are not selected
+                        names = _names(cur["tiles"])
+                        for f in [f for f in cur["data"] if f.startswith("hr_") and f not in names]:
+                            del cur["data"][f]
+            if cur is not None:
+                out = finish(cur)
+                if out is not None:
+                    yield out
+        except ShardError as e:
+            raise LoaderError(str(e)) from None
         finally:
             fh.close()
         if counter is not None:

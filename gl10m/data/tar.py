@@ -1,6 +1,7 @@
 """Byte access to shards: random reads by offset (local, HTTP Range, seekable fsspec), streams
-(the fallback), members read at their indexed offsets and checked against their tar headers, and
-:class:`SampleReader` (random access to raw member bytes)."""
+(the fallback), and :class:`SampleReader` (random access to raw member bytes). The tar format
+itself (members read at their indexed offsets and checked against their tar headers, streamed
+members checked before they are read) is :mod:`gl10m.shards`."""
 from __future__ import annotations
 
 import io
@@ -11,9 +12,8 @@ import numpy as np
 
 from gl10m.data.common import FIELD_POS, LoaderError
 from gl10m.data.sources import INDEX_NAME, _fsspec_fs, _http_session, _local, _resolve
+from gl10m.shards import ShardError, read_members
 
-_BLOCK = 512
-_MERGE_GAP = 2 * _BLOCK  # members closer than this (padding + next header) are read together
 _MAX_OPEN = 8  # open shard readers per consumer (least recently used closed first)
 
 
@@ -151,44 +151,15 @@ def _open_stream(url: str):
         raise
 
 
-def _parse_header(block: bytes) -> tuple[str, int]:
-    name = block[0:100].split(b"\0", 1)[0]
-    prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
-    if prefix:
-        name = prefix + b"/" + name
-    try:
-        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-    except ValueError:
-        size = -1
-    return name.decode("utf-8", "replace"), size
-
-
 def _read_members(reader, shard: str, key: str, offs: np.ndarray, sizes: np.ndarray,
                   fields: Sequence[str]) -> dict[str, bytes]:
-    """Read `fields` of one sample at their indexed offsets, merging adjacent members into one
-    read, and check each member's tar header (name, size) against the index."""
-    items = sorted(((int(offs[FIELD_POS[f]]), int(sizes[FIELD_POS[f]]), f) for f in fields))
-    out: dict[str, bytes] = {}
-    i = 0
-    while i < len(items):
-        j = i
-        start = items[i][0] - _BLOCK
-        end = items[i][0] + items[i][1]
-        while j + 1 < len(items) and items[j + 1][0] - _BLOCK - end <= _MERGE_GAP:
-            j += 1
-            end = max(end, items[j][0] + items[j][1])
-        if start < 0:
-            raise LoaderError(f"{shard}: sample {key}: the index gives an offset before the first header")
-        buf = reader.read(start, end - start)
-        for off, size, f in items[i:j + 1]:
-            a = off - start
-            name, hsize = _parse_header(buf[a - _BLOCK:a])
-            if name != f"{key}.{f}" or hsize != size:
-                raise LoaderError(f"{shard}: sample {key}: the index does not match the shard at {f} "
-                                  f"(found {name!r}, {hsize} bytes): a stale index?")
-            out[f] = buf[a:a + size]
-        i = j + 1
-    return out
+    """Read `fields` of one sample at their indexed offsets with :func:`gl10m.shards.read_members`
+    (adjacent members in one read, each tar header checked against the index)."""
+    try:
+        return read_members(reader.read, shard, key,
+                            [(f, offs[FIELD_POS[f]], sizes[FIELD_POS[f]]) for f in fields])
+    except ShardError as e:
+        raise LoaderError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------

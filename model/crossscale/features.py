@@ -26,10 +26,8 @@ the same folder is refused.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -40,6 +38,7 @@ from torch.utils.data import IterableDataset
 
 from gl10m.errors import UserError
 from gl10m.model.encoders import TextEncoder, TileEncoder, build_encoder, concept_labels
+from gl10m.samples import encode_npy as _npy
 
 FIELDS = ("lr_tokens", "hr_tokens", "hr_embed", "lr_embed", "s_vis", "labels", "tile_frac")
 META_NAME = "features.json"
@@ -51,12 +50,6 @@ _HR_CHUNK = 256  # HR tiles per forward pass
 
 class FeatureError(UserError, ValueError):
     """A feature cache that cannot be written or read."""
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    b = io.BytesIO()
-    np.save(b, np.ascontiguousarray(arr), allow_pickle=False)
-    return b.getvalue()
 
 
 def _member_bytes(nbytes: int) -> int:
@@ -303,13 +296,15 @@ def read_meta(out_dir: str | os.PathLike) -> dict:
 
 def load_text(out_dir: str | os.PathLike) -> torch.Tensor:
     """The concept text embeddings, float16 [C, E]."""
+    from gl10m.samples import SampleError, decode_npy
+
     p = Path(out_dir) / TEXT_NAME
     try:
-        return torch.from_numpy(np.load(p, allow_pickle=False))
+        return torch.from_numpy(decode_npy(p.read_bytes(), str(p)))
     except FileNotFoundError:
         raise FeatureError(f"{out_dir}: no {TEXT_NAME} (not a feature cache?)") from None
-    except ValueError as e:
-        raise FeatureError(f"{p}: not a .npy array ({e})") from None
+    except SampleError as e:
+        raise FeatureError(str(e)) from None
 
 
 def _rank_world() -> tuple[int, int]:
@@ -322,28 +317,28 @@ def _rank_world() -> tuple[int, int]:
 
 
 def _iter_shard(path: Path) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-    """(key, {field: array}) of one feature shard, in tar order; refuses unsafe or foreign members."""
-    from gl10m.shards import split_member
+    """(key, {field: array}) of one feature shard, in tar order; refuses unsafe or foreign members
+    (read with :func:`gl10m.shards.iter_tar`'s checks, arrays with :func:`gl10m.samples.decode_npy`)."""
+    from gl10m import samples as smp
+    from gl10m.shards import ShardError, iter_tar
 
     key, cur = None, {}
     try:
-        with tarfile.open(path, mode="r|") as tar:
-            for ti in tar:
-                if not ti.isfile():
-                    raise FeatureError(f"{path.name}: member {ti.name!r} is not a regular file")
-                k, field = split_member(ti.name)
-                if not field.endswith(".npy") or field[:-4] not in FIELDS:
-                    raise FeatureError(f"{path.name}: member {ti.name!r} is not a feature field")
-                if k != key:
+        with open(path, "rb") as fh:
+            for m in iter_tar(fh, path.name):
+                if not m.field.endswith(".npy") or m.field[:-4] not in FIELDS:
+                    raise FeatureError(f"{path.name}: member {m.key + '.' + m.field!r} is not a feature field")
+                if m.key != key:
                     if key is not None:
                         yield key, cur
-                    key, cur = k, {}
+                    key, cur = m.key, {}
                 try:
-                    cur[field[:-4]] = np.load(io.BytesIO(tar.extractfile(ti).read()), allow_pickle=False)
-                except ValueError as e:  # an object array (a pickle) or not an .npy at all
-                    raise FeatureError(f"{path.name}: member {ti.name!r} is not a plain array "
-                                       f"({str(e).splitlines()[0]})") from None
-    except (tarfile.TarError, OSError) as e:
+                    cur[m.field[:-4]] = smp.decode_npy(m.read(), f"{path.name}: member {m.key}.{m.field}")
+                except smp.SampleError as e:  # an object array (a pickle) or not an .npy at all
+                    raise FeatureError(str(e).splitlines()[0]) from None
+    except ShardError as e:
+        raise FeatureError(str(e)) from None
+    except OSError as e:
         raise FeatureError(f"{path}: cannot read feature shard ({e})") from None
     if key is not None:
         yield key, cur
