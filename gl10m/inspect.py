@@ -88,41 +88,41 @@ def index_row(index, key: str, shards_dir: str | Path = "") :
 
 def read_fields(shards_dir: str | Path, row, names: Iterable[str] | None = None, *, fh=None) -> dict[str, bytes]:
     """The bytes of some (default all) fields of the sample in index row `row`, read from its
-    shard by offset. `fh` may be an already open shard file (for many reads from one shard)."""
+    shard by offset (:func:`gl10m.shards.read_members`: extents checked before a byte is read,
+    each member's tar header checked against the index). `fh` may be an already open shard file
+    (for many reads from one shard)."""
+    from gl10m.shards import read_members
+
     fields = list(row["fields"])
     offsets, sizes = list(row["offsets"]), list(row["sizes"])
     want = fields if names is None else list(names)
     unknown = [n for n in want if n not in fields]
     if unknown:
         raise UserError(f"sample {row['key']}: no field {unknown[0]!r} in the index")
+    where = f"{row['split']}/{row['shard']}"
     path = Path(shards_dir) / str(row["split"]) / str(row["shard"])
-    out: dict[str, bytes] = {}
+    if not (len(fields) == len(offsets) == len(sizes)):
+        raise UserError(f"sample {row['key']} ({where}): the index lists "
+                        f"{len(fields)} fields, {len(offsets)} offsets, {len(sizes)} sizes")
 
     def _read(f):
-        from gl10m.shards import check_extent
+        fd = f.fileno()
 
-        size = os.fstat(f.fileno()).st_size
-        if not (len(fields) == len(offsets) == len(sizes)):
-            raise UserError(f"sample {row['key']} ({row['split']}/{row['shard']}): the index lists "
-                            f"{len(fields)} fields, {len(offsets)} offsets, {len(sizes)} sizes")
-        for n in sorted(want, key=lambda n: offsets[fields.index(n)]):
-            i = fields.index(n)
-            # before anything is read: the size under the per-member cap, the bytes inside the file
-            check_extent(f"sample {row['key']} ({row['split']}/{row['shard']})", n, offsets[i], sizes[i], size)
-            f.seek(int(offsets[i]))
-            data = f.read(int(sizes[i]))
-            if len(data) != int(sizes[i]):
+        def read(offset: int, size: int) -> bytes:
+            data = os.pread(fd, size, offset)
+            if len(data) != size:
                 raise UserError(f"sample {row['key']}: {path.name} is shorter than the index says (truncated?)")
-            out[n] = data
+            return data
+
+        extents = [(n, offsets[fields.index(n)], sizes[fields.index(n)]) for n in want]
+        return read_members(read, where, str(row["key"]), extents, file_size=os.fstat(fd).st_size)
 
     if fh is not None:
-        _read(fh)
-    else:
-        if not path.is_file():
-            raise UserError(f"sample {row['key']}: shard {path} is missing")
-        with open(path, "rb") as f:
-            _read(f)
-    return out
+        return _read(fh)
+    if not path.is_file():
+        raise UserError(f"sample {row['key']}: shard {path} is missing")
+    with open(path, "rb") as f:
+        return _read(f)
 
 
 def load_sample(shards_dir: str | Path, key: str, *, tiles: Iterable[int] | str | None = None) -> smp.Sample:

@@ -355,11 +355,20 @@ def write_staged(workdir: str | Path, sample: Sample, *, durable: bool = True) -
 
 
 def read_fields(path: str | Path, names: Iterable[str] | None = None) -> dict[str, bytes]:
-    """The raw bytes of a staged sample's fields (all of them, or `names`)."""
+    """The raw bytes of a staged sample's fields (all of them in :data:`FIELDS` order, or
+    `names`): the one reader of staged folders (the shard stage copies these bytes). The folder
+    must hold exactly the schema's files; names starting with a dot (leftovers of interrupted
+    atomic writes) are never part of a sample."""
     path = Path(path)
     if not path.is_dir():
         raise SampleError(f"staged sample {path} does not exist")
-    present = {p.name for p in path.iterdir()}
+    present = set()
+    for p in path.iterdir():
+        if p.name.startswith("."):
+            continue
+        if not p.is_file():
+            raise SampleError(f"staged sample {path}: {p.name} is not a file (a staged sample holds only files)")
+        present.add(p.name)
     extra = sorted(present - set(FIELDS))
     missing = [f for f in FIELDS if f not in present]
     if missing or extra:

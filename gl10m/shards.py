@@ -73,20 +73,6 @@ class IndexRow:
     size: int
 
 
-def read_sample_files(folder: Path) -> dict[str, bytes]:
-    """The files of one staged sample folder, by field name (dot-free key is the folder name)."""
-    files = {}
-    for p in sorted(Path(folder).iterdir()):
-        if p.name.startswith("."):
-            continue  # leftovers of interrupted atomic writes are never part of a sample
-        if not p.is_file():
-            raise ShardError(f"{p}: a staged sample holds only files")
-        files[p.name] = p.read_bytes()
-    if not files:
-        raise ShardError(f"{folder}: empty staged sample")
-    return files
-
-
 def sample_digest(files: dict[str, bytes]) -> str:
     """sha256 over a sample's fields in member order (name, length and bytes of each)."""
     h = hashlib.sha256()
@@ -401,12 +387,10 @@ def _build(entries, out_dir: Path, max_bytes: int, manifest_extra, progress, poo
                 # one sample in memory at a time; its checksum is computed on a second thread
                 # (hashlib releases the GIL) while the shard writer copies its bytes
                 for key in group:
-                    files = read_sample_files(ents[key].folder)
-                    missing = sorted(set(smp.FIELDS) - set(files))
-                    extra = sorted(set(files) - set(smp.FIELDS))
-                    if missing or extra:
-                        raise ShardError(f"staged sample {key}: fields differ from the schema "
-                                         f"(missing {missing[:3]}, unexpected {extra[:3]})")
+                    try:
+                        files = smp.read_fields(ents[key].folder)
+                    except smp.SampleError as e:
+                        raise ShardError(f"sample {key}: {e}") from None
                     digests[key] = pool.submit(sample_digest, files)
                     labels[key] = [int(x) for x in smp.decode_labels(files[smp.LABELS_FIELD])]
                     yield key, files

@@ -123,5 +123,118 @@ def test_a_sample_missing_a_field_is_refused(staged, tmp_path):
     for f in entries[0].folder.iterdir():
         if f.name != "hr_42.jpg":
             (bad / f.name).write_bytes(f.read_bytes())
-    with pytest.raises(shards.ShardError, match="CA-w9.*missing \\['hr_42.jpg'\\]"):
+    with pytest.raises(shards.ShardError, match="CA-w9.*missing hr_42.jpg"):
         shards.build([shards.Entry("CA-w9", "train", "CA", bad)], tmp_path / "s")
+
+
+# -- the one tar reader (gl10m.shards.iter_tar / read_members): every reader refuses the same -------
+def _write_tar(path, members):
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, blob in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(blob)
+            tar.addfile(ti, io.BytesIO(blob))
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(staged, tmp_path_factory):
+    out = tmp_path_factory.mktemp("built") / "s"
+    shards.build(staged[1], out)
+    return out
+
+
+def _npy(a):
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case", ["a sample comes back", "a field twice"])
+def test_every_reader_refuses_a_split_sample_or_a_repeated_field(built, tmp_path, case):
+    """A shard whose sample CA-w1000 comes back after another (or repeats a field) is refused by
+    iter_members (verify's reader), the streaming loader and the feature cache alike."""
+    data = pytest.importorskip("gl10m.data")
+    feats = pytest.importorskip("gl10m.model.features")
+    (tar,) = sorted((built / "train").glob("*.tar"))[:1]
+    mem = list(shards.iter_members(tar))
+    first = [m for m in mem if m[0].startswith(mem[0][0].split(".")[0] + ".")]
+    second = [m for m in mem if m[0].startswith(mem[len(first)][0].split(".")[0] + ".")]
+    if case == "a sample comes back":
+        bad, twice = first + second + [first[0]], first[0][0].split(".")[0]
+        fbad = [("CA-w1.s_vis.npy", _npy([1.0])), ("CA-w2.s_vis.npy", _npy([2.0])), ("CA-w1.labels.npy", _npy([1]))]
+        ftwice = "CA-w1 appears twice"
+    else:
+        bad, twice = first + [first[3]] + second, first[3][0].split(".", 1)[1]
+        fbad = [("CA-w1.s_vis.npy", _npy([1.0])), ("CA-w1.s_vis.npy", _npy([2.0]))]
+        ftwice = "s_vis.npy appears twice"
+    path = _write_tar(tmp_path / "gl10m-train-000000.tar", bad)
+    with pytest.raises(shards.ShardError, match=f"{twice} appears twice"):
+        list(shards.iter_members(path))
+    with pytest.raises(data.LoaderError, match=f"{twice} appears twice"):
+        list(data.load([str(path)], tiles=[0]))
+    fpath = _write_tar(tmp_path / "feat-train-000000.tar", fbad)
+    with pytest.raises(feats.FeatureError, match=ftwice):
+        list(feats._iter_shard(fpath))
+
+
+def test_the_feature_cache_refuses_a_member_above_the_cap_before_reading_it(tmp_path):
+    feats = pytest.importorskip("gl10m.model.features")
+    path = tmp_path / "feat-train-000000.tar"
+    size = shards.MAX_MEMBER_BYTES + 1
+    with open(path, "wb") as f:  # a sparse member: no disk used
+        ti = tarfile.TarInfo("CA-w1.hr_tokens.npy")
+        ti.size = size
+        f.write(ti.tobuf(tarfile.USTAR_FORMAT))
+        f.seek(512 + size + (-size % 512) + 1024 - 1)
+        f.write(b"\0")
+    with pytest.raises(feats.FeatureError, match="CA-w1.*per-member cap"):
+        list(feats._iter_shard(path))
+
+
+def test_show_and_inspect_refuse_an_index_that_points_at_another_member(built):
+    """gl10m.inspect reads by offset through shards.read_members: an index row whose hr_03 entry
+    points at hr_04's bytes is an error naming the sample, not hr_04's pixels shown as hr_03."""
+    import shutil
+
+    from gl10m import inspect as gi
+
+    sd = built.parent / "stale"
+    if sd.exists():
+        shutil.rmtree(sd)
+    shutil.copytree(built, sd)
+    rows = shards.read_index(sd / shards.INDEX_NAME).to_dict("records")
+    for r in rows:
+        r["fields"], r["offsets"], r["sizes"] = list(r["fields"]), list(r["offsets"]), list(r["sizes"])
+        r["labels"] = [int(x) for x in r["labels"]]
+    row = next(r for r in rows if r["key"] == "CA-w1002")
+    good = gi.read_fields(sd, row, ["hr_03.jpg", "hr_04.jpg"])
+    i, j = row["fields"].index("hr_03.jpg"), row["fields"].index("hr_04.jpg")
+    row["offsets"][i], row["sizes"][i] = row["offsets"][j], row["sizes"][j]
+    shards.write_index(rows, sd / shards.INDEX_NAME)
+    with pytest.raises(shards.ShardError, match="CA-w1002.*does not match the shard at hr_03.jpg"):
+        gi.read_fields(sd, row, ["hr_03.jpg"])
+    with pytest.raises(shards.ShardError, match="CA-w1002"):
+        gi.load_sample(sd, "CA-w1002", tiles=[3])
+    assert gi.read_fields(sd, row, ["hr_04.jpg"]) == {"hr_04.jpg": good["hr_04.jpg"]}
+
+
+def test_staged_folders_have_one_reader(staged, tmp_path):
+    """samples.read_fields is the staged-folder reader the shard stage uses: a dot-file left by an
+    interrupted write is no part of the sample (shard bytes unchanged), a folder inside is refused."""
+    import shutil
+
+    root, entries = staged
+    e = entries[0]
+    folder = tmp_path / "W" / e.key
+    shutil.copytree(e.folder, folder)
+    (folder / ".lr.png.1234.tmp").write_bytes(b"half a file")
+    assert smp.read_fields(folder) == smp.read_fields(e.folder)
+    assert smp.read_staged(folder).key == e.key
+    shards.build([shards.Entry(e.key, e.split, e.state, folder)], tmp_path / "a")
+    shards.build([e], tmp_path / "b")
+    name = f"{e.split}/" + shards.SHARD_NAME.format(split=e.split, n=0)
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    (folder / "sub").mkdir()
+    with pytest.raises(shards.ShardError, match=f"{e.key}.*not a file"):
+        shards.build([shards.Entry(e.key, e.split, e.state, folder)], tmp_path / "c")
