@@ -2,7 +2,7 @@
 
 `testbed_server` (session scope) serves a world folder with `gl10m.testbed.serve.serve` and
 yields the running `Servers`. The world comes from `_world_for_tests`: for now a tiny world made
-here (real COGs written with rasterio, STAC items laid out as `gl10m testbed build` writes
+here (real COGs written with tests.fixtures.cogs, STAC items laid out as `gl10m testbed build` writes
 them); switching to the real builder means changing only that function.
 """
 from __future__ import annotations
@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from tests.fixtures.cogs import write_cog
 
 # -- the tiny world ---------------------------------------------------------------------------
 # (id, state, year, date, utm epsg, west, north) of NAIP-like quarter quads, 1 m, 4-band uint8.
@@ -27,25 +29,7 @@ TINY_S2 = [
     ("11SLT", "2023-08-09", 32611, 399500.0, 3763500.0, 0.2),
 ]
 NAIP_PX, S2_PX = 320, 64  # NAIP 320x320 at 1 m; S2 64x64 at 10 m (SCL 32x32 at 20 m)
-
-
-def _write_cog(path: Path, data, epsg: int, west: float, north: float, res: float, nodata=None) -> None:
-    import numpy as np
-    import rasterio
-    from affine import Affine
-
-    from gl10m.io import atomic_path
-
-    data = np.asarray(data)
-    if data.ndim == 2:
-        data = data[None]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        with rasterio.open(tmp, "w", driver="COG", width=data.shape[2], height=data.shape[1],
-                           count=data.shape[0], dtype=data.dtype, crs=f"EPSG:{epsg}",
-                           transform=Affine(res, 0.0, west, 0.0, -res, north), nodata=nodata,
-                           blocksize=128, compress="deflate", overview_resampling="nearest") as dst:
-            dst.write(data)
+_COG = {"blocksize": 128, "overview_resampling": "nearest"}
 
 
 def _footprint(epsg: int, west: float, north: float, width_m: float, height_m: float):
@@ -76,7 +60,7 @@ def make_tiny_world(root: Path) -> Path:
     for iid, state, year, date, epsg, west, north in TINY_NAIP:
         rel = f"naip/{state}/{year}/{iid[3:]}.tif"
         data = rng.integers(1, 255, size=(4, NAIP_PX, NAIP_PX), dtype=np.uint8)
-        _write_cog(root / rel, data, epsg, west, north, 1.0)
+        write_cog(root / rel, data, epsg, west, north, 1.0, **_COG)
         geom, bbox = _footprint(epsg, west, north, NAIP_PX, NAIP_PX)
         naip_items.append({
             "type": "Feature", "stac_version": "1.0.0", "id": iid, "collection": "naip",
@@ -94,10 +78,10 @@ def make_tiny_world(root: Path) -> Path:
             rel = f"s2/{mgrs}/{ymd}/{band}.tif"
             if band == "SCL":
                 data = rng.integers(0, 12, size=(S2_PX // 2, S2_PX // 2), dtype=np.uint8)
-                _write_cog(root / rel, data, epsg, west, north, 20.0, nodata=0)
+                write_cog(root / rel, data, epsg, west, north, 20.0, nodata=0, **_COG)
             else:
                 data = rng.integers(1000, 4000, size=(S2_PX, S2_PX), dtype=np.uint16)
-                _write_cog(root / rel, data, epsg, west, north, 10.0, nodata=0)
+                write_cog(root / rel, data, epsg, west, north, 10.0, nodata=0, **_COG)
             assets[band] = {"href": rel, "type": "image/tiff; application=geotiff; profile=cloud-optimized",
                             "roles": ["data"], "gsd": 20.0 if band == "SCL" else 10.0}
         geom, bbox = _footprint(epsg, west, north, S2_PX * 10.0, S2_PX * 10.0)

@@ -349,7 +349,7 @@ def test_partitions_cover_once_and_are_deterministic(prof):
 
 # -- end to end from a real PBF ---------------------------------------------------------------
 def test_end_to_end_from_pbf(prof, tmp_path):
-    pbfgen = pytest.importorskip("tests.pbfgen")
+    pbfgen = pytest.importorskip("tests.fixtures.pbf")
     osm = pytest.importorskip("gl10m.osm")
     b = pbfgen.PbfBuilder()
     lon, lat = -105.0, 39.7

@@ -36,9 +36,9 @@ import yaml
 from gl10m import fetch, profile as profile_mod, samples
 from gl10m.ledger import Ledger
 from gl10m.pipelines import index as ix
-from tests.test_fetch import (BOUNDS, FaultServer, _utm_box, make_naip, make_s2, naip_item, plan_row,
-                              s2_item, write_cog)
-from tests.test_pipeline_index import write_region_pbf
+from tests.fixtures.cogs import write_cog
+from tests.fixtures.pbf import write_region_pbf
+from tests.test_fetch import BOUNDS, FaultServer, _utm_box, make_naip, make_s2, naip_item, plan_row, s2_item
 
 GL10M = Path(sys.executable).with_name("gl10m")  # the installed console script, as a user runs it
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import http.server
-import io
 import itertools
 import json
 import os
@@ -21,41 +20,13 @@ torch = pytest.importorskip("torch")
 
 from gl10m import data, shards  # noqa: E402
 from gl10m import samples as smp  # noqa: E402
+from tests.fixtures.samples import build_shards, make_sample  # noqa: E402,F401 - make_sample: tests/test_mapsr.py
+from tests.fixtures.tars import write_tar  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- synthetic shards -------------------------------------------------------------------------
-def make_sample(key: str, split: str, seed: int) -> smp.Sample:
-    """Smooth tiles with a little noise (fast to encode, every tile different)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:268, 0:268].astype(np.float32)
-    base = np.stack([xx, yy, (xx + yy) / 2], -1) * 0.5
-    noise = rng.normal(0, 3, (268, 268, 3)).astype(np.float32)
-    hr = np.empty((100, 268, 268, 3), np.uint8)
-    for i in range(100):
-        off = rng.uniform(0, 120, 3).astype(np.float32)
-        hr[i] = np.clip(base + off + np.roll(noise, 7 * i, axis=(0, 1)), 0, 255).astype(np.uint8)
-    lr = hr.reshape(10, 10, 268, 268, 3)[:, :, ::10, ::10].transpose(0, 2, 1, 3, 4).reshape(270, 270, 3)[:268, :268]
-    labels = np.zeros(66, np.uint8)
-    labels[rng.choice(66, 4, replace=False)] = 1
-    frac = rng.uniform(0, 1, (100, 66)).astype(np.float16)
-    return smp.Sample(key=key, split=split, lr=np.ascontiguousarray(lr), hr=hr, labels=labels, tile_frac=frac,
-                      meta={"state": key.split("-")[0], "n": seed})
-
-
-def build_shards(root: Path, n_train: int = 8, n_val: int = 3, max_bytes: int = 2_500_000) -> Path:
-    entries = []
-    for i in range(n_train + n_val):
-        split = "train" if i < n_train else "val"
-        key = f"CA-s{100 + i}"
-        folder = smp.write_staged(root, make_sample(key, split, i))
-        entries.append(shards.Entry(key, split, "CA", folder))
-    out = root / "shards"
-    shards.build(entries, out, max_bytes=max_bytes)
-    return out
-
-
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory) -> Path:
     return build_shards(tmp_path_factory.mktemp("d"))
@@ -180,15 +151,6 @@ def test_a_stale_index_is_an_error_not_wrong_pixels(sd, tmp_path):
         list(data.load(src, split="val", tiles=[4]))
 
 
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, blob in members:
-            ti = tarfile.TarInfo(name)
-            ti.size = len(blob)
-            tar.addfile(ti, io.BytesIO(blob))
-    return path
-
-
 def sample_members(sd: Path, key: str) -> list[tuple[str, bytes]]:
     return [(n, b) for t in sorted((sd / "val").glob("*.tar")) for n, b in shards.iter_members(t)
             if n.startswith(key + ".")]
@@ -206,7 +168,7 @@ def test_unsafe_or_off_schema_shards_are_refused(sd, tmp_path, case):
         mem = [m for m in mem if not m[0].endswith("hr_42.jpg")]
     else:
         mem.append((f"{key}.evil.pyd", b"\x80\x04K\x01."))  # a pickle: never loaded
-    path = write_tar(tmp_path / "x.tar", mem)
+    path = write_tar(tmp_path / "x.tar", mem, fmt=tarfile.USTAR_FORMAT)
     msg = {"traversal": "unsafe", "absolute": "unsafe", "missing": "fields differ", "extra_pickle": "fields differ"}
     with pytest.raises(data.LoaderError, match=msg[case]):
         list(data.load([path], tiles=[0]))

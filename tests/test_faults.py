@@ -255,16 +255,11 @@ def test_faulty_testbed_routes_search_pages_and_assets_through_proxies(testbed_s
 @pytest.fixture
 def cog(tmp_path):
     """A 768x768 4-band deflate COG (256-px tiles) behind the Range server; its pixels."""
-    import rasterio
-    from rasterio.transform import from_origin
+    from tests.fixtures.cogs import write_cog
 
     root = tmp_path / "cogs"
-    root.mkdir()
     data = np.random.default_rng(3).integers(1, 255, size=(4, 768, 768), dtype=np.uint8)
-    with rasterio.open(root / "a.tif", "w", driver="COG", width=768, height=768, count=4, dtype="uint8",
-                       crs="EPSG:26911", transform=from_origin(400000, 3763000, 1, 1), blocksize=256,
-                       compress="deflate") as dst:
-        dst.write(data)
+    write_cog(root / "a.tif", data, 26911, 400000, 3763000, 1, blocksize=256)
     u = Upstream(root)
     u.root = root
     yield u, data

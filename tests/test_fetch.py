@@ -14,13 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 from pyproj import Transformer
-from rasterio.transform import from_origin
 
 from gl10m import fetch, profile as profile_mod, samples
-from gl10m.io import atomic_path
 from gl10m.sources.retry import TransientError
+from tests.fixtures.cogs import write_cog
 
 BOUNDS = (-117.0, 34.0, -116.976, 34.024)
 N_VALUE = 77  # NAIP band 4 (N): a constant that must never appear as a colour
@@ -39,18 +37,6 @@ def _utm_box(epsg):
     w, s, e, n = BOUNDS
     xs, ys = tr.transform([w, e, w, e], [s, s, n, n])
     return min(xs), min(ys), max(xs), max(ys)
-
-
-def write_cog(path: Path, data, epsg, west, north, res, nodata=None):
-    data = np.asarray(data)
-    data = data[None] if data.ndim == 2 else data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        with rasterio.open(tmp, "w", driver="COG", width=data.shape[2], height=data.shape[1], count=data.shape[0],
-                           dtype=data.dtype, crs=f"EPSG:{epsg}", transform=from_origin(west, north, res, res),
-                           nodata=nodata, blocksize=256, compress="deflate") as dst:
-            dst.write(data)
-    return str(path)
 
 
 def _grid_xy(west, north, res, w, h):

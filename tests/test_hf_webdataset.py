@@ -56,7 +56,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def shard_urls(tmp_path_factory) -> list[str]:
-    from tests.test_data import build_shards
+    from tests.fixtures.samples import build_shards
 
     sd = build_shards(tmp_path_factory.mktemp("hf"), n_train=3, n_val=0, max_bytes=7_000_000)
     urls = sorted(str(p) for p in (sd / "train").glob("*.tar"))

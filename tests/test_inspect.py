@@ -9,6 +9,7 @@ from gl10m import inspect as gi
 from gl10m import samples as smp
 from gl10m import shards
 from gl10m.errors import UserError
+from tests.fixtures.samples import make_sample
 
 LAYOUT = [("CA", "train")] * 3 + [("TX", "train")] * 1 + [("WA", "val")] * 2 + [("AZ", "test")] * 2
 
@@ -35,30 +36,13 @@ def make_meta(key, split, state, i):
     return meta
 
 
-def make_sample(key, split, state, i):
-    rng = np.random.default_rng(i)
-    lr = rng.integers(0, 256, (268, 268, 3), dtype=np.uint8)
-    ramp = np.linspace(0, 255, 268).astype(np.uint8)
-    hr = np.empty((100, 268, 268, 3), np.uint8)
-    hr[:] = ramp[None, None, :, None]
-    hr[:, :, :, 1] = (np.arange(100, dtype=np.uint8) * 2)[:, None, None]  # each tile tells its index
-    labels = np.zeros(66, np.uint8)
-    frac = np.zeros((100, 66), np.float16)
-    for c in rng.choice(66, 3 + i % 3, replace=False):
-        tiles = rng.choice(100, 12, replace=False)
-        frac[tiles, c] = rng.uniform(0.05, 1.0, 12)
-        labels[c] = 1
-    return smp.Sample(key=key, split=split, lr=lr, hr=hr, labels=labels, tile_frac=frac,
-                      meta=make_meta(key, split, state, i))
-
-
 def make_shards(root):
     """Staged samples under root/w, shards in root/w/shards (two shards in train)."""
     w = root / "w"
     entries, made = [], {}
     for i, (state, split) in enumerate(LAYOUT):
         key = f"{state}-s{100 + i}"
-        s = make_sample(key, split, state, i)
+        s = make_sample(key, split, i, look="ramp", meta=make_meta(key, split, state, i))
         entries.append(shards.Entry(key, split, state, smp.write_staged(w, s)))
         made[key] = s
     shards.build(entries, w / "shards", max_bytes=2 * 1024 * 1024,

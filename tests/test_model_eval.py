@@ -218,7 +218,7 @@ def model_env(tmp_path_factory):
     from gl10m.model import encoders as E
     from gl10m.model.crossscale.features import write_features
     from gl10m.model.crossscale.train import train
-    from tests.test_data import build_shards
+    from tests.fixtures.samples import build_shards
 
     root = tmp_path_factory.mktemp("eval")
     sd = build_shards(root, n_train=4, n_val=5)

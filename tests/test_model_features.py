@@ -21,7 +21,7 @@ from gl10m import data  # noqa: E402
 from gl10m.errors import UserError  # noqa: E402
 from gl10m.model import encoders as E  # noqa: E402
 from gl10m.model.crossscale import features as F  # noqa: E402
-from tests.test_data import build_shards  # noqa: E402
+from tests.fixtures.samples import build_shards  # noqa: E402
 
 TINY = dict(backend="vit", width=32, depth=1, heads=2, patch=8, hr_size=32, lr_size=80, pool=2, embed_dim=16)
 D, EMB, GL, G = 32, 16, 10, 2

@@ -38,7 +38,7 @@ def tiny_config(**over) -> dict:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from tests.test_data import build_shards
+    from tests.fixtures.samples import build_shards
 
     return build_shards(tmp_path_factory.mktemp("fit"), n_train=6, n_val=4)
 

@@ -1,4 +1,4 @@
-"""The osm stage on real PBFs written with osmium.SimpleWriter (tests/pbfgen.py)."""
+"""The osm stage on real PBFs written with osmium.SimpleWriter (tests/fixtures/pbf.py)."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,7 @@ import shapely
 
 from gl10m import osm
 from gl10m import profile as profile_mod
-from tests.pbfgen import PbfBuilder, bowtie, line, offset, square
+from tests.fixtures.pbf import PbfBuilder, bowtie, line, offset, square
 from tests.test_concepts import CASES
 
 LON, LAT = -120.0, 37.0

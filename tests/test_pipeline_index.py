@@ -8,20 +8,7 @@ import yaml
 from gl10m import profile as prof
 from gl10m.ledger import Ledger
 from gl10m.pipelines import index as ix
-from tests import pbfgen
-
-
-def write_region_pbf(path, lon, lat, extra_pool=False):
-    """Two separated neighbourhoods, each a park with a tennis court and a school; a lone pond."""
-    b = pbfgen.PbfBuilder()
-    for k, (x, y) in enumerate([(lon, lat), (lon + 0.05, lat)]):
-        b.area(pbfgen.square(x, y, 600), {"leisure": "park"})
-        b.area(pbfgen.square(x, y, 36), {"leisure": "pitch", "sport": "tennis"})
-        b.node(*pbfgen.offset(x, y, 200, 200), {"amenity": "school"})
-    b.area(pbfgen.square(lon + 0.3, lat, 80), {"water": "pond"})  # one concept: dropped
-    if extra_pool:
-        b.node(*pbfgen.offset(lon, lat, -150, -150), {"leisure": "swimming_pool"})
-    return b.write(path)
+from tests.fixtures.pbf import write_region_pbf
 
 
 @pytest.fixture

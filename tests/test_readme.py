@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_data import build_shards
+from tests.fixtures.samples import build_shards
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

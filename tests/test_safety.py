@@ -28,6 +28,7 @@ import yaml
 from gl10m import samples as smp
 from gl10m import shards
 from tests.test_bad_inputs import gl10m, one_error_line, osm_world, write_profile  # noqa: F401 - fixture
+from tests.fixtures.tars import sparse_member_tar
 from tests.test_security import SECRETS, URL_PASSWORD, URL_TOKEN, find_secrets, make_sample
 
 pytestmark = pytest.mark.timeout(600)
@@ -160,16 +161,6 @@ def test_verify_of_a_folder_of_broken_shards_prints_one_line_per_bad_shard(good_
         assert len(line) == 1 and key in line[0], (key, lines)
 
 
-def sparse_member_shard(path: Path, key: str, field: str, size: int) -> None:
-    """A tar whose member `key`.`field` really holds `size` bytes (a sparse file: no disk used)."""
-    with open(path, "wb") as f:
-        ti = tarfile.TarInfo(f"{key}.{field}")
-        ti.size = size
-        f.write(ti.tobuf(tarfile.GNU_FORMAT))
-        f.seek(512 + size + (-size % 512) + 1024 - 1)
-        f.write(b"\0")
-
-
 READ_SPARSE = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # a loader that reads 20 GiB fails here, not the machine
@@ -190,7 +181,7 @@ def test_the_loader_refuses_a_20_gib_member_before_reading_it(tmp_path):
     process whose address space is capped at 8 GiB (reading it would be a MemoryError there)."""
     pytest.importorskip("gl10m.data")
     tar = tmp_path / "gl10m-train-000000.tar"
-    sparse_member_shard(tar, "CA-w1", "lr.png", 20 * 2**30)
+    sparse_member_tar(tar, "CA-w1.lr.png", 20 * 2**30)
     r = subprocess.run([sys.executable, "-c", READ_SPARSE, str(tar)], capture_output=True, text=True, timeout=120)
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     lines = r.stdout.splitlines()

@@ -10,22 +10,11 @@ import pytest
 
 from gl10m import samples
 from gl10m.samples import Sample, SampleError
+from tests.fixtures.samples import make_sample as fixture_sample
 
 
 def make_sample(key="CA-000042", split="train", seed=0) -> Sample:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:2680, 0:2680]
-    base = ((np.sin(xx / 37.0) + np.cos(yy / 53.0)) * 60 + 120).astype(np.uint8)
-    hr_full = np.stack([base, base[::-1], base[:, ::-1]], -1)
-    from gl10m.compose import cut_tiles
-
-    hr = cut_tiles(hr_full, 10)
-    lr = rng.integers(0, 255, size=(268, 268, 3), dtype=np.uint8)
-    labels = samples.labels_from_concepts([3, 29, 65], 66)
-    tf = samples.dense_tile_frac([0, 0, 99], [3, 29, 65], [0.25, 0.5, 1 / 3], 66)
-    meta = {"scene_id": key.split("-")[1], "state": "CA", "qc": {"lr_black_ratio": 0.0},
-            "s2": {"items": [{"id": "S2A_x", "datetime": "2023-05-01T18:39:19Z"}]}}
-    return Sample(key=key, split=split, lr=lr, hr=hr, labels=labels, tile_frac=tf, meta=meta)
+    return fixture_sample(key, split, seed, look="waves")
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ import yaml
 
 from gl10m import samples as smp
 from gl10m import shards
+from tests.fixtures.samples import make_sample as _make_sample
+from tests.fixtures.tars import write_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 GL10M = Path(sys.executable).with_name("gl10m")
@@ -61,13 +63,7 @@ def evil_npy(marker: Path) -> bytes:
 # -- synthetic shards ------------------------------------------------------------------------------
 def make_sample(key: str, split: str = "train") -> smp.Sample:
     """Flat, striped images (fast to encode, small)."""
-    lr = np.full((268, 268, 3), 90, np.uint8)
-    hr = np.full((100, 268, 268, 3), 140, np.uint8)
-    hr[:, ::9] = 30
-    labels = smp.labels_from_concepts([3, 29], 66)
-    frac = smp.dense_tile_frac([0, 57], [3, 29], [0.5, 1.0], 66)
-    return smp.Sample(key=key, split=split, lr=lr, hr=hr, labels=labels, tile_frac=frac,
-                      meta={"key": key, "split": split, "state": key.split("-")[0]})
+    return _make_sample(key, split, look="flat")
 
 
 @pytest.fixture(scope="module")
@@ -84,21 +80,6 @@ def shard_dir(tmp_path_factory) -> Path:
 def members(shard_dir: Path) -> list[tuple[str, bytes]]:
     (tar,) = sorted((shard_dir / "train").glob("*.tar"))
     return list(shards.iter_members(tar))
-
-
-def write_tar(path: Path, mem: list, special: dict | None = None) -> Path:
-    """A tar of (name, bytes) members; `special` maps a member index to a TarInfo (link, device...)
-    that replaces it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
-        for i, (name, blob) in enumerate(mem):
-            if special and i in special:
-                tar.addfile(special[i])
-                continue
-            ti = tarfile.TarInfo(name)
-            ti.size = len(blob)
-            tar.addfile(ti, io.BytesIO(blob))
-    return path
 
 
 def copy_with_tar(shard_dir: Path, dst: Path, mem: list, special: dict | None = None, index: bool = True) -> Path:
@@ -485,7 +466,7 @@ def _closed_port() -> int:
 def test_credentials_in_a_failing_stac_url_are_not_recorded(tmp_path):
     """The STAC API is unreachable: requests' error names the URL with its query string. The
     catalog failure is recorded and printed without the token; the password never appears."""
-    from tests.test_pipeline_index import write_region_pbf
+    from tests.fixtures.pbf import write_region_pbf
 
     write_region_pbf(tmp_path / "co.osm.pbf", -105.0, 39.7)
     raw = yaml.safe_load((ROOT / "manifests" / "gl10m-66.yaml").read_text())

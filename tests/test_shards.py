@@ -8,17 +8,8 @@ import pytest
 
 from gl10m import samples as smp
 from gl10m import shards
-
-
-def make_sample(key, split, seed):
-    rng = np.random.default_rng(seed)
-    lr = rng.integers(0, 255, (268, 268, 3), dtype=np.uint8)
-    hr = rng.integers(0, 255, (100, 268, 268, 3), dtype=np.uint8)
-    labels = np.zeros(66, np.uint8)
-    labels[rng.choice(66, 3, replace=False)] = 1
-    frac = np.zeros((100, 66), np.float16)
-    return smp.Sample(key=key, split=split, lr=lr, hr=hr, labels=labels, tile_frac=frac,
-                      meta={"key": key, "split": split, "state": key.split("-")[0]})
+from tests.fixtures.samples import make_sample
+from tests.fixtures.tars import sparse_member_tar, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +18,7 @@ def staged(tmp_path_factory):
     entries = []
     for i, (state, split) in enumerate([("CA", "train")] * 5 + [("WA", "val")] * 2 + [("AZ", "test")] * 2):
         key = f"{state}-w{1000 + i}"
-        folder = smp.write_staged(root, make_sample(key, split, i))
+        folder = smp.write_staged(root, make_sample(key, split, i, look="noise"))
         entries.append(shards.Entry(key, split, state, folder))
     return root, entries
 
@@ -107,11 +98,7 @@ def test_rebuild_from_fewer_samples_removes_stale_shards(staged, tmp_path):
 
 @pytest.mark.parametrize("name", ["/etc/passwd", "../x.jpg", "a/../../b.png", "dir/k.lr.png"])
 def test_unsafe_member_names_are_rejected(tmp_path, name):
-    p = tmp_path / "evil.tar"
-    with tarfile.open(p, "w") as tar:
-        ti = tarfile.TarInfo(name)
-        ti.size = 1
-        tar.addfile(ti, io.BytesIO(b"x"))
+    p = write_tar(tmp_path / "evil.tar", [(name, b"x")])
     with pytest.raises(shards.ShardError, match="unsafe"):
         list(shards.iter_members(p))
 
@@ -128,15 +115,6 @@ def test_a_sample_missing_a_field_is_refused(staged, tmp_path):
 
 
 # -- the one tar reader (gl10m.shards.iter_tar / read_members): every reader refuses the same -------
-def _write_tar(path, members):
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, blob in members:
-            ti = tarfile.TarInfo(name)
-            ti.size = len(blob)
-            tar.addfile(ti, io.BytesIO(blob))
-    return path
-
-
 @pytest.fixture(scope="module")
 def built(staged, tmp_path_factory):
     out = tmp_path_factory.mktemp("built") / "s"
@@ -168,26 +146,19 @@ def test_every_reader_refuses_a_split_sample_or_a_repeated_field(built, tmp_path
         bad, twice = first + [first[3]] + second, first[3][0].split(".", 1)[1]
         fbad = [("CA-w1.s_vis.npy", _npy([1.0])), ("CA-w1.s_vis.npy", _npy([2.0]))]
         ftwice = "s_vis.npy appears twice"
-    path = _write_tar(tmp_path / "gl10m-train-000000.tar", bad)
+    path = write_tar(tmp_path / "gl10m-train-000000.tar", bad)
     with pytest.raises(shards.ShardError, match=f"{twice} appears twice"):
         list(shards.iter_members(path))
     with pytest.raises(data.LoaderError, match=f"{twice} appears twice"):
         list(data.load([str(path)], tiles=[0]))
-    fpath = _write_tar(tmp_path / "feat-train-000000.tar", fbad)
+    fpath = write_tar(tmp_path / "feat-train-000000.tar", fbad)
     with pytest.raises(feats.FeatureError, match=ftwice):
         list(feats._iter_shard(fpath))
 
 
 def test_the_feature_cache_refuses_a_member_above_the_cap_before_reading_it(tmp_path):
     feats = pytest.importorskip("gl10m.model.features")
-    path = tmp_path / "feat-train-000000.tar"
-    size = shards.MAX_MEMBER_BYTES + 1
-    with open(path, "wb") as f:  # a sparse member: no disk used
-        ti = tarfile.TarInfo("CA-w1.hr_tokens.npy")
-        ti.size = size
-        f.write(ti.tobuf(tarfile.USTAR_FORMAT))
-        f.seek(512 + size + (-size % 512) + 1024 - 1)
-        f.write(b"\0")
+    path = sparse_member_tar(tmp_path / "feat-train-000000.tar", "CA-w1.hr_tokens.npy", shards.MAX_MEMBER_BYTES + 1)
     with pytest.raises(feats.FeatureError, match="CA-w1.*per-member cap"):
         list(feats._iter_shard(path))
 
