@@ -100,7 +100,7 @@ def hr_grid(bounds: Bounds, profile) -> Grid:
     return footprint_grid(bounds, profile.geometry.hr_px)
 
 
-def tile_bounds(bounds: Bounds, grid: int = 10) -> list[Bounds]:
+def tile_bounds(bounds: Bounds, grid: int) -> list[Bounds]:
     """The `grid` x `grid` tile footprints, index ``row*grid + col`` (row 0 north, col 0 west);
     :func:`gl10m.geometry.tile_bounds` for one footprint (shared edges are the same floats)."""
     from gl10m.geometry import tile_bounds as _tb
@@ -108,7 +108,7 @@ def tile_bounds(bounds: Bounds, grid: int = 10) -> list[Bounds]:
     return [tuple(float(v) for v in b) for b in _tb([_check_bounds(bounds)], grid)[0]]
 
 
-def cut_tiles(mosaic: np.ndarray, grid: int = 10) -> np.ndarray:
+def cut_tiles(mosaic: np.ndarray, grid: int) -> np.ndarray:
     """[H, W, C] -> [grid*grid, H/grid, W/grid, C], index ``row*grid + col`` from the north-west."""
     h, w, c = mosaic.shape
     if h % grid or w % grid:

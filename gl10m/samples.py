@@ -38,8 +38,12 @@ LR_FIELD = "lr.png"
 LABELS_FIELD = "labels.npy"
 TILE_FRAC_FIELD = "tile_frac.npy"
 META_FIELD = "meta.json"
-N_TILES = 100
-TILE_PX = 268
+# The scene geometry of the sample format: the default profile's (gl10m-66.yaml geometry: grid 10,
+# tile_px 268, lr_px 268; tests/test_profile.py holds them equal). Every other module takes them
+# from here; a sample of another geometry is refused (_check_sample).
+GRID = 10  # HR tiles a side
+N_TILES = GRID * GRID
+TILE_PX = 268  # an HR tile's side, and the LR image's
 JPEG_QUALITY = 95
 JPEG_SUBSAMPLING = "444"
 PNG_COMPRESS_LEVEL = 6

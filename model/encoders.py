@@ -45,9 +45,8 @@ from torch import nn
 
 from gl10m.errors import UserError
 from gl10m.model import _compat
+from gl10m.samples import GRID as N_GRID  # HR tiles per side of a scene
 
-N_GRID = 10  # HR tiles per side of a scene
-TILE_PX = 268
 TEXT_DIM = 384  # all-MiniLM-L6-v2
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip.constants.OPENAI_DATASET_MEAN / STD
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

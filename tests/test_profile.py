@@ -118,3 +118,14 @@ def test_dump_roundtrip(tmp_path):
     prof.dump(p, tmp_path / "out.yaml")
     q = prof.load(tmp_path / "out.yaml")
     assert q.hash() == p.hash()
+
+
+def test_the_sample_format_has_the_default_profiles_geometry():
+    """gl10m.samples holds the grid constants every other module (loader, verify, model) uses;
+    they are the default profile's geometry."""
+    from gl10m import samples
+    from gl10m import profile as profile_mod
+
+    g = profile_mod.load().geometry
+    assert (samples.GRID, samples.N_TILES, samples.TILE_PX) == (g.grid, g.grid * g.grid, g.tile_px)
+    assert samples.TILE_PX == g.lr_px and g.hr_px == samples.GRID * samples.TILE_PX

@@ -81,7 +81,7 @@ from .selection import RULE, calibrate_threshold, select
 from .supervision import VARIANTS
 
 N_TILES = smp.N_TILES
-GRID = 10
+GRID = smp.GRID
 SWEEP_THRESHOLDS = (0.0, 0.1, 0.25, 0.45, 0.55, 0.65, 0.85, 1.0)
 REPORT_VERSION = 2
 

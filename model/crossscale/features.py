@@ -38,6 +38,7 @@ from torch.utils.data import IterableDataset
 
 from gl10m.errors import UserError
 from gl10m.model.encoders import TextEncoder, TileEncoder, build_encoder, concept_labels
+from gl10m.samples import N_TILES
 from gl10m.samples import encode_npy as _npy
 
 FIELDS = ("lr_tokens", "hr_tokens", "hr_embed", "lr_embed", "s_vis", "labels", "tile_frac")
@@ -60,7 +61,8 @@ def _member_bytes(nbytes: int) -> int:
 
 def sample_bytes(dims: dict, n_concepts: int) -> int:
     d, e, gl, g = dims["D"], dims["E"], dims["Gl"], dims["g"]
-    sizes = [gl * gl * d * 2, 100 * g * g * d * 2, 100 * e * 2, e * 2, 100 * 4, n_concepts, 100 * n_concepts * 2]
+    n = N_TILES
+    sizes = [gl * gl * d * 2, n * g * g * d * 2, n * e * 2, e * 2, n * 4, n_concepts, n * n_concepts * 2]
     return sum(_member_bytes(s) for s in sizes)
 
 
@@ -224,10 +226,10 @@ def write_features(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, en
             "encoder_novel": (list(info["novel"]) if info.get("novel") is not None and info.get("labels") == labels
                               else None),
             "fields": {"lr_tokens": ["float16", [dims["Gl"], dims["Gl"], dims["D"]]],
-                       "hr_tokens": ["float16", [100, dims["g"], dims["g"], dims["D"]]],
-                       "hr_embed": ["float16", [100, dims["E"]]], "lr_embed": ["float16", [dims["E"]]],
-                       "s_vis": ["float32", [100]], "labels": ["uint8", [len(labels)]],
-                       "tile_frac": ["float16", [100, len(labels)]]},
+                       "hr_tokens": ["float16", [N_TILES, dims["g"], dims["g"], dims["D"]]],
+                       "hr_embed": ["float16", [N_TILES, dims["E"]]], "lr_embed": ["float16", [dims["E"]]],
+                       "s_vis": ["float32", [N_TILES]], "labels": ["uint8", [len(labels)]],
+                       "tile_frac": ["float16", [N_TILES, len(labels)]]},
             "saliency": enc.cfg.saliency, "groups": merged_groups, "versions": _versions(),
             "shards": {s: [SHARD_NAME.format(split=s, n=j) for j in range(len(g))] for s, g in merged_groups.items()}}
     out.mkdir(parents=True, exist_ok=True)
@@ -258,8 +260,8 @@ def write_features(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, en
             def samples(dl=dl):
                 for batch in dl:
                     hr = batch["hr"]
-                    if not isinstance(hr, torch.Tensor) or hr.shape[1] != 100:
-                        raise FeatureError(f"{s}: a sample lacks some of its 100 HR tiles")
+                    if not isinstance(hr, torch.Tensor) or hr.shape[1] != N_TILES:
+                        raise FeatureError(f"{s}: a sample lacks some of its {N_TILES} HR tiles")
                     if batch["labels"].shape[1] != len(labels):
                         raise FeatureError(f"{s}: samples have {batch['labels'].shape[1]} concepts, "
                                            f"the encoder's labels {len(labels)}")

@@ -16,12 +16,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gl10m.errors import UserError
+from gl10m.samples import GRID as N_SIDE
+from gl10m.samples import N_TILES
 
 from .losses import BIAS_INIT, LOG_SCALE_INIT
 from .scoring import pool_scene
 
-N_SIDE = 10
-N_TILES = N_SIDE * N_SIDE
 
 
 def rasterise(tokens: torch.Tensor, mask: torch.Tensor | None = None,

@@ -44,6 +44,7 @@ from torch import nn
 
 from gl10m.model.crossscale.losses import siglip_loss
 from gl10m.model.encoders import EncoderConfig, EncoderError, TextEncoder, TileEncoder, concept_labels, load_config, save_encoder
+from gl10m.samples import N_TILES
 
 TRAIN_DEFAULTS = dict(split="train", steps=2000, batch_size=8, tiles_per_scene=8, lr=3.0e-4, weight_decay=0.05,
                       pos_threshold=1e-4, lr_weight=1.0, seed=0, shuffle=64, profile=None, device="cpu",
@@ -75,8 +76,8 @@ def _train_cfg(cfg: dict) -> tuple[dict, dict]:
     for k in ("steps", "batch_size", "tiles_per_scene"):
         if isinstance(tr[k], bool) or not isinstance(tr[k], int) or tr[k] < 1:
             raise EncoderError(f"train config: {k} must be a positive integer, got {tr[k]!r}")
-    if not 0 < tr["tiles_per_scene"] <= 100:
-        raise EncoderError("train config: tiles_per_scene must be in 1..100")
+    if not 0 < tr["tiles_per_scene"] <= N_TILES:
+        raise EncoderError(f"train config: tiles_per_scene must be in 1..{N_TILES}")
     EncoderConfig.from_dict(enc)  # fail fast, before the text encoder loads
     if not 0.0 < float(tr["pos_threshold"]) <= 1.0:
         raise EncoderError(f"train config: pos_threshold must be in (0, 1], got {tr['pos_threshold']!r}")
@@ -85,7 +86,7 @@ def _train_cfg(cfg: dict) -> tuple[dict, dict]:
 
 def _tile_picker(k: int, seed: int) -> Callable:
     rng = np.random.default_rng(seed)
-    return lambda _lr: sorted(rng.choice(100, size=k, replace=False).tolist())
+    return lambda _lr: sorted(rng.choice(N_TILES, size=k, replace=False).tolist())
 
 
 def novel_ids(novel, labels: list[str], profile=None) -> list[int]:

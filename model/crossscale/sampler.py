@@ -35,12 +35,12 @@ import yaml
 
 from gl10m import safeyaml
 from gl10m.errors import UserError
+from gl10m.samples import GRID
 
 from .selection import (check_scores, check_threshold, obr, rank, scene_budgets, select,  # noqa: F401
                         top_k_mask)
 from .supervision import N_TILES, VARIANTS, g_star, resolve_novel_concepts
 
-GRID = 10
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 DEFAULTS = {

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from gl10m.errors import UserError
+from gl10m.samples import N_TILES
 
-N_TILES = 100
 
 
 def center_text(text: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from gl10m.errors import UserError
+from gl10m.samples import N_TILES
 
-N_TILES = 100
 RULE = "p = sigmoid(sampler logit); a tile is selected when p > threshold (strict: 1.0 selects nothing)"
 
 

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from gl10m.errors import UserError
+from gl10m.samples import N_TILES
 
-N_TILES = 100
 VARIANTS = ("multiplicative", "structural", "semantic", "additive")
 
 
