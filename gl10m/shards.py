@@ -9,6 +9,12 @@ Determinism: sample order and shard assignment depend only on the keys (order by
 key, which spreads states and concepts evenly over shards), members are written with fixed tar
 metadata (ustar, mtime 0, uid/gid 0, mode 0444, no user names), so the same staged samples give
 byte-identical shards. Each shard is written to a temp file, fsynced and renamed.
+
+Reading: this module holds the one tar reader. :func:`iter_tar` streams members, each checked from
+its header before it can be read (safe name, regular file, ``<key>.<field>``, size against the file
+and :data:`MAX_MEMBER_BYTES`, samples contiguous); :func:`read_members` reads members at their
+indexed offsets and checks each one's tar header against the index. :func:`verify`,
+:mod:`gl10m.data`, :mod:`gl10m.inspect` and the feature cache read shards through them.
 """
 from __future__ import annotations
 
@@ -166,7 +172,7 @@ def split_member(name: str) -> tuple[str, str]:
 
 # -- reading: the one tar reader ---------------------------------------------------------------
 # verify, gl10m.data (streams and reads by offset), gl10m.inspect and the feature cache read
-# shards only through iter_tar (iter_members, iter_samples) and read_members.
+# shards only through iter_tar (or iter_members, on top of it) and read_members.
 @dataclass(frozen=True)
 class Member:
     """A member of a shard being read, checked but not yet read: ``read()`` returns its bytes
@@ -232,20 +238,6 @@ def iter_members(path: Path, *, max_member: int = MAX_MEMBER_BYTES) -> Iterator[
         for m in iter_tar(fh, path.name, stream=False, file_size=os.fstat(fh.fileno()).st_size,
                           max_member=max_member):
             yield f"{m.key}.{m.field}", m.read()
-
-
-def iter_samples(fh, where: str, **kw) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {field: bytes}) of the tar in `fh`, one sample at a time (:func:`iter_tar`'s checks;
-    `kw` are its keywords)."""
-    key, cur = None, {}
-    for m in iter_tar(fh, where, **kw):
-        if m.key != key:
-            if key is not None:
-                yield key, cur
-            key, cur = m.key, {}
-        cur[m.field] = m.read()
-    if key is not None:
-        yield key, cur
 
 
 def parse_header(block: bytes) -> tuple[str, int]:
