@@ -60,8 +60,10 @@ the undecoded bytes of the fields a sample needs.
 
 Modules: ``common`` (LoaderError, the schema's field positions), ``sources`` (folders, URLs,
 manifest and sidecar index -> shards), ``tar`` (byte access: random reads by offset, streams,
-member reads checked against their tar headers, :class:`SampleReader`), ``decode`` (LR, HR tiles,
-labels), ``dataset`` (:class:`ShardDataset`, :func:`load`, :func:`collate`).
+:class:`SampleReader`), ``decode`` (LR, HR tiles, labels, with :mod:`gl10m.samples`' codecs),
+``dataset`` (:class:`ShardDataset`, :func:`load`, :func:`collate`). The tar format (members read
+by offset and checked against their headers, streamed members checked before they are read) is
+:mod:`gl10m.shards`' one reader.
 """
 from __future__ import annotations
 
