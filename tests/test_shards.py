@@ -133,7 +133,7 @@ def test_every_reader_refuses_a_split_sample_or_a_repeated_field(built, tmp_path
     """A shard whose sample CA-w1000 comes back after another (or repeats a field) is refused by
     iter_members (verify's reader), the streaming loader and the feature cache alike."""
     data = pytest.importorskip("gl10m.data")
-    feats = pytest.importorskip("gl10m.model.features")
+    feats = pytest.importorskip("gl10m.model.crossscale.features")
     (tar,) = sorted((built / "train").glob("*.tar"))[:1]
     mem = list(shards.iter_members(tar))
     first = [m for m in mem if m[0].startswith(mem[0][0].split(".")[0] + ".")]
@@ -157,7 +157,7 @@ def test_every_reader_refuses_a_split_sample_or_a_repeated_field(built, tmp_path
 
 
 def test_the_feature_cache_refuses_a_member_above_the_cap_before_reading_it(tmp_path):
-    feats = pytest.importorskip("gl10m.model.features")
+    feats = pytest.importorskip("gl10m.model.crossscale.features")
     path = sparse_member_tar(tmp_path / "feat-train-000000.tar", "CA-w1.hr_tokens.npy", shards.MAX_MEMBER_BYTES + 1)
     with pytest.raises(feats.FeatureError, match="CA-w1.*per-member cap"):
         list(feats._iter_shard(path))
