@@ -12,14 +12,24 @@ For 1 and 2 worker processes it prints, measured in the same run:
   * bare: open each asset of every scene and read the window over the footprint (no warp,
     no composite, no encode) -> scenes/s;
   * fetch: ``fetch_scene`` per scene (reads + warps + composite + mosaic + QC + JPEG/PNG +
-    atomic staging) -> scenes/s;
+    atomic staging) -> scenes/s, and the peak RSS of a worker process;
   * the ratio fetch/bare time per scene (how much the step costs beyond reading its inputs).
+
+Then where the time of ``fetch_scene`` goes (1 worker, seconds per scene per part, from
+:class:`gl10m.sources.base.Timings`: reads, S2 warps + SCL masking, median + stretch, NAIP warp,
+NAIP mosaic, tiling, QC, JPEG/PNG encode, staging writes; "other" is the rest), the LR/HR
+agreement of the staged samples (per sample, the mean over R, G, B of the correlation between
+the 10 x 10 block means of the HR mosaic and the LR image), and the same for the Earth Engine
+path through the testbed's stand-in (``gl10m.testbed.eeserver``), measured against the raw
+``computePixels`` answer time. Workers call :func:`gl10m.memory.keep_freed_memory` first, as the
+pipeline's do (``pipelines.runner.run_unit``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -160,14 +170,27 @@ def plan_rows(stac_url: str, cols: int, rows: int, n: int) -> list[dict]:
     return out
 
 
-# -- the two tasks (module-level: picklable for worker processes) --------------------------------
-def bare_read(row: dict) -> int:
+# -- the tasks (module-level: picklable for worker processes) ------------------------------------
+def _worker_setup() -> None:
+    from gl10m.memory import keep_freed_memory
+
+    keep_freed_memory()
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+
+
+def bare_read(row: dict) -> dict:
     """Open every asset of the scene over HTTP and read its window over the footprint."""
     import rasterio
 
     from gl10m import compose
     from gl10m.sources.gdalenv import gdal_http_env
 
+    _worker_setup()
     grid = compose.footprint_grid((row["west"], row["south"], row["east"], row["north"]), 268)
     hrefs = [it["href"] for it in json.loads(row["naip_items"])]
     hrefs += [h for it in json.loads(row["s2_items"]) for h in it["hrefs"].values()]
@@ -181,14 +204,36 @@ def bare_read(row: dict) -> int:
                     px += ds.read(idx, window=win).size if win is not None else 0
             except rasterio.errors.RasterioIOError:
                 continue  # a testbed fault (missing or truncated COG): fetch rejects it too
-    return px
+    return {"label": "ok", "px": px, "rss_mb": _peak_rss_mb()}
 
 
-def do_fetch(args: tuple) -> str:
+_PROVIDERS: dict = {}
+
+
+def do_fetch(args: tuple) -> dict:
+    """``fetch_scene`` of one row -> its label, seconds per part and in all, the worker's peak RSS.
+    args: (row, out, profile path or None, Earth Engine stand-in URL or None)."""
     from gl10m import fetch, profile
+    from gl10m.sources.base import Timings
 
-    row, out, *prof = args
-    return fetch.fetch_scene(row, profile.load(prof[0] if prof else None), out).label
+    _worker_setup()
+    row, out, prof, ee_url = (*args, None, None)[:4]
+    p = profile.load(prof)
+    provider = None
+    if ee_url:
+        from gl10m.sources import earthengine as E
+
+        if ee_url not in _PROVIDERS:
+            _PROVIDERS[ee_url] = E.EarthEngineProvider("bench", url=ee_url, collections={
+                "naip": E.NAIP_COLLECTION, "sentinel-2-l2a": E.S2_COLLECTION,
+                p.imagery.naip.collection: E.NAIP_COLLECTION, p.imagery.s2.collection: E.S2_COLLECTION})
+        provider = _PROVIDERS[ee_url]
+    t = Timings()
+    t0 = time.perf_counter()
+    res = fetch.fetch_scene(row, p, out, provider, timings=t)
+    total = time.perf_counter() - t0
+    return {"label": res.label, "seconds": dict(t.seconds), "total": total, "rss_mb": _peak_rss_mb(),
+            "path": str(res.path) if res.path else None}
 
 
 def testbed_rows(world: Path, stac_url: str, wd: Path, n: int) -> list[dict]:
@@ -207,19 +252,109 @@ def testbed_rows(world: Path, stac_url: str, wd: Path, n: int) -> list[dict]:
     return rows[:n]
 
 
-def timed(fn, items, workers: int) -> float:
-    if workers == 1:
+def timed(fn, items: list, workers: int, *, strict: bool) -> tuple[float, list[dict]]:
+    """Wall time of `fn` over `items` in `workers` fresh worker processes (warmed by one untimed
+    call each: imports, GDAL), and the results."""
+    with ProcessPoolExecutor(workers) as ex:
+        warm = [(dict(x[0], key=f"{x[0]['key'][:3]}999{i:03d}"), *x[1:]) if isinstance(x, tuple) else x
+                for i, x in enumerate(items[:workers])]
+        list(ex.map(fn, warm))
         t = time.perf_counter()
-        res = [fn(x) for x in items]
-    else:
-        with ProcessPoolExecutor(workers) as ex:
-            list(ex.map(fn, items[:workers]))  # warm the workers (imports), not timed
-            t = time.perf_counter()
-            res = list(ex.map(fn, items))
-    dt = time.perf_counter() - t
-    if fn is do_fetch and any(r != "ok" for r in res) and len(items[0]) == 2:
-        raise SystemExit(f"bench: some scenes did not come out ok: {res}")
-    return dt
+        res = list(ex.map(fn, items))
+        dt = time.perf_counter() - t
+    if strict and any(r["label"] != "ok" for r in res):
+        raise SystemExit(f"bench: some scenes did not come out ok: {[r['label'] for r in res]}")
+    return dt, res
+
+
+PART_ORDER = ("reads", "s2 warp + scl mask", "s2 median + stretch", "s2 composite", "naip warp", "naip mosaic",
+              "ee block reassembly", "tiling", "qc", "encode", "staging writes")
+
+
+def breakdown(results: list[dict]) -> dict[str, float]:
+    """Mean seconds per scene of each part (and "other": the rest of fetch_scene's time)."""
+    n = len(results)
+    parts: dict[str, float] = {}
+    for r in results:
+        for k, v in r["seconds"].items():
+            parts[k] = parts.get(k, 0.0) + v / n
+    out = {k: parts[k] for k in PART_ORDER if k in parts}
+    out.update({k: v for k, v in parts.items() if k not in out})
+    out["other"] = max(0.0, sum(r["total"] for r in results) / n - sum(out.values()))
+    return out
+
+
+def agreement(results: list[dict]) -> list[float]:
+    """Per staged sample: mean over R, G, B of corr(10 x 10 block means of the HR mosaic, LR)."""
+    from gl10m import samples
+    from gl10m.compose import join_tiles
+
+    out = []
+    for r in results:
+        if not r.get("path"):
+            continue
+        s = samples.read_staged(r["path"])
+        hr = join_tiles(s.hr).astype(np.float32)
+        h, w, _ = s.lr.shape
+        f = hr.shape[0] // h
+        down = hr.reshape(h, f, w, f, 3).mean(axis=(1, 3))
+        lr = s.lr.astype(np.float32)
+        out.append(float(np.mean([np.corrcoef(down[..., c].ravel(), lr[..., c].ravel())[0, 1] for c in range(3)])))
+    return out
+
+
+def _print_breakdown(title: str, parts: dict[str, float], total: float, base_name: str, base: float) -> None:
+    print(f"{title}: {total:.3f} s/scene; {base_name} {base:.3f} s/scene")
+    for k, v in parts.items():
+        print(f"  {k:<22} {v:7.3f} s  {100 * v / total:5.1f} %")
+
+
+def _run(a, scenes: list[dict], tmp: Path, prof: str | None, mode: str, ee_url: str | None) -> int:
+    print(f"{'workers':>7} {'bare scenes/s':>14} {'fetch scenes/s':>15} {'fetch/bare time':>16} {'peak RSS/worker':>16}")
+    recs, first, one = [], {}, None
+    strict = prof is None
+    for w in (int(x) for x in a.workers.split(",")):
+        tb, _ = timed(bare_read, scenes, w, strict=False)
+        tf, res = timed(do_fetch, [(r, str(tmp / f"W{w}"), prof) for r in scenes], w, strict=strict)
+        rss = max(r["rss_mb"] for r in res)
+        print(f"{w:>7} {len(scenes) / tb:>14.2f} {len(scenes) / tf:>15.2f} {tf / tb:>15.1f}x {rss:>13.0f} MB")
+        recs += _records(w, len(scenes), tb, tf, first)
+        recs.append(record(f"peak RSS of a fetch worker, {w} worker(s)", rss, "MB", None, None, None, False,
+                           "the largest resident set of a worker process (target < 1500 MB)"))
+        if one is None:
+            one = (w, tb, tf, res)
+    w, tb, tf, res = one
+    n = len(scenes)
+    parts = breakdown(res)
+    total = sum(r["total"] for r in res) / n
+    _print_breakdown(f"where fetch_scene's time goes ({w} worker)", parts, total, "bare window reads", tb / n)
+    for k, v in parts.items():
+        recs.append(record(f"fetch_scene part: {k}", v, "s/scene", "fetch_scene in all", total, v / total, False,
+                           "share of fetch_scene's time per scene (1 worker)"))
+    agree = agreement(res)
+    if agree:
+        print(f"LR/HR agreement: corr(block-mean HR, LR) mean {np.mean(agree):.6f}, min {np.min(agree):.6f} "
+              f"over {len(agree)} samples")
+        recs.append(record("LR/HR agreement (mean corr of block-mean HR vs LR)", float(np.mean(agree)), "r",
+                           "its minimum over the samples", float(np.min(agree)), None, True,
+                           "per staged sample, mean over R, G, B of corr(10x10 block means of HR, LR); must not drop"))
+    if ee_url:
+        te, eres = timed(do_fetch, [(r, str(tmp / "EE"), prof, ee_url) for r in scenes], 1, strict=strict)
+        eparts = breakdown(eres)
+        etotal = sum(r["total"] for r in eres) / n
+        raw = eparts.get("reads", 0.0)
+        _print_breakdown("earthengine (stand-in), 1 worker", eparts, etotal, "raw computePixels answers", raw)
+        print(f"  fetch / raw answer time: {etotal / raw:.2f}x" if raw else "  (no answer time)")
+        recs.append(record("fetch_scene via Earth Engine stand-in, 1 worker", etotal, "s/scene",
+                           "raw computePixels answers (the stand-in's answer time)", raw, None, False,
+                           "fetch / raw answer time per scene: the cost of the step beyond its answers"))
+        eagree = agreement(eres)
+        if eagree:
+            print(f"  LR/HR agreement (earthengine): mean {np.mean(eagree):.6f}, min {np.min(eagree):.6f}")
+    write_json(a.json, "fetch", recs, mode=mode, scenes=len(scenes), workers=a.workers,
+               load_avg=" ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return 0
 
 
 def _records(w: int, n: int, tb: float, tf: float, first: dict) -> list[dict]:
@@ -242,53 +377,47 @@ def main(argv=None) -> int:
     ap.add_argument("--world", type=Path, default=None,
                     help="a world built by `gl10m testbed build`: plan rows come from the real index/catalog/plan "
                          "stages, and scenes hit its deliberate faults like a real run (rejections are timed too)")
+    ap.add_argument("--no-ee", action="store_true", help="skip the Earth Engine stand-in part")
     add_json_arg(ap)
     a = ap.parse_args(argv)
-    if a.world:
-        return main_world(a)
     from gl10m.testbed.serve import serve
 
-    cols, rows = 2, 2
     with tempfile.TemporaryDirectory(prefix="bench-fetch-") as tmp:
-        world = a.keep or Path(tmp) / "world"
-        t = time.perf_counter()
-        if not (world / "stac" / "items.json").exists():
-            build_world(world, cols, rows)
-        print(f"world: {world} ({time.perf_counter() - t:.1f} s to build)")
-        with serve(world) as servers:
-            scenes = plan_rows(servers.stac_url, cols, rows, a.scenes)
-            bare_read(scenes[0])  # warm this process
-            do_fetch((scenes[0], str(Path(tmp) / "warm")))
-            print(f"{a.scenes} scenes, each 2 NAIP QQs + 3 S2 dates x 4 assets over HTTP (127.0.0.1)")
-            print(f"{'workers':>7} {'bare scenes/s':>14} {'fetch scenes/s':>15} {'fetch/bare time':>16}")
-            recs, first = [], {}
-            for w in (int(x) for x in a.workers.split(",")):
-                tb = timed(bare_read, scenes, w)
-                tf = timed(do_fetch, [(r, str(Path(tmp) / f"W{w}")) for r in scenes], w)
-                print(f"{w:>7} {a.scenes / tb:>14.2f} {a.scenes / tf:>15.2f} {tf / tb:>15.1f}x")
-                recs += _records(w, a.scenes, tb, tf, first)
-    write_json(a.json, "fetch", recs, mode="synthetic world", scenes=a.scenes, workers=a.workers)
-    return 0
+        tmp = Path(tmp)
+        if a.world:
+            world, prof, cols, rows = a.world, str(a.world / "profile.yaml"), None, None
+        else:
+            cols, rows, prof = 2, 2, None
+            world = a.keep or tmp / "world"
+            t = time.perf_counter()
+            if not (world / "stac" / "items.json").exists():
+                build_world(world, cols, rows)
+            print(f"world: {world} ({time.perf_counter() - t:.1f} s to build)")
+        with serve(world) as servers, _ee_stand_in(world, a.no_ee) as ee:
+            if a.world:
+                scenes = testbed_rows(world, servers.stac_url, tmp / "plan", a.scenes)
+                print(f"testbed world {world}: {len(scenes)} planned scenes over HTTP (127.0.0.1)")
+                mode = f"testbed world {world}"
+            else:
+                scenes = plan_rows(servers.stac_url, cols, rows, a.scenes)
+                print(f"{a.scenes} scenes, each 2 NAIP QQs + 3 S2 dates x 4 assets over HTTP (127.0.0.1)")
+                mode = "synthetic world"
+            return _run(a, scenes, tmp, prof, mode, ee.url if ee is not None else None)
 
 
-def main_world(a) -> int:
-    from gl10m.testbed.serve import serve
+def _ee_stand_in(world: Path, skip: bool):
+    import contextlib
 
-    with tempfile.TemporaryDirectory(prefix="bench-fetch-") as tmp, serve(a.world) as servers:
-        prof = str(a.world / "profile.yaml")
-        scenes = testbed_rows(a.world, servers.stac_url, Path(tmp) / "plan", a.scenes)
-        bare_read(scenes[0])
-        do_fetch((scenes[0], str(Path(tmp) / "warm"), prof))
-        print(f"testbed world {a.world}: {len(scenes)} planned scenes over HTTP (127.0.0.1)")
-        print(f"{'workers':>7} {'bare scenes/s':>14} {'fetch scenes/s':>15} {'fetch/bare time':>16}")
-        recs, first = [], {}
-        for w in (int(x) for x in a.workers.split(",")):
-            tb = timed(bare_read, scenes, w)
-            tf = timed(do_fetch, [(r, str(Path(tmp) / f"W{w}"), prof) for r in scenes], w)
-            print(f"{w:>7} {len(scenes) / tb:>14.2f} {len(scenes) / tf:>15.2f} {tf / tb:>15.1f}x")
-            recs += _records(w, len(scenes), tb, tf, first)
-    write_json(a.json, "fetch", recs, mode=f"testbed world {a.world}", scenes=len(scenes), workers=a.workers)
-    return 0
+    if skip:
+        return contextlib.nullcontext(None)
+    try:
+        import ee  # noqa: F401
+    except ImportError:
+        print("earthengine-api is not installed: no Earth Engine part")
+        return contextlib.nullcontext(None)
+    from gl10m.testbed.eeserver import serve_ee
+
+    return serve_ee(world)
 
 
 if __name__ == "__main__":

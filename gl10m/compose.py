@@ -19,10 +19,11 @@ per-pixel median over the remaining dates (the same dates for all three bands) i
 reflectance ``stretch[0]..stretch[1]`` to 0..255 (R, G, B = B04, B03, B02).
 
 NAIP HR. Quarter-quads of one state-year are read as bands 1, 2, 3 (R, G, B; band 4 is the N
-band and is never read), reprojected bilinearly onto the HR grid with their no-data (declared
-nodata / internal mask, and pixels black in all three bands, the DOQQ collar) kept as NaN, and
-mosaicked first-valid-wins, so overlapping quarter-quads fill each other's collars and no black
-seam can appear where one ends.
+band and is never read), reprojected bilinearly onto the HR grid in uint8 with their coverage
+(no-data = declared nodata / internal mask, and pixels black in all three bands, the DOQQ
+collar; it never darkens a valid neighbour), and mosaicked first-valid-wins (a pixel a
+quarter-quad covers fully before one it covers in part), so overlapping quarter-quads fill each
+other's collars and no black seam can appear where one ends.
 """
 from __future__ import annotations
 
@@ -324,38 +325,135 @@ def naip_valid(rgb: np.ndarray, masks: np.ndarray | None = None) -> np.ndarray:
     return valid
 
 
-def warp_naip(rgb: np.ndarray, valid: np.ndarray, src_transform: Affine, src_crs, grid: Grid) -> np.ndarray:
-    """NAIP window [3, h, w] uint8 + validity -> float32 [3, H, W] on `grid` (bilinear), NaN where
-    the quarter-quad has no valid data."""
+WARP_BLOCK = 268  # HR pixels per side of a block mapped exactly (bilinear in between: < 0.001 px off)
+
+
+def _block_mesh(grid: Grid, src_transform: Affine, src_crs, block: int) -> list:
+    """Pillow MESH data: each `block` x `block` block of `grid` with the source quadrilateral its
+    corners fall on (source pixel coordinates, corners projected exactly by GDAL's transformer,
+    the one ``reproject`` uses)."""
+    from rasterio.warp import transform as crs_transform
+
+    cols = sorted({*range(0, grid.width, block), grid.width})
+    rows = sorted({*range(0, grid.height, block), grid.height})
+    C, R = np.meshgrid(np.asarray(cols, float), np.asarray(rows, float))
+    lon, lat = grid.transform * (C.ravel(), R.ravel())
+    x, y = crs_transform(grid.crs, src_crs, lon, lat)
+    sc, sr = ~src_transform * (np.asarray(x), np.asarray(y))
+    sc, sr = sc.reshape(C.shape), sr.reshape(C.shape)
+    mesh = []
+    for i in range(len(rows) - 1):
+        for j in range(len(cols) - 1):
+            quad = (sc[i, j], sr[i, j], sc[i + 1, j], sr[i + 1, j],          # upper left, lower left,
+                    sc[i + 1, j + 1], sr[i + 1, j + 1], sc[i, j + 1], sr[i, j + 1])  # lower right, upper right
+            mesh.append(((cols[j], rows[i], cols[j + 1], rows[i + 1]), tuple(float(v) for v in quad)))
+    return mesh
+
+
+def warp_naip(rgb: np.ndarray, valid: np.ndarray, src_transform: Affine, src_crs, grid: Grid, *,
+              block: int = WARP_BLOCK) -> np.ndarray:
+    """NAIP window [3, h, w] uint8 + validity -> a layer on `grid`: uint8 [4, H, W], R, G, B
+    (bilinear over the valid pixels only) and their coverage (0 none, 255 every contributing
+    pixel valid, 1..254 in part).
+
+    Straight onto the grid, once: each colour band premultiplied by validity and the validity
+    itself are resampled bilinearly in float32 (Pillow's mesh transform: the grid cut into
+    `block`-pixel blocks whose corners are projected exactly, bilinear in between, so the
+    mapping is within 0.001 px of the projection); the colour is divided by the valid part of
+    its kernel, so invalid pixels (collar, wedge) never darken their valid neighbours, and
+    rounded."""
+    from PIL import Image
+
     if rgb.shape[0] != 3:
         raise ValueError(f"NAIP mosaicking takes exactly the R, G, B bands, got {rgb.shape[0]} bands")
-    f = rgb.astype(np.float32)
-    f[:, ~valid] = np.nan
-    return warp_to_grid(f, src_transform, src_crs, grid, Resampling.bilinear, nodata=np.nan)
+    h, w = rgb.shape[1:]
+    size = (grid.width, grid.height)
+    mesh = _block_mesh(grid, src_transform, src_crs, block)
+
+    def warp(plane: np.ndarray) -> np.ndarray:
+        im = Image.frombuffer("F", (w, h), plane, "raw", "F", 0, 1)
+        return np.asarray(im.transform(size, Image.Transform.MESH, mesh, resample=Image.Resampling.BILINEAR))
+
+    out = np.zeros((4, grid.height, grid.width), np.uint8)
+    plane = np.empty((h, w), np.float32)
+    if valid.all():  # no no-data in the window: coverage is where the grid falls on it
+        ones = np.full((h, w), 255, np.uint8)
+        im = Image.frombuffer("L", (w, h), ones, "raw", "L", 0, 1)
+        out[3] = np.asarray(im.transform(size, Image.Transform.MESH, mesh, resample=Image.Resampling.BILINEAR))
+        for b in range(3):
+            plane[:] = rgb[b]
+            c = warp(plane) + np.float32(0.5)
+            np.clip(c, 0, 255, out=c)
+            out[b] = c  # truncates: floor(x + 0.5)
+        return out
+    v = np.ascontiguousarray(valid, dtype=np.float32)
+    cov = warp(v)
+    seen = cov > np.float32(1e-3)
+    inv = np.zeros_like(cov)
+    np.divide(np.float32(1.0), cov, out=inv, where=seen)
+    for b in range(3):
+        np.multiply(rgb[b], v, out=plane)
+        c = np.multiply(warp(plane), inv)
+        c += np.float32(0.5)
+        np.clip(c, 0, 255, out=c)
+        out[b] = c  # truncates: floor(x + 0.5)
+    a = out[3]
+    a[seen] = np.clip(cov[seen] * np.float32(254.0), 1, 254).astype(np.uint8)
+    a[cov >= np.float32(1.0 - 1e-5)] = 255
+    return out
+
+
+class Mosaic:
+    """First-valid-wins mosaic of :func:`warp_naip` layers on a grid of `shape` (H, W), added in
+    priority order: a pixel takes the first layer that covers it fully (coverage 255); a pixel no
+    layer covers fully takes the first that covers it in part. :meth:`todo` says which part of
+    a window still needs a layer, so nothing is warped where the mosaic is already complete."""
+
+    def __init__(self, shape: tuple[int, int]):
+        self.acc = np.zeros((3, *shape), np.uint8)
+        self.state = np.zeros(shape, np.uint8)  # 0 uncovered, 1 in part, 2 fully
+
+    def todo(self, r0: int, c0: int, h: int, w: int) -> tuple[int, int, int, int] | None:
+        """The bounding box (r0, c0, h, w) of the pixels of the window not yet fully covered."""
+        open_ = self.state[r0:r0 + h, c0:c0 + w] < 2
+        rows, cols = np.flatnonzero(open_.any(axis=1)), np.flatnonzero(open_.any(axis=0))
+        if not rows.size:
+            return None
+        return r0 + int(rows[0]), c0 + int(cols[0]), int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+
+    def add(self, layer: np.ndarray, r0: int = 0, c0: int = 0) -> None:
+        h, w = layer.shape[1:]
+        st = self.state[r0:r0 + h, c0:c0 + w]
+        a = layer[3]
+        full = (a == 255) & (st < 2)
+        part = (a != 0) & (a != 255) & (st == 0)
+        np.copyto(self.acc[:, r0:r0 + h, c0:c0 + w], layer[:3], where=(full | part)[None])
+        st[part] = 1
+        st[full] = 2
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(RGB uint8 [H, W, 3], a view of band-sequential memory; covered bool [H, W]);
+        uncovered pixels are 0."""
+        return np.moveaxis(self.acc, 0, -1), self.state > 0
+
+
+def window_grid(grid: Grid, r0: int, c0: int, h: int, w: int) -> Grid:
+    """The pixels (r0.., c0..) h x w of `grid` as a grid of their own (the same pixels)."""
+    W, S, E, N = grid.bounds
+    return Grid((W + (E - W) * c0 / grid.width, N - (N - S) * (r0 + h) / grid.height,
+                 W + (E - W) * (c0 + w) / grid.width, N - (N - S) * r0 / grid.height), w, h)
 
 
 def mosaic(layers: Iterable, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """First-valid-wins mosaic of float [3, h, w] layers (NaN = no data), in priority order.
-
-    A layer is an array over the whole grid, or ``(array, row_off, col_off)`` for a part of a
-    grid of `shape` (H, W). Layers are consumed one at a time (pass a generator to keep one in
-    memory). Returns (RGB uint8 [H, W, 3], covered bool [H, W]); uncovered pixels are 0.
-    """
-    acc = None
+    """:class:`Mosaic` of :func:`warp_naip` layers (uint8 [4, h, w]: R, G, B, coverage) in
+    priority order. A layer is an array over the whole grid, or ``(array, row_off, col_off)`` for
+    a part of a grid of `shape` (H, W). Returns :meth:`Mosaic.result`."""
+    m = None
     for layer in layers:
         arr, r0, c0 = layer if isinstance(layer, tuple) else (layer, 0, 0)
-        if acc is None:
-            full = shape or arr.shape[1:]
-            acc = np.full((arr.shape[0], *full), np.nan, dtype=np.float32)
-        h, w = arr.shape[1:]
-        view = acc[:, r0:r0 + h, c0:c0 + w]
-        hole = np.isnan(view).any(axis=0)
-        if hole.any():
-            view[:, hole] = arr[:, hole]
-    if acc is None:
+        if m is None:
+            m = Mosaic(shape or arr.shape[1:])
+        m.add(arr, r0, c0)
+    if m is None:
         raise ValueError("no NAIP layer to mosaic")
-    covered = ~np.isnan(acc).any(axis=0)
-    np.nan_to_num(acc, copy=False, nan=0.0)
-    np.floor(acc + 0.5, out=acc)
-    np.clip(acc, 0, 255, out=acc)
-    return np.ascontiguousarray(np.moveaxis(acc.astype(np.uint8), 0, -1)), covered
+    return m.result()

@@ -118,21 +118,14 @@ def plan_step(profile: Profile, state: str, workdir: str, *, target: int | None,
 
 
 def fetch_step(row: dict, profile: Profile, workdir: str, stac_url: str | None, limiter=None, provider=None):
-    """Fetch one scene; a stale staged sample of a rejected scene is removed. ``provider``: an
-    Earth Engine provider (pixels computed by Earth Engine); otherwise COGs are read from the
-    profile's STAC provider's hrefs."""
+    """Fetch one scene through `provider` (default: the profile's, pointed at `stac_url`); a
+    stale staged sample of a rejected scene is removed."""
     from gl10m import fetch
     from gl10m.sources.stac import provider_from_profile
 
-    if getattr(provider, "name", None) == "earthengine":
-        from gl10m.sources import earthengine
-
-        out = earthengine.fetch_scene(row, profile, workdir, provider, limiter=limiter)
-    else:
-        prov = provider_from_profile(profile, stac_url=stac_url) if profile.provider.name == "stac" else None
-        sign = prov.sign if prov is not None else fetch.identity
-        resign = getattr(prov, "resign", None)
-        out = fetch.fetch_scene(row, profile, workdir, sign=sign, resign=resign, limiter=limiter)
+    if provider is None:
+        provider = provider_from_profile(profile, stac_url=stac_url)
+    out = fetch.fetch_scene(row, profile, workdir, provider, limiter=limiter)
     if out.status != OK:
         stale = staged_dir(Path(workdir), str(row["split"]), str(row["key"]))
         if stale.exists():
@@ -242,7 +235,6 @@ def run_download(profile: Profile, workdir: str | Path, *, regions: Sequence[str
                         .to_dict("records"))
         result.add(waiting)
         limiter = _limiter(client, pname, getattr(provider, "max_concurrency", 8)) if rows else None
-        ee = provider if pname == "earthengine" else None
 
         def clean(units) -> None:  # leftovers of a killed run are never samples
             from gl10m import samples
@@ -250,7 +242,7 @@ def run_download(profile: Profile, workdir: str | Path, *, regions: Sequence[str
             samples.clean_staged_temp(workdir)
 
         result.add(run_stage(Stage(
-            "fetch", [Unit(str(row["key"]), fetch_hash(profile, row), (row, profile, str(workdir), stac_url, limiter, ee))
+            "fetch", [Unit(str(row["key"]), fetch_hash(profile, row), (row, profile, str(workdir), stac_url, limiter, provider))
                       for row in rows],
             step=fetch_step, regions=False, before=clean,
             output_ok=lambda u, o: o.status != OK or staged_dir(workdir, str(u.args[0]["split"]), u.key).exists(),

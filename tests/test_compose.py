@@ -210,14 +210,23 @@ def test_naip_takes_only_rgb_and_declared_masks():
     assert compose.naip_valid(rgb, masks).tolist() == [[False, True], [True, True]]
 
 
+def _layer(value, coverage):
+    cov = np.asarray(coverage, np.uint8)
+    return np.concatenate([np.full((3, *cov.shape), value, np.uint8), cov[None]])
+
+
 def test_mosaic_priority_and_uncovered():
-    a = np.full((3, 2, 2), np.nan, np.float32)
-    a[:, 0, 0] = 10
-    b = np.full((3, 2, 2), 20, np.float32)
-    b[:, 1, 1] = np.nan
+    a = _layer(10, [[255, 0], [0, 0]])
+    b = _layer(20, [[255, 255], [255, 0]])
     rgb, covered = compose.mosaic(iter([a, b]))
     assert rgb[..., 0].tolist() == [[10, 20], [20, 0]]
     assert covered.tolist() == [[True, True], [True, False]]
+    # a pixel covered fully by a later layer beats one covered in part by an earlier one; in
+    # part is better than nothing
+    c = _layer(30, [[128, 128], [0, 0]])
+    d = _layer(40, [[255, 0], [0, 0]])
+    rgb, covered = compose.mosaic([c, d])
+    assert rgb[..., 0].tolist() == [[40, 30], [0, 0]] and covered.tolist() == [[True, True], [False, False]]
     with pytest.raises(ValueError, match="no NAIP layer"):
         compose.mosaic([])
 
@@ -230,6 +239,41 @@ def test_sub_grid_pixels_are_the_parent_pixels(prof):
     assert sub.transform.c == pytest.approx(x, abs=1e-12) and sub.transform.f == pytest.approx(y, abs=1e-12)
     assert sub.transform.a == pytest.approx(g.transform.a, rel=1e-9)
     assert compose.sub_grid(g, (10.0, 10.0, 11.0, 11.0)) is None
-    a = np.full((3, 2, 2), 7, np.float32)
+    a = _layer(7, np.full((2, 2), 255))
     rgb, covered = compose.mosaic([(a, 1, 1)], (4, 4))
     assert covered.sum() == 4 and covered[1:3, 1:3].all() and rgb[1, 1, 0] == 7
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_naip_warp_keeps_colours_next_to_no_data_and_matches_gdal(seed):
+    """A quarter-quad window with a black collar (no data) of random width: pixels next to it
+    keep their colour (no darkening by the kernel), the uncovered part is marked so, and the
+    colours match GDAL's masked bilinear warp of the same window within one level."""
+    from rasterio.enums import Resampling
+    from rasterio.warp import reproject
+
+    rng = np.random.default_rng(seed)
+    tr = Transformer.from_crs(4326, 26911, always_xy=True)
+    b = (-117.0, 34.0, -116.997, 34.003)
+    xs, ys = tr.transform([b[0], b[2], b[0], b[2]], [b[1], b[1], b[3], b[3]])
+    x0, y1 = np.floor(min(xs)) - 5, np.ceil(max(ys)) + 5
+    w, h = int(np.ceil(max(xs)) + 5 - x0), int(y1 - np.floor(min(ys)) + 5)
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([40 + xx * 0.3 + yy * 0.1, 60 + yy * 0.4, np.full((h, w), 120.0)]).clip(1, 255).astype(np.uint8)
+    collar = int(rng.integers(20, w // 2))
+    rgb[:, :, w - collar:] = 0
+    src_t = from_origin(x0, y1, 1.0, 1.0)
+    g = compose.footprint_grid(b, int(rng.integers(200, 340)))
+    layer = compose.warp_naip(rgb, compose.naip_valid(rgb), src_t, "EPSG:26911", g)
+    cov = layer[3]
+    assert (cov == 255).mean() > 0.3 and (cov == 0).mean() > 0.1  # the collar side is uncovered
+    assert (layer[2][cov > 0] == 120).all()  # a constant band stays constant up to the collar's edge
+    f = rgb.astype(np.float32)
+    f[:, ~compose.naip_valid(rgb)] = np.nan
+    ref = np.full((3, g.height, g.width), np.nan, np.float32)
+    reproject(f, ref, src_transform=src_t, src_crs="EPSG:26911", dst_transform=g.transform, dst_crs=g.crs,
+              resampling=Resampling.bilinear, src_nodata=np.nan, dst_nodata=np.nan, num_threads=1)
+    both = (cov > 0) & ~np.isnan(ref).any(axis=0)
+    assert both.sum() > 0.9 * (cov > 0).sum()
+    diff = np.abs(np.floor(ref[:, both] + 0.5) - layer[:3, both])
+    assert diff.max() <= 1 and diff.mean() < 0.05

@@ -461,3 +461,120 @@ def test_unobserved_lr_pixels_are_black_and_the_black_ratio_decides(world, small
     black = ((lr[..., 0] | lr[..., 1] | lr[..., 2]) == 0).mean()
     assert 0 < black < small.qc.max_black_ratio
     assert res.detail["s2_min_obs"] == 0
+
+
+# -- the provider reads and the one assembler -----------------------------------------------------
+def _block_mean_corr(hr_rgb, lr_rgb, factor=10):
+    h, w, _ = lr_rgb.shape
+    down = hr_rgb.astype(np.float32).reshape(h, factor, w, factor, 3).mean(axis=(1, 3))
+    return [np.corrcoef(down[..., c].ravel(), lr_rgb[..., c].astype(np.float32).ravel())[0, 1] for c in range(3)]
+
+
+def test_stac_provider_reads_lr_and_hr_on_the_footprint_grids(world, prof):
+    """read_lr / read_hr of the STAC provider: the composite and the mosaic of the row's COG
+    windows on the LR and HR grids, with what was used; nothing is checked or written."""
+    from gl10m import compose
+    from gl10m.sources.base import ReadContext
+    from gl10m.sources.stac import StacProvider
+
+    row = fetch.parse_row(_good_row(world))
+    lrg, hrg = compose.lr_grid(BOUNDS, prof), compose.hr_grid(BOUNDS, prof)
+    p = StacProvider("http://127.0.0.1:9/stac")  # hrefs are files: the API is never asked
+    lr = p.read_lr(row, lrg, prof, ReadContext())
+    hr = p.read_hr(row, hrg, prof, ReadContext())
+    assert lr.rgb.shape == (268, 268, 3) and lr.rgb.dtype == np.uint8 and lr.n_dates == 3
+    assert lr.count.shape == (268, 268) and 1 <= lr.count.min() and lr.count.max() == 3  # the cloud block: fewer
+    assert [i["id"] for i in lr.info["items"]] == ["S2A_20230501", "S2B_20230601", "S2A_20230701"]
+    assert hr.rgb.shape == (2680, 2680, 3) and hr.rgb.dtype == np.uint8 and hr.covered.all()
+    assert sorted(i["id"] for i in hr.info["items"]) == ["ca_m_qq_e", "ca_m_qq_w"]
+    assert min(_block_mean_corr(hr.rgb, lr.rgb)) > 0.95
+    assert lr.meta == {} and hr.meta == {}  # the stac provider adds nothing to the metadata
+
+
+def test_stac_provider_read_rejects_a_missing_asset(world, prof):
+    from gl10m import compose
+    from gl10m.sources.base import ASSET_MISSING, ReadContext, Rejection
+    from gl10m.sources.stac import StacProvider
+
+    row = fetch.parse_row(_small_row(world, naip=[naip_item("ca_m_gone", str(world["root"] / "nope.tif"))]))
+    with pytest.raises(Rejection) as ei:
+        StacProvider("http://127.0.0.1:9/stac").read_hr(row, compose.hr_grid(BOUNDS, prof), prof, ReadContext())
+    assert ei.value.reason == ASSET_MISSING and ei.value.detail["item"] == "ca_m_gone"
+
+
+def _reads(prof, *, lr_black=False, uncovered=False, dark_tile=None, seed=0):
+    """LR and HR reads as a provider returns them: a smooth field, consistent across scales."""
+    from gl10m.sources.base import HRImage, LRImage
+
+    rng = np.random.default_rng(seed)
+    n = prof.geometry.lr_px
+    base = rng.integers(40, 200, size=(n, n, 3), dtype=np.uint8)
+    lr = LRImage(np.zeros_like(base) if lr_black else base, np.full((n, n), 2, np.int32), 2,
+                 {"items": [{"id": "s2-a"}, {"id": "s2-b"}], "excluded": []},
+                 {"provider": "someprovider", "s2": {"collection": "S2/COLL"}})
+    hr_rgb = np.repeat(np.repeat(base, 10, axis=0), 10, axis=1)
+    covered = np.ones(hr_rgb.shape[:2], bool)
+    if uncovered:
+        hr_rgb[:], covered[:] = 0, False
+    if dark_tile is not None:
+        r, c = divmod(dark_tile, prof.geometry.grid)
+        t = prof.geometry.tile_px
+        hr_rgb[r * t:(r + 1) * t, c * t:(c + 1) * t] = 2
+    return lr, HRImage(hr_rgb, covered, {"items": [{"id": "naip-a"}]}, {"naip": {"collection": "NAIP/COLL"}})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_assemble_stages_any_providers_reads(prof, tmp_path, seed):
+    """One assembler for every provider: QC, tiles (row*grid + col from the north-west), the
+    metadata with the provider's additions merged one level deep, the staged sample."""
+    from gl10m.compose import join_tiles
+
+    lr, hr = _reads(prof, seed=seed)
+    row = fetch.parse_row(plan_row([{"id": "s2-a"}], [{"id": "naip-a"}]))
+    res = fetch.assemble(row, prof, lr, hr, tmp_path)
+    assert res.status == "ok" and res.detail["s2_items"] == 2 and res.detail["naip_items"] == 1
+    s = samples.read_staged(res.path)
+    np.testing.assert_array_equal(s.lr, lr.rgb)
+    assert np.abs(join_tiles(s.hr).astype(int) - hr.rgb.astype(int)).mean() < 3  # JPEG
+    m = s.meta
+    assert m["provider"] == "someprovider" and m["s2"]["collection"] == "S2/COLL"
+    assert m["naip"]["collection"] == "NAIP/COLL" and m["naip"]["year"] == 2023  # merged, not replaced
+    assert m["s2"]["items"] == [{"id": "s2-a"}, {"id": "s2-b"}] and m["qc"]["lr_black_ratio"] == 0.0
+
+
+def test_assemble_rejections_are_the_same_for_every_provider(prof, tmp_path):
+    from gl10m.sources.base import ASSET_MISSING, Rejection
+    from gl10m.sources.retry import TransientError
+
+    row = fetch.parse_row(plan_row([{"id": "s2-a"}], [{"id": "naip-a"}]))
+    calls = []
+
+    def hr_of(reads):
+        def read():
+            calls.append("hr")
+            return reads[1]
+        return read
+
+    res = fetch.assemble(row, prof, _reads(prof, lr_black=True)[0], hr_of(_reads(prof)), tmp_path)
+    assert res.label == "rejected:s2_masked" and res.detail["black_ratio"] == 1.0
+    assert calls == []  # rejected on its LR: the HR is never read
+    assert fetch.assemble(row, prof, *_reads(prof, uncovered=True), tmp_path).label == "rejected:naip_gap"
+    res = fetch.assemble(row, prof, *_reads(prof, dark_tile=57), tmp_path)
+    assert res.label == "rejected:hr_black" and res.detail["tiles"] == [57]
+
+    def missing():
+        raise Rejection(ASSET_MISSING, "x B04: gone?sig=secret", item="x", asset="B04")
+
+    res = fetch.assemble(row, prof, missing, hr_of(_reads(prof)), tmp_path)
+    assert res.label == "rejected:asset_missing" and "secret" not in json.dumps(res.detail)
+    no_s2 = dict(row, s2_items=[])
+    assert fetch.assemble(no_s2, prof, missing, missing, tmp_path).label == "rejected:s2_masked"
+    no_naip = dict(row, naip_items=[])
+    assert fetch.assemble(no_naip, prof, _reads(prof)[0], missing, tmp_path).label == "rejected:naip_gap"
+
+    def flaky():
+        raise TransientError("HTTP 503")
+
+    with pytest.raises(TransientError):
+        fetch.assemble(row, prof, flaky, missing, tmp_path)
+    assert not (tmp_path / "staged").exists()

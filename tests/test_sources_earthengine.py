@@ -273,3 +273,66 @@ def test_cli_serves_the_stand_in_next_to_the_testbed(built_world, tmp_path):
     assert url.startswith("http://127.0.0.1:") and "--ee-url" in line
     with pytest.raises(OSError):  # stopped with the rest
         urllib.request.urlopen(url + "/$discovery/rest?version=v1", timeout=2)
+
+
+# -- the provider reads, assembled by gl10m.fetch like the stac provider's -------------------------
+def _rows(runs):
+    rows = []
+    for r in sorted(runs["p"].regions):
+        rows += planmod.read_plan(planmod.plan_path(runs["stac"], r)).drop(columns="geometry").to_dict("records")
+    return rows
+
+
+def test_read_lr_and_read_hr_match_the_stac_providers(runs, stand_in, built_server):
+    from gl10m import compose, fetch
+    from gl10m.sources.base import ReadContext
+
+    p = runs["p"]
+    outcomes = _outcomes(runs["stac"])
+    row = fetch.parse_row(next(r for r in _rows(runs) if outcomes[r["key"]].status == "ok"))
+    b = fetch.row_bounds(row)
+    lrg, hrg = compose.lr_grid(b, p), compose.hr_grid(b, p)
+    ee_p, st = _provider(stand_in, p), StacProvider(built_server.stac_url)
+    lr, ref_lr = ee_p.read_lr(row, lrg, p, ReadContext()), st.read_lr(row, lrg, p, ReadContext())
+    hr, ref_hr = ee_p.read_hr(row, hrg, p, ReadContext()), st.read_hr(row, hrg, p, ReadContext())
+    assert lr.rgb.shape == ref_lr.rgb.shape == (268, 268, 3) and lr.rgb.dtype == np.uint8
+    assert hr.rgb.shape == ref_hr.rgb.shape == (2680, 2680, 3) and hr.covered.shape == (2680, 2680)
+    assert np.abs(lr.rgb.astype(int) - ref_lr.rgb.astype(int)).mean() < 3.0
+    assert np.abs(hr.rgb.astype(int) - ref_hr.rgb.astype(int)).mean() < 3.0
+    assert lr.count.max() <= lr.n_dates == len(row["s2_items"])
+    assert lr.meta["provider"] == "earthengine" and lr.meta["s2"]["collection"] == E.S2_COLLECTION
+    assert hr.meta["naip"]["collection"] == E.NAIP_COLLECTION
+    assert {i["id"] for i in lr.info["items"]} == {i["id"] for i in ref_lr.info["items"]}
+
+
+def test_one_assembler_gives_both_providers_the_same_outcomes(runs, stand_in, built_server, tmp_path):
+    """fetch_scene with either provider object: the same outcome class per scene (an ok one and
+    a rejected one at least), through the one assembler."""
+    from gl10m import fetch
+
+    p = runs["p"]
+    outcomes = _outcomes(runs["stac"])
+    rows = _rows(runs)
+    pick = [next(r for r in rows if outcomes[r["key"]].status == "ok"),
+            next(r for r in rows if outcomes[r["key"]].status == "rejected")]
+    for row in pick:
+        a = fetch.fetch_scene(row, p, tmp_path / "stac", StacProvider(built_server.stac_url))
+        b = fetch.fetch_scene(row, p, tmp_path / "ee", _provider(stand_in, p))
+        assert a.label == b.label == outcomes[row["key"]].label, (row["key"], a.label, b.label)
+        assert set(a.detail) == set(b.detail) or a.status != "ok"
+
+
+def test_a_permanent_error_on_an_asset_is_its_rejection(stand_in, built_world):
+    from gl10m.sources.base import ASSET_CORRUPT, ASSET_MISSING, Rejection
+
+    prov = _provider(stand_in, prof.load(built_world / "profile.yaml"))
+    for msg, reason in (("Image.load: Image asset 'USDA/NAIP/DOQQ/x' not found.", ASSET_MISSING),
+                        ("Image asset 'x' is corrupt.", ASSET_CORRUPT)):
+        def fail(msg=msg):
+            raise ee.EEException(msg)
+
+        with pytest.raises(Rejection) as ei:
+            prov.pixels_or_rejection(fail)
+        assert ei.value.reason == reason and ei.value.detail == {"error": msg}
+    with pytest.raises(ee.EEException):  # not about an asset: not a rejection
+        prov.pixels_or_rejection(lambda: (_ for _ in ()).throw(ee.EEException("User memory limit exceeded.")))

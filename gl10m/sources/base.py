@@ -1,6 +1,6 @@
 """The imagery-provider interface shared by every backend (``stac``, ``earthengine``).
 
-A provider does three things for the download stages:
+A provider does four things for the download stages:
 
 * ``search_items(collection, bbox, start, end)`` yields every item of `collection` whose
   footprint intersects `bbox` (west, south, east, north in EPSG:4326) and whose acquisition date
@@ -9,7 +9,17 @@ A provider does three things for the download stages:
 * ``sign(href)`` returns a URL the fetch step can read (identity unless the provider signs);
   ``resign(href)`` forces fresh credentials (fetch calls it after an HTTP 403, e.g. an expired
   Planetary Computer SAS token);
+* ``read_lr(row, grid, profile, ctx)`` and ``read_hr(row, grid, profile, ctx)`` read the pixels
+  of one plan row (items parsed, :func:`gl10m.fetch.parse_row`) onto the footprint's LR and HR
+  grids: an :class:`LRImage` (the Sentinel-2 composite, stretched to uint8, with its valid-date
+  count) and an :class:`HRImage` (the NAIP mosaic and what it covers), or a :class:`Rejection`
+  for a deterministic fault of the inputs. QC, tiles, metadata and the staged sample are one
+  module's, the same for every provider (:func:`gl10m.fetch.assemble`);
 * ``name`` and ``max_concurrency`` (the cap on concurrent requests across all Dask workers).
+
+Read outcomes every provider shares: :class:`Rejection` (``rejected:<reason>``, one of
+:data:`REASONS`), :class:`AccessDenied` (credentials; recorded as failed), and
+:class:`gl10m.sources.retry.TransientError` for trouble a later run may not have.
 
 Normalised item (a plain dict):
 
@@ -35,9 +45,16 @@ properties     the item's raw properties (provenance)
 from __future__ import annotations
 
 import abc
-import re
+import contextlib
 import datetime as dt
-from typing import Any, Iterator, Protocol, runtime_checkable
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+
+from gl10m.errors import redact as _redact_urls
 
 ITEM_FIELDS: tuple[str, ...] = (
     "id", "collection", "provider", "datetime", "geometry", "bbox", "epsg", "gsd", "cloud_cover",
@@ -47,6 +64,97 @@ S2_ASSETS: tuple[str, ...] = ("B02", "B03", "B04", "SCL")
 NAIP_ASSETS: tuple[str, ...] = ("image",)
 
 Bbox = tuple[float, float, float, float]
+
+ASSET_MISSING = "asset_missing"
+ASSET_CORRUPT = "asset_corrupt"
+S2_MASKED = "s2_masked"
+HR_BLACK = "hr_black"
+NAIP_GAP = "naip_gap"
+REASONS = (ASSET_MISSING, ASSET_CORRUPT, S2_MASKED, HR_BLACK, NAIP_GAP)
+
+
+class Rejection(Exception):
+    """A deterministic reason to drop the scene (becomes ``rejected:<reason>``)."""
+
+    def __init__(self, reason: str, message: str, **detail: Any):
+        super().__init__(message)
+        self.reason = reason
+        self.detail = {"message": message, **detail}
+
+
+class AccessDenied(Exception):
+    """HTTP 401/403 even after re-signing: credentials, not data (recorded as failed; a rerun,
+    with a fresh token or fixed credentials, tries again)."""
+
+    transient = True
+
+
+_QUERY = re.compile(r"\?[^\s'\"]*")
+
+
+def redact(text: str) -> str:
+    """Drop query strings (signatures, tokens) and ``user:password@`` from URLs in a message."""
+    return _QUERY.sub("?<redacted>", _redact_urls(str(text)))
+
+
+class Timings:
+    """Seconds spent per part of one scene's fetch (``with t("part"): ...``), for the bench; the
+    parts nest freely, each adds its own wall time."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, part: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(part, time.perf_counter() - t)
+
+    def add(self, part: str, seconds: float) -> None:
+        self.seconds[part] = self.seconds.get(part, 0.0) + seconds
+
+
+@dataclass
+class ReadContext:
+    """What the reads of one scene share: the limiter (a context manager capping concurrent
+    requests across workers, or None), the retry options (with the scene's time budget), GDAL
+    overrides for COG reads, and where the time goes (:class:`Timings`, optional)."""
+
+    limiter: Any = None
+    retry_opts: Mapping[str, Any] | None = None
+    gdal_env: Mapping[str, Any] | None = None
+    timings: Timings | None = None
+
+    def timed(self, part: str):
+        return self.timings(part) if self.timings is not None else contextlib.nullcontext()
+
+
+@dataclass
+class LRImage:
+    """A provider's Sentinel-2 composite on the LR grid: ``rgb`` [H, W, 3] uint8 (pixels without
+    any valid observation are 0), ``count`` [H, W] valid dates per pixel, ``n_dates`` the dates
+    composited; ``info`` the items used and excluded (``items``, ``excluded``) for the QC detail
+    and the metadata; ``meta`` what the provider adds to or replaces in the sample metadata (one
+    level deep: ``{"s2": {"collection": ...}}`` updates ``meta["s2"]``)."""
+
+    rgb: np.ndarray
+    count: np.ndarray
+    n_dates: int
+    info: dict
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class HRImage:
+    """A provider's NAIP mosaic on the HR grid: ``rgb`` [H, W, 3] uint8 (0 where uncovered),
+    ``covered`` [H, W] bool; ``info`` (``items``) and ``meta`` as in :class:`LRImage`."""
+
+    rgb: np.ndarray
+    covered: np.ndarray
+    info: dict
+    meta: dict = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -61,6 +169,10 @@ class ProviderLike(Protocol):
     def sign(self, href: str) -> str: ...
 
     def resign(self, href: str) -> str: ...
+
+    def read_lr(self, row: Mapping, grid, profile, ctx: ReadContext) -> LRImage: ...
+
+    def read_hr(self, row: Mapping, grid, profile, ctx: ReadContext) -> HRImage: ...
 
 
 class Provider(abc.ABC):
@@ -80,6 +192,14 @@ class Provider(abc.ABC):
     def resign(self, href: str) -> str:
         """Like :meth:`sign`, but with fresh credentials (after a 403). Identity here."""
         return href
+
+    def read_lr(self, row: Mapping, grid, profile, ctx: ReadContext) -> LRImage:
+        """The Sentinel-2 composite of a parsed plan row on `grid` (see the module doc)."""
+        raise NotImplementedError(f"{type(self).__name__} reads no pixels")
+
+    def read_hr(self, row: Mapping, grid, profile, ctx: ReadContext) -> HRImage:
+        """The NAIP mosaic of a parsed plan row on `grid` (see the module doc)."""
+        raise NotImplementedError(f"{type(self).__name__} reads no pixels")
 
     def describe(self) -> dict:
         """What to record as provenance (no credentials)."""

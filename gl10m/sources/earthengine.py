@@ -15,7 +15,7 @@ collection names (``imagery.s2.collection``, ``imagery.naip.collection``) map on
   ``aggregate_array`` per property in one ``getInfo``), so no answer exceeds the API's limits.
   NAIP DOQQs carry no state property in Earth Engine: the catalog stage searches per state and
   labels the items with that state (``wants_state``).
-* **fetch** (:func:`fetch_scene`): pixels through ``ee.data.computePixels`` (``NPY``), never
+* **reads** (:meth:`EarthEngineProvider.read_lr` / ``read_hr``): pixels through ``ee.data.computePixels`` (``NPY``), never
   thumbnails. LR: the plan's Sentinel-2 images (``system:index`` in the plan's ids) with
   ``CLOUDY_PIXEL_PERCENTAGE`` below the profile's threshold, each with its SCL classes masked
   (``remap`` of ``imagery.s2.scl_mask`` to 0, ``updateMask``), B4/B3/B2 resampled bilinearly,
@@ -23,8 +23,9 @@ collection names (``imagery.s2.collection``, ``imagery.naip.collection``) map on
   reflectance = DN / 10000, stretched 0..0.3 like the stac path. HR: the chosen state-year's
   DOQQs (``filter`` by id, sorted by date so the newest is on top, bilinear, then ``mosaic``, not
   ``first()``), R/G/B, 2680 x 2680, requested in blocks that respect ``max_request_bytes`` and
-  ``max_request_px`` and reassembled. QC, sample format and provenance (Earth Engine asset ids and
-  dates) are the stac path's (:mod:`gl10m.fetch`).
+  ``max_request_px`` and reassembled. :func:`gl10m.fetch.assemble` checks and stages them like
+  the stac path's (QC, sample format); the provenance names Earth Engine asset ids and dates. A
+  permanent Earth Engine error naming a missing or unreadable asset is its typed rejection.
 * **Quotas**: every call runs inside the pipeline's limiter (a concurrency cap shared by all
   workers) and is retried with backoff on "Too many requests", "Too many concurrent
   aggregations", quota/rate errors and 5xx (:mod:`gl10m.sources.retry`).
@@ -44,7 +45,8 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from gl10m.errors import UserError
-from gl10m.sources.base import Bbox, Provider, empty_item, iso_utc
+from gl10m.sources.base import (ASSET_CORRUPT, ASSET_MISSING, Bbox, HRImage, LRImage, Provider, ReadContext,
+                                Rejection, empty_item, iso_utc)
 from gl10m.sources.retry import TransientError, retry
 
 S2_COLLECTION = "COPERNICUS/S2_SR_HARMONIZED"
@@ -293,23 +295,27 @@ class EarthEngineProvider(Provider):
 
     # -- pixels -----------------------------------------------------------------------------
     def compute_pixels(self, image, bounds, width: int, height: int, bands: tuple[str, ...],
-                       bytes_per_px: int) -> np.ndarray:
+                       bytes_per_px: int, *, timed=None) -> np.ndarray:
         """``image`` on the EPSG:4326 grid -> float or uint8 array [len(bands), H, W], requested in
-        blocks within the limits and reassembled."""
+        blocks within the limits and reassembled. `timed` (``ReadContext.timed``) times the
+        answers ("reads") apart from their reassembly ("ee block reassembly")."""
         ee = self.ee()
+        timed = timed or (lambda part: nullcontext())
         out = None
         for r0, c0, rows, cols in blocks(width, height, bytes_per_px, self.max_request_bytes, self.max_request_px):
             req = {"expression": image, "fileFormat": "NPY", "bandIds": list(bands),
                    "grid": grid_spec(bounds, width, height, c0, r0, cols, rows)}
-            raw = self.call(lambda req=req: ee.data.computePixels(req))
-            arr = np.load(io.BytesIO(raw), allow_pickle=False)
-            if arr.shape != (rows, cols) or arr.dtype.names is None or set(bands) - set(arr.dtype.names):
-                raise TransientError(f"computePixels answered {arr.dtype} {arr.shape}, expected bands "
-                                     f"{bands} on {rows}x{cols}")
-            if out is None:
-                out = np.zeros((len(bands), height, width), dtype=arr.dtype[bands[0]])
-            for i, b in enumerate(bands):
-                out[i, r0:r0 + rows, c0:c0 + cols] = arr[b]
+            with timed("reads"):
+                raw = self.call(lambda req=req: ee.data.computePixels(req))
+            with timed("ee block reassembly"):
+                arr = np.load(io.BytesIO(raw), allow_pickle=False)
+                if arr.shape != (rows, cols) or arr.dtype.names is None or set(bands) - set(arr.dtype.names):
+                    raise TransientError(f"computePixels answered {arr.dtype} {arr.shape}, expected bands "
+                                         f"{bands} on {rows}x{cols}")
+                if out is None:
+                    out = np.empty((len(bands), height, width), dtype=arr.dtype[bands[0]])
+                for i, b in enumerate(bands):
+                    out[i, r0:r0 + rows, c0:c0 + cols] = arr[b]
         return out
 
     def s2_image(self, ids: list[str], max_cloud: float, scl_mask: list[int]):
@@ -333,6 +339,70 @@ class EarthEngineProvider(Provider):
                .sort("system:time_start"))
         return col.map(lambda img: img.select(list(NAIP_BANDS)).resample("bilinear")).mosaic()
 
+    # -- reads of one scene (gl10m.fetch assembles them) -------------------------------------
+    def pixels_or_rejection(self, what):
+        """`what()` with a permanent Earth Engine error (transient ones were retried) on an asset
+        as its typed rejection; any other error propagates."""
+        ee = _import_ee()
+        try:
+            return what()
+        except ee.EEException as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = ASSET_MISSING if _MISSING.search(msg) else ASSET_CORRUPT if _CORRUPT.search(msg) else None
+            if reason is None:
+                raise
+            rej = Rejection(reason, msg)
+            rej.detail = {"error": msg}
+            raise rej from None
+
+    def read_lr(self, row: Mapping, grid, profile, ctx: ReadContext) -> LRImage:
+        """The masked median of the row's Sentinel-2 images on `grid`, computed by Earth Engine,
+        stretched like the stac path's (see the module doc)."""
+        from gl10m import compose
+
+        self.limiter = ctx.limiter
+        s2p = profile.imagery.s2
+        items = list(row["s2_items"])
+
+        def pixels():
+            img = self.s2_image([str(it["id"]) for it in items], s2p.max_cloud_pct, list(s2p.scl_mask))
+            return self.compute_pixels(img, grid.bounds, grid.width, grid.height, (*S2_BANDS, "n_obs"), 4 * 8,
+                                       timed=ctx.timed)
+
+        px = self.pixels_or_rejection(pixels)
+        with ctx.timed("s2 composite"):
+            count = px[3].astype(np.int32)
+            refl = px[:3].astype(np.float32) / np.float32(S2_SCALE)
+            refl[:, count == 0] = np.nan
+            rgb = compose.stretch(refl, *s2p.stretch)
+        used = [{"id": str(it["id"]), "asset": f"{S2_COLLECTION}/{it['id']}", "datetime": it.get("datetime"),
+                 "baseline": it.get("baseline"), "offset_subtracted": "by Earth Engine (S2_SR_HARMONIZED)",
+                 "cloud_cover": it.get("cloud_cover"), "mgrs_tile": it.get("mgrs_tile")} for it in items]
+        meta = {"provider": self.name,
+                "s2": {"collection": S2_COLLECTION,
+                       "harmonisation": {"enabled": True, "by": f"Earth Engine {S2_COLLECTION}", "scale": S2_SCALE}}}
+        return LRImage(rgb, count, len(used), {"items": used, "excluded": []}, meta)
+
+    def read_hr(self, row: Mapping, grid, profile, ctx: ReadContext) -> HRImage:
+        """The mosaic of the row's NAIP DOQQs on `grid`, computed by Earth Engine."""
+        self.limiter = ctx.limiter
+        items = list(row["naip_items"])
+
+        def pixels():
+            img = self.naip_image([str(it["id"]) for it in items])
+            return self.compute_pixels(img, grid.bounds, grid.width, grid.height, NAIP_BANDS, 3, timed=ctx.timed)
+
+        hr = self.pixels_or_rejection(pixels)
+        with ctx.timed("naip mosaic"):
+            hr = hr.astype(np.uint8, copy=False)
+            covered = (hr[0] | hr[1] | hr[2]) != 0
+            mosaic = np.moveaxis(hr, 0, -1)  # [H, W, 3], a view: the tiles are cut from it in one copy
+        info = {"items": [{"id": str(it["id"]), "asset": f"{NAIP_COLLECTION}/{it['id']}",
+                           "datetime": it.get("datetime")} for it in items]}
+        meta = {"naip": {"collection": NAIP_COLLECTION,
+                         "mosaic": "ImageCollection.mosaic of the DOQQs sorted by date (newest on top)"}}
+        return HRImage(mosaic, covered, info, meta)
+
 
 def provider_from_profile(profile, **over) -> EarthEngineProvider:
     p = profile.provider
@@ -342,59 +412,3 @@ def provider_from_profile(profile, **over) -> EarthEngineProvider:
           "collections": {im.s2.collection: S2_COLLECTION, im.naip.collection: NAIP_COLLECTION}}
     kw.update({k: v for k, v in over.items() if v is not None})
     return EarthEngineProvider(**kw)
-
-
-# ---------------------------------------------------------------------------------------------
-# fetch
-# ---------------------------------------------------------------------------------------------
-def fetch_scene(row: Mapping, profile, out_root: str | Path, provider: EarthEngineProvider, *,
-                limiter: Any = None):
-    """One plan row -> one staged sample or a typed rejection, through Earth Engine (see the module
-    doc); the outcomes and QC are :func:`gl10m.fetch.fetch_scene`'s."""
-    from gl10m import compose, fetch
-
-    fetch._check_row(row)
-    provider.limiter = limiter
-    bounds = (float(row["west"]), float(row["south"]), float(row["east"]), float(row["north"]))
-    lrg, hrg = compose.lr_grid(bounds, profile), compose.hr_grid(bounds, profile)
-    s2_items = fetch._json_list(row["s2_items"], "s2_items")
-    naip_items = fetch._json_list(row["naip_items"], "naip_items")
-    s2p = profile.imagery.s2
-    try:
-        if not s2_items:
-            raise fetch.Rejection(fetch.S2_MASKED, "no usable Sentinel-2 item", items=[], excluded=[])
-        lr_img = provider.s2_image([str(it["id"]) for it in s2_items], s2p.max_cloud_pct, list(s2p.scl_mask))
-        px = provider.compute_pixels(lr_img, bounds, lrg.width, lrg.height, (*S2_BANDS, "n_obs"), 4 * 8)
-        count = px[3].astype(np.int32)
-        refl = px[:3].astype(np.float32) / np.float32(S2_SCALE)
-        refl[:, count == 0] = np.nan
-        lr_rgb = compose.stretch(refl, *s2p.stretch)
-        used = [{"id": str(it["id"]), "asset": f"{S2_COLLECTION}/{it['id']}", "datetime": it.get("datetime"),
-                 "baseline": it.get("baseline"), "offset_subtracted": "by Earth Engine (S2_SR_HARMONIZED)",
-                 "cloud_cover": it.get("cloud_cover"), "mgrs_tile": it.get("mgrs_tile")} for it in s2_items]
-        lr_info = {"items": used, "excluded": []}
-        fetch.check_lr(lr_rgb, count, len(used), profile, lr_info)
-        if not naip_items:
-            raise fetch.Rejection(fetch.NAIP_GAP, "no NAIP item in the plan row", uncovered=1.0)
-        hr_img = provider.naip_image([str(it["id"]) for it in naip_items])
-        hr = provider.compute_pixels(hr_img, bounds, hrg.width, hrg.height, NAIP_BANDS, 3)
-        mosaic = np.ascontiguousarray(np.moveaxis(hr.astype(np.uint8), 0, -1))
-        hr_info: dict = {"items": [{"id": str(it["id"]), "asset": f"{NAIP_COLLECTION}/{it['id']}",
-                                    "datetime": it.get("datetime")} for it in naip_items]}
-        tiles = fetch.check_hr(mosaic, mosaic.any(axis=-1), profile, hr_info)
-    except fetch.Rejection as r:
-        return fetch.FetchOutcome(fetch.REJECTED, r.reason, fetch._clean(r.detail))
-    except _import_ee().EEException as e:  # permanent (transient ones were retried): an asset fault?
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        reason = (fetch.ASSET_MISSING if _MISSING.search(msg) else fetch.ASSET_CORRUPT if _CORRUPT.search(msg)
-                  else None)
-        if reason is None:
-            raise
-        return fetch.FetchOutcome(fetch.REJECTED, reason, fetch._clean({"error": msg}))
-    meta = fetch.build_meta(row, profile, lrg, hrg, lr_info, hr_info)
-    meta["provider"] = "earthengine"
-    meta["s2"]["collection"], meta["naip"]["collection"] = S2_COLLECTION, NAIP_COLLECTION
-    meta["s2"]["harmonisation"] = {"enabled": True, "by": f"Earth Engine {S2_COLLECTION}", "scale": S2_SCALE}
-    meta["naip"]["mosaic"] = "ImageCollection.mosaic of the DOQQs sorted by date (newest on top)"
-    return fetch.stage_sample(row, profile, out_root, lr_rgb, tiles, meta, lr_info, hr_info)
-

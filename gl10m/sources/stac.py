@@ -13,6 +13,8 @@ Earth Search) through pystac-client, with retries, full paging and local normali
   ``proj:epsg`` / ``proj:code``, ``naip:state``, ``naip:year``, assets ``B02 B03 B04 SCL``) and
   Earth Search (``mgrs:utm_zone`` + ``mgrs:latitude_band`` + ``mgrs:grid_square``, the older
   ``sentinel:*`` names, assets ``blue green red scl``).
+* Pixels (``read_lr`` / ``read_hr``): the COG windows of the plan's hrefs, signed right before
+  each read (:mod:`gl10m.sources.cog`).
 * Planetary Computer assets are signed with SAS tokens (:class:`PlanetaryComputerSigner`):
   tokens are cached per storage container and refreshed before they expire; ``resign`` (fetch
   calls it after a 403) drops the cached token and fetches a new one. The subscription key is
@@ -27,11 +29,11 @@ import logging
 import os
 import re
 import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from gl10m.errors import UserError, redact
-from gl10m.sources.base import Bbox, Provider, as_date, empty_item, iso_utc
+from gl10m.sources.base import Bbox, HRImage, LRImage, Provider, ReadContext, as_date, empty_item, iso_utc
 from gl10m.sources.retry import PermanentHTTPError, TransientError, check_response, retry
 
 log = logging.getLogger(__name__)
@@ -499,6 +501,18 @@ class StacProvider(Provider):
 
     def resign(self, href: str) -> str:
         return self._signer.resign(href) if self._signer is not None else href
+
+    def read_lr(self, row: Mapping, grid, profile, ctx: ReadContext) -> LRImage:
+        """The Sentinel-2 composite of the row's COG windows (:class:`gl10m.sources.cog.CogReader`)."""
+        from gl10m.sources.cog import CogReader
+
+        return CogReader(self.sign, self.resign).read_lr(row, grid, profile, ctx)
+
+    def read_hr(self, row: Mapping, grid, profile, ctx: ReadContext) -> HRImage:
+        """The NAIP mosaic of the row's COG windows (:class:`gl10m.sources.cog.CogReader`)."""
+        from gl10m.sources.cog import CogReader
+
+        return CogReader(self.sign, self.resign).read_hr(row, grid, profile, ctx)
 
 
 def provider_from_profile(profile, *, stac_url: str | None = None) -> Provider:
