@@ -377,9 +377,14 @@ def warp_naip(rgb: np.ndarray, valid: np.ndarray, src_transform: Affine, src_crs
     out = np.zeros((4, grid.height, grid.width), np.uint8)
     plane = np.empty((h, w), np.float32)
     if valid.all():  # no no-data in the window: coverage is where the grid falls on it
-        ones = np.full((h, w), 255, np.uint8)
-        im = Image.frombuffer("L", (w, h), ones, "raw", "L", 0, 1)
-        out[3] = np.asarray(im.transform(size, Image.Transform.MESH, mesh, resample=Image.Resampling.BILINEAR))
+        corners = np.array([q for _, q in mesh])
+        if (corners[:, 0::2] >= 0).all() and (corners[:, 0::2] < w).all() and \
+                (corners[:, 1::2] >= 0).all() and (corners[:, 1::2] < h).all():
+            out[3] = 255  # every block inside the window: so is every pixel centre
+        else:
+            ones = np.full((h, w), 255, np.uint8)
+            im = Image.frombuffer("L", (w, h), ones, "raw", "L", 0, 1)
+            out[3] = np.asarray(im.transform(size, Image.Transform.MESH, mesh, resample=Image.Resampling.BILINEAR))
         for b in range(3):
             plane[:] = rgb[b]
             c = warp(plane) + np.float32(0.5)

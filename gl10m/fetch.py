@@ -42,6 +42,10 @@ from gl10m.sources.cog import DEFAULT_RETRY, S2_RGB, UNIT_BUDGET_S, CogReader, i
 from gl10m.sources.retry import unit_budget
 
 OK, REJECTED = "ok", "rejected"
+__all__ = ["ASSET_CORRUPT", "ASSET_MISSING", "HR_BLACK", "NAIP_GAP", "REASONS", "S2_MASKED", "OK", "REJECTED",
+           "AccessDenied", "Rejection", "FetchOutcome", "DEFAULT_RETRY", "UNIT_BUDGET_S", "identity", "read_asset",
+           "parse_row", "row_bounds", "check_lr", "check_hr", "build_meta", "assemble", "fetch_scene", "stage_sample",
+           "redact"]
 ROW_FIELDS = ("key", "scene_id", "state", "split", "west", "south", "east", "north", "concepts",
               "tile_idx", "tile_concept", "tile_frac", "naip_year", "naip_date", "naip_items",
               "s2_window", "s2_start", "s2_end", "s2_items")
