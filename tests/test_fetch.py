@@ -578,3 +578,27 @@ def test_assemble_rejections_are_the_same_for_every_provider(prof, tmp_path):
     with pytest.raises(TransientError):
         fetch.assemble(row, prof, flaky, missing, tmp_path)
     assert not (tmp_path / "staged").exists()
+
+
+def _read_hr_in_worker(row, prof, limiter):
+    from gl10m import compose
+    from gl10m.sources.base import ReadContext
+    from gl10m.sources.cog import CogReader
+
+    hr = CogReader(io_threads=4).read_hr(fetch.parse_row(row), compose.hr_grid(BOUNDS, prof), prof,
+                                         ReadContext(limiter=limiter))
+    return bool(hr.covered.all()), hr.rgb.shape
+
+
+def test_concurrent_reads_hold_a_dask_semaphore_inside_a_worker_process(world, small):
+    """The reads of a scene run in threads; the pipeline's limiter is a distributed.Semaphore,
+    which finds its worker only from the task's own thread: used first from a pool thread it
+    fails ('NoneType' object has no attribute 'asyncio_loop')."""
+    distributed = pytest.importorskip("distributed")
+    row = _small_row(world, naip=[naip_item("ca_m_qq_e", world["qq_e"]), naip_item("ca_m_qq_w", world["qq_w"]),
+                                  naip_item("ca_m_qq_w2", world["qq_w_only"], date="2023-06-11")])
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as c, \
+            distributed.Client(c) as client:
+        sem = distributed.Semaphore(max_leases=2, name="gl10m-test-reads")
+        covered, shape = client.submit(_read_hr_in_worker, row, small, sem, pure=False).result(timeout=120)
+    assert covered and shape == (320, 320, 3)
