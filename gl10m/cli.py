@@ -27,7 +27,7 @@ app.add_typer(profile_app, name="profile")
 # (their commands import torch when they run): the cross-scale model and MapSR (land-cover map
 # super-resolution). An install without gl10m.model has neither; any other import error is a bug.
 for _name, _module, _attr in (("model", "gl10m.model.crossscale.cli", "app"),
-                              ("mapsr", "gl10m.model.mapsr_cli", "mapsr_app")):
+                              ("mapsr", "gl10m.model.mapsr.cli", "mapsr_app")):
     try:
         app.add_typer(getattr(importlib.import_module(_module), _attr), name=_name)
     except ModuleNotFoundError as e:  # pragma: no cover - a data-only install

@@ -1,4 +1,4 @@
-"""MapSR (gl10m.model.mapsr, mapsr_graph, mapsr_io, mapsr_cli): solver, graph, prompts, metrics,
+"""MapSR (gl10m.model.mapsr: model, graph, io, cli): solver, graph, prompts, metrics,
 GeoTIFF in/out, the CLI, and an end-to-end run on a real testbed rendering."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from gl10m.model import mapsr as M
-from gl10m.model import mapsr_graph as G
-from gl10m.model import mapsr_io as IO
+from gl10m.model.mapsr import graph as G
+from gl10m.model.mapsr import io as IO
 
 TINY = {"backend": "vit", "patch": 4, "hr_size": 32, "lr_size": 40, "width": 32, "depth": 1, "heads": 2}
 
@@ -343,7 +343,7 @@ def test_cli_fit_predict_on_shards(shard_dir, tmp_path):
     import rasterio
     from typer.testing import CliRunner
 
-    from gl10m.model.mapsr_cli import mapsr_app
+    from gl10m.model.mapsr.cli import mapsr_app
 
     enc_yaml = tmp_path / "enc.yaml"
     enc_yaml.write_text("encoder:\n" + "".join(f"  {k}: {v}\n" for k, v in SHARD_ENC.items()))
@@ -451,7 +451,7 @@ def test_cli_fit_predict_eval_geotiffs_keep_crs_and_transform(geo):
     import rasterio
     from typer.testing import CliRunner
 
-    from gl10m.model.mapsr_cli import mapsr_app
+    from gl10m.model.mapsr.cli import mapsr_app
 
     enc_yaml = geo / "enc.yaml"
     enc_yaml.write_text("encoder:\n" + "".join(f"  {k}: {v}\n" for k, v in TINY.items()))

@@ -24,7 +24,7 @@ implementation). Four steps:
    with coarse pixels but no agreeing pixel falls back to the mean of all its coarse pixels (a
    warning says so); a class without any coarse pixel has no prompt and is never predicted.
 4. **Matching and refinement.** Every pixel is scored by the cosine of its feature with each prompt
-   and labelled with the best one ("cosine matching"). Refinement (:mod:`gl10m.model.mapsr_graph`)
+   and labelled with the best one ("cosine matching"). Refinement (:mod:`gl10m.model.mapsr.graph`)
    min-max normalises the scores per pixel (the reference's heat map), propagates them on a kNN
    graph of the pixel features (``w_ij = max(0, cos)^gamma exp(-sigma |p_i - p_j|)``, symmetric
    normalisation, ``(I - alpha W) F = Y`` solved by conjugate gradient in torch, CPU or GPU) and
@@ -69,7 +69,7 @@ Python::
     out = m.predict(sc.image)             # {"cosine": [H, W], "refined": [H, W]} class indices
     evaluate(out["refined"], sc.truth, len(sc.classes))["miou"]
 
-CLI: ``gl10m mapsr fit|predict|eval`` (:mod:`gl10m.model.mapsr_cli`).
+CLI: ``gl10m mapsr fit|predict|eval|bench`` (:mod:`gl10m.model.mapsr.cli`).
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gl10m.errors import UserError
-from gl10m.model.mapsr_graph import RefineConfig, refine_window
+from gl10m.model.mapsr.graph import RefineConfig, refine_window
 
 IGNORE = -1  # coarse label of unlabelled / no-data pixels
 NODATA_OUT = 0  # output raster code of no data (class i is written as i + 1)
@@ -587,16 +587,3 @@ def majority_pool(labels, cell: int, n_classes: int, ignore: int = IGNORE) -> np
     out = cnt.argmax(1)
     out[cnt.sum(1) == 0] = ignore
     return out.reshape(hc, wc)
-
-
-# Inputs and outputs live in mapsr_io; re-exported lazily here (PEP 562) so `gl10m.model.mapsr` is
-# the one import and either module can be imported first.
-_IO_NAMES = ("TESTBED_BASE", "ClassMap", "TestbedScene", "coarse_on_grid", "read_image", "read_truth",
-             "sample_profile", "sample_scene", "testbed_scene", "write_map")
-
-
-def __getattr__(name: str):
-    if name in _IO_NAMES:
-        from gl10m.model import mapsr_io
-        return getattr(mapsr_io, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """MapSR inputs and outputs: GeoTIFFs, class maps, gl10m samples, testbed scenes.
 
-See :mod:`gl10m.model.mapsr` for the method. Here:
+See :mod:`gl10m.model.mapsr.model` for the method. Here:
 
 * :class:`ClassMap` (YAML/dict): coarse raster values -> base classes, with ``ignore`` values;
 * :func:`read_image` (GeoTIFF -> uint8 RGB + rasterio profile), :func:`coarse_on_grid` (a coarse
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gl10m.model.mapsr import IGNORE, NODATA_OUT, MapSRError, majority_pool, upsample_coarse
+from gl10m.model.mapsr.model import IGNORE, NODATA_OUT, MapSRError, majority_pool, upsample_coarse
 
 
 # ---------------------------------------------------------------------------------------------

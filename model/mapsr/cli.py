@@ -2,7 +2,7 @@
 
 A typer sub-app; register it in gl10m/cli.py with::
 
-    from gl10m.model.mapsr_cli import mapsr_app
+    from gl10m.model.mapsr.cli import mapsr_app
     app.add_typer(mapsr_app, name="mapsr")
 
 Bad input (a missing file, a raster without CRS, a coarse value not in the class map, an unknown
@@ -63,7 +63,7 @@ def _encoder(spec: Optional[str], seed: int, device: str):
 
 
 def _refine_cfg(mode, window, k, gamma, alpha, sigma, maxiter):
-    from gl10m.model.mapsr_graph import RefineConfig
+    from gl10m.model.mapsr.graph import RefineConfig
 
     from gl10m.model.mapsr import MapSRError
     try:
@@ -233,7 +233,7 @@ def eval_cmd(
         from gl10m.io import atomic_write_text
         from gl10m.model.mapsr import (ClassMap, MapSR, MapSRConfig, MapSRError, evaluate, read_image,
                                        read_truth, testbed_scene)
-        from gl10m.model.mapsr_graph import RefineConfig
+        from gl10m.model.mapsr.graph import RefineConfig
 
         if testbed:
             dev = _device(device)
@@ -275,5 +275,5 @@ def eval_cmd(
         _fail(e)
 
 
-if __name__ == "__main__":  # python -m gl10m.model.mapsr_cli
+if __name__ == "__main__":  # python -m gl10m.model.mapsr.cli
     mapsr_app()
