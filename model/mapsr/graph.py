@@ -10,9 +10,10 @@ class prompts), the refined scores are the solution of
 ``W`` is the symmetrised kNN affinity: for every node ``i`` its ``k`` most cosine-similar nodes
 ``j`` (itself excluded) get
 
-    a_ij = max(0, cos(x_i, x_j)) ** gamma * exp(-sigma * |p_i - p_j| ** dist_pow)
+    a_ij = max(0, cos(x_i, x_j)) ** gamma * exp(-sigma * |p_i - p_j| ** dist_pow) * exp(-color * |c_i - c_j|)
 
-and ``W = A + A^T`` (a pair that is in each other's kNN gets both weights), diagonal zero. A node
+(``c`` the pixels' RGB in [0, 1]; ``color=0``, the default, leaves the image out: the reference's
+graph), and ``W = A + A^T`` (a pair that is in each other's kNN gets both weights), diagonal zero. A node
 with no edge (all its similarities <= 0) has degree 0 and keeps ``F = Y``. ``S`` has eigenvalues in
 [-1, 1], so for ``0 <= alpha < 1`` the system matrix is symmetric positive definite and conjugate
 gradient converges; all ``C`` columns are solved at once (one CG per column, vectorised).
@@ -25,6 +26,8 @@ k=400, gamma=3, alpha=0.95, sigma=0.01; on superpixel-like blocks k=100, gamma=1
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+import warnings
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -41,6 +44,10 @@ class RefineConfig:
     regular-grid stand-in for the reference's SLIC superpixels, whose defaults it uses when
     ``k``/``gamma``/``alpha``/``sigma`` are left ``None``). ``maxiter``/``tol``: CG stopping
     (the reference runs 10 iterations at rtol 1e-6). ``chunk``: rows per kNN similarity block.
+    ``color``: weight of the image's colour difference in the edge weights (0: off, the reference;
+    > 0 needs the image window, :func:`refine_window`'s ``image``): the encoder's features are
+    coarser than the pixels (one token per several pixels), so only the image can say where inside
+    a token a boundary runs.
     """
 
     mode: str = "window"
@@ -54,6 +61,7 @@ class RefineConfig:
     maxiter: int = 10
     tol: float = 1e-6
     chunk: int = 2048
+    color: float = 0.0
 
     DEFAULTS = {"window": dict(k=400, gamma=3.0, alpha=0.95, sigma=0.01),
                 "blocks": dict(k=100, gamma=1.0, alpha=0.5, sigma=0.0)}
@@ -71,6 +79,8 @@ class RefineConfig:
             raise ValueError(f"alpha must be in [0, 1), got {out.alpha}")
         if out.k < 1 or out.window < 2 or out.block < 1 or out.maxiter < 1:
             raise ValueError("k, window, block and maxiter must be positive")
+        if out.color < 0 or out.sigma < 0:
+            raise ValueError("color and sigma must be >= 0")
         return out
 
 
@@ -95,10 +105,12 @@ def knn_cosine(x: torch.Tensor, k: int, chunk: int = 2048) -> tuple[torch.Tensor
 
 
 def knn_graph(x: torch.Tensor, k: int, gamma: float = 1.0, sigma: float = 0.0, pos: torch.Tensor | None = None,
-              dist_pow: float = 1.0, chunk: int = 2048) -> torch.Tensor:
+              dist_pow: float = 1.0, chunk: int = 2048, color: float = 0.0,
+              rgb: torch.Tensor | None = None) -> torch.Tensor:
     """The symmetric kNN affinity ``W = A + A^T`` (sparse COO, coalesced, ``[N, N]``) of the module
-    docstring: ``a_ij = max(0, cos)^gamma * exp(-sigma * |p_i - p_j|^dist_pow)`` for ``j`` in the
-    kNN of ``i``. ``pos [N, 2]`` is needed only when ``sigma > 0``."""
+    docstring: ``a_ij = max(0, cos)^gamma * exp(-sigma * |p_i - p_j|^dist_pow) * exp(-color *
+    |c_i - c_j|)`` for ``j`` in the kNN of ``i``. ``pos [N, 2]`` is needed only when ``sigma > 0``,
+    ``rgb [N, 3]`` (in [0, 1]) only when ``color > 0``."""
     n = x.shape[0]
     sims, idx = knn_cosine(x, k, chunk)
     w = sims.clamp_min(0.0) ** gamma
@@ -108,6 +120,11 @@ def knn_graph(x: torch.Tensor, k: int, gamma: float = 1.0, sigma: float = 0.0, p
         p = pos.float().to(x.device)
         d = (p[:, None, :] - p[idx]).norm(dim=-1)
         w = w * torch.exp(-sigma * d ** dist_pow)
+    if color and color > 0:
+        if rgb is None:
+            raise ValueError("color > 0 needs the nodes' colours")
+        c = rgb.float().to(x.device)
+        w = w * torch.exp(-color * (c[:, None, :] - c[idx]).norm(dim=-1))
     rows = torch.arange(n, device=x.device).repeat_interleave(idx.shape[1])
     cols = idx.reshape(-1)
     vals = w.reshape(-1)
@@ -168,12 +185,26 @@ def propagate(s: torch.Tensor, y: torch.Tensor, alpha: float, maxiter: int = 10,
     return out
 
 
-def refine_nodes(feats: torch.Tensor, scores: torch.Tensor, pos: torch.Tensor | None, cfg: RefineConfig) -> torch.Tensor:
-    """One graph: node features ``[N, D]``, initial scores ``[N, C]``, positions ``[N, 2]`` ->
-    refined scores ``[N, C]``."""
+def refine_nodes(feats: torch.Tensor, scores: torch.Tensor, pos: torch.Tensor | None, cfg: RefineConfig,
+                 rgb: torch.Tensor | None = None) -> torch.Tensor:
+    """One graph: node features ``[N, D]``, initial scores ``[N, C]``, positions ``[N, 2]`` (and
+    colours ``[N, 3]`` in [0, 1] when ``cfg.color > 0``) -> refined scores ``[N, C]``."""
     c = cfg.resolved()
-    w = knn_graph(feats, c.k, c.gamma, c.sigma, pos, c.dist_pow, c.chunk)
-    return propagate(normalize_graph(w), scores, c.alpha, c.maxiter, c.tol)
+    with quiet_sparse():
+        w = knn_graph(feats, c.k, c.gamma, c.sigma, pos, c.dist_pow, c.chunk, c.color, rgb)
+        return propagate(normalize_graph(w), scores, c.alpha, c.maxiter, c.tol)
+
+
+@contextmanager
+def quiet_sparse():
+    """Hide torch's notices about its sparse tensors ("Sparse CSR tensor support is in beta state",
+    "Sparse invariant checks are implicitly disabled"): they say nothing to a MapSR user, and the
+    graphs built here are valid by construction."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Sparse CSR tensor support is in beta", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"Sparse invariant checks are implicitly disabled",
+                                category=UserWarning)
+        yield
 
 
 def _grid_pos(h: int, w: int, scale: float, device) -> torch.Tensor:
@@ -181,8 +212,10 @@ def _grid_pos(h: int, w: int, scale: float, device) -> torch.Tensor:
     return torch.stack([yy, xx], -1).reshape(-1, 2).float() * scale
 
 
-def refine_window(feats: torch.Tensor, scores: torch.Tensor, cfg: RefineConfig) -> torch.Tensor:
-    """Refine one window: ``feats [D, h, w]`` (pixel features), ``scores [C, h, w]`` -> ``[C, h, w]``.
+def refine_window(feats: torch.Tensor, scores: torch.Tensor, cfg: RefineConfig,
+                  image: torch.Tensor | None = None) -> torch.Tensor:
+    """Refine one window: ``feats [D, h, w]`` (pixel features), ``scores [C, h, w]`` -> ``[C, h, w]``;
+    ``image [3, h, w]`` (uint8 or [0, 1] floats) is needed only when ``cfg.color > 0``.
     ``window`` mode: every pixel a node. ``blocks`` mode: features and scores average-pooled over
     ``block`` x ``block`` pixels (the nodes, positions at block centres in pixels), refined, and the
     refined block scores upsampled back (nearest) and added to the pixel scores' deviation from
@@ -190,15 +223,24 @@ def refine_window(feats: torch.Tensor, scores: torch.Tensor, cfg: RefineConfig) 
     c = cfg.resolved()
     d, h, w = feats.shape
     nc = scores.shape[0]
+    rgb = None
+    if c.color > 0:
+        if image is None:
+            raise ValueError("refinement with color > 0 needs the image")
+        rgb = torch.as_tensor(image)[:3].to(feats.device).float()
+        if torch.as_tensor(image).dtype == torch.uint8:
+            rgb = rgb / 255.0
     if c.mode == "window":
         x = feats.reshape(d, -1).T
         y = scores.reshape(nc, -1).T
-        out = refine_nodes(x, y, _grid_pos(h, w, 1.0, feats.device), c)
+        out = refine_nodes(x, y, _grid_pos(h, w, 1.0, feats.device), c,
+                           None if rgb is None else rgb.reshape(3, -1).T)
         return out.T.reshape(nc, h, w)
     b = c.block
     fx = F.avg_pool2d(feats[None], b, b, ceil_mode=True)[0]
     sy = F.avg_pool2d(scores[None], b, b, ceil_mode=True)[0]
     hb, wb = fx.shape[1:]
-    out = refine_nodes(fx.reshape(d, -1).T, sy.reshape(nc, -1).T, _grid_pos(hb, wb, float(b), feats.device), c)
+    cb = None if rgb is None else F.avg_pool2d(rgb[None], b, b, ceil_mode=True)[0].reshape(3, -1).T
+    out = refine_nodes(fx.reshape(d, -1).T, sy.reshape(nc, -1).T, _grid_pos(hb, wb, float(b), feats.device), c, cb)
     out = out.T.reshape(nc, hb, wb)
     return out.repeat_interleave(b, 1).repeat_interleave(b, 2)[:, :h, :w]

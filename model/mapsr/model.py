@@ -99,12 +99,18 @@ class MapSRError(UserError, ValueError):
 
 
 def _progress(it, total=None, desc="", enable=True):
-    if not enable:
-        return it
-    from rich.progress import track
+    """``it`` with a rich bar (gl10m.pipelines.runner.progress_bar) on a terminal; in a
+    non-interactive run (a pipe, a log file, a bench) no bar at all."""
+    from gl10m.pipelines.runner import console, progress_bar
 
-    from gl10m.pipelines.runner import console
-    return track(it, total=total, description=desc, console=console, transient=True)
+    if not enable or not console.is_terminal:
+        yield from it
+        return
+    with progress_bar() as bar:
+        task = bar.add_task(desc, total=total)
+        for x in it:
+            yield x
+            bar.advance(task)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,17 +410,21 @@ class MapSR:
                              "(-1 = unlabelled)")
         return lab
 
-    def fit(self, scenes: Iterable[tuple[Any, Any]]) -> "MapSR":
+    def fit(self, scenes: Iterable[tuple[Any, Any]], fmaps: Sequence[FeatureMap] | None = None) -> "MapSR":
         """Train the probe on the coarse labels of all scenes, then compute the class prompts from
-        the agreeing pixels. ``scenes``: ``(image uint8 [3, H, W], coarse int [H, W])`` pairs."""
+        the agreeing pixels. ``scenes``: ``(image uint8 [3, H, W], coarse int [H, W])`` pairs;
+        ``fmaps``: their features when already computed (:meth:`features`, same encoder and config)."""
         scenes = list(scenes)
         if not scenes:
             raise MapSRError("mapsr fit: no scenes")
+        if fmaps is not None and len(fmaps) != len(scenes):
+            raise MapSRError(f"mapsr fit: {len(fmaps)} feature maps for {len(scenes)} scenes")
+        given = list(fmaps) if fmaps is not None else None
         fmaps, labs = [], []
         h = hashlib.sha256(self.encoder_hash.encode())
         h.update(json.dumps([self.cfg.to_dict(), self.classes], sort_keys=True, default=str).encode())
-        for img, coarse in scenes:
-            fm = self.features(img)
+        for i, (img, coarse) in enumerate(scenes):
+            fm = given[i] if given is not None else self.features(img)
             fmaps.append(fm)
             labs.append(self._check_labels(coarse, fm.shape))
             h.update(sha256_arrays(_as_uint8_rgb(img), labs[-1]).encode())
@@ -448,10 +458,16 @@ class MapSR:
     @torch.no_grad()
     def predict(self, image, refine: bool = True, fmap: FeatureMap | None = None) -> dict[str, np.ndarray]:
         """-> ``{"cosine": int16 [H, W], "refined": int16 [H, W]}`` (class indices; ``refined`` only
-        with ``refine=True``)."""
+        with ``refine=True``). ``fmap``: the image's features when already computed (``image`` may
+        then be None unless the refinement uses colour)."""
         if self.prompts is None:
             raise MapSRError("mapsr: predict before fit (no prompts)")
         fm = fmap or self.features(image)
+        img = None
+        if refine and self.refine_cfg.color > 0:
+            if image is None:
+                raise MapSRError("mapsr: refinement with color > 0 needs the image")
+            img = _as_uint8_rgb(image)
         h, w = fm.shape
         cos = np.zeros((h, w), np.int16)
         ref = np.zeros((h, w), np.int16) if refine else None
@@ -463,7 +479,8 @@ class MapSR:
             s = cosine_scores(f, self.prompts, self.has_prompt)
             cos[r0:r1, c0:c1] = s.argmax(0).cpu().numpy()
             if refine:
-                out = refine_window(f, heat(s, self.has_prompt), self.refine_cfg)
+                out = refine_window(f, heat(s, self.has_prompt), self.refine_cfg,
+                                    None if img is None else img[:, r0:r1, c0:c1])
                 out = torch.where(self.has_prompt.to(out.device)[:, None, None], out, torch.full_like(out, -1e9))
                 ref[r0:r1, c0:c1] = out.argmax(0).cpu().numpy()
         res = {"cosine": cos}
