@@ -62,13 +62,13 @@ def _encoder(spec: Optional[str], seed: int, device: str):
     return enc, str(p.resolve())
 
 
-def _refine_cfg(mode, window, k, gamma, alpha, sigma, maxiter):
+def _refine_cfg(mode, window, k, gamma, alpha, sigma, maxiter, color=0.0):
     from gl10m.model.mapsr.graph import RefineConfig
 
     from gl10m.model.mapsr import MapSRError
     try:
         return RefineConfig(mode=mode, window=window, k=k, gamma=gamma, alpha=alpha, sigma=sigma,
-                            maxiter=maxiter).resolved()
+                            maxiter=maxiter, color=color).resolved()
     except ValueError as e:
         raise MapSRError(f"refinement: {e}") from None
 
@@ -168,6 +168,8 @@ def predict_cmd(
     alpha: Optional[float] = typer.Option(None, help="Propagation strength in [0, 1) (default 0.95 / 0.5)."),
     sigma: Optional[float] = typer.Option(None, help="Spatial decay per pixel (default 0.01 / 0)."),
     maxiter: int = typer.Option(10, help="Conjugate-gradient iterations."),
+    color: float = typer.Option(0.0, help="Weight of the image's colour difference in the graph's edges (0: off, "
+                                "the reference's graph; bench/mapsr.py chooses it on val windows)."),
     seed: int = typer.Option(0, help="Seed of a random-init encoder (as given to fit)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
 ):
@@ -181,7 +183,7 @@ def predict_cmd(
         dev = _device(device)
         enc, _ = _encoder(encoder or meta.get("encoder_spec"), seed, dev)
         m, meta = MapSR.load(model, enc)
-        m.refine_cfg = _refine_cfg(refine_mode, window, k, gamma, alpha, sigma, maxiter)
+        m.refine_cfg = _refine_cfg(refine_mode, window, k, gamma, alpha, sigma, maxiter, color)
         key = "refined" if refine else "cosine"
         if (image is None) == (shards is None):
             raise MapSRError("give exactly one of --image or --shards")

@@ -29,7 +29,9 @@ implementation). Four steps:
    graph of the pixel features (``w_ij = max(0, cos)^gamma exp(-sigma |p_i - p_j|)``, symmetric
    normalisation, ``(I - alpha W) F = Y`` solved by conjugate gradient in torch, CPU or GPU) and
    takes the argmax. Defaults: pixel windows of 112 px, k=400, gamma=3, alpha=0.95, sigma=0.01
-   (``--refine-mode blocks``: 4x4-pixel blocks as nodes, k=100, gamma=1, alpha=0.5, sigma=0).
+   (``--refine-mode blocks``: 4x4-pixel blocks as nodes, k=100, gamma=1, alpha=0.5, sigma=0); an
+   optional colour term ``exp(-color |c_i - c_j|)`` on the image's RGB, off by default, lets the image
+   say where a boundary runs inside one encoder token).
 
 Nothing is cached between calls: features are recomputed from the inputs every time, and a fitted
 model (probe + prompts) records the sha256 of the inputs it was fitted on (``fit_hash``), so a
@@ -69,7 +71,8 @@ Python::
     out = m.predict(sc.image)             # {"cosine": [H, W], "refined": [H, W]} class indices
     evaluate(out["refined"], sc.truth, len(sc.classes))["miou"]
 
-CLI: ``gl10m mapsr fit|predict|eval|bench`` (:mod:`gl10m.model.mapsr.cli`).
+CLI: ``gl10m mapsr fit|predict|eval`` (:mod:`gl10m.model.mapsr.cli`); judged on held-out testbed windows
+by ``bench/mapsr.py`` (:mod:`gl10m.model.mapsr.bench`).
 """
 from __future__ import annotations
 
