@@ -5,8 +5,8 @@
 
 For each frozen encoder (the tiny random ViT of `gl10m mapsr`, and the bootstrap encoder that
 `gl10m model fit` trains on the model-scale world's shards, when it is there) and each coarse cell
-size (30: NLCD-like 30 m cells; 268: one label per GL-10M tile): mean mIoU and OA over the test
-windows, with bootstrap 95 % intervals, of
+size (30: NLCD-like 30 m cells; 268: one label per GL-10M tile): mIoU pooled over the test windows,
+OA and per-window mIoU, with bootstrap 95 % intervals (resampling windows), of
 
 * coarse      the coarse map (majority of the truth per cell) upsampled: nothing trained;
 * cosine      MapSR fitted on the train windows' coarse labels (probe, prompts, cosine matching);
@@ -63,14 +63,16 @@ def records(report: dict) -> list[dict]:
             base = rows["coarse"]["miou"][0]
             for k, r in rows.items():
                 mi = r["miou"]
+                wm, oa = r["window_miou"], r["oa"]
                 recs.append(record(f"{ename}/cell{cell}/{k}/miou", mi[0], "mIoU", "coarse upsampled", base,
                                    higher_is_better=True,
-                                   meaning=f"mean per-window mIoU over the test windows / the coarse map's; 95 % "
-                                           f"[{mi[1]:.3f}, {mi[2]:.3f}]; {r['params']} trainable params, "
-                                           f"{r['train_seconds']:.1f} s training"))
+                                   meaning=f"mIoU pooled over the test windows / the coarse map's; 95 % "
+                                           f"[{mi[1]:.3f}, {mi[2]:.3f}]; OA {oa[0]:.3f}; per-window mIoU {wm[0]:.3f}; "
+                                           f"{r['params']} trainable params, {r['train_seconds']:.1f} s training"))
             for k, d in rc["diffs"].items():
                 recs.append(record(f"{ename}/cell{cell}/{k}", d[0], "mIoU difference", higher_is_better=True,
-                                   meaning=f"paired mean difference over test windows, 95 % [{d[1]:+.3f}, {d[2]:+.3f}]",
+                                   meaning=f"pooled mIoU difference on the same test windows, 95 % "
+                                           f"[{d[1]:+.3f}, {d[2]:+.3f}]",
                                    note=f"refinement chosen on val: {rc['refine']}"))
     return recs
 

@@ -211,9 +211,12 @@ def test_tiny_bench_report_and_records(tiny_bench, monkeypatch):
     for cell, rc in res["cells"].items():
         assert set(rc["rows"]) == set(B.METHODS)
         for k, r in rc["rows"].items():
-            mean, lo, hi = r["miou"]
+            mean, lo, hi = r["window_miou"]
             assert lo <= mean <= hi and 0 <= lo and hi <= 1
-            assert len(r["per_window_miou"]) == 3
+            assert np.mean(r["per_window_miou"]) == pytest.approx(mean) and len(r["per_window_miou"]) == 3
+            pooled, lo, hi = r["miou"]
+            assert 0 <= lo <= hi <= 1 and 0 <= pooled <= 1
+            assert pooled == pytest.approx(np.nanmean([np.nan if v is None else v for v in r["iou"].values()]))
         assert rc["rows"]["coarse"]["params"] == 0
         assert rc["rows"]["cosine"]["params"] == (64 + 1) * 5  # the probe: Linear(D=64, 5 classes)
         assert rc["rows"]["supervised"]["params"] == 64 * 32 + 32 + 32 * 5 + 5
@@ -221,8 +224,7 @@ def test_tiny_bench_report_and_records(tiny_bench, monkeypatch):
         if rc["refine"] == "none":
             assert rc["rows"]["refined"]["per_window_miou"] == rc["rows"]["cosine"]["per_window_miou"]
         d = rc["diffs"]["cosine-coarse"][0]
-        want = np.mean(rc["rows"]["cosine"]["per_window_miou"]) - np.mean(rc["rows"]["coarse"]["per_window_miou"])
-        assert d == pytest.approx(want)
+        assert d == pytest.approx(rc["rows"]["cosine"]["miou"][0] - rc["rows"]["coarse"]["miou"][0])
     txt = B.table(rep)
     assert "encoder tiny, coarse cell 16 px" in txt and "supervised" in txt
     monkeypatch.syspath_prepend(str(ROOT / "bench"))  # the bench scripts import bench/_results.py
@@ -235,6 +237,19 @@ def test_tiny_bench_report_and_records(tiny_bench, monkeypatch):
     assert len(recs) == 2 * (4 + 4)
     for r in recs:
         assert set(r) >= {"name", "value", "unit", "baseline_name", "baseline_value", "ratio", "meaning"}
+
+
+def test_pooled_ci_sums_confusions_and_pairs_the_resamples():
+    rng = np.random.default_rng(1)
+    t = [rng.integers(0, 3, (6, 6)) for _ in range(8)]
+    good = np.stack([M.confusion(x, x, 3) for x in t])
+    bad = np.stack([M.confusion(np.where(rng.random(x.shape) < 0.3, (x + 1) % 3, x), x, 3) for x in t])
+    v, lo, hi = B.pooled_ci(good)
+    assert (v, lo, hi) == (1.0, 1.0, 1.0)
+    v, lo, hi = B.pooled_ci(bad)
+    assert v == pytest.approx(M.scores_from_confusion(bad.sum(0))["miou"]) and lo <= hi < 1.0
+    d, dlo, dhi = B.pooled_ci(good, bad)
+    assert d == pytest.approx(1.0 - v) and 0 < dlo <= dhi
 
 
 def test_bootstrap_ci_covers_the_mean_and_narrows_with_more_windows():
