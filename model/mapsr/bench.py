@@ -340,9 +340,10 @@ class BenchConfig:
     seed: int = 0
 
 
-def _features(encoder, wins: Sequence[BenchWindow], chip, log) -> tuple[list[FeatureMap], float]:
+def _features(encoder, wins: Sequence[BenchWindow]) -> tuple[list[FeatureMap], float]:
+    """Every window's dense features (chips of the encoder's ``hr_size``) and the seconds taken."""
     t0 = time.perf_counter()
-    out = [dense_features(encoder, w.image, chip=chip, progress=False) for w in wins]
+    out = [dense_features(encoder, w.image, progress=False) for w in wins]
     return out, time.perf_counter() - t0
 
 
@@ -369,8 +370,8 @@ def run(encoders: dict[str, Any], cfg: BenchConfig | None = None, log: Callable[
     fitted: dict[str, dict] = {}
     for ename, enc in encoders.items():
         enc.eval()
-        ftr, s_tr = _features(enc, train, None, log)
-        fva, s_va = _features(enc, val, None, log)
+        ftr, s_tr = _features(enc, train)
+        fva, s_va = _features(enc, val)
         feat_s = (s_tr + s_va) / (len(train) + len(val))
         # supervised: HR truth of the train windows
         t1 = time.perf_counter()
@@ -397,7 +398,7 @@ def run(encoders: dict[str, Any], cfg: BenchConfig | None = None, log: Callable[
     log(f"rendered {len(test)} test windows")
     results: dict[str, Any] = {}
     for ename, enc in encoders.items():
-        fte, _ = _features(enc, test, None, log)
+        fte, _ = _features(enc, test)
         fz = fitted[ename]
         sup = fz["supervised"]
         sup_conf = [confusion(sup["head"].predict(f), w.truth, nc) for w, f in zip(test, fte)]
