@@ -34,6 +34,18 @@ import torch
 import torch.nn.functional as F
 
 
+@contextmanager
+def quiet_sparse():
+    """Hide torch's notices about its sparse tensors ("Sparse CSR tensor support is in beta state",
+    "Sparse invariant checks are implicitly disabled"): they say nothing to a MapSR user, and the
+    graphs built here are valid by construction."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Sparse CSR tensor support is in beta", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"Sparse invariant checks are implicitly disabled",
+                                category=UserWarning)
+        yield
+
+
 @dataclass
 class RefineConfig:
     """Graph refinement settings (see the module docstring for the maths).
@@ -104,6 +116,7 @@ def knn_cosine(x: torch.Tensor, k: int, chunk: int = 2048) -> tuple[torch.Tensor
     return torch.cat(sims), torch.cat(idx)
 
 
+@quiet_sparse()
 def knn_graph(x: torch.Tensor, k: int, gamma: float = 1.0, sigma: float = 0.0, pos: torch.Tensor | None = None,
               dist_pow: float = 1.0, chunk: int = 2048, color: float = 0.0,
               rgb: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,6 +147,7 @@ def knn_graph(x: torch.Tensor, k: int, gamma: float = 1.0, sigma: float = 0.0, p
     return torch.sparse_coo_tensor(ij, torch.cat([vals, vals]), (n, n)).coalesce()
 
 
+@quiet_sparse()
 def normalize_graph(w: torch.Tensor) -> torch.Tensor:
     """``S = D^-1/2 W D^-1/2`` of a sparse ``W`` (diagonal dropped first; degree-0 nodes get 0 rows)."""
     w = w.coalesce()
@@ -172,6 +186,7 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
     return x, it
 
 
+@quiet_sparse()
 def propagate(s: torch.Tensor, y: torch.Tensor, alpha: float, maxiter: int = 10, tol: float = 1e-6) -> torch.Tensor:
     """Label propagation: ``F = (I - alpha S)^-1 Y`` by CG, ``S`` a normalised sparse graph
     (:func:`normalize_graph`), ``Y [N, C]``."""
@@ -190,21 +205,8 @@ def refine_nodes(feats: torch.Tensor, scores: torch.Tensor, pos: torch.Tensor | 
     """One graph: node features ``[N, D]``, initial scores ``[N, C]``, positions ``[N, 2]`` (and
     colours ``[N, 3]`` in [0, 1] when ``cfg.color > 0``) -> refined scores ``[N, C]``."""
     c = cfg.resolved()
-    with quiet_sparse():
-        w = knn_graph(feats, c.k, c.gamma, c.sigma, pos, c.dist_pow, c.chunk, c.color, rgb)
-        return propagate(normalize_graph(w), scores, c.alpha, c.maxiter, c.tol)
-
-
-@contextmanager
-def quiet_sparse():
-    """Hide torch's notices about its sparse tensors ("Sparse CSR tensor support is in beta state",
-    "Sparse invariant checks are implicitly disabled"): they say nothing to a MapSR user, and the
-    graphs built here are valid by construction."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Sparse CSR tensor support is in beta", category=UserWarning)
-        warnings.filterwarnings("ignore", message=r"Sparse invariant checks are implicitly disabled",
-                                category=UserWarning)
-        yield
+    w = knn_graph(feats, c.k, c.gamma, c.sigma, pos, c.dist_pow, c.chunk, c.color, rgb)
+    return propagate(normalize_graph(w), scores, c.alpha, c.maxiter, c.tol)
 
 
 def _grid_pos(h: int, w: int, scale: float, device) -> torch.Tensor:
