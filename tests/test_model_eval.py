@@ -416,3 +416,58 @@ def test_target_obr_calibrates_the_shared_threshold_on_val(model_env, tmp_path):
     assert rep["rows"]["default"]["obr"] == pytest.approx(float(select(tl, threshold=sel["threshold"]).float().mean()),
                                                           abs=1e-6)
     assert "calibrated on split `val`" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_a_per_scene_budget_gives_every_scene_its_k_best_tiles(model_env, tmp_path):
+    """--budget K: the sampler-driven rows take exactly the K best-scored tiles of every scene (no
+    threshold), the random rows the same count; a budget with a threshold is refused."""
+    sd, md = model_env
+    rep = EV.evaluate(md, sd, tmp_path / "r", split="val", device="cpu", batch_size=2, budget=7, progress=False,
+                      allow_small=True, sweep=False, n_boot=10)
+    for name in ("default", "random", "random_predictor", "sampler_only", "lr_fill", "predictor_nolr"):
+        assert rep["rows"][name]["obr"] == pytest.approx(0.07), name
+    assert rep["selection"]["budget"] == 7 and rep["selection"]["threshold"] is None
+    assert "per-scene budget" in rep["selection"]["source"]
+    bundle = EV.load_bundle(md)
+    from gl10m import data as gdata
+    from gl10m.model.crossscale.selection import select, top_k_mask
+    with gdata.SampleReader(sd, "val") as reader:
+        logits = EV.sampler_logits(bundle, reader, batch_size=2)
+    # at the sampler config's threshold the OBR differs: the budget, not a threshold, decided
+    assert float(select(logits, threshold=bundle.selection.get("threshold", 0.55)).float().mean()) != \
+        pytest.approx(0.07)
+    assert top_k_mask(logits, 7).sum(1).eq(7).all()
+    assert "per-scene budget" in (tmp_path / "r" / "report.md").read_text()
+    for bad in ({"threshold": 0.5}, {"target_obr": 0.1}):
+        with pytest.raises(UserError, match="budget"):
+            EV.evaluate(md, sd, tmp_path / "x", split="val", budget=7, progress=False, allow_small=True, **bad)
+    with pytest.raises(UserError, match="budget must be an int in 1..100"):
+        EV.evaluate(md, sd, tmp_path / "x", split="val", budget=0, progress=False, allow_small=True)
+
+
+def test_the_scene_head_scores_every_row_when_the_model_has_one(model_env, tmp_path):
+    """A model dir with scene-head/: the bundle's one scene space is that head (its weights, its
+    name in the report); without stage II it is refused."""
+    import shutil
+
+    from gl10m.model.crossscale.scene_head import fit_scene_head, load_scene_head
+
+    sd, md0 = model_env
+    md = tmp_path / "model"
+    shutil.copytree(md0, md)
+    feats = md0.parent / "features"
+    fit_scene_head(feats, EV.latest_checkpoint(md / "predictor-stage2"), md / "scene-head",
+                   {"steps": 5, "batch_size": 4, "forward_batch": 2})
+    b = EV.load_bundle(md)
+    head, info = load_scene_head(md / "scene-head")
+    assert "scene head" in b.space.name and info["novel_concepts"] == [0, 3, 4]
+    for k, v in head.state_dict().items():
+        assert torch.equal(b.space.head.state_dict()[k], v), k
+    assert not torch.equal(b.space.head[1].weight, b.predictor_stage2.head[1].weight)  # not stage II's own
+    rep = EV.evaluate(md, sd, tmp_path / "r", split="val", device="cpu", batch_size=2, progress=False,
+                      allow_small=True, sweep=False, n_boot=10)
+    assert "scene head" in rep["scoring"]["space"] and rep["novel_holdout"]["scene-head"] == \
+        [b.labels[c] for c in (0, 3, 4)]
+    shutil.rmtree(md / "predictor-stage2")
+    with pytest.raises(UserError, match="needs the stage II predictor"):
+        EV.load_bundle(md)

@@ -20,7 +20,8 @@ TINY_ENC = dict(backend="vit", width=32, depth=1, heads=2, patch=8, hr_size=32, 
 TINY_PRED = {"dim": 32, "depth": 1, "heads": 2, "mlp_ratio": 2.0, "pool": 2, "use_lr": True,
              "grad_checkpointing": False}
 BASE = {"batch_size": 2, "steps": 4, "warmup_steps": 1, "ckpt_every": 2}
-PARTS = ["encoder", "features", "sampler", "sampler-structural", "predictor", "predictor-nolr", "predictor-stage2"]
+PARTS = ["encoder", "features", "sampler", "sampler-structural", "predictor", "predictor-nolr", "predictor-stage2",
+         "scene-head"]
 
 
 def tiny_config(**over) -> dict:
@@ -31,7 +32,8 @@ def tiny_config(**over) -> dict:
            "sampler": {"base": "sampler-train.yaml", "model": {"hidden": 8, "kernel": 3, "layers": 1}, **BASE},
            "variants": ["structural"],
            "predictor": {"base": "train-predictor.yaml", "model": TINY_PRED, **BASE, "num_workers": 0},
-           "stage2": {"base": "train-predictor-stage2.yaml", "model": TINY_PRED, **BASE, "num_workers": 0}}
+           "stage2": {"base": "train-predictor-stage2.yaml", "model": TINY_PRED, **BASE, "num_workers": 0},
+           "scene_head": {"steps": 20, "batch_size": 4, "forward_batch": 4, "log_every": 10}}
     cfg.update(over)
     return cfg
 
@@ -65,7 +67,7 @@ def test_fit_writes_the_model_dir_that_eval_reads(fitted, shards):
     assert list(res["parts"]) == PARTS and all(v["status"] == "done" for v in res["parts"].values())
     parts = resolve_parts(md)
     assert set(parts) == {"encoder", "sampler", "sampler-structural", "predictor", "predictor-nolr",
-                          "predictor-stage2"}
+                          "predictor-stage2", "scene-head"}
     st = json.loads((md / F.STATE_NAME).read_text())["parts"]
     assert set(st) == set(PARTS) and all(v["status"] == "done" for v in st.values())
     assert st["features"]["scenes"] == 10  # every split encoded
@@ -97,7 +99,7 @@ def test_rerun_skips_what_is_done_and_redoes_only_what_changed(fitted, shards, t
     st = {k: v["status"] for k, v in res["parts"].items()}
     assert st == {"encoder": "done (up to date)", "features": "done (up to date)", "sampler": "done (up to date)",
                   "sampler-structural": "done (up to date)", "predictor": "done", "predictor-nolr": "done",
-                  "predictor-stage2": "done"}
+                  "predictor-stage2": "done", "scene-head": "done"}
     after = _mtimes(md)
     for part in ("encoder", "features", "sampler"):
         assert {k: v for k, v in after.items() if k.startswith(part + "/")} == \
@@ -136,7 +138,7 @@ def test_an_interrupted_part_resumes_to_the_same_run(shards, tmp_path, monkeypat
 def test_given_encoder_weights_skip_the_bootstrap(fitted, shards, tmp_path):
     md, _ = fitted
     msgs = []
-    res = F.fit(shards, tmp_path / "m2", tiny_config(variants=[], predictor_nolr=False, stage2=False),
+    res = F.fit(shards, tmp_path / "m2", tiny_config(variants=[], predictor_nolr=False, stage2=False, scene_head=False),
                 encoder=md / "encoder", echo=msgs.append)
     assert list(res["parts"]) == ["encoder", "features", "sampler", "predictor"]
     assert res["parts"]["encoder"]["source"] == str(md / "encoder")

@@ -124,6 +124,9 @@ def model_eval(checkpoint: Optional[Path] = typer.Option(
                    False, "--allow-small", help="Report mAP on a split of fewer than 100 scenes anyway."),
                n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95 % intervals."),
                top_k: Optional[int] = typer.Option(None, "--top-k", help="The sweep's top-k point (default: 12)."),
+               budget: Optional[int] = typer.Option(
+                   None, "--budget", help="Per-scene budget: every scene gets its K best tiles (OBR K/100 on "
+                   "every split) instead of a threshold; not with --threshold/--target-obr."),
                batch_size: int = typer.Option(32, "--batch-size", help="Scenes per batch."),
                limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N scenes."),
                no_sweep: bool = typer.Option(False, "--no-sweep", help="Skip the threshold sweep."),
@@ -152,10 +155,11 @@ def model_eval(checkpoint: Optional[Path] = typer.Option(
         return
     novel_list = [x for x in (novel or "").split(",") if x.strip()]
     rep = evaluate(checkpoint, shards, out_dir, split=split, device=device or "auto", batch_size=batch_size,
-                   seed=seed, threshold=threshold, target_obr=target_obr, top_k=top_k, novel=novel_list,
+                   seed=seed, threshold=threshold, target_obr=target_obr, top_k=top_k, budget=budget, novel=novel_list,
                    limit=limit, sweep=not no_sweep, allow_small=allow_small, n_boot=n_boot, **paths)
-    t = Table("row", "OBR", "mAP@100 [95 %]", "ms/scene", title=f"{rep['scenes']} scenes of {split!r}, threshold "
-              f"{rep['selection']['threshold']:.4g} ({rep['selection']['source']})")
+    sel = rep["selection"]
+    how = sel["source"] if sel.get("budget") else f"threshold {sel['threshold']:.4g} ({sel['source']})"
+    t = Table("row", "OBR", "mAP@100 [95 %]", "ms/scene", title=f"{rep['scenes']} scenes of {split!r}, {how}")
     for r in summary_table(rep):
         t.add_row(*r)
     out.print(t)

@@ -221,7 +221,8 @@ def render_markdown(rep: dict, plot: str | None) -> str:
                 "(reported because --allow-small was given).", ""]
     out += [f"{rep['scenes']} scenes from `{rep['shards']}`; device {rep['device']['name']}; batch "
             f"{rep['batch_size']}.", "",
-            f"Selection: {sel['rule']}; threshold {_fmt(sel['threshold'], 4)}, {how}.", "",
+            (f"Selection: {sel['source']} (OBR {sel['budget'] / 100:g} on every scene); no threshold." if
+             sel.get("budget") else f"Selection: {sel['rule']}; threshold {_fmt(sel['threshold'], 4)}, {how}."), "",
             f"Scoring: every row through one scene space, {sc['space']}; {sc['text']}.", "",
             f"Concepts: {rep['concepts']['n']} ({rep['concepts']['with_positives']} with positives in this split); "
             f"novel: {', '.join(rep['concepts']['novel']) or 'none declared'}. Intervals: bootstrap 95 % over "

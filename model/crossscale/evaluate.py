@@ -75,6 +75,7 @@ from .eval_report import IO_STAGES, MIN_SCENES, N_BOOT, _clean, _timing, build_r
 from .eval_report import plot_sweep, render_markdown, summary_table
 from .features import _HR_CHUNK
 from .predictor import Predictor, complete, load_predictor
+from .scene_head import load_scene_head
 from .sampler import load_sampler
 from .scoring import SceneSpace, mean_half
 from .selection import RULE, calibrate_threshold, select
@@ -147,7 +148,9 @@ def _check_dims(enc: TileEncoder, dims: dict, what: str) -> None:
 
 
 _PARTS = (("encoder", "encoder", True), ("sampler", "sampler", True), ("predictor", "predictor", True),
-          ("predictor_nolr", "predictor-nolr", False), ("predictor_stage2", "predictor-stage2", False))
+          ("predictor_nolr", "predictor-nolr", False), ("predictor_stage2", "predictor-stage2", False),
+          ("scene_head", "scene-head", False))
+_FOLDERS = ("encoder", "scene-head")  # parts that are folders, not trainer run dirs
 
 
 def resolve_parts(model_dir: str | os.PathLike | None = None, *, variants: dict | None = None,
@@ -168,7 +171,7 @@ def resolve_parts(model_dir: str | os.PathLike | None = None, *, variants: dict 
     for key, name, required in _PARTS:
         p = _opt(md, paths.get(key), name, required)
         if p is not None:
-            parts[name] = p if name == "encoder" else latest_checkpoint(p)
+            parts[name] = p if name in _FOLDERS else latest_checkpoint(p)
     for v in VARIANTS:
         p = (variants or {}).get(v) or _opt(md, None, f"sampler-{v}", False)
         if p is not None:
@@ -218,6 +221,15 @@ def load_bundle(model_dir: str | os.PathLike | None = None, *, device: str | tor
         novel = [int(c) for c in s2info["config"].get("novel_concepts") or []]
         holdout["predictor-stage2"] = novel
         space = SceneSpace(p_s2.head, text, s2info["center"].to(dev), "the stage II head of the completed grid")
+        if "scene-head" in parts:
+            head, hinfo = load_scene_head(parts["scene-head"])
+            _check_dims(enc, hinfo["dims"], f"scene head {parts['scene-head']}")
+            holdout["scene-head"] = [int(c) for c in hinfo.get("novel_concepts") or []]
+            space = SceneSpace(head.to(dev), text, s2info["center"].to(dev),
+                               "the scene head fitted on the frozen stage II predictor's completions")
+    elif "scene-head" in parts:
+        raise EvalError(f"{parts['scene-head']}: a scene head needs the stage II predictor it was fitted on "
+                        "(predictor-stage2)")
     else:
         space = SceneSpace(lambda pooled: enc.embed_mean(mean_half(pooled)), text, info_main["center"].to(dev),
                            "the encoder's HR head of the completed grid (no stage II model)")
@@ -387,7 +399,7 @@ class _Batch:
 class Evaluator:
     def __init__(self, bundle: Bundle, reader: gdata.SampleReader, *, device: str | torch.device = "cpu",
                  batch_size: int = 32, seed: int = 0, threshold: float | None = None, top_k: int | None = None,
-                 sweep: Sequence[float] = SWEEP_THRESHOLDS, progress: bool = True):
+                 sweep: Sequence[float] = SWEEP_THRESHOLDS, progress: bool = True, budget: int | None = None):
         if batch_size < 1:
             raise EvalError(f"batch size must be >= 1, got {batch_size}")
         self.bundle, self.reader, self.device = bundle, reader, torch.device(device)
@@ -396,6 +408,10 @@ class Evaluator:
         sel = bundle.selection
         self.threshold = threshold if threshold is not None else sel.get("threshold", 0.55)
         self.top_k = top_k if top_k is not None else sel.get("top_k", 12)
+        if budget is not None and not (isinstance(budget, int) and not isinstance(budget, bool)
+                                       and 1 <= budget <= N_TILES):
+            raise EvalError(f"budget must be an int in 1..100 (tiles per scene), got {budget!r}")
+        self.budget = budget  # per-scene budget: the rows take each scene's `budget` best tiles, no threshold
         if self.threshold is None:
             raise EvalError("the default selection needs a threshold")
         self.sweep = tuple(float(x) for x in sweep)
@@ -432,7 +448,7 @@ class Evaluator:
 
     def rows(self) -> list[Row]:
         b = self.bundle
-        th, k = self.threshold, None
+        th, k = (None, self.budget) if self.budget is not None else (self.threshold, None)
         lrs = ("decode_lr", "encode_lr")
         smp_ = ("decode_lr", "encode_lr", "sampler")
 
@@ -469,7 +485,8 @@ class Evaluator:
             rows.append(Row("predictor_nolr", "learned sampler + predictor without LR context", smp_,
                             sampled("predictor", b.predictor_nolr)))
         stage = "stage II" if b.predictor_stage2 is not None else "stage I"
-        rows.append(Row("default", f"learned sampler (threshold {th:.4g}) + {stage} predictor", smp_,
+        how = f"top {k} tiles per scene" if k is not None else f"threshold {th:.4g}"
+        rows.append(Row("default", f"learned sampler ({how}) + {stage} predictor", smp_,
                         sampled("predictor", main)))
         if b.predictor_stage2 is not None:
             rows.append(Row("default_stage1", "learned sampler + stage I predictor", smp_,
@@ -501,7 +518,9 @@ class Evaluator:
         shared = Timer(self.device)
         timers = {r.name: Timer(self.device) for r in all_rows}
         sweep_timers = {p[0]: Timer(self.device) for p in pts}
-        reuse = {name for name, th, k in pts if "default" in timers and k is None and th == self.threshold}
+        same = (lambda th, k: th is None and k == self.budget) if self.budget is not None else \
+            (lambda th, k: k is None and th == self.threshold)
+        reuse = {name for name, th, k in pts if "default" in timers and same(th, k)}
         for name in reuse:
             sweep_timers[name] = timers["default"]
         scores = {r.name: [] for r in all_rows}
@@ -601,7 +620,8 @@ def check_holdout(bundle: Bundle, novel: Sequence[int]) -> dict:
 def evaluate(checkpoint: str | os.PathLike | None, shards: str | os.PathLike, out: str | os.PathLike, *,
              split: str = "test", device: str = "auto", batch_size: int = 32, seed: int = 0,
              threshold: float | None = None, target_obr: float | None = None, calibration_split: str = "val",
-             top_k: int | None = None, novel: Sequence[str] | None = None, allow_small: bool = False,
+             top_k: int | None = None, budget: int | None = None, novel: Sequence[str] | None = None,
+             allow_small: bool = False,
              n_boot: int = N_BOOT, limit: int | None = None, sweep: bool = True, progress: bool = True,
              cpu_time_scenes: int = 32, **paths) -> dict:
     """The whole evaluation (see the module doc) -> the report dict; writes ``out/report.json``,
@@ -609,7 +629,9 @@ def evaluate(checkpoint: str | os.PathLike | None, shards: str | os.PathLike, ou
     predictor, predictor_nolr, predictor_stage2 and variants ({variant: run dir}).
 
     Threshold: ``threshold``, or with ``target_obr`` the shared threshold calibrated on
-    ``calibration_split`` (val; never the split evaluated), else the sampler config's. A split of
+    ``calibration_split`` (val; never the split evaluated), else the sampler config's. ``budget``
+    instead: every scene gets its ``budget`` best-scored tiles (a per-scene budget, OBR exactly
+    budget / 100 on every split; the released code's operating point) and no threshold applies. A split of
     fewer than 100 scenes is refused unless ``allow_small``. ``n_boot`` bootstrap resamples (seeded
     by ``seed``) give every row's 95 % intervals. On CUDA, the LR-only, full-HR and default
     pipelines are also timed on the CPU over the first ``cpu_time_scenes`` scenes."""
@@ -621,6 +643,8 @@ def evaluate(checkpoint: str | os.PathLike | None, shards: str | os.PathLike, ou
         raise EvalError(f"limit must be >= 1, got {limit}")
     if threshold is not None and target_obr is not None:
         raise EvalError("give a threshold or a target OBR, not both")
+    if budget is not None and (threshold is not None or target_obr is not None):
+        raise EvalError("give a per-scene budget or a threshold (or target OBR), not both")
     if target_obr is not None and calibration_split == split:
         raise EvalError(f"the threshold is calibrated on split {calibration_split!r}: evaluate another split "
                         "(calibrating on the split reported would tune on it)")
@@ -642,10 +666,12 @@ def evaluate(checkpoint: str | os.PathLike | None, shards: str | os.PathLike, ou
                    calibration={"split": calibration_split, "scenes": int(logits.shape[0]), "obr": got})
     elif threshold is None:
         sel.update(threshold=bundle.selection.get("threshold", 0.55), source="sampler's config")
+    if budget is not None:  # no threshold applies (the sweep keeps the sampler config's)
+        sel.update(budget=int(budget), threshold=None, source=f"per-scene budget: the {budget} best tiles of every scene")
     outp = Path(out)
     with gdata.SampleReader(shards, split) as reader:
         ev = Evaluator(bundle, reader, device=device, batch_size=batch_size, seed=seed, threshold=sel["threshold"],
-                       top_k=top_k, progress=progress)
+                       top_k=top_k, progress=progress, budget=budget)
         res = ev.run(limit=limit, sweep=sweep)
         sel["top_k_sweep"] = ev.top_k
         ctx = {"version": REPORT_VERSION, "split": split, "shards": str(shards), "labels": bundle.labels,
@@ -658,7 +684,7 @@ def evaluate(checkpoint: str | os.PathLike | None, shards: str | os.PathLike, ou
         if ev.device.type == "cuda" and cpu_time_scenes > 0:
             cpu = Evaluator(load_bundle(checkpoint, device="cpu", **paths), reader, device="cpu",
                             batch_size=batch_size, seed=seed, threshold=sel["threshold"], top_k=top_k,
-                            progress=progress)
+                            progress=progress, budget=budget)
             m = min(cpu_time_scenes, len(reader))
             r2 = cpu.run(limit=m, rows=("lr_only", "full_hr", "default"), sweep=False)
             rep["time_cpu"] = _clean({"scenes": m, "device": device_name(torch.device("cpu")),

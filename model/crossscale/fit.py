@@ -14,6 +14,9 @@ predictor      ``predictor/``        stage I (masks drawn at random and from the
 predictor-nolr ``predictor-nolr/``   stage I without LR context (ablation)
 predictor-     ``predictor-stage2/`` stage II from the stage I weights, novel concepts held out
 stage2
+scene-head     ``scene-head/``       the scene head fitted to convergence on the frozen stage II
+                                     predictor's completions (:mod:`.scene_head`); every
+                                     evaluation row is scored through it
 ============== ===================== =======================================================
 
 Resuming: ``MODEL/fit.json`` records each part's input hash (its own settings, the hashes of the
@@ -50,7 +53,7 @@ STATE_NAME = "fit.json"
 FIT_VERSION = 1
 VARIANT_NAMES = ("structural", "semantic", "additive")
 SECTIONS = ("device", "novel", "profile", "encoder", "features", "sampler", "variants", "predictor",
-            "predictor_nolr", "stage2")
+            "predictor_nolr", "stage2", "scene_head")
 
 
 class FitError(UserError, ValueError):
@@ -118,7 +121,23 @@ def load_fit_config(config: str | os.PathLike | dict | None = None) -> dict:
         "predictor": _part(raw.get("predictor"), "predictor"),
         "predictor_nolr": bool(raw.get("predictor_nolr", True)),
         "stage2": _part(raw.get("stage2"), "stage2") if raw.get("stage2") is not False else None,
+        "scene_head": _scene_head_cfg(raw.get("scene_head"), raw.get("stage2") is not False),
     }
+
+
+def _scene_head_cfg(section, has_stage2: bool) -> dict | None:
+    """The scene head's settings (None: not fitted; false in the config or no stage II)."""
+    from .scene_head import head_config
+
+    if section is False:
+        return None
+    if not has_stage2:
+        if section:
+            raise FitError("fit config: scene_head needs stage2 (it is fitted on the stage II predictor)")
+        return None
+    if section is not None and not isinstance(section, dict):
+        raise FitError(f"fit config: scene_head must be a mapping or false, got {section!r}")
+    return head_config(section)
 
 
 def resolve_device(dev: str) -> str:
@@ -298,6 +317,23 @@ def plan(shards: str | os.PathLike, out: str | os.PathLike, config: str | os.Pat
         if "model" not in cfg["stage2"] or not cfg["stage2"]["model"]:
             s2["model"] = pcfg.get("model")
         trainer("predictor-stage2", s2, ["predictor", "sampler"])
+        if cfg["scene_head"] is not None:
+            hcfg = cfg["scene_head"]
+            h_head = _digest({"features": h_feat, "after": [p.hash for p in plans if p.name == "predictor-stage2"],
+                              "config": hcfg})
+
+            def run_head(resume: bool) -> dict:
+                from .scene_head import fit_scene_head
+                from .train import checkpoint_paths
+
+                folder = md / "scene-head"
+                shutil.rmtree(folder, ignore_errors=True)
+                t0 = time.time()
+                fit_scene_head(md / "features", checkpoint_paths(md / "predictor-stage2")[-1], folder, hcfg,
+                               device=dev, progress=lambda s, loss: echo(f"scene-head: step {s} loss {loss:.4f}"))
+                return {"seconds": round(time.time() - t0, 1)}
+
+            plans.append(Plan("scene-head", md / "scene-head", h_head, run_head))
     info = {"device": dev, "novel": novel, "novel_names": [labels[i] for i in novel], "shards": sd,
             "parts": [p.name for p in plans]}
     return plans, info
