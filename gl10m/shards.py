@@ -91,15 +91,20 @@ def sample_digest(files: dict[str, bytes]) -> str:
 
 def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     """Group keys (in sample_order) into consecutive shards of at most ~max_bytes of data."""
+    return pack([(key, sizes[key]) for key in sample_order(sizes)], max_bytes)
+
+
+def pack(items, max_bytes: int) -> list[list[str]]:
+    """(name, bytes) pairs, in order -> consecutive groups of at most ~max_bytes (a group holds at
+    least one item)."""
     groups: list[list[str]] = []
     cur: list[str] = []
     cur_bytes = 0
-    for key in sample_order(sizes):
-        n = sizes[key]
+    for name, n in items:
         if cur and cur_bytes + n > max_bytes:
             groups.append(cur)
             cur, cur_bytes = [], 0
-        cur.append(key)
+        cur.append(name)
         cur_bytes += n
     if cur:
         groups.append(cur)

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gl10m import safeyaml
@@ -146,10 +145,6 @@ def load_spec(path: str | Path | None = None) -> TestbedSpec:
     p = Path(path) if path else DEFAULT_SPEC
     if not p.exists():
         raise TestbedSpecError(f"testbed spec {p}: no such file")
-    try:
-        data = safeyaml.load(p.read_text())
-    except yaml.YAMLError as e:
-        raise TestbedSpecError(f"testbed spec {p.name}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    return spec_from_dict(data, p)
+    return spec_from_dict(safeyaml.read_mapping(p, "testbed spec", TestbedSpecError), p)
 
 

@@ -97,22 +97,6 @@ def _source_plan(shards_dir: Path, splits: Sequence[str] | None) -> dict[str, li
     return out
 
 
-def _group(shards: list[tuple[str, int]], per_sample: int, max_bytes: int) -> list[list[str]]:
-    groups: list[list[str]] = []
-    cur: list[str] = []
-    size = 0
-    for name, n in shards:
-        b = n * per_sample
-        if cur and size + b > max_bytes:
-            groups.append(cur)
-            cur, size = [], 0
-        cur.append(name)
-        size += b
-    if cur:
-        groups.append(cur)
-    return groups
-
-
 def _versions() -> dict:
     import gl10m
 
@@ -176,7 +160,7 @@ def write_features(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, en
     inside a feature shard then follows the workers' interleaving). Returns a summary: per split shards written / skipped and samples encoded."""
     from gl10m import data
     from gl10m.io import atomic_write_bytes, atomic_write_text
-    from gl10m.shards import write_shard
+    from gl10m.shards import pack, write_shard
 
     t0 = time.time()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -199,7 +183,8 @@ def write_features(shards_dir: str | os.PathLike, out_dir: str | os.PathLike, en
     per_sample = sample_bytes(dims, len(labels))
     splits = [split] if isinstance(split, str) else (list(split) if split is not None else None)
     plan = _source_plan(src, splits)
-    groups = {s: _group(v, per_sample, int(float(shard_mb) * 2 ** 20)) for s, v in plan.items()}
+    groups = {s: pack([(name, n * per_sample) for name, n in v], int(float(shard_mb) * 2 ** 20))
+              for s, v in plan.items()}
     fingerprint = {"format": FORMAT, "encoder": enc.cfg.to_dict(), "dims": dims, "labels": labels,
                    "source": str(src.resolve()), "shard_mb": float(shard_mb)}
 

@@ -26,7 +26,7 @@ their text are seen), starting from stage II's head, scale and bias. The views a
 them for ``steps`` minibatches: seconds to a minute on a CPU.
 
 Output: ``out_dir/head.pt`` ({"model": the head's state dict, "log_scale", "bias", "config",
-"dims", "in_dim", "embed_dim"}) and ``out_dir/head.json`` (config, views, loss, seconds);
+"dims", "novel_concepts", "stage2"}) and ``out_dir/head.json`` (config, views, loss, seconds);
 :func:`load_scene_head` reads it and :func:`gl10m.model.crossscale.evaluate.load_bundle` uses it as the scene
 space's head when the model dir has one.
 """
@@ -205,8 +205,7 @@ def fit_scene_head(features_dir: str | os.PathLike, stage2: str | os.PathLike, o
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {"model": head.state_dict(), "log_scale": log_scale.detach(), "bias": bias.detach(),
-             "config": c, "dims": info["dims"], "in_dim": int(x.shape[1]), "embed_dim": int(text.shape[1]),
-             "novel_concepts": sorted(novel), "stage2": str(stage2)}
+             "config": c, "dims": info["dims"], "novel_concepts": sorted(novel), "stage2": str(stage2)}
     tmp = out / "head.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, out / "head.pt")
@@ -219,24 +218,20 @@ def fit_scene_head(features_dir: str | os.PathLike, stage2: str | os.PathLike, o
 
 
 def load_scene_head(path: str | os.PathLike, map_location="cpu") -> tuple[nn.Module, dict]:
-    """A fitted scene head (eval mode) from ``head.pt`` (or its folder) -> (head, info)."""
+    """A fitted scene head (eval mode) from ``head.pt`` (or its folder) -> (head, info); its sizes
+    come from its weights."""
+    from .checkpoint import load_weights, read_checkpoint
+
     p = Path(path)
     if p.is_dir():
         p = p / "head.pt"
-    if not p.is_file():
-        raise SceneHeadError(f"scene head not found: {p}")
-    try:
-        st = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise SceneHeadError(f"scene head {p}: cannot be read ({type(e).__name__})") from None
-    if not isinstance(st, dict) or not {"model", "in_dim", "embed_dim", "dims"} <= set(st):
-        raise SceneHeadError(f"scene head {p}: expected model, in_dim, embed_dim and dims entries")
-    head = nn.Sequential(SceneNorm(int(st["in_dim"])), nn.Linear(int(st["in_dim"]), int(st["embed_dim"])))
-    try:
-        head.load_state_dict(st["model"])
-    except RuntimeError:
-        raise SceneHeadError(f"scene head {p}: weights do not match its sizes") from None
-    return head.eval(), {k: v for k, v in st.items() if k != "model"}
+    st = read_checkpoint(p, "scene head", map_location)
+    w = st["model"].get("1.weight")
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise SceneHeadError(f"scene head {p}: no linear layer in its weights")
+    e, d = w.shape
+    head = load_weights(nn.Sequential(SceneNorm(d), nn.Linear(d, e)), st, "scene head", p)
+    return head, {k: v for k, v in st.items() if k != "model"}
 
 
 __all__ = ["DEFAULTS", "SceneHeadError", "VIEWS", "fit_head", "fit_scene_head", "head_config", "load_scene_head",

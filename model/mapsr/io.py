@@ -72,18 +72,12 @@ class ClassMap:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ClassMap":
-        import yaml
-
         from gl10m import safeyaml
 
         p = Path(path)
         if not p.is_file():
             raise MapSRError(f"class map {p}: no such file")
-        try:
-            d = safeyaml.load(p.read_text())
-        except yaml.YAMLError as e:
-            raise MapSRError(f"class map {p}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        return cls.from_dict(d, f"class map {p.name}")
+        return cls.from_dict(safeyaml.read_mapping(p, "class map", MapSRError), f"class map {p.name}")
 
     def to_dict(self) -> dict:
         return {"classes": self.classes, "map": {int(k): v for k, v in sorted(self.mapping.items())},
