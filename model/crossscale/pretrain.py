@@ -39,7 +39,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gl10m.model.crossscale.losses import siglip_loss

@@ -11,7 +11,6 @@ class name...) exits with status 2 and one line on stderr, no traceback.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -233,7 +232,7 @@ def eval_cmd(
         import numpy as np
 
         from gl10m.io import atomic_write_text
-        from gl10m.model.mapsr import (ClassMap, MapSR, MapSRConfig, MapSRError, evaluate, read_image,
+        from gl10m.model.mapsr import (ClassMap, MapSR, MapSRConfig, MapSRError, evaluate,
                                        read_truth, testbed_scene)
         from gl10m.model.mapsr.graph import RefineConfig
 
