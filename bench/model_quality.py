@@ -1,6 +1,6 @@
 """Benchmark: does the cross-scale model do what the paper claims, on a held-out model-scale world?
 
-    .venv/bin/python bench/model_quality.py [--seed 8819] [--out bench/out/model_quality] [--scenes N] [--workers K]
+    .venv/bin/python bench/model_quality.py [--seed 3137] [--out bench/out/model_quality] [--scenes N] [--workers K]
         [--config model/configs/fit-cpu.yaml] [--target-obr 0.12] [--json PATH]
 
 One run, four commands, each the user's own:
@@ -31,7 +31,10 @@ loss) was done on seed 101 and on the train/val splits of seed 2027 (whose test 
 reported once, before that tuning, and is spent); the scene head (model/crossscale/
 scene_head.py) and the per-scene budget were then tried on seed 7373, whose test split had been
 reported once (session 4) and was looked at again to find why the effect was missing there, so
-7373 is a tuning seed too. Report on other seeds (default 8819). The default size, 3,400 scenes,
+7373 is a tuning seed too. Reported held-out results (README, bench/RESULTS.md): seed 5151 (2,000
+scenes) and seed 8819 (3,400 scenes, the default size): their test splits are spent, so a change
+judged on them is judged on a split it has been looked at on; the default is now a fresh seed, 3137.
+The default size, 3,400 scenes,
 gives ~2,800 train / ~270 val / ~300 test scenes (the paper's 83 / 8 / 9 %).
 """
 # run_all: timeout 5400
@@ -52,6 +55,7 @@ from _results import add_json_arg, record, write_json  # noqa: E402
 
 ROWS = ("lr_only", "full_hr", "default", "random", "random_predictor", "sampler_only", "lr_fill", "predictor_nolr")
 TUNED_ON_SEEDS = (101, 2027, 7373)
+REPORTED_SEEDS = (5151, 8819)  # held-out results already reported: their test splits are spent
 
 
 def _gl10m() -> list[str]:
@@ -139,8 +143,8 @@ def summarise(rep: dict, title: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seed", type=int, default=8819,
-                    help=f"world seed (default 8819; tuned on {', '.join(map(str, TUNED_ON_SEEDS))}: report on another)")
+    ap.add_argument("--seed", type=int, default=3137,
+                    help=f"world seed (default 3137; tuned on {', '.join(map(str, TUNED_ON_SEEDS))}: report on another)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "model_quality",
                     help="work folder: world/, model/, eval/ (default bench/out/model_quality; reused when there)")
     ap.add_argument("--scenes", type=int, default=3400, help="scenes in the world (default 3400)")
@@ -157,6 +161,9 @@ def main(argv=None) -> int:
     times = {}
     if a.seed in TUNED_ON_SEEDS:
         print(f"note: seed {a.seed} is the tuning seed; its numbers are not a held-out result", flush=True)
+    elif a.seed in REPORTED_SEEDS:
+        print(f"note: seed {a.seed}'s test split was already reported; a rerun reproduces that result, but a "
+              f"change judged on it is not judged on unseen scenes (use a fresh seed)", flush=True)
     times["world"] = run(_gl10m() + ["testbed", "scenes", "--out", str(world), "--scenes", str(a.scenes),
                                      "--seed", str(a.seed), "--workers", str(a.workers)], "the world build")
     fit_cmd = _gl10m() + ["model", "fit", "--shards", str(world / "shards"), "--out", str(md), "--config", str(a.config)]
