@@ -135,6 +135,12 @@ def summarise(rep: dict, title: str):
         ci = m.get("ci95") or [None, None]
         if est is not None and ci[0] is not None:
             print(f"  {pair:<32} {est:+.3f}  95 % interval [{ci[0]:+.3f}, {ci[1]:+.3f}] (paired bootstrap)")
+    comp = rep.get("completion") or {}
+    if comp.get("own_lr") is not None:
+        f = lambda x: "n/a" if x is None else f"{x:.3f}"
+        print(f"completion of the unobserved tiles (centred cosine to the true tokens, {comp['tiles']} tiles): "
+              f"own LR {f(comp['own_lr'])}, another scene's LR {f(comp.get('other_lr'))}, "
+              f"no-LR predictor {f(comp.get('no_lr'))}")
     checks = targets(v, obr)
     for name, ok, nums in checks:
         print(f"  {'met   ' if ok else 'MISSED' if ok is False else 'n/a   '} {name}  ({nums})")
@@ -203,6 +209,13 @@ def main(argv=None) -> int:
         recs.append(record("mAP@100 default, shared threshold", r["map"], "mAP", "mAP@100 lr_only", v_th["lr_only"],
                            higher_is_better=True, meaning=f"default / lr_only with the val-calibrated threshold "
                            f"{th['threshold']:.4g}", note=f"95 % CI [{r['lo']}, {r['hi']}], OBR on test {r['obr']:.3f}"))
+    comp = rep.get("completion") or {}
+    if comp.get("own_lr") is not None and comp.get("other_lr") is not None:
+        recs.append(record("completion cosine, own LR", comp["own_lr"], "cos", "completion cosine, another scene's LR",
+                           comp["other_lr"], higher_is_better=True,
+                           meaning="the predictor's completion of the default's unobserved tiles with the scene's own "
+                           "LR against another scene's (> 1: it uses LR)",
+                           note=f"no-LR predictor {comp.get('no_lr')}; {comp['tiles']} tiles"))
     recovered = gap_recovered(v)
     if recovered is not None:
         recs.append(record("gap recovered", recovered, "fraction", higher_is_better=True,

@@ -471,3 +471,91 @@ def test_the_scene_head_scores_every_row_when_the_model_has_one(model_env, tmp_p
     shutil.rmtree(md / "predictor-stage2")
     with pytest.raises(UserError, match="needs the stage II predictor"):
         EV.load_bundle(md)
+
+
+# -- does the predictor use LR? (model/crossscale/completion.py) -------------------------------
+
+def test_tile_cosines_judge_only_the_unobserved_tiles():
+    from gl10m.model.crossscale.completion import tile_cosines
+
+    for seed in (0, 1, 2):
+        g = torch.Generator().manual_seed(seed)
+        true = torch.randn(3, 100, 2, 2, 8, generator=g)
+        centre = torch.randn(8, generator=g)
+        mask = torch.rand(3, 100, generator=g) < 0.12
+        n_un = int((~mask).sum())
+        assert torch.allclose(tile_cosines(true, true, mask, centre), torch.ones(n_un), atol=1e-5)
+        mirrored = 2 * centre - true  # the same offsets from the centre, the other way
+        assert torch.allclose(tile_cosines(mirrored, true, mask, centre), -torch.ones(n_un), atol=1e-5)
+        # an observed tile's prediction is not judged: spoiling it changes nothing
+        spoiled = true.clone()
+        spoiled[mask] = 0
+        assert torch.equal(tile_cosines(spoiled, true, mask, centre), tile_cosines(true, true, mask, centre))
+    with pytest.raises(ValueError):
+        tile_cosines(true[:1], true, mask, centre)
+
+
+def test_completion_check_tells_a_predictor_that_uses_lr_from_one_that_does_not():
+    from gl10m.model.crossscale.completion import CompletionCheck
+    from gl10m.model.crossscale.predictor import Predictor
+
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        kw = dict(in_dim=8, g=2, lr_dim=8, lr_grid=10, dim=16, depth=1, heads=2, mlp_ratio=2.0)
+        uses = Predictor(**kw).eval()
+        deaf = Predictor(**kw).eval()
+        nolr = Predictor(**kw, use_lr=False).eval()
+        with torch.no_grad():  # LR enters only through lr_proj: zeroed, every scene's LR looks the same
+            deaf.lr_proj.weight.zero_()
+            deaf.lr_proj.bias.zero_()
+        g = torch.Generator().manual_seed(seed)
+        lr = torch.randn(4, 10, 10, 8, generator=g)
+        true = torch.randn(4, 100, 2, 2, 8, generator=g)
+        mask = torch.rand(4, 100, generator=g) < 0.12
+        res = {}
+        with torch.no_grad():
+            for name, p in (("uses", uses), ("deaf", deaf)):
+                ck = CompletionCheck(torch.zeros(8))
+                ck.add(p, nolr, lr, true, mask)
+                res[name] = ck.result()
+        assert res["deaf"]["own_lr"] == pytest.approx(res["deaf"]["other_lr"], abs=1e-6)
+        assert abs(res["uses"]["own_lr"] - res["uses"]["other_lr"]) > 1e-4
+        assert res["uses"]["no_lr"] == res["deaf"]["no_lr"] is not None
+        assert res["uses"]["tiles"] == int((~mask).sum())
+    ck = CompletionCheck(torch.zeros(8))  # one scene: no other scene's LR to swap in
+    with torch.no_grad():
+        ck.add(uses, None, lr[:1], true[:1], mask[:1])
+    r = ck.result()
+    assert r["other_lr"] is None and r["no_lr"] is None and r["own_lr"] is not None
+
+
+def test_the_report_carries_the_completion_check(model_env, tmp_path):
+    """The check runs on the default's tiles with the full_hr row's tokens: own LR as the default row
+    completes them, the report and its markdown say so; without full_hr it is absent."""
+    sd, md = model_env
+    bundle = EV.load_bundle(md)
+    from gl10m import data as gdata
+    from gl10m.model.crossscale.completion import CompletionCheck
+    with gdata.SampleReader(sd, "val") as reader:
+        ev = EV.Evaluator(bundle, reader, batch_size=3, progress=False, budget=12)
+        r = ev.run(sweep=False)
+        comp = r["completion"]
+        assert set(comp) == {"own_lr", "other_lr", "no_lr", "tiles"} and comp["tiles"] == 5 * 88
+        assert all(-1 <= comp[k] <= 1 for k in ("own_lr", "other_lr", "no_lr"))
+        # the same numbers by hand: every tile encoded, the default's 12 tiles observed
+        want = CompletionCheck(bundle.space.centre)
+        items = list(gdata.load(sd, split="val", decode_meta=False, tile_px=bundle.encoder.tile_px))
+        with torch.inference_mode():
+            for lo in (0, 3):
+                batch = items[lo:lo + 3]
+                lr_tok = bundle.encoder.encode_lr(torch.stack([b["lr"] for b in batch]))[0].float()
+                full = torch.stack([bundle.encoder.encode_hr(b["hr"].contiguous())[0].float() for b in batch])
+                m = EV.select(bundle.sampler(lr_tok).float(), threshold=None, top_k=12)
+                want.add(bundle.completer, bundle.predictor_nolr, lr_tok, full, m)
+        for k in ("own_lr", "other_lr", "no_lr"):
+            assert comp[k] == pytest.approx(want.result()[k], abs=1e-4)
+        assert ev.run(rows=("lr_only", "default"), sweep=False)["completion"] is None
+    rep = EV.evaluate(md, sd, tmp_path / "rep", split="val", device="cpu", batch_size=3, progress=False,
+                      allow_small=True, n_boot=0, budget=12, sweep=False)
+    assert rep["completion"]["tiles"] == 5 * 88
+    assert "Does the predictor use LR?" in (tmp_path / "rep" / "report.md").read_text()

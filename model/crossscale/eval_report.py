@@ -188,6 +188,7 @@ def build_report(res: dict, ctx: dict, *, n_boot: int = N_BOOT, seed: int = 0) -
         "bootstrap": {"resamples": n_boot, "unit": "scene", "interval": "2.5-97.5 percentiles"},
         "rows": rows, "paired": paired(point, boot, list(groups)) if boot else {},
         "sweep": sweep, "obr_per_scene": obr_scene, "per_concept_default": concepts,
+        "completion": res.get("completion"),
     }
     return _clean(rep)
 
@@ -236,6 +237,14 @@ def render_markdown(rep: dict, plot: str | None) -> str:
         out.append(f"| {r['name']} | {_fmt(r['obr'])} | {cells} | {_ms(r['time']['per_scene_s'])} | "
                    f"{_ms(r['time']['io_per_scene_s'])} |")
     out += ["", "Rows:", ""] + [f"- `{r['name']}`: {r['description']}" for r in rows]
+    comp = rep.get("completion")
+    if comp:
+        out += ["", "## Does the predictor use LR? (completion of the default's unobserved tiles)", "",
+                f"Centred cosine of the predicted to the true tile tokens, mean over {comp['tiles']} unobserved "
+                "tiles (1 = exact, 0 = no better than the centre): with the scene's own LR "
+                f"{_fmt(comp.get('own_lr'))}, with another scene's LR {_fmt(comp.get('other_lr'))}, "
+                f"the predictor trained without LR {_fmt(comp.get('no_lr'))} "
+                "(`gl10m.model.crossscale.completion`)."]
     if rep.get("paired"):
         out += ["", "## Paired differences (mAP@100, same bootstrap resamples)", "",
                 "| comparison | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]

@@ -70,6 +70,7 @@ from gl10m.errors import UserError
 from gl10m.io import atomic_write_text
 
 from .checkpoint import read_checkpoint
+from .completion import CompletionCheck
 from ..encoders import TileEncoder, load_encoder
 from .eval_report import IO_STAGES, MIN_SCENES, N_BOOT, _clean, _timing, build_report, device_name  # noqa: F401
 from .eval_report import plot_sweep, render_markdown, summary_table
@@ -357,6 +358,7 @@ class _Batch:
             with shared(f"sampler_{v}"), ev.autocast():
                 self.scores[v] = s(self.lr_tokens).float()
         self._masks: dict[tuple, torch.Tensor] = {}
+        self.full: torch.Tensor | None = None  # every tile's tokens, once the full_hr row has read them
 
     def mask(self, sampler: str = "default", threshold: float | None = None, top_k: int | None = None) -> torch.Tensor:
         key = (sampler, threshold, top_k)
@@ -386,6 +388,8 @@ class _Batch:
             bi = torch.from_numpy(np.concatenate([np.full(len(s), j) for j, s in enumerate(sel)])).to(ev.device)
             ti = torch.from_numpy(np.concatenate(sel)).to(ev.device)
             out[bi, ti] = pooled
+        if bool(mask.all()):
+            self.full = out
         return out
 
     def score(self, tokens: torch.Tensor, t: Timer, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -528,6 +532,10 @@ class Evaluator:
         masks = {r.name: [] for r in all_rows}
         sweep_masks = {p[0]: [] for p in pts}
         labels = []
+        names = {r.name for r in all_rows}
+        # the LR-guidance check (completion.py) reuses the full_hr row's tokens and the default's tiles
+        check = CompletionCheck(self.bundle.space.centre) if {"full_hr", "default"} <= names else None
+        default_sel = (None, self.budget) if self.budget is not None else (self.threshold, None)
         bar = None
         if self.progress:
             from gl10m.pipelines.runner import progress_bar
@@ -543,6 +551,10 @@ class Evaluator:
                     s, m = r.run(bt, timers[r.name])
                     scores[r.name].append(s.numpy())
                     masks[r.name].append(m.numpy())
+                if check is not None and bt.full is not None:
+                    with self.autocast():
+                        check.add(self.bundle.completer, self.bundle.predictor_nolr, bt.lr_tokens, bt.full,
+                                  bt.mask("default", *default_sel))
                 for name, th, k in pts:
                     if name in reuse:  # the default row's own pipeline: not run twice
                         sweep_scores[name].append(scores["default"][-1])
@@ -564,6 +576,7 @@ class Evaluator:
                 "scores": {k: np.concatenate(v) for k, v in scores.items()},
                 "masks": {k: np.concatenate(v) for k, v in masks.items()},
                 "sweep": pts, "sweep_timers": sweep_timers,
+                "completion": check.result() if check is not None else None,
                 "sweep_scores": {k: np.concatenate(v) for k, v in sweep_scores.items()},
                 "sweep_masks": {k: np.concatenate(v) for k, v in sweep_masks.items()}}
 
