@@ -7,11 +7,13 @@ GL10M := $(VENV)/bin/gl10m
 PROFILE ?= manifests/gl10m-66.yaml
 WORKDIR ?= work
 STATES ?=
+CONCEPTS ?=
 WORKERS ?=
 DEMO ?= work/demo
 PYTEST_ARGS ?=
 
 STATES_FLAG := $(if $(STATES),--states $(STATES),)
+CONCEPTS_FLAG := $(if $(CONCEPTS),--concepts $(CONCEPTS),)
 WORKERS_FLAG := $(if $(WORKERS),--workers $(WORKERS),)
 STAMP := $(VENV)/.installed
 
@@ -43,15 +45,15 @@ serve: $(STAMP)  ## serve the testbed world (STAC API + HTTP Range server) until
 demo: $(STAMP)  ## the whole chain offline: build + serve the testbed, index, download, shard, verify
 	$(GL10M) demo --workdir $(DEMO) $(WORKERS_FLAG)
 
-index: $(STAMP)  ## index stages (osm, anchors) for PROFILE into WORKDIR [STATES=CA,TX]
-	$(GL10M) index --profile $(PROFILE) --workdir $(WORKDIR) $(STATES_FLAG) $(WORKERS_FLAG)
+index: $(STAMP)  ## index stages (osm, anchors) for PROFILE into WORKDIR [STATES=CA,TX] [CONCEPTS=tennis,..]
+	$(GL10M) index --profile $(PROFILE) --workdir $(WORKDIR) $(STATES_FLAG) $(CONCEPTS_FLAG) $(WORKERS_FLAG)
 
-download: $(STAMP)  ## catalog, plan and fetch for PROFILE into WORKDIR [STATES=..] [STAC_URL=..] [MAX_SCENES=N]
-	$(GL10M) download --profile $(PROFILE) --workdir $(WORKDIR) $(STATES_FLAG) $(WORKERS_FLAG) \
+download: $(STAMP)  ## catalog, plan and fetch for PROFILE into WORKDIR [STATES=..] [CONCEPTS=..] [STAC_URL=..] [MAX_SCENES=N]
+	$(GL10M) download --profile $(PROFILE) --workdir $(WORKDIR) $(STATES_FLAG) $(CONCEPTS_FLAG) $(WORKERS_FLAG) \
 	  $(if $(STAC_URL),--stac-url $(STAC_URL),) $(if $(MAX_SCENES),--max-scenes $(MAX_SCENES),)
 
-shard: $(STAMP)  ## write WebDataset shards, index and dataset card into WORKDIR/shards
-	$(GL10M) shard --profile $(PROFILE) --workdir $(WORKDIR) $(STATES_FLAG)
+shard: $(STAMP)  ## write WebDataset shards, index and dataset card into WORKDIR/shards [STATES=..] [CONCEPTS=..]
+	$(GL10M) shard --profile $(PROFILE) --workdir $(WORKDIR) $(STATES_FLAG) $(CONCEPTS_FLAG)
 
 build: index download shard  ## index + download + shard
 

@@ -720,6 +720,21 @@ def build_candidates(features: gpd.GeoDataFrame, profile, state: str, *, n_parti
 
 
 # -- I/O --------------------------------------------------------------------------------------
+def filter_by_concepts(candidates: gpd.GeoDataFrame, ids) -> gpd.GeoDataFrame:
+    """The candidates whose scene holds at least one of the concept `ids` (by its ``concepts``
+    column: the present concepts, as computed by :func:`scene_stats`), in their input order with
+    their index. ``ids`` None keeps every candidate (no subset). A subset of the candidates of the
+    full index, never a re-thinning: each kept scene is exactly the full run's scene."""
+    if ids is None:
+        return candidates
+    want = np.asarray(sorted({int(i) for i in ids}), dtype=np.int64)
+    if "concepts" not in candidates.columns:
+        raise AnchorsError("candidates lack the column concepts")
+    keep = np.fromiter((bool(np.isin(np.asarray(c, dtype=np.int64), want).any()) for c in candidates["concepts"]),
+                       dtype=bool, count=len(candidates))
+    return candidates[keep]
+
+
 def write_candidates(gdf: gpd.GeoDataFrame, path: str | Path) -> None:
     """Write candidates as GeoParquet (EPSG:4326, footprint geometry) with the fixed schema, atomically."""
     missing = [f.name for f in CANDIDATE_SCHEMA if f.name not in gdf.columns]

@@ -511,6 +511,11 @@ def _provenance(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]]
       f"{geo.min_concepts} concepts of at least {geo.min_concept_area_m2:g} m2 per scene) -> provider catalogue -> "
       "plan (coverage check, class-aware subsampling, matched NAIP state-year and Sentinel-2 window) -> fetch "
       "(compose, QC, stage one sample per scene) -> shards (byte copies, deterministic order and assignment).")
+    sub = (manifest.get("concept_subset") or {}).get("concepts")
+    if sub:
+        A(f"- **Concept subset** (`--concepts`): only scenes holding at least one of {', '.join(f'`{c}`' for c in sub)} "
+          "were planned, fetched and sharded (every scene keeps all its labels); the class-aware subsampling target "
+          "was filled from that subset. Candidates without them are counted as `no_named_concept` below.")
     A(f"- NAIP (`{naip.collection}`): the most recent state-year between {naip.start} and {naip.end}, bands "
       f"{', '.join(naip.bands)}, mosaicked newest first and resampled bilinearly onto the "
       f"{geo.hr_px} x {geo.hr_px} HR grid." + (f" NAIP years in the data: {', '.join(naip_years)}." if naip_years else ""))

@@ -48,6 +48,13 @@ NoDaskOpt = typer.Option(False, "--no-dask", help="Run every step in this proces
 BboxOpt = typer.Option(None, "--bbox", help="A regional subset: west,south,east,north in degrees; each selected "
                        "region is clipped to it (pass the same --bbox to every stage).")
 
+ConceptsOpt = typer.Option(
+    None, "--concepts", help="A concept subset: comma-separated concept names of the profile, e.g. "
+    "swimming_pool,tennis (case and spaces/hyphens for _ do not matter). Only scenes holding at least one of "
+    "them are planned, fetched and sharded, and the class-aware subsampling target is filled from that "
+    "subset. The index is the full one (index only reports the subset's size); the subset is taken at plan. "
+    "Pass the same --concepts to plan/download and shard.")
+
 
 def _regions(prof, states: Optional[str], bbox: Optional[str]):
     """(profile, regions) for --states and --bbox."""
@@ -89,7 +96,7 @@ def _client_opts(workers, threads, scheduler):
 
 @app.command(epilog=EXIT_CODES_HELP)
 def index(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
-          bbox: Optional[str] = BboxOpt,
+          bbox: Optional[str] = BboxOpt, concepts: Optional[str] = ConceptsOpt,
           stage: Optional[str] = typer.Option(None, "--stage", help="Run one stage only: osm or anchors."),
           force: bool = typer.Option(False, "--force", help="Redo even what the ledger says is done."),
           dry_run: bool = typer.Option(False, "--dry-run", help="Say what would run, run nothing."),
@@ -102,6 +109,7 @@ def index(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, stat
     from gl10m.pipelines.runner import dask_client
 
     prof, regions = _regions(_profile(profile), states, bbox)
+    subset = prof.select_concepts(concepts)
     stages = ix.STAGES if stage is None else (stage,)
     if stage is not None and stage not in ix.STAGES:
         raise UserError(f"unknown stage {stage!r}; stages are {', '.join(ix.STAGES)}")
@@ -128,7 +136,23 @@ def index(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, stat
         if not ran:
             out.print("nothing to do: every requested stage is up to date (use --force to redo)")
         _print_summary(workdir, stages=list(stages), run=res.summaries)
+        if subset is not None:
+            _print_subset_size(prof, workdir, regions, subset)
         _finish(workdir, "index", res.failures())
+
+
+def _print_subset_size(prof, workdir: Path, regions, subset) -> None:
+    """index --concepts: how many of each region's candidates the subset keeps."""
+    from gl10m import anchors
+    from gl10m.pipelines.index import anchors_path
+
+    names = ",".join(prof.concepts[i].name for i in subset)
+    for r in regions:
+        p = anchors_path(workdir, r)
+        if p.exists():
+            cand = anchors.read_candidates(p)
+            n = len(anchors.filter_by_concepts(cand, subset))
+            out.print(f"--concepts {names}: {n} of {len(cand)} {r} candidates hold one of them", highlight=False)
 
 
 StacUrlOpt = typer.Option(None, "--stac-url", help="Override the profile's provider.stac_url (e.g. the testbed's).")
@@ -159,18 +183,19 @@ def _with_provider(prof, provider: Optional[str], ee_project: Optional[str], ee_
     return prof.model_copy(update={"provider": new})
 
 
-def _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet) -> None:
+def _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet, subset=None) -> None:
     from gl10m import plan as planmod
     from gl10m.pipelines import download as dl
 
     res = dl.run_download(prof, workdir, regions=regions, stac_url=stac_url, max_scenes=max_scenes,
-                          seed=seed, dry_run=True, quiet=quiet)
+                          seed=seed, dry_run=True, quiet=quiet, concepts=subset)
     out.print(planmod.format_estimate(res.estimate, res.rejections), highlight=False)
 
 
 @app.command(epilog=EXIT_CODES_HELP)
 def plan(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
-         bbox: Optional[str] = BboxOpt, stac_url: Optional[str] = StacUrlOpt, max_scenes: Optional[int] = MaxScenesOpt, seed: int = SeedOpt,
+         bbox: Optional[str] = BboxOpt, concepts: Optional[str] = ConceptsOpt,
+         stac_url: Optional[str] = StacUrlOpt, max_scenes: Optional[int] = MaxScenesOpt, seed: int = SeedOpt,
          provider: Optional[str] = ProviderOpt, ee_project: Optional[str] = EeProjectOpt,
          ee_key_file: Optional[Path] = EeKeyOpt, ee_url: Optional[str] = EeUrlOpt,
          dry_run: bool = typer.Option(False, "--dry-run", help="Search and plan in memory, write nothing, print the cost."),
@@ -180,11 +205,12 @@ def plan(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, state
     from gl10m.pipelines import download as dl
 
     prof, regions = _regions(_with_provider(_profile(profile), provider, ee_project, ee_key_file, ee_url), states, bbox)
+    subset = prof.select_concepts(concepts)
     if dry_run:
-        return _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet)
+        return _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet, subset)
     with _writer_lock(workdir, create=False):
         res = dl.run_download(prof, workdir, regions=regions, stages=("catalog", "plan"), stac_url=stac_url,
-                              max_scenes=max_scenes, seed=seed, quiet=quiet)
+                              max_scenes=max_scenes, seed=seed, quiet=quiet, concepts=subset)
         import pandas as pd
 
         rows = [planmod.read_plan(planmod.plan_path(workdir, r)) for r in regions
@@ -198,7 +224,8 @@ def plan(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, state
 
 @app.command(epilog=EXIT_CODES_HELP)
 def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
-             bbox: Optional[str] = BboxOpt, stac_url: Optional[str] = StacUrlOpt, max_scenes: Optional[int] = MaxScenesOpt, seed: int = SeedOpt,
+             bbox: Optional[str] = BboxOpt, concepts: Optional[str] = ConceptsOpt,
+             stac_url: Optional[str] = StacUrlOpt, max_scenes: Optional[int] = MaxScenesOpt, seed: int = SeedOpt,
              provider: Optional[str] = ProviderOpt, ee_project: Optional[str] = EeProjectOpt,
              ee_key_file: Optional[Path] = EeKeyOpt, ee_url: Optional[str] = EeUrlOpt,
              dry_run: bool = typer.Option(False, "--dry-run", help="Plan only and print what would be fetched."),
@@ -212,15 +239,17 @@ def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, s
     from gl10m.pipelines.runner import dask_client
 
     prof, regions = _regions(_with_provider(_profile(profile), provider, ee_project, ee_key_file, ee_url), states, bbox)
+    subset = prof.select_concepts(concepts)
     if dry_run:
-        return _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet)
+        return _print_dry_run(prof, workdir, regions, stac_url, max_scenes, seed, quiet, subset)
     if max_scenes is not None and max_scenes < 0:  # before a Dask cluster is started for nothing
         raise UserError(f"--max-scenes must be >= 0, got {max_scenes}")
     opts = None if no_dask else _client_opts(workers, threads, scheduler)
     with _writer_lock(workdir, create=False):
         if prof.provider.name == "stac" and (Path(workdir) / "ledger.sqlite").is_file():
             stac_url = dl.preflight(prof, stac_url)  # an unreachable provider: one line, before Dask starts
-        kw = dict(regions=regions, stac_url=stac_url, max_scenes=max_scenes, seed=seed, force=force, quiet=quiet)
+        kw = dict(regions=regions, stac_url=stac_url, max_scenes=max_scenes, seed=seed, force=force, quiet=quiet,
+                  concepts=subset)
         if no_dask:
             res = dl.run_download(prof, workdir, **kw)
         else:
@@ -235,7 +264,7 @@ def download(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, s
 
 @app.command(epilog=EXIT_CODES_HELP)
 def shard(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, states: Optional[str] = StatesOpt,
-          bbox: Optional[str] = BboxOpt,
+          bbox: Optional[str] = BboxOpt, concepts: Optional[str] = ConceptsOpt,
           shard_mb: Optional[int] = typer.Option(None, "--shard-mb", help="Target shard size in MB (default 768)."),
           force: bool = typer.Option(False, "--force", help="Rewrite even if nothing changed."),
           no_card: bool = typer.Option(False, "--no-card", help="Skip the dataset card and its plots."),
@@ -247,11 +276,13 @@ def shard(profile: Optional[Path] = ProfileOpt, workdir: Path = WorkdirOpt, stat
     from gl10m.pipelines import shard as sh
 
     prof, regions = _regions(_profile(profile), states, bbox)
+    subset = prof.select_concepts(concepts)
     if shard_mb is not None and shard_mb < 1:
         raise UserError("--shard-mb must be at least 1")
     with _writer_lock(workdir, create=False):
         res = sh.run_shard(prof, workdir, regions=regions, max_bytes=shard_mb * 1024 * 1024 if shard_mb else None,
-                           force=force, quiet=quiet, card=not no_card, allow_incomplete=allow_incomplete)
+                           force=force, quiet=quiet, card=not no_card, allow_incomplete=allow_incomplete,
+                           concepts=subset)
         if res.status.startswith("skipped"):
             out.print(f"nothing to do: shards are up to date ({res.status})")
         counts = ", ".join(f"{k} {v}" for k, v in res.samples.items()) or "no samples"

@@ -24,6 +24,11 @@ Rules (GL-10M, values from the profile's ``imagery`` section):
   before frequent ones get more; co-occurring concepts are counted as they are selected. The
   result depends on the seed and the scene ids only, never on input order. Scenes not selected
   are recorded as ``subsampled_out`` (not an error).
+* **Concept subset** (``concepts=``, the CLI's ``--concepts``) - before anything else, the
+  candidates are cut to the scenes that hold at least one of the named concepts
+  (:func:`gl10m.anchors.filter_by_concepts`); the others are recorded as ``no_named_concept``.
+  Matching and subsampling then work within the subset: the state's target is filled from it,
+  so a rare named concept never loses scenes it would have won over scenes outside the subset.
 
 Entry points: :func:`plan_region` = :func:`match_region` (NAIP + Sentinel-2 matching and
 coverage; any spatial partition of a state's candidates on its own) then :func:`select_rows`
@@ -58,7 +63,8 @@ from gl10m.ledger import hash_inputs
 from gl10m.sources.base import S2_ASSETS, as_date
 
 NO_NAIP, NO_S2, SUBSAMPLED_OUT = "no_naip", "no_s2", "subsampled_out"
-REJECTION_REASONS = (NO_NAIP, NO_S2, SUBSAMPLED_OUT)
+NO_NAMED_CONCEPT = "no_named_concept"  # outside a --concepts subset
+REJECTION_REASONS = (NO_NAMED_CONCEPT, NO_NAIP, NO_S2, SUBSAMPLED_OUT)
 ALIGNED, FALLBACK = "aligned", "fallback"
 
 COVER_EPS = 1e-6       # a footprint is covered when < this fraction of it is left uncovered
@@ -423,9 +429,10 @@ def match_region(candidates: gpd.GeoDataFrame, naip: gpd.GeoDataFrame, s2: gpd.G
 
 
 def select_rows(matched: gpd.GeoDataFrame, rejections: pd.DataFrame, profile, state: str, *,
-                seed: int = 0, target: int | None = None) -> PlanResult:
+                seed: int = 0, target: int | None = None, concepts: Sequence[int] | None = None) -> PlanResult:
     """Class-aware subsampling of one state's matched rows to its target (the profile's
-    ``regions.STATE.target`` unless `target` is given); the others become ``subsampled_out``."""
+    ``regions.STATE.target`` unless `target` is given); the others become ``subsampled_out``.
+    `concepts`: the concept subset the rows were cut to (recorded in the stats, not applied here)."""
     if state not in profile.regions:
         raise PlanError(f"unknown state {state!r}; the profile has {', '.join(sorted(profile.regions))}")
     target = profile.regions[state].target if target is None else int(target)
@@ -446,20 +453,53 @@ def select_rows(matched: gpd.GeoDataFrame, rejections: pd.DataFrame, profile, st
     rejections = _rejections_frame(rej)
     stats = {"state": state, "candidates": int(len(matched) + len(rejections) - len(out)),
              "matched": int(len(matched)), "selected": int(len(rows)), "target": target, "seed": seed,
+             "concepts": concept_names(profile, concepts),
              "rejected": {r: int((rejections["reason"] == r).sum()) for r in REJECTION_REASONS},
              "s2_window": {m: int((rows["s2_window"] == m).sum()) for m in (ALIGNED, FALLBACK)},
              "naip_years": {str(k): int(v) for k, v in sorted(rows["naip_year"].value_counts().items())}}
     return PlanResult(rows=rows, rejections=rejections, stats=stats)
 
 
+def concept_subset(candidates: gpd.GeoDataFrame, profile, state: str,
+                   concepts: Sequence[int] | None) -> tuple[gpd.GeoDataFrame, pd.DataFrame]:
+    """(the candidates holding at least one of the concept ids `concepts`, rejections
+    ``no_named_concept`` of the others); every candidate and no rejection when `concepts` is None."""
+    from gl10m.anchors import filter_by_concepts
+
+    if concepts is None:
+        return candidates, _rejections_frame([])
+    _check_candidates(candidates)
+    kept = filter_by_concepts(candidates, concepts)
+    out = candidates[~candidates.index.isin(kept.index)]
+    names = ", ".join(profile.concepts[int(c)].name for c in sorted(set(int(c) for c in concepts)))
+    rej = pd.DataFrame({"key": [scene_key(state, str(s)) for s in out["scene_id"]],
+                        "scene_id": out["scene_id"].astype(str).to_numpy(), "state": state,
+                        "reason": NO_NAMED_CONCEPT, "detail": f"holds none of the concepts {names} (--concepts)"},
+                       columns=list(REJECTION_COLUMNS))
+    return kept.reset_index(drop=True), _rejections_frame(rej)
+
+
+def concept_names(profile, concepts: Sequence[int] | None) -> list[str] | None:
+    """The names of concept ids `concepts` in id order (None: no subset), as plans and manifests record them."""
+    return None if concepts is None else [profile.concepts[int(c)].name for c in sorted({int(c) for c in concepts})]
+
+
 def plan_region(candidates: gpd.GeoDataFrame, naip: gpd.GeoDataFrame, s2: gpd.GeoDataFrame, profile,
-                state: str, *, provider: str = "stac", seed: int = 0, target: int | None = None) -> PlanResult:
-    """Match, coverage-check and subsample one state's candidates: :func:`match_region` then
-    :func:`select_rows` (see the module doc). `target` overrides the profile's per-state target."""
+                state: str, *, provider: str = "stac", seed: int = 0, target: int | None = None,
+                concepts: Sequence[int] | None = None) -> PlanResult:
+    """Cut to the concept subset, match, coverage-check and subsample one state's candidates:
+    :func:`concept_subset`, :func:`match_region`, then :func:`select_rows` (see the module doc).
+    `target` overrides the profile's per-state target; `concepts` (ids) keeps only the scenes
+    holding one of them, before subsampling."""
     if target is not None and int(target) < 0:
         raise PlanError(f"target must be >= 0, got {target}")
-    matched, rej = match_region(candidates, naip, s2, profile, state, provider=provider)
-    return select_rows(matched, rej, profile, state, seed=seed, target=target)
+    if candidates.index.has_duplicates:
+        candidates = candidates.reset_index(drop=True)
+    kept, rej0 = concept_subset(candidates, profile, state, concepts)
+    matched, rej = match_region(kept, naip, s2, profile, state, provider=provider)
+    if len(rej0):
+        rej = _rejections_frame(pd.concat([rej0, rej], ignore_index=True))
+    return select_rows(matched, rej, profile, state, seed=seed, target=target, concepts=concepts)
 
 
 def _rows_frame(rows: list[dict]) -> gpd.GeoDataFrame:
@@ -597,6 +637,19 @@ def read_plan(path: str | Path) -> gpd.GeoDataFrame:
         gdf[c] = gdf[c].map(lambda v, d=d: np.asarray(v if v is not None else [], dtype=d))
     gdf.attrs["stats"] = json.loads(meta[b"gl10m"]) if b"gl10m" in meta else {}
     return gdf
+
+
+def read_plan_stats(path: str | Path) -> dict:
+    """The stats :func:`write_plan` stored with a plan (its file metadata only; no rows are read).
+    ``stats.get("concepts")`` is the concept subset the plan was made for (None: every scene)."""
+    p = Path(path)
+    try:
+        meta = pq.read_schema(p).metadata or {}
+    except FileNotFoundError:
+        raise PlanError(f"plan {p}: no such file") from None
+    except Exception as e:
+        raise PlanError(f"plan {p}: unreadable ({type(e).__name__}: {e})") from None
+    return json.loads(meta[b"gl10m"]) if b"gl10m" in meta else {}
 
 
 def write_rejections(rej: pd.DataFrame, path: str | Path) -> None:

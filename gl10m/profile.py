@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -266,6 +267,33 @@ class Profile(_Strict):
             raise ProfileError(f"unknown state {', '.join(unknown)}; the profile has {', '.join(sorted(self.regions))}")
         return sorted(set(wanted))
 
+    def select_concepts(self, names: str | list[str] | None) -> list[int] | None:
+        """Concept ids named on the command line (``--concepts``, a comma list), sorted and
+        deduplicated; None when `names` is None (no subset). Matching ignores case, surrounding
+        space, and treats inner runs of spaces or hyphens as ``_`` ("Swimming Pool" and
+        "swimming-pool" are ``swimming_pool``). An unknown name is one error line with the close
+        matches (difflib); an empty selection is an error, never "all"."""
+        import difflib
+
+        if names is None:
+            return None
+        if isinstance(names, str):
+            names = names.split(",")
+        wanted = [normalize_concept_name(n) for n in names]
+        wanted = [n for n in wanted if n]
+        if not wanted:
+            raise ProfileError("--concepts names no concept (leave it out to keep every scene)")
+        ids = {c.name: c.id for c in self.concepts}
+        bad = []
+        for n in dict.fromkeys(wanted):
+            if n not in ids:
+                close = difflib.get_close_matches(n, list(ids), n=3, cutoff=0.6)
+                bad.append(f"{n!r} (did you mean: {', '.join(close)}?)" if close
+                           else f"{n!r} (no close match among the profile's {len(ids)} concept names)")
+        if bad:
+            raise ProfileError(f"unknown concept{'s' if len(bad) > 1 else ''} {'; '.join(bad)}")
+        return sorted({ids[n] for n in wanted})
+
     def subset(self, bbox: tuple[float, float, float, float], regions: list[str]) -> tuple["Profile", list[str]]:
         """A regional subset: (this profile with each of ``regions`` whose bbox meets ``bbox``
         clipped to the intersection, those regions). Every stage then works inside it: anchors
@@ -298,6 +326,12 @@ class Profile(_Strict):
                 data["provider"].pop(k, None)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def normalize_concept_name(name: str) -> str:
+    """A concept name as typed -> the profile's spelling: lower case, no surrounding space, inner
+    runs of spaces or hyphens as ``_``."""
+    return re.sub(r"[\s\-]+", "_", str(name).strip().lower())
 
 
 def format_validation_error(e: ValidationError) -> str:

@@ -69,10 +69,14 @@ def catalog_hash(profile: Profile, provider, state: str, collection: str) -> str
 
 
 def plan_hash(profile: Profile, state: str, anchors_hash: str, cat_hashes: Sequence[str], target: int,
-              seed: int) -> str:
+              seed: int, concepts: Sequence[int] | None = None) -> str:
+    """What a state's plan depends on; a concept subset (``--concepts``, ids) adds its ids and names
+    (no subset leaves the hash as it was before subsets existed)."""
+    subset = () if concepts is None else (
+        {"concepts": [[int(c), profile.concepts[int(c)].name] for c in sorted({int(c) for c in concepts})]},)
     return hash_inputs("plan", STAGE_VERSION["plan"], state, anchors_hash, list(cat_hashes), target, seed,
                        profile.imagery.model_dump(mode="json"), profile.geometry.model_dump(mode="json"),
-                       [c.count for c in profile.concepts], profile.splits.model_dump(mode="json"))
+                       [c.count for c in profile.concepts], profile.splits.model_dump(mode="json"), *subset)
 
 
 def fetch_hash(profile: Profile, row) -> str:
@@ -101,7 +105,7 @@ def catalog_step(provider, profile: Profile, state: str, collection: str, workdi
 
 
 def plan_step(profile: Profile, state: str, workdir: str, *, target: int | None, seed: int,
-              provider_name: str, write: bool = True):
+              provider_name: str, write: bool = True, concepts: Sequence[int] | None = None):
     from gl10m import anchors, catalog, plan
     from gl10m.pipelines.index import anchors_path
 
@@ -110,7 +114,8 @@ def plan_step(profile: Profile, state: str, workdir: str, *, target: int | None,
     naip_c, s2_c = collections(profile)
     naip = catalog.read_catalog(catalog.catalog_path(wd, state, naip_c))
     s2 = catalog.read_catalog(catalog.catalog_path(wd, state, s2_c))
-    res = plan.plan_region(cand, naip, s2, profile, state, provider=provider_name, seed=seed, target=target)
+    res = plan.plan_region(cand, naip, s2, profile, state, provider=provider_name, seed=seed, target=target,
+                           concepts=concepts)
     if write:
         plan.write_plan(res.rows, plan.plan_path(wd, state), stats=res.stats)
         plan.write_rejections(res.rejections, wd / "plan" / f"{state}.rejections.parquet")
@@ -146,9 +151,13 @@ def _limiter(client, provider_name: str, max_leases: int):
 def run_download(profile: Profile, workdir: str | Path, *, regions: Sequence[str] | None = None,
                  stages: Sequence[str] = STAGES, client=None, stac_url: str | None = None,
                  max_scenes: int | None = None, seed: int = 0, dry_run: bool = False, force: bool = False,
-                 quiet: bool = False, provider=None) -> DownloadResult:
+                 quiet: bool = False, provider=None, concepts: Sequence[int] | None = None) -> DownloadResult:
     """Run catalog, plan and fetch for the regions (all by default). With dry_run, catalog and plan
-    run in memory only (nothing is written, no imagery is read) and the estimate is returned."""
+    run in memory only (nothing is written, no imagery is read) and the estimate is returned.
+    `concepts` (ids, :meth:`Profile.select_concepts`): plan only the scenes holding one of them
+    (gl10m.plan.concept_subset, before subsampling); the catalog does not depend on it, and a
+    scene planned under several subsets keeps its fetch hash, so switching subsets refetches
+    only scenes not fetched before."""
     from gl10m import catalog as catmod
     from gl10m import plan as planmod
     from gl10m.pipelines.index import anchors_path
@@ -183,7 +192,7 @@ def run_download(profile: Profile, workdir: str | Path, *, regions: Sequence[str
 
             tmp = Path(tempfile.mkdtemp(prefix="gl10m-dry-"))
             try:
-                return _dry_run(profile, provider, regions, workdir, tmp, max_scenes, seed, pname, result)
+                return _dry_run(profile, provider, regions, workdir, tmp, max_scenes, seed, pname, result, concepts)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 
@@ -203,7 +212,7 @@ def run_download(profile: Profile, workdir: str | Path, *, regions: Sequence[str
             cats = [ledger.get("catalog", f"{r}/{c}") for c in collections(profile)]
             if all(o is not None and o.status == OK for o in cats):
                 plan_h[r] = plan_hash(profile, r, anchors_h[r], [o.input_hash for o in cats],
-                                      _target(profile, r, max_scenes), seed)
+                                      _target(profile, r, max_scenes), seed, concepts)
         if "plan" in stages:
             def on_plan(u: Unit, res) -> None:  # the plan's verdict on each candidate scene
                 state = u.key
@@ -215,7 +224,8 @@ def run_download(profile: Profile, workdir: str | Path, *, regions: Sequence[str
 
             result.add(run_stage(Stage(
                 "plan", [Unit(r, plan_h.get(r), (profile, r, str(workdir)),
-                              dict(target=_target(profile, r, max_scenes), seed=seed, provider_name=pname))
+                              dict(target=_target(profile, r, max_scenes), seed=seed, provider_name=pname,
+                                   concepts=concepts))
                          for r in regions],
                 step=plan_step, output_ok=lambda u, o: planmod.plan_path(workdir, u.key).exists(),
                 blocked=lambda u: None if u.key in plan_h else "waiting for catalog",
@@ -263,7 +273,7 @@ def preflight(profile: Profile, stac_url: str | None) -> str | None:
     return url
 
 
-def _dry_run(profile, provider, regions, workdir, tmp, max_scenes, seed, pname, result):
+def _dry_run(profile, provider, regions, workdir, tmp, max_scenes, seed, pname, result, concepts=None):
     import pandas as pd
 
     from gl10m import catalog as catmod
@@ -279,7 +289,7 @@ def _dry_run(profile, provider, regions, workdir, tmp, max_scenes, seed, pname, 
         (tmp / "anchors").mkdir(exist_ok=True)
         shutil.copy(anchors_path(workdir, r), anchors_path(tmp, r))
         res = plan_step(profile, r, str(tmp), target=_target(profile, r, max_scenes), seed=seed,
-                        provider_name=pname, write=False)
+                        provider_name=pname, write=False, concepts=concepts)
         ests.append(planmod.estimate(res.rows, profile))
         rejs.append(res.rejections)
     result.estimate = pd.concat(ests, ignore_index=True) if ests else None

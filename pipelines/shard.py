@@ -99,11 +99,33 @@ def _not_planned(ledger: Ledger, regions: Sequence[str]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
+def check_subset(profile: Profile, workdir: Path, regions: Sequence[str], concepts: Sequence[int] | None) -> None:
+    """The plans of `regions` must have been made for the concept subset `concepts` (ids; None: no
+    subset), so that shards hold exactly that subset, subsampled within it. A mismatch is one
+    error line (exit 2) saying what the plan holds and how to get what was asked."""
+    from gl10m import plan as planmod
+
+    want = planmod.concept_names(profile, concepts)
+    for r in regions:
+        p = planmod.plan_path(workdir, r)
+        if not p.exists():
+            continue
+        have = planmod.read_plan_stats(p).get("concepts")
+        if have != want:
+            def say(names):
+                return f"--concepts {','.join(names)}" if names else "no --concepts"
+            raise UserError(f"the plan of {r} was made with {say(have)}, this shard with {say(want)}: shard with "
+                            f"the plan's, or run `gl10m download` with {say(want)} first")
+
+
 def run_shard(profile: Profile, workdir: str | Path, *, regions: Sequence[str] | None = None,
               max_bytes: int | None = None, force: bool = False, quiet: bool = False,
-              card: bool = True, allow_incomplete: bool = False) -> ShardResult:
+              card: bool = True, allow_incomplete: bool = False,
+              concepts: Sequence[int] | None = None) -> ShardResult:
     """Shard the fetched scenes of `regions`. Raises :class:`IncompleteError` while planned scenes
-    are failed or not fetched, unless `allow_incomplete` (then the manifest and the card list them)."""
+    are failed or not fetched, unless `allow_incomplete` (then the manifest and the card list them).
+    `concepts` (ids; ``--concepts``) must be the subset the plans were made for (:func:`check_subset`);
+    the manifest and the card record it."""
     from gl10m import shards
     from gl10m.io import clean_temp
     from gl10m.splits import border_drops
@@ -116,6 +138,8 @@ def run_shard(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
     # nothing planned here (a mistyped -w, or download not run yet): an error, and nothing written
     if not (workdir / "ledger.sqlite").is_file() or not any(planmod.plan_path(workdir, r).exists() for r in regions):
         raise UserError(f"{workdir}: nothing to shard for {', '.join(regions)} (no plan; run `gl10m download` first)")
+    check_subset(profile, workdir, regions, concepts)
+    subset = planmod.concept_names(profile, concepts)
     out = shards_dir(workdir)
     res = ShardResult(out_dir=out)
     with Ledger.for_workdir(workdir) as ledger:
@@ -134,7 +158,8 @@ def run_shard(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
         kept = [s for s in scenes if s["key"] not in res.dropped]
         h = hash_inputs("shard", STAGE_VERSION, max_bytes, [(s["key"], s["fetch_hash"]) for s in kept],
                         sorted(res.dropped.items()), profile.splits.model_dump(mode="json"), card,
-                        sorted(res.missing.items()), sorted(res.rejected.items()))
+                        sorted(res.missing.items()), sorted(res.rejected.items()),
+                        *(() if subset is None else ({"concepts": subset},)))
         entries = [shards.Entry(s["key"], s["split"], s["state"], s["folder"]) for s in kept]
         extra = {"profile": {"name": profile.name, "version": profile.version, "hash": profile.hash()},
                  "builder": {"name": "gl10m", "version": __version__},
@@ -144,6 +169,8 @@ def run_shard(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
                  "rejected_at_fetch": res.rejected, "not_planned": res.not_planned,
                  "not_fetched": len(res.missing),
                  "missing": [{"key": k, "why": v} for k, v in res.missing.items()]}
+        if subset is not None:  # --concepts: only scenes holding one of these, subsampled within them
+            extra["concept_subset"] = {"concepts": subset, "ids": sorted({int(c) for c in concepts})}
 
         def on_ok(unit, manifest) -> None:  # the scenes dropped at split borders, then the stage's "done"
             ledger.forget("shard-scene")
