@@ -8,6 +8,10 @@ size and the profile values involved, so a rerun with nothing new does nothing, 
 dropped scene under ``shard-scene``. Every file is written atomically, so a killed run leaves
 only temp files beside the outputs; the next run removes them before anything else, and its
 rebuild is byte-identical to an uninterrupted one.
+
+A concept subset (``--concepts``) is taken at plan; the shard stage only checks that every plan
+it reads was made for the subset it is given (:func:`check_subset`) and records it in the
+manifest (``concept_subset``), the card and its input hash.
 """
 from __future__ import annotations
 

@@ -348,3 +348,58 @@ def test_catalog_and_plan_against_the_served_testbed(testbed_server):
         assert est.loc[est["concept"] == pl.ALL, "requests"].iloc[0] == 4 * len(s2_items) + len(json.loads(row["naip_items"]))
         planned += 1
     assert planned, "no state of the served world could be planned"
+
+
+def _subset_world():
+    """5 wind-farm scenes (rare), 10 pool scenes (pool + farmland), 40 farmland + forest scenes."""
+    rows = _many()
+    rows += [(f"p{k:02d}", -118.0 + 0.03 * k, 34.2, [3, 28]) for k in range(10)]  # swimming_pool + farmland
+    return rows
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_concept_subset_is_cut_before_subsampling(profile, seed):
+    """--concepts: the target is filled from the subset. Cutting the full subsample to the subset
+    instead would keep only the few pool scenes the full greedy happened to choose (fewer than the
+    target) and lose wind-farm scenes to farmland ones."""
+    rows = _subset_world()
+    big = around(-117.4, 34.1, 0.8)
+    naip = frame([pc_naip_item("ca_2023", "ca", 2023, "2023-06-12", big)])
+    s2 = frame(s2_all_year(bbox=big))
+    cands = candidates(rows)
+    pools = {r[0] for r in rows if 3 in r[3]}
+    res = pl.plan_region(cands, naip, s2, profile, "CA", target=6, seed=seed, concepts=[3])
+    assert len(res.rows) == 6 and set(res.rows["scene_id"]) <= pools
+    full = pl.plan_region(cands, naip, s2, profile, "CA", target=6, seed=seed)
+    assert len(set(full.rows["scene_id"]) & pools) < 6  # what filtering after subsampling would give
+    reasons = dict(zip(res.rejections["scene_id"], res.rejections["reason"]))
+    assert {s for s, r in reasons.items() if r == pl.NO_NAMED_CONCEPT} == {r[0] for r in rows} - pools
+    assert {s for s, r in reasons.items() if r == pl.SUBSAMPLED_OUT} == pools - set(res.rows["scene_id"])
+    assert res.stats["concepts"] == ["swimming_pool"] and full.stats["concepts"] is None
+    assert res.stats["rejected"][pl.NO_NAMED_CONCEPT] == len(rows) - len(pools)
+    assert res.stats["candidates"] == len(rows)
+    # balanced within the subset: a rare named concept gets all its scenes before a frequent one
+    # gets more than it has
+    two = pl.plan_region(cands, naip, s2, profile, "CA", target=10, seed=seed, concepts=[19, 3])
+    got = set(two.rows["scene_id"])
+    assert len(got) == 10 and {f"r{k:02d}" for k in range(5)} <= got and got <= pools | {f"r{k:02d}" for k in range(5)}
+    # the same subset, the same plan: order of names and of candidates does not matter
+    again = pl.plan_region(cands.sample(frac=1.0, random_state=seed), naip, s2, profile, "CA", target=10, seed=seed,
+                           concepts=[3, 19, 3])
+    assert again.rows["key"].tolist() == two.rows["key"].tolist()
+    assert again.rows["plan_hash"].tolist() == two.rows["plan_hash"].tolist()
+    # a scene's plan row (and so its fetch) does not depend on the subset it was planned in
+    both = set(res.rows["key"]) & set(full.rows["key"])
+    by = dict(zip(full.rows["key"], full.rows["plan_hash"]))
+    assert all(by[k] == h for k, h in zip(res.rows["key"], res.rows["plan_hash"]) if k in both)
+
+
+def test_filter_by_concepts_keeps_the_scenes_holding_a_named_concept():
+    from gl10m import anchors
+
+    c = candidates([("a", -118.0, 34.0, [3, 29]), ("b", -118.1, 34.0, [28, 29]), ("c", -118.2, 34.0, [19, 28])])
+    assert anchors.filter_by_concepts(c, None) is c
+    assert anchors.filter_by_concepts(c, [3])["scene_id"].tolist() == ["a"]
+    assert anchors.filter_by_concepts(c, {19, 3})["scene_id"].tolist() == ["a", "c"]
+    assert anchors.filter_by_concepts(c, [28])["scene_id"].tolist() == ["b", "c"]
+    assert anchors.filter_by_concepts(c, [64]).empty

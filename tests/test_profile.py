@@ -113,6 +113,26 @@ def test_select_regions_and_pbf_sources(tmp_path, raw):
     assert q.pbf_source("ME") == str((tmp_path / "osm" / "me.pbf").resolve())
 
 
+def test_select_concepts_names_case_spaces_and_suggestions():
+    p = prof.load()
+    assert p.select_concepts(None) is None
+    assert p.select_concepts("tennis") == [0]
+    # case, surrounding space, spaces or hyphens for _, repeats: the same subset, sorted ids
+    assert p.select_concepts(" Swimming Pool,TENNIS , swimming-pool") == [0, 3]
+    assert p.select_concepts(["wind_farm", "tennis"]) == [0, 19]
+    with pytest.raises(ProfileError) as e:
+        p.select_concepts("swiming_pool")
+    assert str(e.value) == "unknown concept 'swiming_pool' (did you mean: swimming_pool?)"
+    with pytest.raises(ProfileError) as e:
+        p.select_concepts("tennis,parking lots,zzzqqq")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("unknown concepts 'parking_lots' (did you mean: parking_lot")
+    assert "'zzzqqq' (no close match among the profile's 66 concept names)" in msg
+    for empty in ("", ",", " , ", []):  # an unset shell variable must not mean "every scene"
+        with pytest.raises(ProfileError, match="names no concept"):
+            p.select_concepts(empty)
+
+
 def test_dump_roundtrip(tmp_path):
     p = prof.load()
     prof.dump(p, tmp_path / "out.yaml")
