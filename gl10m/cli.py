@@ -152,7 +152,8 @@ def _print_subset_size(prof, workdir: Path, regions, subset) -> None:
         if p.exists():
             cand = anchors.read_candidates(p)
             n = len(anchors.filter_by_concepts(cand, subset))
-            out.print(f"--concepts {names}: {n} of {len(cand)} {r} candidates hold one of them", highlight=False)
+            out.print(f"--concepts {names}: {n} of {len(cand)} {r} candidates hold one of them", highlight=False,
+                      soft_wrap=True)
 
 
 StacUrlOpt = typer.Option(None, "--stac-url", help="Override the profile's provider.stac_url (e.g. the testbed's).")

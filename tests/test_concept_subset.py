@@ -150,7 +150,6 @@ def test_cli_subset_download_and_shard_record_it_and_rerun_is_a_no_op(catalogued
     p, base = catalogued
     wd = _copy(base, tmp_path / "w")
     prof_path = built_world / "profile.yaml"
-    tx = {}
     c = anchors.read_candidates(index.anchors_path(wd, "TX"))
     tx = {planmod.scene_key("TX", str(s)): {int(x) for x in cs} for s, cs in zip(c["scene_id"], c["concepts"])}
     first, second = _rare_concepts(tx, k=2)
@@ -173,7 +172,7 @@ def test_cli_subset_download_and_shard_record_it_and_rerun_is_a_no_op(catalogued
     card = (wd / "shards" / "README.md").read_text()
     assert f"**Concept subset** (`--concepts`): only scenes holding at least one of `{names[0]}`" in card
     fetched = {k: o.updated for k, o in _ledger(wd, "fetch").items()}
-    assert set(fetched) == {k for k, cs in tx.items() if first in cs} & set(fetched) and fetched
+    assert fetched and all(first in tx[k] for k in fetched)  # only scenes of the subset were fetched
 
     # the same command again: nothing is redone, nothing is rewritten
     before = {s: {k: o.updated for k, o in _ledger(wd, s).items()} for s in ("plan", "fetch", "shard")}
