@@ -341,6 +341,30 @@ def show(key: str = typer.Argument(..., help="Sample key, e.g. CA-w20000019."),
     out.print(f"wrote {output}")
 
 
+@app.command()
+def export(key: str = typer.Argument(..., help="Sample key, e.g. CA-w20000019."),
+           shards_dir: Path = typer.Option(..., "--shards", help="A shards folder (W/shards, with index.parquet)."),
+           out_dir: Path = typer.Option(..., "--out", "-o", help="Where to write: the files go to OUT/KEY/."),
+           tiles: str = typer.Option("all", "--tiles", help="HR tiles to write: all, or indices like 0,11,99 "
+                                                            "(row*10 + col, row 0 north, col 0 west)."),
+           lr: bool = typer.Option(True, "--lr/--no-lr", help="Write the LR image (lr.tif) too."),
+           dry_run: bool = typer.Option(False, "--dry-run", help="List the files it would write; write nothing.")):
+    """Write one sample as GeoTIFFs, OUT/KEY/lr.tif and OUT/KEY/hr_XX.tif (RGB uint8, deflate,
+    EPSG:4326, the transforms from the sample's meta.json georef), that open in QGIS or rasterio
+    where the scene is. KEY is found through the shards' index; only its needed members are read.
+    Each file is written to a temp file and renamed into place. Exit 2 (one line on stderr) for
+    an unknown key, a missing shards folder or shard, or a sample without georeferencing."""
+    from gl10m.export import export_sample
+
+    res = export_sample(shards_dir, key, out_dir, tiles=tiles, lr=lr, dry_run=dry_run)
+    if dry_run:
+        for p in res.paths:
+            out.print(str(p), highlight=False)
+        out.print(f"dry run: would write {len(res.paths)} files to {res.folder}", highlight=False)
+    else:
+        out.print(f"wrote {len(res.paths)} GeoTIFFs to {res.folder}", highlight=False)
+
+
 @app.command(epilog=EXIT_CODES_HELP)
 def demo(workdir: Path = typer.Option(Path("work/demo"), "--workdir", "-w", help="Where the world and outputs go."),
          workers: Optional[int] = WorkersOpt,

@@ -36,7 +36,6 @@ import numpy as np
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
-from rasterio.transform import from_bounds
 from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window, from_bounds as window_from_bounds
 
@@ -62,8 +61,9 @@ class Grid:
 
     @property
     def transform(self) -> Affine:
-        w, s, e, n = self.bounds
-        return from_bounds(w, s, e, n, self.width, self.height)
+        from gl10m.geometry import grid_transform  # the one definition (meta.json's georef uses it too)
+
+        return Affine.from_gdal(*grid_transform(self.bounds, self.width, self.height))
 
     @property
     def crs(self) -> CRS:

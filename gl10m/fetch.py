@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from gl10m import __version__, compose, qc, samples
+from gl10m.geometry import georef_meta
 from gl10m.sources.base import (ASSET_CORRUPT, ASSET_MISSING, HR_BLACK, NAIP_GAP, REASONS, S2_MASKED,  # noqa: F401
                                 AccessDenied, HRImage, LRImage, ReadContext, Rejection, Timings, redact)
 from gl10m.sources.cog import DEFAULT_RETRY, S2_RGB, UNIT_BUDGET_S, CogReader, identity, read_asset  # noqa: F401
@@ -152,6 +153,7 @@ def build_meta(row: Mapping, profile, lr_grid: compose.Grid, hr_grid: compose.Gr
                "px_m_x": round(hr_m[0], 4), "px_m_y": round(hr_m[1], 4), "bands": ["R", "G", "B"],
                "grid": g.grid, "tile_px": g.tile_px,
                "tile_index": "row*grid + col, row 0 = north, col 0 = west"},
+        "georef": georef_meta(lr_grid, hr_grid, g.grid),
         "concepts": [profile.concepts[c].name for c in concepts],
         "concept_ids": concepts,
         "naip": {"year": int(row["naip_year"]), "date": str(row["naip_date"]), "items": hr["items"],

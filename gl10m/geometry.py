@@ -199,3 +199,137 @@ def representative_points(geoms) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("representative_points: an empty geometry has no point on its surface")
     pts = shapely.point_on_surface(g)
     return shapely.get_x(pts), shapely.get_y(pts)
+
+
+# -- georeferencing: the transforms of a sample's images -----------------------------------
+# A sample's meta.json carries a ``georef`` block (written by :func:`georef_meta`, read by
+# :func:`tile_transform` / :func:`image_bounds`; documented in the dataset card):
+#
+#   "georef": {"crs": "EPSG:4326", "transform_order": GDAL_ORDER,
+#              "lr": {"transform": [6 floats], "width": 268, "height": 268},
+#              "hr": {"transform": [6 floats], "width": 2680, "height": 2680},   # the HR mosaic
+#              "tiles": {"grid": 10, "width": 268, "height": 268, "index": ..., "rule": TILE_RULE}}
+#
+# Tile transforms are not stored one by one: tile i is the block (row, col) = divmod(i, grid) of
+# the HR mosaic, so its transform is the mosaic's with the origin moved by whole tiles (TILE_RULE).
+# That is exact by construction (the tiles ARE those blocks of the mosaic's pixels), one line for
+# any reader, and 100 stored transforms would add ~10 KB of JSON to every meta.json (more than
+# the rest of it) that could only repeat the mosaic's.
+GEOREF_CRS = "EPSG:4326"
+GDAL_ORDER = ("GDAL geotransform: [x_origin (west edge), pixel_width, row_rotation (0), "
+              "y_origin (north edge), column_rotation (0), pixel_height (negative: north-up)]; "
+              "x = lon, y = lat of a pixel's corner: x = t[0] + col*t[1], y = t[3] + row*t[5]")
+TILE_RULE = ("tile i: row, col = divmod(i, grid); transform = [hr[0] + col*width*hr[1], hr[1], 0.0, "
+             "hr[3] + row*height*hr[5], 0.0, hr[5]] with hr = georef.hr.transform")
+GEOREF_TOL_DEG = 1e-9  # ~0.1 mm: how far a transform's edges may sit from the footprint's in float
+
+
+def grid_transform(bounds, width: int, height: int) -> list[float]:
+    """The GDAL geotransform of a north-up ``width x height`` grid over `bounds` (west, south,
+    east, north): pixel (0, 0) at the north-west corner. The same numbers as rasterio's
+    ``from_bounds(*bounds, width, height).to_gdal()``."""
+    w, s, e, n = (float(v) for v in bounds)
+    if int(width) < 1 or int(height) < 1:
+        raise ValueError(f"grid size must be positive, got {width} x {height}")
+    return [w, (e - w) / int(width), 0.0, n, 0.0, (s - n) / int(height)]
+
+
+def transform_bounds(transform, width: int, height: int) -> tuple[float, float, float, float]:
+    """(west, south, east, north) covered by a north-up ``width x height`` image with this GDAL
+    geotransform."""
+    t = [float(v) for v in transform]
+    if len(t) != 6 or t[2] != 0.0 or t[4] != 0.0:
+        raise ValueError(f"not a north-up GDAL geotransform: {transform!r}")
+    return (t[0], t[3] + int(height) * t[5], t[0] + int(width) * t[1], t[3])
+
+
+def georef_meta(lr_grid, hr_grid, grid: int) -> dict:
+    """The ``georef`` block of a sample's meta.json from its LR and HR grids (anything with
+    ``bounds``, ``width`` and ``height``, e.g. :class:`gl10m.compose.Grid`) and the tile grid
+    (`grid` x `grid` tiles cut from the HR grid)."""
+    grid = int(grid)
+    if hr_grid.width % grid or hr_grid.height % grid:
+        raise ValueError(f"HR grid {hr_grid.width}x{hr_grid.height} does not split into {grid}x{grid} tiles")
+    return {"crs": GEOREF_CRS, "transform_order": GDAL_ORDER,
+            "lr": {"transform": grid_transform(lr_grid.bounds, lr_grid.width, lr_grid.height),
+                   "width": int(lr_grid.width), "height": int(lr_grid.height)},
+            "hr": {"transform": grid_transform(hr_grid.bounds, hr_grid.width, hr_grid.height),
+                   "width": int(hr_grid.width), "height": int(hr_grid.height)},
+            "tiles": {"grid": grid, "width": int(hr_grid.width) // grid, "height": int(hr_grid.height) // grid,
+                      "index": "row*grid + col, row 0 = north, col 0 = west", "rule": TILE_RULE}}
+
+
+def _georef(meta: dict) -> dict:
+    g = meta.get("georef") if isinstance(meta, dict) else None
+    if not isinstance(g, dict):
+        raise ValueError("meta.json has no georef block (a sample built before gl10m wrote georeferencing?)")
+    return g
+
+
+def lr_transform(meta: dict) -> list[float]:
+    """The LR image's GDAL geotransform from a sample's meta.json."""
+    return [float(v) for v in _georef(meta)["lr"]["transform"]]
+
+
+def tile_transform(meta: dict, i: int) -> list[float]:
+    """HR tile `i`'s GDAL geotransform from a sample's meta.json (the block's ``tiles.rule``)."""
+    g = _georef(meta)
+    t, hr = g["tiles"], [float(v) for v in g["hr"]["transform"]]
+    grid = int(t["grid"])
+    if not 0 <= int(i) < grid * grid:
+        raise ValueError(f"tile index {i} is outside 0..{grid * grid - 1}")
+    row, col = divmod(int(i), grid)
+    return [hr[0] + col * int(t["width"]) * hr[1], hr[1], 0.0, hr[3] + row * int(t["height"]) * hr[5], 0.0, hr[5]]
+
+
+def image_bounds(meta: dict, image: str | int) -> tuple[float, float, float, float]:
+    """(west, south, east, north) of ``"lr"``, ``"hr"`` (the mosaic) or HR tile `image` (an int)."""
+    g = _georef(meta)
+    if isinstance(image, str):
+        if image not in ("lr", "hr"):
+            raise ValueError(f"image must be 'lr', 'hr' or a tile index, got {image!r}")
+        return transform_bounds(g[image]["transform"], g[image]["width"], g[image]["height"])
+    return transform_bounds(tile_transform(meta, image), g["tiles"]["width"], g["tiles"]["height"])
+
+
+def georef_problems(meta: dict, *, lr_size: int | None = None, tile_size: int | None = None,
+                    tol: float = GEOREF_TOL_DEG) -> list[str]:
+    """What is wrong with a sample's ``georef`` block against its own footprint ([] when nothing):
+    the CRS, north-up transforms, the LR image and the HR mosaic covering the footprint exactly,
+    the tiles (by the rule) tiling it (tile 0 at the north-west corner, the last at the
+    south-east, neighbours sharing edges), and the sizes against the decoded images when given."""
+    try:
+        g = _georef(meta)
+        fp = meta["footprint"]
+        foot = tuple(float(fp[k]) for k in ("west", "south", "east", "north"))
+    except (ValueError, KeyError, TypeError) as e:
+        return [str(e) if isinstance(e, ValueError) else f"meta.json has no usable footprint ({e})"]
+    out: list[str] = []
+
+    def near(a, b) -> bool:
+        return all(abs(x - y) <= tol for x, y in zip(a, b))
+
+    try:
+        if g.get("crs") != GEOREF_CRS:
+            out.append(f"georef crs {g.get('crs')!r} is not {GEOREF_CRS}")
+        for name in ("lr", "hr"):
+            b = image_bounds(meta, name)
+            if not near(b, foot):
+                out.append(f"georef {name} transform covers {b}, not the footprint {foot}")
+        t = g["tiles"]
+        grid, tw, th = int(t["grid"]), int(t["width"]), int(t["height"])
+        if (tw * grid, th * grid) != (int(g["hr"]["width"]), int(g["hr"]["height"])):
+            out.append(f"georef tiles {grid}x{grid} of {tw}x{th} px do not make the HR mosaic")
+        if lr_size is not None and (int(g["lr"]["width"]), int(g["lr"]["height"])) != (lr_size, lr_size):
+            out.append(f"georef lr size {g['lr']['width']}x{g['lr']['height']} is not the image's {lr_size}")
+        if tile_size is not None and (tw, th) != (tile_size, tile_size):
+            out.append(f"georef tile size {tw}x{th} is not the tiles' {tile_size}")
+        want = tile_bounds([foot], grid)[0]
+        for i in range(grid * grid):
+            b = image_bounds(meta, i)
+            if not near(b, want[i]):
+                out.append(f"georef tile {i} covers {b}, not its part of the footprint {tuple(want[i])}")
+                break
+    except (KeyError, TypeError, ValueError) as e:
+        out.append(f"georef block is malformed ({type(e).__name__}: {e})")
+    return out

@@ -450,7 +450,8 @@ class VerifyError(ShardError):
 
 def verify(out_dir: str | Path, *, decode: bool = True, progress=None) -> dict:
     """Check every shard against the index: member names, field sets, offsets and sizes, sample
-    checksums, image sizes and labels. Sizes and offsets (from the index and from every tar
+    checksums, image sizes and labels, and each scene's georeferencing (meta.json's ``georef``
+    against its footprint: :func:`gl10m.geometry.georef_problems`). Sizes and offsets (from the index and from every tar
     header) are checked against the file and :data:`MAX_MEMBER_BYTES` before anything is read.
 
     Every shard is checked; a bad one gives one line naming the shard and the (first) bad sample.
@@ -487,6 +488,21 @@ def verify(out_dir: str | Path, *, decode: bool = True, progress=None) -> dict:
     if problems:
         raise VerifyError(problems)
     return {"samples": n, "shards": len(by_shard)}
+
+
+def _verify_georef(files: dict[str, bytes], where: str) -> None:
+    """A scene's (a sample with a footprint) georef block must agree with its footprint and sizes."""
+    from gl10m import samples as smp
+    from gl10m.geometry import georef_problems
+
+    try:
+        meta = smp.decode_meta(files[smp.META_FIELD])
+    except smp.SampleError as e:
+        raise ShardError(f"{where}: {e}") from None
+    if isinstance(meta, dict) and "footprint" in meta:
+        bad = georef_problems(meta, lr_size=smp.TILE_PX, tile_size=smp.TILE_PX)
+        if bad:
+            raise ShardError(f"{where}: {bad[0]}"[:500])
 
 
 def _verify_shard(out_dir: Path, split: str, shard: str, g, seen: set, decode: bool, progress, state) -> int:
@@ -533,6 +549,7 @@ def _verify_shard(out_dir: Path, split: str, shard: str, g, seen: set, decode: b
                 raise ShardError(f"{where}: image sizes {s.lr.shape} / {s.hr.shape}")
             if [int(x) for x in s.labels] != [int(x) for x in r.labels]:
                 raise ShardError(f"{where}: labels differ from the index")
+        _verify_georef(files, where)
 
     with open(path, "rb") as fh:
         for m in iter_tar(fh, shard, stream=False, file_size=file_size):

@@ -12,7 +12,11 @@ Each item is a dict:
 * ``lr``: uint8 [3, 268, 268]; ``hr``: uint8 [n, 3, 268, 268], the requested tiles in the
   requested order; ``tiles``: int64 [n], their indices (``row*10 + col``);
 * ``labels``: uint8 [66] multi-hot; ``tile_frac``: float16 [n, 66], the concept fractions of
-  the returned tiles.
+  the returned tiles;
+* with ``georef=True`` (from meta.json's ``georef`` block, :mod:`gl10m.geometry`), torchgeo-style:
+  ``crs`` (str, ``"EPSG:4326"``), ``bounds`` float64 [4] (west, south, east, north of the LR
+  image: the footprint) and ``transform`` float64 [6] (its GDAL geotransform), ``tile_bounds``
+  float64 [n, 4] and ``tile_transform`` float64 [n, 6] of the returned tiles, in their order.
 
 ``lr`` and ``hr`` are channels-last views (shape C, H, W over H, W, C memory, as decoded): no
 CPU copy is spent on a transpose. Ship them to the GPU as uint8 and normalise there; call

@@ -62,7 +62,7 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, shards: list[_Shard], index: _Index | None, *, split: str | None, tiles: TileSpec,
                  shuffle: int, seed: int, rank: int, world_size: int, with_epoch: int | None, verify: bool,
-                 decode_meta: bool, split_by: str, tile_px: int | None = None):
+                 decode_meta: bool, split_by: str, tile_px: int | None = None, georef: bool = False):
         self._shards, self._index, self.split = shards, index, split
         self._tiles_fn = tiles if callable(tiles) else None
         self._tiles = None if callable(tiles) else (
@@ -73,6 +73,7 @@ class ShardDataset(IterableDataset):
         self.with_epoch, self.verify, self.decode_meta, self.split_by = with_epoch, verify, decode_meta, split_by
         self.epoch = 0
         self.tile_px = tile_px
+        self.georef = georef
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -183,7 +184,7 @@ class ShardDataset(IterableDataset):
 
     # -- streaming ------------------------------------------------------------------------------
     def _needed_head(self) -> tuple[str, ...]:
-        return HEAD_FIELDS if self.decode_meta else HEAD_FIELDS[1:]
+        return HEAD_FIELDS if self.decode_meta or self.georef else HEAD_FIELDS[1:]
 
     def _stream(self, s: _Shard, keep, counter) -> Iterator[_Partial]:
         ix = self._index
@@ -284,14 +285,15 @@ class ShardDataset(IterableDataset):
         if lr is None:
             lr = _decode_lr(data[smp.LR_FIELD], where)
         out: dict[str, Any] = {"key": key}
-        if self.decode_meta:
+        if self.decode_meta or self.georef:
             try:
                 meta = smp.decode_meta(data[smp.META_FIELD])
             except smp.SampleError as e:
                 raise LoaderError(f"{where}: {e}") from None
             if not isinstance(meta, dict) or meta.get("key", key) != key:
                 raise LoaderError(f"{where}: meta.json names another sample ({meta.get('key') if isinstance(meta, dict) else meta!r})")
-            out["meta"] = meta
+            if self.decode_meta:
+                out["meta"] = meta
         try:
             labels = smp.decode_labels(data[smp.LABELS_FIELD])
             frac = smp.decode_tile_frac(data[smp.TILE_FRAC_FIELD])
@@ -303,7 +305,27 @@ class ShardDataset(IterableDataset):
         out.update(lr=_chw(lr), hr=_chw(hr), tiles=torch.tensor(sel, dtype=torch.int64).reshape(-1),
                    labels=torch.from_numpy(np.ascontiguousarray(labels, dtype=np.uint8)),
                    tile_frac=torch.from_numpy(np.ascontiguousarray(frac[list(sel)])))
+        if self.georef:
+            out.update(_georef_fields(meta, sel, where))
         return out
+
+
+def _georef_fields(meta: dict, sel, where: str) -> dict:
+    """``crs``, ``bounds`` / ``transform`` (the LR image) and ``tile_bounds`` / ``tile_transform``
+    (the returned tiles) from meta.json's georef block (gl10m.geometry)."""
+    from gl10m import geometry
+
+    try:
+        lr = geometry.lr_transform(meta)
+        tt = [geometry.tile_transform(meta, i) for i in sel]
+        tb = [geometry.image_bounds(meta, i) for i in sel]
+        return {"crs": str(meta["georef"]["crs"]),
+                "bounds": torch.tensor(geometry.image_bounds(meta, "lr"), dtype=torch.float64),
+                "transform": torch.tensor(lr, dtype=torch.float64),
+                "tile_bounds": torch.tensor(tb, dtype=torch.float64).reshape(-1, 4),
+                "tile_transform": torch.tensor(tt, dtype=torch.float64).reshape(-1, 6)}
+    except (ValueError, KeyError, TypeError) as e:
+        raise LoaderError(f"{where}: georef=True but {e}") from None
 
 
 def _names(idx: Iterable[int]) -> list[str]:
@@ -325,7 +347,8 @@ def _take(it: Iterator, n: int) -> Iterator:
 def load(source, split: str | None = None, tiles: TileSpec = "all", *, shuffle: int = 0, seed: int = 0,
          rank: int | None = None, world_size: int | None = None, with_epoch: int | None = None,
          verify: bool = False, decode_meta: bool = True, split_by: str = "auto",
-         index: str | os.PathLike | None = None, tile_px: int | None = None) -> ShardDataset:
+         index: str | os.PathLike | None = None, tile_px: int | None = None,
+         georef: bool = False) -> ShardDataset:
     """gl10m shards -> a torch IterableDataset of decoded sample dicts (see the module doc).
 
     `source`: a shards folder (local or URL), a shard path/URL, a brace pattern, or a list of
@@ -340,6 +363,8 @@ def load(source, split: str | None = None, tiles: TileSpec = "all", *, shuffle: 
     list of shard URLs (found automatically for a shards folder and for local shards).
     `tile_px`: decode HR tiles at the smallest JPEG DCT scaling of at least this many pixels
     (:func:`decoded_tile_px`: 64 -> 67 x 67) instead of 268, for a model that resizes them down.
+    `georef`: add each sample's georeferencing from its meta.json (``crs``, ``bounds``,
+    ``transform``, ``tile_bounds``, ``tile_transform``; see the module doc).
 
     Batching: pass ``collate_fn=gl10m.data.collate`` to a ``torch.utils.data.DataLoader``
     (``DataLoader(load(...), batch_size=4, collate_fn=collate)``); torch's default collate fails
@@ -370,7 +395,7 @@ def load(source, split: str | None = None, tiles: TileSpec = "all", *, shuffle: 
     return ShardDataset(shards, ix, split=split, tiles=tiles, shuffle=int(shuffle), seed=int(seed), rank=int(rank),
                         world_size=int(world_size), with_epoch=None if with_epoch is None else int(with_epoch),
                         verify=verify, decode_meta=decode_meta, split_by=split_by,
-                        tile_px=None if tile_px is None else int(decoded_tile_px(tile_px)))
+                        tile_px=None if tile_px is None else int(decoded_tile_px(tile_px)), georef=bool(georef))
 
 
 def collate(batch: Sequence[dict]) -> dict:

@@ -438,6 +438,7 @@ def build_meta(plan: ScenePlan, row, profile, n_scenes: int, r: Rendered, attemp
     """meta.json: the fields of a fetched sample that apply (ids, footprint, grids, ground pixel
     sizes, concepts, QC) plus a provenance block saying these are synthetic scenes."""
     from gl10m import __version__, compose
+    from gl10m.geometry import georef_meta
 
     g = profile.geometry
     bounds = footprint(plan, profile)
@@ -455,6 +456,7 @@ def build_meta(plan: ScenePlan, row, profile, n_scenes: int, r: Rendered, attemp
         "hr": {"width": hrg.width, "height": hrg.height, "px_deg": list(hrg.px_deg),
                "px_m_x": round(hr_m[0], 4), "px_m_y": round(hr_m[1], 4), "bands": ["R", "G", "B"],
                "grid": g.grid, "tile_px": g.tile_px, "tile_index": "row*grid + col, row 0 = north, col 0 = west"},
+        "georef": georef_meta(lrg, hrg, g.grid),
         "concepts": [profile.concepts[c].name for c in concepts], "concept_ids": concepts,
         "anchor": {"osm_type": str(row["anchor_osm_type"]), "osm_id": int(row["anchor_osm_id"]),
                    "concept": int(row["anchor_concept"])},
