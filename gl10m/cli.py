@@ -359,10 +359,10 @@ def export(key: str = typer.Argument(..., help="Sample key, e.g. CA-w20000019.")
     res = export_sample(shards_dir, key, out_dir, tiles=tiles, lr=lr, dry_run=dry_run)
     if dry_run:
         for p in res.paths:
-            out.print(str(p), highlight=False)
-        out.print(f"dry run: would write {len(res.paths)} files to {res.folder}", highlight=False)
+            out.print(str(p), highlight=False, soft_wrap=True)
+        out.print(f"dry run: would write {len(res.paths)} files to {res.folder}", highlight=False, soft_wrap=True)
     else:
-        out.print(f"wrote {len(res.paths)} GeoTIFFs to {res.folder}", highlight=False)
+        out.print(f"wrote {len(res.paths)} GeoTIFFs to {res.folder}", highlight=False, soft_wrap=True)
 
 
 @app.command(epilog=EXIT_CODES_HELP)

@@ -147,3 +147,77 @@ def test_to_equal_area_geometry_area():
     b = geo.footprint_bounds(-90.0, 30.0, FP)
     poly = geo.boxes(b)
     assert float(shapely.area(geo.to_equal_area(np.array([poly]))[0])) == pytest.approx(float(geo.box_area_m2(b)), rel=1e-9)
+
+
+# -- georeferencing (meta.json's georef block) -------------------------------------------------
+def _grids(bounds, lr_px=268, hr_px=2680):
+    from gl10m import compose
+
+    return compose.footprint_grid(bounds, lr_px), compose.footprint_grid(bounds, hr_px)
+
+
+def _georef_sample(bounds, grid=GRID):
+    lr, hr = _grids(bounds)
+    return {"footprint": dict(zip(("west", "south", "east", "north"), bounds)),
+            "georef": geo.georef_meta(lr, hr, grid)}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_georef_transforms_are_the_grids_and_tile_the_footprint(seed):
+    """LR and HR transforms are rasterio's for the footprint grids; tile i's transform (the rule)
+    is rasterio's window transform of block (row, col) of the HR mosaic; the tiles tile the
+    footprint: tile 0 at its north-west corner, tile 99 at its south-east, neighbours share edges."""
+    from rasterio.transform import from_bounds
+    from rasterio.windows import Window
+    from rasterio.windows import transform as window_transform
+
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        lon, lat = rng.uniform(-125, -67), rng.uniform(24, 49)
+        b = tuple(float(v) for v in geo.footprint_bounds(lon, lat, FP))
+        m = _georef_sample(b)
+        g = m["georef"]
+        assert g["crs"] == "EPSG:4326"
+        assert geo.lr_transform(m) == list(from_bounds(*b, 268, 268).to_gdal())
+        hr = from_bounds(*b, 2680, 2680)
+        assert g["hr"]["transform"] == list(hr.to_gdal())
+        assert geo.image_bounds(m, "lr") == pytest.approx(b, abs=1e-12)
+        want = geo.tile_bounds([b], GRID)[0]
+        for i in range(100):
+            r, c = divmod(i, GRID)
+            np.testing.assert_allclose(geo.tile_transform(m, i),
+                                       window_transform(Window(c * 268, r * 268, 268, 268), hr).to_gdal(),
+                                       rtol=0, atol=1e-12)
+            np.testing.assert_allclose(geo.image_bounds(m, i), want[i], rtol=0, atol=1e-12)
+        w, s, e, n = b
+        assert geo.image_bounds(m, 0)[0] == w and geo.image_bounds(m, 0)[3] == n  # NW corner, exactly
+        assert geo.image_bounds(m, 99)[1:3] == pytest.approx((s, e), abs=1e-12)  # SE corner
+        assert geo.image_bounds(m, 9)[2:] == pytest.approx((e, n), abs=1e-12)    # NE
+        assert geo.image_bounds(m, 90)[:2] == pytest.approx((w, s), abs=1e-12)   # SW
+        assert geo.georef_problems(m, lr_size=268, tile_size=268) == []
+
+
+def test_georef_problems_name_what_disagrees_with_the_footprint():
+    b = tuple(float(v) for v in geo.footprint_bounds(-100.0, 40.0, FP))
+    good = _georef_sample(b)
+    assert geo.georef_problems(good) == []
+
+    def bad(edit):
+        import copy
+
+        m = copy.deepcopy(good)
+        edit(m)
+        return geo.georef_problems(m, lr_size=268, tile_size=268)
+
+    def shift_hr(m):  # the mosaic (so every tile) one tile east
+        m["georef"]["hr"]["transform"][0] += FP / GRID
+
+    assert any("hr transform" in p for p in bad(shift_hr))
+    assert any("lr transform" in p for p in bad(lambda m: m["georef"]["lr"]["transform"].__setitem__(3, 40.5)))
+    assert any("crs" in p for p in bad(lambda m: m["georef"].__setitem__("crs", "EPSG:3857")))
+    assert any("lr size" in p for p in bad(lambda m: m["georef"]["lr"].update(width=134, height=134)))
+    assert any("do not make" in p for p in bad(lambda m: m["georef"]["tiles"].update(width=134)))
+    assert any("no georef" in p for p in bad(lambda m: m.pop("georef")))
+    assert any("malformed" in p for p in bad(lambda m: m["georef"]["hr"].pop("transform")))
+    with pytest.raises(ValueError, match="outside"):
+        geo.tile_transform(good, 100)
