@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from gl10m import compose, geometry, samples as smp, shards
-from gl10m.errors import UserError
 from gl10m.export import export_sample, parse_tiles
 from tests.fixtures.samples import make_sample
 

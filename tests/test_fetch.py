@@ -602,3 +602,41 @@ def test_concurrent_reads_hold_a_dask_semaphore_inside_a_worker_process(world, s
         sem = distributed.Semaphore(max_leases=2, name="gl10m-test-reads")
         covered, shape = client.submit(_read_hr_in_worker, row, small, sem, pure=False).result(timeout=120)
     assert covered and shape == (320, 320, 3)
+
+
+def _truth_error(img: np.ndarray, transform, epsg: int) -> float:
+    """Mean |pixel - truth| of an [3, H, W] image whose pixel centres `transform` (EPSG:4326)
+    places, the truth evaluated in the UTM zone (`epsg`) the COGs were rendered in."""
+    _, h, w = img.shape
+    rows, cols = np.mgrid[0:h, 0:w]
+    lon = transform.c + (cols + 0.5) * transform.a
+    lat = transform.f + (rows + 0.5) * transform.e
+    x, y = Transformer.from_crs(4326, epsg, always_xy=True).transform(lon, lat)
+    want = np.clip(np.floor(truth(x, y) / 0.3 * 255 + 0.5), 0, 255)
+    return float(np.abs(img.astype(np.float32) - want).mean())
+
+
+def test_exported_geotiffs_sit_where_the_imagery_was_rendered(good, tmp_path):
+    """Placement against the truth: the LR image and HR tiles exported from a fetched sample's
+    shard (gl10m export) have, at every pixel their GeoTIFF transform locates, the colour the
+    analytic field that rendered the COGs has there; a neighbouring tile's place does not."""
+    import rasterio
+    from affine import Affine
+
+    from gl10m import geometry, shards
+    from gl10m.export import export_sample
+
+    row, res, _ = good
+    shards.build([shards.Entry(row["key"], "train", "CA", res.path)], tmp_path / "shards")
+    out = export_sample(tmp_path / "shards", row["key"], tmp_path / "geo", tiles=[0, 22, 57, 99])
+    meta = samples.read_staged(res.path).meta
+    assert geometry.georef_problems(meta, lr_size=268, tile_size=268) == []
+    with rasterio.open(out.folder / "lr.tif") as d:
+        assert tuple(d.bounds) == pytest.approx(BOUNDS, abs=1e-12)
+        assert _truth_error(d.read(), d.transform, 32611) < 2.0  # the S2 granules' zone
+    for t, other in ((0, 1), (22, 32), (57, 56), (99, 89)):
+        with rasterio.open(out.folder / f"hr_{t:02d}.tif") as d:
+            img, tr = d.read(), d.transform
+        assert _truth_error(img, tr, 26911) < 2.0, t  # the NAIP quarter-quads' zone
+        wrong = Affine.from_gdal(*geometry.tile_transform(meta, other))
+        assert _truth_error(img, wrong, 26911) > 10.0, (t, other)

@@ -190,6 +190,53 @@ def test_shards_from_the_run_verify_and_load(run):
     assert train[0]["hr"].shape == (3, 3, 268, 268)
 
 
+def test_samples_are_georeferenced_and_export_where_the_footprint_says(run, tmp_path):
+    """Every sample's meta.json georef places the LR image on its footprint and tile r*10+c at
+    row r from the north, column c from the west (tile 0 NW, 99 SE); the loader returns them;
+    `gl10m export` writes GeoTIFFs that open at those bounds with the sample's pixels."""
+    import rasterio
+
+    from gl10m import data, geometry
+
+    wd, p = run["wd"], run["profile"]
+    res = shard.run_shard(p, wd, quiet=True)  # done by the test above, or now
+    n = 0
+    for split in res.samples:
+        for s in data.load(res.out_dir, split, tiles=[0, 9, 90, 99], georef=True):
+            m = s["meta"]
+            w, so, e, nn = (m["footprint"][c] for c in ("west", "south", "east", "north"))
+            assert geometry.georef_problems(m, lr_size=268, tile_size=268) == [], s["key"]
+            assert s["crs"] == "EPSG:4326" and s["bounds"].tolist() == pytest.approx([w, so, e, nn], abs=1e-12)
+            tb = s["tile_bounds"].numpy()
+            assert tb[0][[0, 3]].tolist() == [w, nn]                                   # tile 0: the NW corner
+            assert tb[1][[2, 3]].tolist() == pytest.approx([e, nn], abs=1e-12)         # tile 9: NE
+            assert tb[2][[0, 1]].tolist() == pytest.approx([w, so], abs=1e-12)         # tile 90: SW
+            assert tb[3][[1, 2]].tolist() == pytest.approx([so, e], abs=1e-12)         # tile 99: SE
+            assert m["georef"]["hr"]["width"] == 2680 and m["georef"]["tiles"]["width"] == 268
+            n += 1
+    assert n == sum(res.samples.values()) > 0
+    key = sorted(shards.read_index(res.out_dir / shards.INDEX_NAME)["key"])[0]
+    gl10m = Path(sys.executable).with_name("gl10m")
+    r = subprocess.run([str(gl10m), "export", key, "--shards", str(res.out_dir), "--out", str(tmp_path), "--tiles",
+                        "0,57"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    from gl10m import inspect as insp
+
+    sample = insp.load_sample(res.out_dir, key, tiles=[0, 57])
+    fp = sample.meta["footprint"]
+    w, so, e, nn = (fp[c] for c in ("west", "south", "east", "north"))
+    with rasterio.open(tmp_path / key / "lr.tif") as d:
+        assert d.crs.to_epsg() == 4326 and tuple(d.bounds) == pytest.approx((w, so, e, nn), abs=1e-12)
+        np.testing.assert_array_equal(d.read().transpose(1, 2, 0), sample.lr)
+    with rasterio.open(tmp_path / key / "hr_57.tif") as d:  # row 5 from the north, column 7 from the west
+        tw, th = (e - w) / 10, (nn - so) / 10
+        assert tuple(d.bounds) == pytest.approx((w + 7 * tw, nn - 6 * th, w + 8 * tw, nn - 5 * th), abs=1e-12)
+        np.testing.assert_array_equal(d.read().transpose(1, 2, 0), sample.hr[1])
+    bad = subprocess.run([str(gl10m), "export", "XX-nope", "--shards", str(res.out_dir), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "unknown sample key" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_plan_hash_names_items_not_urls(run, built_world, tmp_path):
     """Samples' meta carries the plan hash: it must not change when the world is served elsewhere,
     or rebuilt shards would differ only by the server's port."""

@@ -17,6 +17,7 @@ import pytest
 
 ee = pytest.importorskip("ee", reason="earthengine-api is not installed (pip install 'gl10m[ee]')")
 
+from gl10m import geometry  # noqa: E402
 from gl10m import plan as planmod  # noqa: E402
 from gl10m import profile as prof  # noqa: E402
 from gl10m import samples  # noqa: E402
@@ -182,6 +183,8 @@ def test_download_through_earthengine_gives_the_stac_samples(runs):
         assert m["provider"] == "earthengine" and m["s2"]["collection"] == E.S2_COLLECTION
         assert {i["id"] for i in m["s2"]["items"]} == {i["id"] for i in sa.meta["s2"]["items"]}
         assert all(i["asset"].startswith("USDA/NAIP/DOQQ/") for i in m["naip"]["items"])
+        # georeferenced like the STAC provider's samples: the same grids over the same footprint
+        assert m["georef"] == sa.meta["georef"] and geometry.georef_problems(m, lr_size=268, tile_size=268) == []
 
 
 def test_fetch_expressions_mask_median_and_mosaic_on_the_footprint_grid(runs):

@@ -69,6 +69,34 @@ def test_schema_is_the_shard_stage_schema(world):
     assert len(got) == N and all(set(samples.FIELDS) <= set(g) for g in got)
 
 
+def test_scenes_are_georeferenced_and_export(world, tmp_path):
+    """Model-scale samples carry the same georef block as fetched ones (verify checks it against
+    the footprint); `gl10m export` writes one at its footprint with its pixels."""
+    import rasterio
+
+    from gl10m import geometry
+    from gl10m import inspect as insp
+    from gl10m.export import export_sample
+
+    idx = shards.read_index(world.shards_dir / shards.INDEX_NAME)
+    for key in idx["key"]:
+        m = insp.load_sample(world.shards_dir, key, tiles=[]).meta
+        assert geometry.georef_problems(m, lr_size=268, tile_size=268) == [], key
+        assert m["georef"]["crs"] == "EPSG:4326" and m["georef"]["tiles"]["grid"] == 10
+    key = sorted(idx["key"])[0]
+    s = insp.load_sample(world.shards_dir, key, tiles=[33])
+    fp = s.meta["footprint"]
+    w, so, e, n = (fp[c] for c in ("west", "south", "east", "north"))
+    res = export_sample(world.shards_dir, key, tmp_path, tiles=[33])
+    with rasterio.open(res.folder / "lr.tif") as d:
+        assert tuple(d.bounds) == pytest.approx((w, so, e, n), abs=1e-12) and d.crs.to_epsg() == 4326
+        np.testing.assert_array_equal(d.read().transpose(1, 2, 0), s.lr)
+    with rasterio.open(res.folder / "hr_33.tif") as d:
+        tw, th = (e - w) / 10, (n - so) / 10
+        assert tuple(d.bounds) == pytest.approx((w + 3 * tw, n - 4 * th, w + 4 * tw, n - 3 * th), abs=1e-12)
+        np.testing.assert_array_equal(d.read().transpose(1, 2, 0), s.hr[0])
+
+
 def test_same_seed_and_n_give_byte_identical_shards(world, tmp_path, profile):
     again = build_world(tmp_path / "again", N, SEED, use_dask=False, profile=profile, card=False)
     a, b = _digest_tree(world.shards_dir), _digest_tree(again.shards_dir)
