@@ -363,6 +363,9 @@ META_KEYS = [
     ("footprint, crs", "west/south/east/north in degrees, EPSG:4326 (0.024 x 0.024 degrees)"),
     ("lr, hr", "image sizes, pixel size in degrees and in metres (x and y differ: degree footprints "
                "have anisotropic ground pixels), bands; hr also grid, tile size, tile index convention"),
+    ("georef", "georeferencing (section below): crs, the GDAL geotransforms of the LR image (`lr`) and of the "
+               "HR mosaic (`hr`) with their sizes, and `tiles` (grid, tile size, index, the rule that gives "
+               "each tile's transform)"),
     ("concepts, concept_ids", "concepts present, by name and id"),
     ("naip", "year, date, quarter-quad items (id, date, EPSG, GSD; with the earthengine provider the "
              "Earth Engine asset id and the collection), resampling, mosaic rule"),
@@ -576,12 +579,41 @@ def _schema(profile) -> list[str]:
     A("")
     L += _table(["key(s)", "content"], [list(r) for r in META_KEYS])
     A("")
+    L += _georef_section()
     A(f"The sidecar `{gi._INDEX}` has one row per sample: `key`, `split`, `state`, `shard`, `fields`, `offsets` and "
       f"`sizes` (byte offset and length of each member's data in the shard), `sha256` (of the sample's fields), "
       f"`labels` ({profile.n_concepts} uint8) and `nbytes`. `manifest.json` lists the shards (name, bytes, samples, "
       "sha256), samples and states per split, and the profile and builder.")
     A("")
     return L
+
+
+def _georef_section() -> list[str]:
+    """How to place the LR image and any HR tile on the map from meta.json alone."""
+    return [
+        "**Georeferencing.** `meta.json`'s `georef` block places every image in EPSG:4326 (`crs`): "
+        "`georef.lr.transform` and `georef.hr.transform` are GDAL geotransforms (`[west edge, pixel width, 0, "
+        "north edge, 0, -pixel height]` in degrees, north-up; a pixel's corner is at `x = t[0] + col*t[1]`, "
+        "`y = t[3] + row*t[5]`) of the LR image and of the 2680 x 2680 HR mosaic, with their `width` and "
+        "`height`. Both cover the footprint exactly. The 100 tiles are blocks of that mosaic, so their transforms "
+        "are not stored one by one (they would add ~10 KB of JSON to every sample, more than the rest of "
+        "`meta.json`, and could only repeat the mosaic's); tile `i` is block `row, col = divmod(i, grid)` and "
+        "its transform follows from `georef.tiles` (`grid`, `width`, `height`) without gl10m:",
+        "",
+        "```python",
+        'g = meta["georef"]; hr = g["hr"]["transform"]; t = g["tiles"]',
+        'row, col = divmod(i, t["grid"])',
+        'tile_gt = [hr[0] + col * t["width"] * hr[1], hr[1], 0.0, hr[3] + row * t["height"] * hr[5], 0.0, hr[5]]',
+        "# rasterio: affine.Affine.from_gdal(*tile_gt); GDAL: ds.SetGeoTransform(tile_gt)",
+        "```",
+        "",
+        "With gl10m: `gl10m.geometry.tile_transform(meta, i)`, `gl10m.geometry.image_bounds(meta, i)`, "
+        "`gl10m.data.load(..., georef=True)` (adds `crs`, `bounds`, `transform`, `tile_bounds`, `tile_transform` "
+        "to each sample), and `gl10m export KEY --shards W/shards --out DIR` (writes `DIR/KEY/lr.tif` and "
+        "`DIR/KEY/hr_XX.tif`, RGB GeoTIFFs at their place). `gl10m verify` checks every sample's georef against "
+        "its footprint.",
+        "",
+    ]
 
 
 def _concepts(st: dict, profile, splits: list[str]) -> list[str]:
@@ -720,7 +752,8 @@ def _loading() -> list[str]:
     A("```")
     A("")
     A("From the command line: `gl10m stats W/shards` (counts), `gl10m show KEY --shards W/shards -o out.png` "
-      "(one sample), `gl10m verify W/shards` (checksums against the index).")
+      "(one sample), `gl10m export KEY --shards W/shards --out DIR` (one sample as GeoTIFFs), `gl10m verify "
+      "W/shards` (checksums against the index, georeferencing against the footprints).")
     A("")
     return L
 

@@ -204,3 +204,27 @@ def test_verify_rejects_a_georef_that_disagrees_with_the_footprint(tmp_path, cap
     missing = {k: v for k, v in good.items() if k != "georef"}
     with pytest.raises(shards.VerifyError, match="no georef block"):
         shards.verify(_build(tmp_path / "missing", {"CA-g0": missing}), decode=False)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_cards_recipe_gives_every_tiles_transform_from_meta_json_alone(seed):
+    """The dataset card's snippet (plain Python on the parsed meta.json, no gl10m) gives the same
+    transform as gl10m.geometry.tile_transform for every tile, and those tile the footprint."""
+    import json
+    import re
+
+    from gl10m import card
+
+    text = "\n".join(card._georef_section())
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    rng = np.random.default_rng(seed)
+    lon, lat = rng.uniform(-125, -67), rng.uniform(24, 49)
+    b = (lon - 0.012, lat - 0.012, lon + 0.012, lat + 0.012)
+    meta = json.loads(smp.encode_meta(_meta("CA-x", b)))  # as a reader gets it: through JSON
+    want = geometry.tile_bounds([b], 10)[0]
+    for i in range(100):
+        ns = {"meta": meta, "i": i}
+        exec(code, {}, ns)  # noqa: S102 - the card's own snippet
+        gt = ns["tile_gt"]
+        assert gt == geometry.tile_transform(meta, i)
+        np.testing.assert_allclose(geometry.transform_bounds(gt, 268, 268), want[i], rtol=0, atol=1e-12)
