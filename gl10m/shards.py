@@ -491,7 +491,8 @@ def verify(out_dir: str | Path, *, decode: bool = True, progress=None) -> dict:
 
 
 def _verify_georef(files: dict[str, bytes], where: str) -> None:
-    """A scene's (a sample with a footprint) georef block must agree with its footprint and sizes."""
+    """A scene's (a sample with a footprint) georef block, when it has one, must agree with its
+    footprint and sizes."""
     from gl10m import samples as smp
     from gl10m.geometry import georef_problems
 
@@ -499,7 +500,9 @@ def _verify_georef(files: dict[str, bytes], where: str) -> None:
         meta = smp.decode_meta(files[smp.META_FIELD])
     except smp.SampleError as e:
         raise ShardError(f"{where}: {e}") from None
-    if isinstance(meta, dict) and "footprint" in meta:
+    # a sample without a georef block was built before gl10m wrote one: valid, just not georeferenced
+    # (gl10m export and data.load(georef=True) say so); one that has it must agree with its footprint
+    if isinstance(meta, dict) and "footprint" in meta and "georef" in meta:
         bad = georef_problems(meta, lr_size=smp.TILE_PX, tile_size=smp.TILE_PX)
         if bad:
             raise ShardError(f"{where}: {bad[0]}"[:500])

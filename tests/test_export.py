@@ -201,9 +201,13 @@ def test_verify_rejects_a_georef_that_disagrees_with_the_footprint(tmp_path, cap
         shards.verify(bad)
     rc, _, err = _cli(capsys, "verify", bad)
     assert rc == 2 and "CA-g0" in err and "georef" in err
+    # shards built before samples carried georef are valid, only not georeferenced: verify passes them
     missing = {k: v for k, v in good.items() if k != "georef"}
-    with pytest.raises(shards.VerifyError, match="no georef block"):
-        shards.verify(_build(tmp_path / "missing", {"CA-g0": missing}), decode=False)
+    assert shards.verify(_build(tmp_path / "missing", {"CA-g0": missing}), decode=False)["samples"] == 1
+    broken = copy.deepcopy(good)
+    del broken["georef"]["tiles"]
+    with pytest.raises(shards.VerifyError, match="georef"):
+        shards.verify(_build(tmp_path / "broken", {"CA-g0": broken}), decode=False)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
