@@ -350,72 +350,83 @@ def _block_mesh(grid: Grid, src_transform: Affine, src_crs, block: int) -> list:
     return mesh
 
 
-def warp_naip(rgb: np.ndarray, valid: np.ndarray, src_transform: Affine, src_crs, grid: Grid, *,
-              block: int = WARP_BLOCK) -> np.ndarray:
-    """NAIP window [3, h, w] uint8 + validity -> a layer on `grid`: uint8 [4, H, W], R, G, B
-    (bilinear over the valid pixels only) and their coverage (0 none, 255 every contributing
-    pixel valid, 1..254 in part).
+def _kernel_box(quad: tuple, w: int, h: int) -> tuple[int, int, int, int]:
+    """(c0, r0, c1, r1): the source pixels a bilinear kernel reads for points inside `quad` (the
+    pixels under it and one more each side), clipped to the window [0, w) x [0, h)."""
+    xs, ys = quad[0::2], quad[1::2]
+    c0, r0 = math.floor(min(xs) - 0.5), math.floor(min(ys) - 0.5)
+    c1, r1 = math.floor(max(xs) - 0.5) + 2, math.floor(max(ys) - 0.5) + 2
+    return max(c0, 0), max(r0, 0), min(c1, w), min(r1, h)
 
-    Straight onto the grid, once: each colour band premultiplied by validity and the validity
-    itself are resampled bilinearly in float32 (Pillow's mesh transform: the grid cut into
-    `block`-pixel blocks whose corners are projected exactly, bilinear in between, so the
-    mapping is within 0.001 px of the projection); the colour is divided by the valid part of
-    its kernel, so invalid pixels (collar, wedge) never darken their valid neighbours, and
-    rounded."""
+
+def warp_naip(pixels: np.ndarray, valid: np.ndarray, src_transform: Affine, src_crs, grid: Grid, *,
+              block: int = WARP_BLOCK) -> np.ndarray:
+    """NAIP window [C, h, w] uint8 (any number of bands C) + validity [h, w] -> a layer on `grid`:
+    uint8 [C + 1, H, W], the C bands (bilinear over the valid pixels only) and their coverage
+    (0 none, 255 every contributing pixel valid, 1..254 in part).
+
+    Straight onto the grid, once, with Pillow's bilinear quad transform, block by block: the
+    grid is cut into `block`-pixel blocks whose corners are projected exactly, bilinear in
+    between (within 0.001 px of the projection); each band is resampled in float32 from the
+    source pixels under the block and rounded (``floor(x + 0.5)``). A block whose kernel reads
+    only valid pixels inside the window (nearly every block) is resampled as it is: the 0.5 is
+    added to the source (the kernel's weights sum to 1) and Pillow's float-to-uint8 conversion
+    truncates. A block that reads no-data or leaves the window is resampled premultiplied: each
+    band times validity and the validity itself, the band divided by the valid part of its
+    kernel, so invalid pixels (collar, wedge) never darken their valid neighbours."""
     from PIL import Image
 
-    if rgb.shape[0] != 3:
-        raise ValueError(f"NAIP mosaicking takes exactly the R, G, B bands, got {rgb.shape[0]} bands")
-    h, w = rgb.shape[1:]
-    size = (grid.width, grid.height)
-    mesh = _block_mesh(grid, src_transform, src_crs, block)
+    if pixels.ndim != 3 or pixels.dtype != np.uint8 or valid.shape != pixels.shape[1:]:
+        raise ValueError(f"NAIP pixels must be uint8 [bands, h, w] with validity [h, w], got {pixels.dtype} "
+                         f"{pixels.shape} and {valid.shape}")
+    nb, h, w = pixels.shape
+    out = np.zeros((nb + 1, grid.height, grid.width), np.uint8)
+    every = bool(valid.all())
+    quad_t, bilinear = Image.Transform.QUAD, Image.Resampling.BILINEAR
+    for (x0, y0, x1, y1), quad in _block_mesh(grid, src_transform, src_crs, block):
+        c0, r0, c1, r1 = _kernel_box(quad, w, h)
+        if c1 <= c0 or r1 <= r0:
+            continue  # the block falls outside the window: uncovered
+        size, src = (x1 - x0, y1 - y0), (c1 - c0, r1 - r0)
+        local = tuple(q - (c0 if i % 2 == 0 else r0) for i, q in enumerate(quad))
+        inside = min(quad[0::2]) >= 0 and min(quad[1::2]) >= 0 and max(quad[0::2]) < w and max(quad[1::2]) < h
+        v = valid[r0:r1, c0:c1]
+        dst = out[:, y0:y1, x0:x1]
 
-    def warp(plane: np.ndarray) -> np.ndarray:
-        im = Image.frombuffer("F", (w, h), plane, "raw", "F", 0, 1)
-        return np.asarray(im.transform(size, Image.Transform.MESH, mesh, resample=Image.Resampling.BILINEAR))
+        def warp(plane: np.ndarray) -> Image.Image:
+            return Image.frombuffer("F", src, plane, "raw", "F", 0, 1).transform(size, quad_t, local, resample=bilinear)
 
-    out = np.zeros((4, grid.height, grid.width), np.uint8)
-    plane = np.empty((h, w), np.float32)
-    if valid.all():  # no no-data in the window: coverage is where the grid falls on it
-        corners = np.array([q for _, q in mesh])
-        if (corners[:, 0::2] >= 0).all() and (corners[:, 0::2] < w).all() and \
-                (corners[:, 1::2] >= 0).all() and (corners[:, 1::2] < h).all():
-            out[3] = 255  # every block inside the window: so is every pixel centre
-        else:
-            ones = np.full((h, w), 255, np.uint8)
-            im = Image.frombuffer("L", (w, h), ones, "raw", "L", 0, 1)
-            out[3] = np.asarray(im.transform(size, Image.Transform.MESH, mesh, resample=Image.Resampling.BILINEAR))
-        for b in range(3):
-            plane[:] = rgb[b]
-            c = warp(plane) + np.float32(0.5)
+        if inside and (every or v.all()):
+            for b in range(nb):
+                plane = np.add(pixels[b, r0:r1, c0:c1], np.float32(0.5), dtype=np.float32)
+                dst[b] = np.frombuffer(warp(plane).convert("L").tobytes(), np.uint8).reshape(size[1], size[0])
+            dst[nb] = 255
+            continue
+        vf = v.astype(np.float32)
+        cov = np.asarray(warp(vf))
+        seen = cov > np.float32(1e-3)
+        inv = np.zeros_like(cov)
+        np.divide(np.float32(1.0), cov, out=inv, where=seen)
+        for b in range(nb):
+            c = np.asarray(warp(np.multiply(pixels[b, r0:r1, c0:c1], vf, dtype=np.float32))) * inv
+            c += np.float32(0.5)
             np.clip(c, 0, 255, out=c)
-            out[b] = c  # truncates: floor(x + 0.5)
-        return out
-    v = np.ascontiguousarray(valid, dtype=np.float32)
-    cov = warp(v)
-    seen = cov > np.float32(1e-3)
-    inv = np.zeros_like(cov)
-    np.divide(np.float32(1.0), cov, out=inv, where=seen)
-    for b in range(3):
-        np.multiply(rgb[b], v, out=plane)
-        c = np.multiply(warp(plane), inv)
-        c += np.float32(0.5)
-        np.clip(c, 0, 255, out=c)
-        out[b] = c  # truncates: floor(x + 0.5)
-    a = out[3]
-    a[seen] = np.clip(cov[seen] * np.float32(254.0), 1, 254).astype(np.uint8)
-    a[cov >= np.float32(1.0 - 1e-5)] = 255
+            dst[b] = c  # truncates: floor(x + 0.5)
+        a = dst[nb]
+        a[seen] = np.clip(cov[seen] * np.float32(254.0), 1, 254).astype(np.uint8)
+        a[cov >= np.float32(1.0 - 1e-5)] = 255
     return out
 
 
 class Mosaic:
-    """First-valid-wins mosaic of :func:`warp_naip` layers on a grid of `shape` (H, W), added in
-    priority order: a pixel takes the first layer that covers it fully (coverage 255); a pixel no
-    layer covers fully takes the first that covers it in part. :meth:`todo` says which part of
-    a window still needs a layer, so nothing is warped where the mosaic is already complete."""
+    """First-valid-wins mosaic of :func:`warp_naip` layers of `bands` bands on a grid of `shape`
+    (H, W), added in priority order: a pixel takes the first layer that covers it fully
+    (coverage 255); a pixel no layer covers fully takes the first that covers it in part.
+    :meth:`todo` says which part of a window still needs a layer, so nothing is warped where the
+    mosaic is already complete."""
 
-    def __init__(self, shape: tuple[int, int]):
-        self.acc = np.zeros((3, *shape), np.uint8)
+    def __init__(self, shape: tuple[int, int], bands: int = len(RGB_BANDS)):
+        self.acc = np.zeros((bands, *shape), np.uint8)
         self.state = np.zeros(shape, np.uint8)  # 0 uncovered, 1 in part, 2 fully
 
     def todo(self, r0: int, c0: int, h: int, w: int) -> tuple[int, int, int, int] | None:
@@ -427,17 +438,19 @@ class Mosaic:
         return r0 + int(rows[0]), c0 + int(cols[0]), int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
 
     def add(self, layer: np.ndarray, r0: int = 0, c0: int = 0) -> None:
+        if layer.shape[0] != self.acc.shape[0] + 1:
+            raise ValueError(f"a layer of {layer.shape[0] - 1} band(s) in a mosaic of {self.acc.shape[0]}")
         h, w = layer.shape[1:]
         st = self.state[r0:r0 + h, c0:c0 + w]
-        a = layer[3]
+        a = layer[-1]
         full = (a == 255) & (st < 2)
         part = (a != 0) & (a != 255) & (st == 0)
-        np.copyto(self.acc[:, r0:r0 + h, c0:c0 + w], layer[:3], where=(full | part)[None])
+        np.copyto(self.acc[:, r0:r0 + h, c0:c0 + w], layer[:-1], where=(full | part)[None])
         st[part] = 1
         st[full] = 2
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """(RGB uint8 [H, W, 3], a view of band-sequential memory; covered bool [H, W]);
+        """(uint8 [H, W, bands], a view of band-sequential memory; covered bool [H, W]);
         uncovered pixels are 0."""
         return np.moveaxis(self.acc, 0, -1), self.state > 0
 
@@ -450,14 +463,14 @@ def window_grid(grid: Grid, r0: int, c0: int, h: int, w: int) -> Grid:
 
 
 def mosaic(layers: Iterable, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """:class:`Mosaic` of :func:`warp_naip` layers (uint8 [4, h, w]: R, G, B, coverage) in
+    """:class:`Mosaic` of :func:`warp_naip` layers (uint8 [C + 1, h, w]: the bands, coverage) in
     priority order. A layer is an array over the whole grid, or ``(array, row_off, col_off)`` for
     a part of a grid of `shape` (H, W). Returns :meth:`Mosaic.result`."""
     m = None
     for layer in layers:
         arr, r0, c0 = layer if isinstance(layer, tuple) else (layer, 0, 0)
         if m is None:
-            m = Mosaic(shape or arr.shape[1:])
+            m = Mosaic(shape or arr.shape[1:], arr.shape[0] - 1)
         m.add(arr, r0, c0)
     if m is None:
         raise ValueError("no NAIP layer to mosaic")

@@ -199,11 +199,25 @@ def test_naip_mosaic_fills_collars_without_black_seams():
     assert np.count_nonzero(rgb_bad.max(axis=-1) <= 5) > 0
 
 
-def test_naip_takes_only_rgb_and_declared_masks():
-    rgbn = np.ones((4, 5, 5), np.uint8)
-    with pytest.raises(ValueError, match="exactly the R, G, B"):
-        compose.warp_naip(rgbn, np.ones((5, 5), bool), from_origin(0, 5, 1, 1), "EPSG:26911",
-                          compose.footprint_grid(BOUNDS, 4))
+def test_naip_warp_takes_any_band_count_and_declared_masks():
+    """The warp is band-count agnostic: each band of a 4-band window comes out as that band alone
+    would, with the same coverage; what the reader picks (R, G, B) is the reader's business."""
+    rng = np.random.default_rng(3)
+    pix = rng.integers(1, 256, size=(4, 50, 60), dtype=np.uint8)
+    pix[:, :, 50:] = 0  # a collar: the premultiplied blocks too
+    valid = compose.naip_valid(pix)
+    x, y = Transformer.from_crs(4326, 26911, always_xy=True).transform(-117.0, 34.0004)
+    t = from_origin(np.floor(x) - 3, np.ceil(y) + 3, 1.0, 1.0)
+    g = compose.footprint_grid((-117.0, 33.9999, -116.9994, 34.0004), 37)
+    four = compose.warp_naip(pix, valid, t, "EPSG:26911", g, block=16)
+    assert four.shape == (5, 37, 37) and (four[4] == 255).any() and (four[4] == 0).any()
+    for b in range(4):
+        one = compose.warp_naip(pix[b:b + 1], valid, t, "EPSG:26911", g, block=16)
+        assert np.array_equal(one[0], four[b]) and np.array_equal(one[1], four[4])
+    with pytest.raises(ValueError, match="uint8"):
+        compose.warp_naip(pix.astype(np.float32), valid, t, "EPSG:26911", g)
+    with pytest.raises(ValueError, match="band"):
+        compose.Mosaic((37, 37)).add(four)  # a 4-band layer in an RGB mosaic
     rgb = np.full((3, 2, 2), 50, np.uint8)
     masks = np.full((3, 2, 2), 255, np.uint8)
     masks[2, 0, 0] = 0
@@ -277,3 +291,91 @@ def test_naip_warp_keeps_colours_next_to_no_data_and_matches_gdal(seed):
     assert both.sum() > 0.9 * (cov > 0).sum()
     diff = np.abs(np.floor(ref[:, both] + 0.5) - layer[:3, both])
     assert diff.max() <= 1 and diff.mean() < 0.05
+
+
+def _textured(rng, bands, h, w):
+    """Smooth random texture: a few random sinusoids per band, 1..255 (sub-pixel placement and
+    rounding both show)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    out = np.empty((bands, h, w), np.float64)
+    for b in range(bands):
+        acc = np.full((h, w), 128.0)
+        for _ in range(4):
+            period, ang, ph = rng.uniform(6, 40), rng.uniform(0, np.pi), rng.uniform(0, 2 * np.pi)
+            acc += 30 * np.sin(2 * np.pi * (xx * np.cos(ang) + yy * np.sin(ang)) / period + ph)
+        out[b] = acc
+    return np.clip(np.floor(out + 0.5), 1, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_naip_warp_from_cog_matches_exact_reproject(tmp_path, seed):
+    """A textured 1 m COG read like fetch reads it (compose.source_window), warped onto a finer
+    degree grid that runs past the raster's east edge: colours within one level of GDAL's exact
+    (tolerance 0) float bilinear reproject of the same window, mean error < 0.05, no bias; the
+    part beyond the raster is uncovered, the rest fully covered."""
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.warp import reproject
+
+    from tests.fixtures.cogs import write_cog
+
+    rng = np.random.default_rng(seed)
+    lon0, lat0 = -117.0 + rng.uniform(-1.5, 1.5), 34.0 + rng.uniform(-0.5, 0.5)  # off the central meridian too
+    zone_epsg = 26911
+    tr = Transformer.from_crs(4326, zone_epsg, always_xy=True)
+    side = 0.004
+    xs, ys = tr.transform([lon0, lon0 + side, lon0, lon0 + side], [lat0, lat0, lat0 + side, lat0 + side])
+    x0, y1 = np.floor(min(xs)) - 8, np.ceil(max(ys)) + 8
+    w = int(np.ceil(max(xs)) - x0) - int(rng.integers(40, 90))  # the raster stops short of the footprint's east edge
+    h = int(y1 - np.floor(min(ys))) + 8
+    data = _textured(rng, 3, h, w)
+    path = write_cog(tmp_path / "naip.tif", data, zone_epsg, x0, y1, 1.0)
+    n = int(rng.integers(520, 600))  # ~0.7 m pixels: finer than the source in both directions
+    g = compose.footprint_grid((lon0, lat0, lon0 + side, lat0 + side), n)
+    with rasterio.open(path) as ds:
+        win = compose.source_window(ds, g.bounds)
+        pix, st = ds.read([1, 2, 3], window=win), ds.window_transform(win)
+    layer = compose.warp_naip(pix, compose.naip_valid(pix), st, f"EPSG:{zone_epsg}", g, block=64)
+    ref = np.full((3, n, n), np.nan, np.float32)
+    reproject(pix.astype(np.float32), ref, src_transform=st, src_crs=f"EPSG:{zone_epsg}", dst_transform=g.transform,
+              dst_crs=g.crs, resampling=Resampling.bilinear, src_nodata=np.nan, dst_nodata=np.nan, num_threads=1,
+              tolerance=0)
+    cov = layer[3]
+    have = ~np.isnan(ref).any(axis=0)
+    assert 0.05 < (cov == 0).mean() < 0.4 and ((cov == 255) == have).mean() > 0.99
+    both = (cov == 255) & have
+    diff = layer[:3, both].astype(np.float64) - ref[:, both]
+    assert np.abs(diff).max() <= 1.0
+    assert np.abs(diff).mean() < 0.3 and abs(diff.mean()) < 0.02  # rounded, not truncated
+    rounded = np.floor(ref[:, both] + 0.5) - layer[:3, both]
+    assert (rounded == 0).mean() > 0.97
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_naip_warp_fast_and_premultiplied_blocks_agree(seed):
+    """The two ways a block is resampled agree: marking one source pixel invalid sends every
+    block whose kernel reads it through the premultiplied path; away from that pixel the colours
+    are the same as the plain path's (up to float rounding at a .5), and the coverage is full."""
+    rng = np.random.default_rng(seed)
+    x, y = Transformer.from_crs(4326, 26911, always_xy=True).transform(-117.0, 34.003)
+    t = from_origin(np.floor(x) - 5, np.ceil(y) + 5, 1.0, 1.0)
+    pix = _textured(rng, 3, 350, 300)
+    g = compose.footprint_grid((-117.0, 34.0, -116.997, 34.003), int(rng.integers(250, 330)))
+    valid = np.ones(pix.shape[1:], bool)
+    plain = compose.warp_naip(pix, valid, t, "EPSG:26911", g, block=32)
+    r, c = int(rng.integers(100, 250)), int(rng.integers(100, 200))
+    valid[r, c] = False
+    pre = compose.warp_naip(pix, valid, t, "EPSG:26911", g, block=32)
+    # output pixels whose kernel could read (r, c): within 2 source px of it
+    cols, rows = np.meshgrid(np.arange(g.width) + 0.5, np.arange(g.height) + 0.5)
+    from rasterio.warp import transform as crs_transform
+
+    lon, lat = g.transform * (cols.ravel(), rows.ravel())
+    sx, sy = crs_transform(g.crs, "EPSG:26911", lon, lat)
+    sc, sr = ~t * (np.asarray(sx), np.asarray(sy))
+    near = ((np.abs(sc - (c + 0.5)) < 2) & (np.abs(sr - (r + 0.5)) < 2)).reshape(g.shape)
+    assert near.any() and (pre[3][near] < 255).any()  # the premultiplied path ran and saw the hole
+    far = ~near & (plain[3] == 255)
+    d = np.abs(plain[:3, far].astype(int) - pre[:3, far].astype(int))
+    assert d.max() <= 1 and (d == 0).mean() > 0.999
+    assert (pre[3][far] == 255).all()
