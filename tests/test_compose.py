@@ -55,6 +55,9 @@ def test_cut_tiles_index_convention_and_join():
     for i in range(100):
         assert (tiles[i, ..., 2] == i).all() and (tiles[i, ..., 0] == i // 10).all() and (tiles[i, ..., 1] == i % 10).all()
     assert np.array_equal(compose.join_tiles(tiles), mosaic)
+    planar = np.ascontiguousarray(np.moveaxis(mosaic, -1, 0))  # band-sequential, seen as [H, W, C]
+    assert np.array_equal(compose.cut_tiles(np.moveaxis(planar, 0, -1), 10), tiles)
+    assert np.array_equal(compose.cut_tiles(np.moveaxis(planar[:1], 0, -1), 10), tiles[..., :1])
     with pytest.raises(ValueError, match="does not split"):
         compose.cut_tiles(mosaic[:39], 10)
 
