@@ -13,7 +13,11 @@ For 1 and 2 worker processes it prints, measured in the same run:
     no composite, no encode) -> scenes/s;
   * fetch: ``fetch_scene`` per scene (reads + warps + composite + mosaic + QC + JPEG/PNG +
     atomic staging) -> scenes/s, and the peak RSS of a worker process;
-  * the ratio fetch/bare time per scene (how much the step costs beyond reading its inputs).
+  * the ratio fetch/bare time per scene (how much the step costs beyond reading its inputs);
+  * CPU seconds per scene: of the bare reads and of fetch in their workers (I/O threads
+    included), of the servers (the Range HTTP server and the STAC API, child processes of this
+    one) during fetch, and the cores the fetch run kept busy on average ((workers + servers) CPU
+    / wall): on a machine with as many cores as workers, that bounds the parallel speed-up.
 
 Then where the time of ``fetch_scene`` goes (1 worker, seconds per scene per part, from
 :class:`gl10m.sources.base.Timings`: reads, S2 warps + SCL masking, median + stretch, NAIP warp,
@@ -191,6 +195,7 @@ def bare_read(row: dict) -> dict:
     from gl10m.sources.gdalenv import gdal_http_env
 
     _worker_setup()
+    c0 = time.process_time()
     grid = compose.footprint_grid((row["west"], row["south"], row["east"], row["north"]), 268)
     hrefs = [it["href"] for it in json.loads(row["naip_items"])]
     hrefs += [h for it in json.loads(row["s2_items"]) for h in it["hrefs"].values()]
@@ -204,7 +209,7 @@ def bare_read(row: dict) -> dict:
                     px += ds.read(idx, window=win).size if win is not None else 0
             except rasterio.errors.RasterioIOError:
                 continue  # a testbed fault (missing or truncated COG): fetch rejects it too
-    return {"label": "ok", "px": px, "rss_mb": _peak_rss_mb()}
+    return {"label": "ok", "px": px, "rss_mb": _peak_rss_mb(), "cpu": time.process_time() - c0, "pid": os.getpid()}
 
 
 _PROVIDERS: dict = {}
@@ -229,11 +234,11 @@ def do_fetch(args: tuple) -> dict:
                 p.imagery.naip.collection: E.NAIP_COLLECTION, p.imagery.s2.collection: E.S2_COLLECTION})
         provider = _PROVIDERS[ee_url]
     t = Timings()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = fetch.fetch_scene(row, p, out, provider, timings=t)
     total = time.perf_counter() - t0
     return {"label": res.label, "seconds": dict(t.seconds), "total": total, "rss_mb": _peak_rss_mb(),
-            "path": str(res.path) if res.path else None}
+            "path": str(res.path) if res.path else None, "cpu": time.process_time() - c0, "pid": os.getpid()}
 
 
 def testbed_rows(world: Path, stac_url: str, wd: Path, n: int) -> list[dict]:
@@ -252,19 +257,42 @@ def testbed_rows(world: Path, stac_url: str, wd: Path, n: int) -> list[dict]:
     return rows[:n]
 
 
-def timed(fn, items: list, workers: int, *, strict: bool) -> tuple[float, list[dict]]:
+def _children_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) of each live child process of this one (Linux /proc): the
+    servers, and the pool's workers while a pool is open."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(f[1]) == os.getpid():  # field 4, ppid
+            out[int(d.name)] = (int(f[11]) + int(f[12])) / tick  # fields 14, 15: utime, stime
+    return out
+
+
+def timed(fn, items: list, workers: int, *, strict: bool) -> tuple[float, list[dict], float]:
     """Wall time of `fn` over `items` in `workers` fresh worker processes (warmed by one untimed
-    call each: imports, GDAL), and the results."""
+    call each: imports, GDAL), the results (each with the CPU seconds its task took in its
+    worker, I/O threads included), and the CPU seconds the servers (this process's other
+    children: the Range HTTP server, the STAC API) spent meanwhile."""
     with ProcessPoolExecutor(workers) as ex:
         warm = [(dict(x[0], key=f"{x[0]['key'][:3]}999{i:03d}"), *x[1:]) if isinstance(x, tuple) else x
                 for i, x in enumerate(items[:workers])]
         list(ex.map(fn, warm))
+        before = _children_cpu()
         t = time.perf_counter()
         res = list(ex.map(fn, items))
         dt = time.perf_counter() - t
+        after = _children_cpu()
     if strict and any(r["label"] != "ok" for r in res):
         raise SystemExit(f"bench: some scenes did not come out ok: {[r['label'] for r in res]}")
-    return dt, res
+    pool = {r["pid"] for r in res}
+    servers = sum(after[k] - before[k] for k in after.keys() & before.keys() if k not in pool)
+    return dt, res, servers
 
 
 PART_ORDER = ("reads", "s2 warp + scl mask", "s2 median + stretch", "s2 composite", "naip warp", "naip mosaic",
@@ -310,21 +338,29 @@ def _print_breakdown(title: str, parts: dict[str, float], total: float, base_nam
 
 
 def _run(a, scenes: list[dict], tmp: Path, prof: str | None, mode: str, ee_url: str | None) -> int:
-    print(f"{'workers':>7} {'bare scenes/s':>14} {'fetch scenes/s':>15} {'fetch/bare time':>16} {'peak RSS/worker':>16}")
+    print(f"{'workers':>7} {'bare scenes/s':>14} {'fetch scenes/s':>15} {'fetch/bare time':>16} {'peak RSS/worker':>16}"
+          f"  CPU s/scene: {'bare':>5} {'fetch':>6} {'servers':>8} {'cores busy':>10}")
     recs, first, one = [], {}, None
     strict = prof is None
+    n = len(scenes)
     for w in (int(x) for x in a.workers.split(",")):
-        tb, _ = timed(bare_read, scenes, w, strict=False)
-        tf, res = timed(do_fetch, [(r, str(tmp / f"W{w}"), prof) for r in scenes], w, strict=strict)
+        tb, bres, bsrv = timed(bare_read, scenes, w, strict=False)
+        tf, res, fsrv = timed(do_fetch, [(r, str(tmp / f"W{w}"), prof) for r in scenes], w, strict=strict)
         rss = max(r["rss_mb"] for r in res)
-        print(f"{w:>7} {len(scenes) / tb:>14.2f} {len(scenes) / tf:>15.2f} {tf / tb:>15.1f}x {rss:>13.0f} MB")
-        recs += _records(w, len(scenes), tb, tf, first)
+        bcpu, fcpu = sum(r["cpu"] for r in bres) / n, sum(r["cpu"] for r in res) / n
+        busy = (fcpu + fsrv / n) * n / tf
+        print(f"{w:>7} {n / tb:>14.2f} {n / tf:>15.2f} {tf / tb:>15.1f}x {rss:>13.0f} MB"
+              f"  {'':>11}{bcpu:>5.3f} {fcpu:>6.3f} {fsrv / n:>8.3f} {busy:>10.2f}")
+        recs += _records(w, n, tb, tf, first)
         recs.append(record(f"peak RSS of a fetch worker, {w} worker(s)", rss, "MB", None, None, None, False,
                            "the largest resident set of a worker process (target < 1500 MB)"))
+        recs.append(record(f"CPU of fetch_scene, {w} worker(s)", fcpu, "cpu-s/scene",
+                           f"CPU of the bare window reads, {w} worker(s)", bcpu, None, False,
+                           "CPU seconds per scene in the worker (I/O threads included) / the bare reads' (the "
+                           f"servers spent {fsrv / n:.3f} s/scene more during fetch; cores busy {busy:.2f})"))
         if one is None:
             one = (w, tb, tf, res)
     w, tb, tf, res = one
-    n = len(scenes)
     parts = breakdown(res)
     total = sum(r["total"] for r in res) / n
     _print_breakdown(f"where fetch_scene's time goes ({w} worker)", parts, total, "bare window reads", tb / n)
@@ -339,7 +375,7 @@ def _run(a, scenes: list[dict], tmp: Path, prof: str | None, mode: str, ee_url: 
                            "its minimum over the samples", float(np.min(agree)), None, True,
                            "per staged sample, mean over R, G, B of corr(10x10 block means of HR, LR); must not drop"))
     if ee_url:
-        te, eres = timed(do_fetch, [(r, str(tmp / "EE"), prof, ee_url) for r in scenes], 1, strict=strict)
+        te, eres, _ = timed(do_fetch, [(r, str(tmp / "EE"), prof, ee_url) for r in scenes], 1, strict=strict)
         eparts = breakdown(eres)
         etotal = sum(r["total"] for r in eres) / n
         raw = eparts.get("reads", 0.0)
