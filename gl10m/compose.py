@@ -486,6 +486,10 @@ class Mosaic:
         h, w = layer.shape[1:]
         st = self.state[r0:r0 + h, c0:c0 + w]
         a = layer[-1]
+        if (a == 255).all() and not st.any():  # the common case: a full layer on a fresh part
+            self.acc[:, r0:r0 + h, c0:c0 + w] = layer[:-1]
+            st[...] = 2
+            return
         full = (a == 255) & (st < 2)
         part = (a != 0) & (a != 255) & (st == 0)
         np.copyto(self.acc[:, r0:r0 + h, c0:c0 + w], layer[:-1], where=(full | part)[None])

@@ -307,6 +307,19 @@ def test_mosaic_priority_and_uncovered():
     d = _layer(40, [[255, 0], [0, 0]])
     rgb, covered = compose.mosaic([c, d])
     assert rgb[..., 0].tolist() == [[40, 30], [0, 0]] and covered.tolist() == [[True, True], [False, False]]
+    # a layer covering its window fully: the first one there wins, a later one fills only what
+    # is left open
+    full = [[255, 255], [255, 255]]
+    rgb, covered = compose.mosaic([_layer(50, full), _layer(60, full)])
+    assert (rgb[..., 0] == 50).all() and covered.all()
+    rgb, _ = compose.mosaic([_layer(10, [[255, 0], [0, 0]]), _layer(70, [[128, 0], [0, 0]]), _layer(20, full)])
+    assert rgb[..., 0].tolist() == [[10, 20], [20, 20]]
+    rgb, _ = compose.mosaic([_layer(70, [[0, 128], [0, 0]]), _layer(20, full)])
+    assert rgb[..., 0].tolist() == [[20, 20], [20, 20]]  # full beats an earlier part
+    m = compose.Mosaic((3, 3))
+    m.add(_layer(5, full), 1, 1)
+    m.add(_layer(6, [[255] * 3] * 3))
+    assert m.result()[0][..., 0].tolist() == [[6, 6, 6], [6, 5, 5], [6, 5, 5]]
     with pytest.raises(ValueError, match="no NAIP layer"):
         compose.mosaic([])
 
