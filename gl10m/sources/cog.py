@@ -261,9 +261,10 @@ class CogReader:
     The assets of one scene are read concurrently, by up to `io_threads` threads (each read
     still holds the limiter, so the provider's cap on concurrent requests holds); the results
     are used in plan order, and the first failure in that order is the outcome, as if the reads
-    had been made one after the other. The first read of each batch runs in the calling thread,
-    so a limiter that binds to the calling context on first use (``distributed.Semaphore`` in a
-    Dask task) is bound before the threads share it. GDAL's ``/vsicurl/`` cache is the
+    had been made one after the other. A limiter is entered once in the calling thread first, so
+    one that binds to the calling context on first use (``distributed.Semaphore`` in a Dask
+    task) is bound before the threads share it; then every read of the batch runs in the pool
+    (the two NAIP quarter-quads of a scene at once). GDAL's ``/vsicurl/`` cache is the
     process's, shared by the threads."""
 
     def __init__(self, sign: Callable[[str], str] = identity, resign: Callable[[str], str] | None = None, *,
@@ -282,14 +283,15 @@ class CogReader:
         with ctx.timed("reads"):
             if self.io_threads == 1 or len(jobs) <= 1:
                 return [one(j) for j in jobs]
-            # the first read in the calling thread: a limiter bound to its context there (a
-            # distributed.Semaphore finds its Dask worker from the task's thread only) is bound
-            # before the pool's threads use it
-            first = one(jobs[0])
-            with ThreadPoolExecutor(min(self.io_threads, len(jobs) - 1), thread_name_prefix="gl10m-read") as ex:
-                futures = [ex.submit(one, j) for j in jobs[1:]]
+            if ctx.limiter is not None:
+                # bound in the calling thread before the pool's threads share it: a
+                # distributed.Semaphore finds its Dask worker from the task's thread only
+                with ctx.limiter:
+                    pass
+            with ThreadPoolExecutor(min(self.io_threads, len(jobs)), thread_name_prefix="gl10m-read") as ex:
+                futures = [ex.submit(one, j) for j in jobs]
                 try:
-                    return [first, *(f.result() for f in futures)]
+                    return [f.result() for f in futures]
                 except BaseException:
                     for f in futures:
                         f.cancel()
