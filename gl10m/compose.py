@@ -19,16 +19,15 @@ per-pixel median over the remaining dates (the same dates for all three bands) i
 reflectance ``stretch[0]..stretch[1]`` to 0..255 (R, G, B = B04, B03, B02).
 
 NAIP HR. Quarter-quads of one state-year are read as bands 1, 2, 3 (R, G, B; band 4 is the N
-band and is never read), reprojected bilinearly onto the HR grid in uint8 with their coverage
-(no-data = declared nodata / internal mask, and pixels black in all three bands, the DOQQ
-collar; it never darkens a valid neighbour), and mosaicked first-valid-wins (a pixel a
+band and is never read), reprojected bilinearly (float32, rounded to uint8) straight onto the HR
+grid with their coverage (no-data = declared nodata / internal mask, and pixels black in all
+three bands, the DOQQ collar; it never darkens a valid neighbour), and mosaicked first-valid-wins (a pixel a
 quarter-quad covers fully before one it covers in part), so overlapping quarter-quads fill each
 other's collars and no black seam can appear where one ends.
 """
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
