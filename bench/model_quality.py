@@ -1,6 +1,6 @@
 """Benchmark: does the cross-scale model do what the paper claims, on a held-out model-scale world?
 
-    .venv/bin/python bench/model_quality.py [--seed 3137] [--out bench/out/model_quality] [--scenes N] [--workers K]
+    .venv/bin/python bench/model_quality.py [--seed 4409] [--out bench/out/model_quality] [--scenes N] [--workers K]
         [--config model/configs/fit-cpu.yaml] [--target-obr 0.12] [--json PATH]
 
 One run, four commands, each the user's own:
@@ -32,8 +32,8 @@ reported once, before that tuning, and is spent); the scene head (model/crosssca
 scene_head.py) and the per-scene budget were then tried on seed 7373, whose test split had been
 reported once (session 4) and was looked at again to find why the effect was missing there, so
 7373 is a tuning seed too. Reported held-out results (README, bench/RESULTS.md): seed 5151 (2,000
-scenes) and seed 8819 (3,400 scenes, the default size): their test splits are spent, so a change
-judged on them is judged on a split it has been looked at on; the default is now a fresh seed, 3137.
+scenes), seeds 8819 and 3137 (3,400 scenes, the default size): their test splits are spent, so a
+change judged on them is judged on a split it has been looked at on; the default is a fresh seed, 4409.
 The default size, 3,400 scenes,
 gives ~2,800 train / ~270 val / ~300 test scenes (the paper's 83 / 8 / 9 %).
 """
@@ -55,7 +55,7 @@ from _results import add_json_arg, record, write_json  # noqa: E402
 
 ROWS = ("lr_only", "full_hr", "default", "random", "random_predictor", "sampler_only", "lr_fill", "predictor_nolr")
 TUNED_ON_SEEDS = (101, 2027, 7373)
-REPORTED_SEEDS = (5151, 8819)  # held-out results already reported: their test splits are spent
+REPORTED_SEEDS = (3137, 5151, 8819)  # held-out results already reported: their test splits are spent
 
 
 def _gl10m() -> list[str]:
@@ -149,8 +149,8 @@ def summarise(rep: dict, title: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seed", type=int, default=3137,
-                    help=f"world seed (default 3137; tuned on {', '.join(map(str, TUNED_ON_SEEDS))}: report on another)")
+    ap.add_argument("--seed", type=int, default=4409,
+                    help=f"world seed (default 4409; tuned on {', '.join(map(str, TUNED_ON_SEEDS))}: report on another)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "model_quality",
                     help="work folder: world/, model/, eval/ (default bench/out/model_quality; reused when there)")
     ap.add_argument("--scenes", type=int, default=3400, help="scenes in the world (default 3400)")
