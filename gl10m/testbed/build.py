@@ -5,7 +5,7 @@ Layout of a built world DIR (hrefs in the STAC items are relative to DIR):
     DIR/osm/{STATE}.osm.pbf                 OSM extract per region (gl10m.testbed.layout, pbfwrite)
     DIR/truth/{STATE}.tif                   1 m truth classes (uint8, 255 = nodata), UTM NAD83
     DIR/naip/{STATE}/{year}/m_*.tif         NAIP-like quarter-quad COGs
-    DIR/s2/{MGRS}/{YYYYMMDD}[_Nxxxx]/{B02,B03,B04,SCL}.tif   Sentinel-2 granules (_Nxxxx: reprocessing)
+    DIR/s2/{MGRS}/{YYYYMMDD}[_Nxxxx]/{B02,B03,B04,B08,SCL}.tif   Sentinel-2 granules (_Nxxxx: reprocessing)
     DIR/stac/naip.json, sentinel-2-l2a.json, collections.json
     DIR/profile.yaml                        a gl10m profile pointing the pipeline at the world
     DIR/world.json                          seed, spec hash, regions, faults, counts

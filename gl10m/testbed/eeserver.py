@@ -11,7 +11,7 @@ request body** (:attr:`EEStandIn.requests`) so tests can assert the expressions 
 
 The world's STAC items become two image collections:
 
-* ``COPERNICUS/S2_SR_HARMONIZED``: bands ``B2 B3 B4`` (the +1000 offset of processing baselines
+* ``COPERNICUS/S2_SR_HARMONIZED``: bands ``B2 B3 B4 B8`` (the +1000 offset of processing baselines
   >= 04.00 removed, as Earth Engine's harmonised collection does) and ``SCL``; properties
   ``CLOUDY_PIXEL_PERCENTAGE``, ``MGRS_TILE``, ``PROCESSING_BASELINE`` (``05.09``), ``PRODUCT_ID``,
   ``SENSING_ORBIT_NUMBER``, ``SPACECRAFT_NAME``, ``system:time_start``, ``system:footprint``
@@ -45,7 +45,7 @@ from gl10m.errors import UserError
 
 S2_ID = "COPERNICUS/S2_SR_HARMONIZED"
 NAIP_ID = "USDA/NAIP/DOQQ"
-S2_BAND_FILES = {"B2": "B02", "B3": "B03", "B4": "B04", "SCL": "SCL"}
+S2_BAND_FILES = {"B2": "B02", "B3": "B03", "B4": "B04", "B8": "B08", "SCL": "SCL"}
 NAIP_BANDS = ("R", "G", "B", "N")
 
 

@@ -14,7 +14,7 @@ ground:
 * Sentinel-2 L2A: the *same* 1 m reflectance averaged over 10 x 10 m cells (the exact 10x
   downsample), seasonally modulated per date, blurred by a Gaussian PSF, plus sensor noise;
   then clouds (SCL 8/9/10, bright), cloud shadows (SCL 3, dark) and swath-edge nodata (SCL 0 and
-  zero reflectance). Bands B02/B03/B04 are uint16 reflectance * 10000, plus the +1000 offset when
+  zero reflectance). Bands B02/B03/B04/B08 are uint16 reflectance * 10000, plus the +1000 offset when
   the processing baseline is >= 04.00 (never otherwise); SCL is uint8 at 20 m. UTM WGS84.
   (PROJ treats NAD83 and WGS84 UTM coordinates as identical to ~0.1 mm, so the 10 m cells are
   exact blocks of the 1 m grid.)
@@ -142,7 +142,7 @@ def _render_base(region, spec, out_dir, seed, rasterize, tables, wedge, progress
 
     # Sentinel-2: the granule grid = master extent, relabelled as UTM WGS84 (same coordinates)
     g10 = Grid(region.utm_epsg_wgs84, master.x0, master.y1, 10.0, master.width // 10, master.height // 10)
-    base = S2Base(g10, acc.refl, acc.vegrefl, acc.veg, acc.water)
+    base = S2Base(g10, acc.refl, acc.vegrefl, acc.veg, acc.water, acc.nir, acc.vegnir)
     tile = mgrs_tile(lon_c, lat_c, region.utm_epsg_wgs84 % 100)
     s2_out: list[dict] = []
     for d in spec.s2_dates:
@@ -152,7 +152,7 @@ def _render_base(region, spec, out_dir, seed, rasterize, tables, wedge, progress
             scene = render_s2(base, d, t.date(), lat_c, seed, code, spec, baseline)
             folder = f"s2/{tile}/{t:%Y%m%d}" + (f"_N{baseline.replace('.', '')}" if again else "")
             assets = {}
-            for b in ("B02", "B03", "B04", "SCL"):
+            for b in ("B02", "B03", "B04", "B08", "SCL"):
                 arr = scene.bands[b]
                 gb = g10 if b != "SCL" else Grid(g10.epsg, g10.x0, g10.y1, 20.0, g10.width // 2, g10.height // 2)
                 rel = f"{folder}/{b}.tif"

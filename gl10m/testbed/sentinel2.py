@@ -1,7 +1,10 @@
 """The testbed's Sentinel-2 L2A: the 1 m surface reflectance averaged over 10 x 10 m cells (the exact
 10x downsample), seasonally modulated per date, blurred by a Gaussian PSF, plus sensor noise;
 then clouds (SCL 8/9/10, bright), cloud shadows (SCL 3, dark) and swath-edge nodata (SCL 0 and
-zero reflectance), written as granule COGs (UTM WGS84)."""
+zero reflectance), written as granule COGs (UTM WGS84): B02/B03/B04/B08 (10 m, uint16, reflectance *
+10000 plus the +1000 offset from baseline 04.00) and SCL (20 m). B08 (NIR) comes from the same
+surfaces (vegetation bright, water dark) through the same steps with its own random numbers, so
+B02-B04 are what they were before B08 existed."""
 from __future__ import annotations
 
 import datetime as dt
@@ -56,11 +59,13 @@ class S2Base:
     vegrefl: np.ndarray  # (3, H, W) mean of refl * veg (for exact seasonal modulation)
     veg: np.ndarray  # (H, W) vegetation share
     water: np.ndarray  # (H, W) water share
+    nir: np.ndarray | None = None  # (H, W) NIR (B08), as refl; None: no B08 rendered
+    vegnir: np.ndarray | None = None  # (H, W) mean of NIR * veg
 
 
 @dataclass
 class S2Scene:
-    bands: dict[str, np.ndarray]  # B02, B03, B04 uint16 (H, W); SCL uint8 (H/2, W/2)
+    bands: dict[str, np.ndarray]  # B02, B03, B04 (and B08 when the base has NIR) uint16 (H, W); SCL uint8 (H/2, W/2)
     cloud_pct: float
     nodata_pct: float
     valid_geom: Any  # shapely polygon in the grid CRS
@@ -83,6 +88,12 @@ def render_s2(base: S2Base, d: S2Date, date: dt.date, lat: float, seed: int, key
     haze = rng.uniform(0.0, 0.01) * np.array([0.5, 0.7, 1.0], np.float32)  # R, G, B
     refl = gaussian_blur(refl, spec.s2_psf_sigma_px) + haze[:, None, None]
     refl = refl + rng.normal(0, spec.s2_noise, refl.shape).astype(np.float32)
+    nir = None
+    if base.nir is not None:  # B08: the same steps, its own random numbers (B02-B04 stay as they were)
+        rng_n = rng_for(seed, "s2-nir", key, date.isoformat())
+        nir = base.nir + base.vegnir * np.float32(season * SEASON_COEF[3])
+        nir = gaussian_blur(nir, spec.s2_psf_sigma_px) + np.float32(rng_n.uniform(0.0, 0.01) * 0.3)
+        nir = nir + rng_n.normal(0, spec.s2_noise, nir.shape).astype(np.float32)
 
     # swath-edge nodata: a slanted edge on one side of the granule (geometry first, then pixels)
     valid_geom = box(*g.bounds)
@@ -137,15 +148,23 @@ def render_s2(base: S2Base, d: S2Date, date: dt.date, lat: float, seed: int, key
         white = (0.55 + 0.08 * value_noise(np.arange(W, dtype=float), np.arange(H, dtype=float), 5.0, k + 4)).astype(np.float32)
         refl = refl * (1 - cloud10) + white * cloud10
         refl = np.where(shadow10, refl * np.float32(0.4), refl)
+        if nir is not None:
+            nir = nir * (1 - cloud10) + white * cloud10
+            nir = np.where(shadow10, nir * np.float32(0.4), nir)
     scl20 = np.where(nd20, np.uint8(0), scl20).astype(np.uint8)
 
     offset = S2_OFFSET if has_offset(baseline) else 0
     dn = np.clip(np.rint(refl * 10000.0) + offset, 1, 65535).astype(np.uint16)
     dn[:, nodata10] = 0
+    bands = {"B04": dn[0], "B03": dn[1], "B02": dn[2], "SCL": scl20}
+    if nir is not None:
+        b08 = np.clip(np.rint(nir * 10000.0) + offset, 1, 65535).astype(np.uint16)
+        b08[nodata10] = 0
+        bands["B08"] = b08
     n_valid = int(valid20.sum())
     cloudy = int(np.isin(scl20, (8, 9, 10)).sum())
     return S2Scene(
-        bands={"B04": dn[0], "B03": dn[1], "B02": dn[2], "SCL": scl20},
+        bands=bands,
         cloud_pct=round(100.0 * cloudy / n_valid, 4) if n_valid else 100.0,
         nodata_pct=round(100.0 * float(nd20.mean()), 4),
         valid_geom=valid_geom)
@@ -195,6 +214,8 @@ class Acc10:
         self.vegrefl = np.empty((3, h, w), np.float32)
         self.veg = np.empty((h, w), np.float32)
         self.water = np.empty((h, w), np.float32)
+        self.nir = np.empty((h, w), np.float32)
+        self.vegnir = np.empty((h, w), np.float32)
 
     def add(self, r0: int, r1: int, refl: np.ndarray, veg: np.ndarray, water: np.ndarray) -> None:
         q0, q1 = r0 // 10, r1 // 10
@@ -202,3 +223,5 @@ class Acc10:
         self.vegrefl[:, q0:q1] = block_mean(refl[:3] * veg, 10)
         self.veg[q0:q1] = block_mean(veg, 10)
         self.water[q0:q1] = block_mean(water, 10)
+        self.nir[q0:q1] = block_mean(refl[3], 10)
+        self.vegnir[q0:q1] = block_mean(refl[3] * veg, 10)

@@ -9,7 +9,7 @@ gsd, naip:state, naip:year, proj:epsg/shape/transform/bbox/centroid; asset ``ima
 sentinel-2-l2a items: id ``S2B_MSIL2A_{sensing}_R{orbit}_T{tile}_{processing}``; properties
 datetime, platform, eo:cloud_cover, s2:mgrs_tile, s2:processing_baseline, s2:product_uri,
 s2:datatake_id, s2:granule_id, s2:nodata_pixel_percentage, sat:relative_orbit, proj:epsg;
-assets B02/B03/B04 (10 m) and SCL (20 m) with their own proj:shape/transform/bbox and gsd.
+assets B02/B03/B04/B08 (10 m) and SCL (20 m) with their own proj:shape/transform/bbox and gsd.
 A reprocessed granule shares its datatake id with the original and has a newer baseline and
 processing time.
 """
@@ -41,8 +41,11 @@ S2_BANDS = {
             "full_width_half_max": 0.045},
     "B04": {"name": "B04", "common_name": "red", "description": "Band 4 - Red - 10m", "center_wavelength": 0.665,
             "full_width_half_max": 0.038},
+    "B08": {"name": "B08", "common_name": "nir", "description": "Band 8 - NIR - 10m", "center_wavelength": 0.842,
+            "full_width_half_max": 0.145},
 }
 S2_TITLES = {"B02": "Band 2 - Blue - 10m", "B03": "Band 3 - Green - 10m", "B04": "Band 4 - Red - 10m",
+             "B08": "Band 8 - NIR - 10m",
              "SCL": "Scene classfication map (SCL)"}
 
 
