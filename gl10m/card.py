@@ -378,6 +378,27 @@ META_KEYS = [
     ("provider, plan_hash, profile, builder", "imagery provider, hash of the plan row, profile name/version/hash, "
                                               "builder name/version"),
 ]
+BANDS_META_KEY = ("bands", "(`imagery.bands` rgbn or raw only) mode, and for `lr` / `hr`: the extra member's field, "
+                           "the array's name, bands, dtype, shape, nodata; for `lr` the reflectance scale and offset")
+
+
+def _extra_rows(bands: str) -> list[tuple[str, str, str, str]]:
+    """Schema rows of the extra members of `bands` (none for rgb)."""
+    from gl10m import samples as smp
+
+    if bands == "rgb":
+        return []
+    name, lc, ld, hc, hd, lb, hb = smp.EXTRA[bands]
+    return [
+        (f"`{smp.lr_extra_field(bands)}`", ld, f"268 x 268 x {lc}",
+         f"Sentinel-2 {', '.join(lb)} median composite (same dates, masks and grid as `lr.png`) as harmonised "
+         f"surface reflectance * 10000 (reflectance = value * {smp.REFLECTANCE_SCALE:g} + "
+         f"{smp.REFLECTANCE_OFFSET:g}; the L2A +1000 offset already removed), 0 without a valid observation; "
+         f"`.npz`, one array `{name}`"),
+        (f"`hr_00_{name}.npz` .. `hr_99_{name}.npz`", hd, f"100 x (268 x 268 x {hc})",
+         f"NAIP {', '.join(hb)} of the same HR mosaic and tiles as `hr_NN.jpg` (the same warp, uncompressed "
+         f"8-bit values); `.npz`, one array `{name}`"),
+    ]
 
 
 def _data_load_call() -> str | None:
@@ -567,8 +588,17 @@ def _schema(profile) -> list[str]:
       "dots), small fields first (`meta.json`, `labels.npy`, `lr.png`, `tile_frac.npy`) then `hr_00.jpg` .. "
       "`hr_99.jpg`, so a reader that needs only the LR image stops early.")
     A("")
-    L += _table(["field", "dtype", "shape", "meaning"], [list(r) for r in SCHEMA])
+    bands = getattr(profile.imagery, "bands", "rgb")
+    L += _table(["field", "dtype", "shape", "meaning"], [list(r) for r in SCHEMA + _extra_rows(bands)])
     A("")
+    if bands != "rgb":
+        A(f"**Extra bands** (`imagery.bands: {bands}`): one more member for the LR image and one per HR tile, "
+          "so a reader that wants 12 tiles reads 12 extra members. They are `.npz` (deflate, lossless; one "
+          "array): plain webdataset's default decoders give `dict(np.load(...))` and Hugging Face `datasets`' "
+          "webdataset builder `np.load(..., allow_pickle=False)`, so neither needs gl10m. (`.npy` is not "
+          "compressed; 16-bit PNG holds 1 or 3 channels and webdataset's Pillow decoder reduces 16-bit RGB to "
+          "8 bits.) Pixels without a valid observation are 0.")
+        A("")
     A(f"**Tile index convention** (as in GL-10M): index = `row*{geo.grid} + col`, row 0 = north (top), col 0 = "
       f"west (left). Tile `hr_{{index:02d}}.jpg` covers rows `[row*{geo.tile_px}, (row+1)*{geo.tile_px})` and "
       f"columns `[col*{geo.tile_px}, (col+1)*{geo.tile_px})` of the HR mosaic; the {geo.grid ** 2} tiles exactly "
@@ -577,7 +607,7 @@ def _schema(profile) -> list[str]:
     A("")
     A("`meta.json` keys:")
     A("")
-    L += _table(["key(s)", "content"], [list(r) for r in META_KEYS])
+    L += _table(["key(s)", "content"], [list(r) for r in META_KEYS + ([BANDS_META_KEY] if bands != "rgb" else [])])
     A("")
     L += _georef_section()
     A(f"The sidecar `{gi._INDEX}` has one row per sample: `key`, `split`, `state`, `shard`, `fields`, `offsets` and "
@@ -710,7 +740,7 @@ def _examples(examples: list[str]) -> list[str]:
     return L
 
 
-def _loading() -> list[str]:
+def _loading(bands: str = "rgb") -> list[str]:
     """How to load the shards: gl10m, webdataset, Hugging Face datasets, the index."""
     L: list[str] = []
     A = L.append
@@ -734,8 +764,17 @@ def _loading() -> list[str]:
     A("for s in ds:")
     A("    lr, tile_00, labels = s[\"lr.png\"], s[\"hr_00.jpg\"], s[\"labels.npy\"]")
     A("    tile_frac, meta = s[\"tile_frac.npy\"], s[\"meta.json\"]")
+    if bands != "rgb":
+        from gl10m import samples as smp
+
+        nm = smp.EXTRA[bands][0]
+        A(f"    lr_{nm}, tile_00_{nm} = s[\"lr_{nm}.npz\"][\"{nm}\"], s[\"hr_00_{nm}.npz\"][\"{nm}\"]  # npz -> dict of arrays")
     A("```")
     A("")
+    if bands != "rgb":
+        A(f"With gl10m, `data.load(..., bands=\"{bands}\")` also returns `lr_extra` and `hr_extra` (the requested "
+          "tiles' extra bands, read by offset like the tiles).")
+        A("")
     A("Hugging Face `datasets` (its `webdataset` builder; images come back as PIL images):")
     A("")
     A("```python")
@@ -794,5 +833,6 @@ def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], 
     splits = _splits(st)
     sections = [_intro(st, profile, splits), _provenance(st, manifest, profile, metas),
                 _per_state(st, profile, splits), _schema(profile), _concepts(st, profile, splits),
-                _quality(st, profile, values, n_meta), _examples(examples), _loading(), _licences(profile, metas)]
+                _quality(st, profile, values, n_meta), _examples(examples), _loading(getattr(profile.imagery, "bands", "rgb")),
+                _licences(profile, metas)]
     return "\n".join(line for lines in sections for line in lines) + "\n"

@@ -18,10 +18,12 @@ harmonised collection does). Pixels whose SCL class is in the profile mask are d
 per-pixel median over the remaining dates (the same dates for all three bands) is stretched from
 reflectance ``stretch[0]..stretch[1]`` to 0..255 (R, G, B = B04, B03, B02).
 
-NAIP HR. Quarter-quads of one state-year are read as bands 1, 2, 3 (R, G, B; band 4 is the N
-band and is never read), reprojected bilinearly (float32, rounded to uint8) straight onto the HR
-grid with their coverage (no-data = declared nodata / internal mask, and pixels black in all
-three bands, the DOQQ collar; it never darkens a valid neighbour), and mosaicked first-valid-wins (a pixel a
+NAIP HR. Quarter-quads of one state-year are read as bands 1, 2, 3 (R, G, B; band 4, the N
+band, only when the profile's ``imagery.bands`` asks for it: it is carried through the same warp
+and mosaic as an extra band and never touches R, G, B), reprojected bilinearly (float32, rounded
+to uint8) straight onto the HR grid with their coverage (no-data = declared nodata / internal
+mask, and pixels black in all three bands, the DOQQ collar; it never darkens a valid neighbour),
+and mosaicked first-valid-wins (a pixel a
 quarter-quad covers fully before one it covers in part), so overlapping quarter-quads fill each
 other's collars and no black seam can appear where one ends.
 """
@@ -42,7 +44,8 @@ WGS84 = CRS.from_epsg(4326)
 S2_NODATA_DN = 0          # L2A: DN 0 is no-data in every band
 SCL_NODATA = 0            # SCL class 0 = no data
 S2_SCALE = 10000.0        # L2A reflectance = DN / 10000 (after the offset)
-RGB_BANDS = (1, 2, 3)     # NAIP band order R, G, B, N: only these three are ever read
+RGB_BANDS = (1, 2, 3)     # NAIP band order R, G, B, N: these three always
+RGBN_BANDS = (1, 2, 3, 4)  # ... and N when imagery.bands is rgbn or raw
 
 Bounds = tuple[float, float, float, float]
 
@@ -344,15 +347,31 @@ def stretch(refl: np.ndarray, lo: float = 0.0, hi: float = 0.3) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x.astype(np.uint8), 0, -1))
 
 
+def s2_median(observations: Iterable[tuple[np.ndarray, np.ndarray]],
+              mask_classes: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(reflectance [B, H, W], SCL [H, W]) per date on the LR grid -> (masked per-pixel median
+    [B, H, W], NaN where no date is valid; valid-date count [H, W])."""
+    masked = [mask_scl(r, s, mask_classes) for r, s in observations]
+    if not masked:
+        raise ValueError("no Sentinel-2 observation to composite")
+    return median_composite(np.stack(masked))
+
+
 def s2_composite(observations: Iterable[tuple[np.ndarray, np.ndarray]], mask_classes: Iterable[int],
                  stretch_range: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     """(reflectance [3, H, W] in B04, B03, B02 order, SCL [H, W]) per date on the LR grid ->
     (RGB uint8 [H, W, 3], valid-date count [H, W])."""
-    masked = [mask_scl(r, s, mask_classes) for r, s in observations]
-    if not masked:
-        raise ValueError("no Sentinel-2 observation to composite")
-    med, count = median_composite(np.stack(masked))
+    med, count = s2_median(observations, mask_classes)
     return stretch(med, *stretch_range), count
+
+
+def reflectance_dn(refl: np.ndarray) -> np.ndarray:
+    """[B, H, W] harmonised reflectance -> [H, W, B] uint16 ``round(reflectance * 10000)`` (the
+    extra bands' storage: scale 1e-4, offset 0); NaN (no valid observation) -> 0."""
+    x = np.asarray(refl, dtype=np.float64) * S2_SCALE
+    x = np.nan_to_num(x, nan=0.0)
+    np.clip(np.floor(x + 0.5), 0, 65535, out=x)
+    return np.ascontiguousarray(np.moveaxis(x.astype(np.uint16), 0, -1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -206,7 +206,16 @@ def assemble(row: Mapping, profile, lr: LRImage | Callable[[], LRImage], hr: HRI
                 meta[k].update(v)
             else:
                 meta[k] = v
-    return stage_sample(row, profile, out_root, lr.rgb, tiles, meta, lr.info, hr.info, timings=timings)
+    bands, lr_x, hr_x = profile.imagery.bands, None, None
+    if bands != "rgb":  # the extra members (gl10m/samples.py: EXTRA), cut like the RGB tiles
+        if lr.extra is None or hr.extra is None:
+            raise ValueError(f"imagery.bands {bands}: the provider delivered no extra bands")
+        sel = samples.extra_channels(bands)
+        lr_x = np.ascontiguousarray(lr.extra[..., sel])
+        hr_x = compose.cut_tiles(hr.extra[..., sel], profile.geometry.grid)
+        meta["bands"] = samples.extra_meta(bands)
+    return stage_sample(row, profile, out_root, lr.rgb, tiles, meta, lr.info, hr.info, timings=timings,
+                        bands=bands, lr_extra=lr_x, hr_extra=hr_x)
 
 
 def fetch_scene(row: Mapping, profile, out_root: str | Path, provider: Any = None, *,
@@ -235,15 +244,17 @@ def fetch_scene(row: Mapping, profile, out_root: str | Path, provider: Any = Non
 
 
 def stage_sample(row: Mapping, profile, out_root: str | Path, lr_rgb: np.ndarray, tiles: np.ndarray, meta: dict,
-                 lr_info: dict, hr_info: dict, *, timings: Timings | None = None) -> FetchOutcome:
-    """Write the checked LR image and HR tiles of a plan row as its staged sample -> ``ok``."""
+                 lr_info: dict, hr_info: dict, *, timings: Timings | None = None, bands: str = "rgb",
+                 lr_extra: np.ndarray | None = None, hr_extra: np.ndarray | None = None) -> FetchOutcome:
+    """Write the checked LR image and HR tiles of a plan row (and their extra bands) as its staged
+    sample -> ``ok``."""
     n = profile.n_concepts
     sample = samples.Sample(
         key=str(row["key"]), split=str(row["split"]), lr=lr_rgb, hr=tiles,
         labels=samples.labels_from_concepts(row["concepts"], n),
         tile_frac=samples.dense_tile_frac(list(row["tile_idx"]), list(row["tile_concept"]), list(row["tile_frac"]),
                                           n, profile.geometry.grid ** 2),
-        meta=meta)
+        meta=meta, bands=bands, lr_extra=lr_extra, hr_extra=hr_extra)
     if timings is None:
         path = samples.write_staged(out_root, sample)
     else:  # the bench: encoding and writing timed apart

@@ -516,7 +516,8 @@ def _rows_frame(rows: list[dict]) -> gpd.GeoDataFrame:
 def scene_cost(row, profile) -> dict:
     """Estimated requests and bytes to fetch one plan row.
 
-    Requests: one window read per Sentinel-2 item and asset (B02 B03 B04 SCL) plus one per NAIP
+    Requests: one window read per Sentinel-2 item and asset (B02 B03 B04 SCL, and B08 when
+    ``imagery.bands`` is not rgb) plus one per NAIP
     quarter-quad. Bytes: the *uncompressed* pixels of those windows (Sentinel-2 three uint16
     bands at 10 m + SCL uint8 at 20 m per item; NAIP ``len(naip.bands)`` uint8 bands at the
     item's gsd over its share of the footprint). An estimate: real transfers are compressed COG
@@ -529,8 +530,9 @@ def scene_cost(row, profile) -> dict:
     naip_items = json.loads(row["naip_items"])
     px10 = math.ceil(wm / 10.0) * math.ceil(hm / 10.0)
     px20 = math.ceil(wm / 20.0) * math.ceil(hm / 20.0)
-    s2_bytes = len(s2_items) * (3 * px10 * 2 + px20 * 1)
-    nb = len(profile.imagery.naip.bands)
+    extra = getattr(profile.imagery, "bands", "rgb") != "rgb"  # B08 and NAIP's N band are read too
+    s2_bytes = len(s2_items) * ((4 if extra else 3) * px10 * 2 + px20 * 1)
+    nb = len(profile.imagery.naip.bands) + (1 if extra else 0)
     naip_bytes = 0
     fp_area = (e - w) * (n - s)
     for it in naip_items:
@@ -540,7 +542,7 @@ def scene_cost(row, profile) -> dict:
         frac = (ix * iy) / fp_area if fp_area > 0 else 0.0
         gsd = float(it.get("gsd") or 1.0)
         naip_bytes += int(math.ceil(frac * wm * hm / (gsd * gsd))) * nb
-    s2_reads = len(s2_items) * len(S2_ASSETS)
+    s2_reads = len(s2_items) * (len(S2_ASSETS) - (0 if extra else 1))  # B08 only when read
     return {"s2_reads": s2_reads, "naip_reads": len(naip_items), "requests": s2_reads + len(naip_items),
             "s2_bytes": int(s2_bytes), "naip_bytes": int(naip_bytes), "bytes": int(s2_bytes + naip_bytes)}
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from gl10m.concepts import RuleError, compile_rule
 from gl10m import safeyaml
@@ -138,6 +139,18 @@ class S2(_Strict):
 class Imagery(_Strict):
     naip: Naip
     s2: S2
+    # rgb: GL-10M's 8-bit RGB only; rgbn adds S2 B08 and NAIP NIR, raw S2 B02/B03/B04/B08 as
+    # harmonised uint16 reflectance and NAIP's 4 bands (gl10m/samples.py: EXTRA)
+    bands: Literal["rgb", "rgbn", "raw"] = "rgb"
+
+    @model_serializer(mode="wrap")
+    def _rgb_unstated(self, handler):
+        # the default is left out of every dump, so the profile hash, the section hashes and the
+        # stage input hashes of an rgb profile are what they were before this setting existed
+        data = handler(self)
+        if isinstance(data, dict) and data.get("bands") == "rgb":
+            data.pop("bands")
+        return data
 
 
 class QC(_Strict):

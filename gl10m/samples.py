@@ -10,6 +10,23 @@ A sample is one scene. Its fields (file names; fixed, lowercase, identical in ev
 * ``meta.json``: provenance and QC (sorted keys, one space indent, no NaN, never a URL with a
   query string: signed hrefs and tokens must not leak into a dataset).
 
+With ``imagery.bands`` other than ``rgb`` every sample also holds one extra member for the LR
+image and one per HR tile (:data:`EXTRA`), the same set in every sample of a dataset:
+
+* ``rgbn``: ``lr_nir.npz`` (Sentinel-2 B08, [268, 268, 1] uint16 harmonised surface reflectance
+  * 10000) and ``hr_00_nir.npz`` .. ``hr_99_nir.npz`` (NAIP band 4, [268, 268, 1] uint8);
+* ``raw``: ``lr_raw.npz`` (B02, B03, B04, B08: [268, 268, 4] uint16 harmonised reflectance * 10000)
+  and ``hr_00_raw.npz`` .. (NAIP R, G, B, N: [268, 268, 4] uint8).
+
+Each ``.npz`` holds one array under the name ``nir`` / ``raw``, deflate-compressed (a zip written
+here with fixed timestamps, so rebuilds stay byte-identical; ``np.savez_compressed`` stamps the
+current time). Why ``.npz``: lossless, compressed, any band count and dtype, and both plain
+webdataset 1.0.2 (``autodecode.basichandlers``: ``npz`` -> ``dict(np.load(...))``) and Hugging Face
+``datasets``' webdataset builder (``npz`` -> ``np.load(..., allow_pickle=False)``) decode it without
+gl10m. ``.npy`` is not compressed; 16-bit PNG holds 1 or 3 channels and Pillow (webdataset's image
+decoder) reduces 16-bit RGB to 8 bits; neither decodes a TIFF of 4 uint16 bands by default.
+Pixels without any valid observation are 0 (as in ``lr.png``).
+
 Encoders have fixed settings, so the same arrays and metadata give byte-identical files.
 A staged sample is the folder ``W/staged/{split}/{key}/`` holding exactly these files; it is
 written into a temp folder beside it and renamed into place, so a reader sees the whole sample
@@ -48,6 +65,14 @@ JPEG_QUALITY = 95
 JPEG_SUBSAMPLING = "444"
 PNG_COMPRESS_LEVEL = 6
 SPLITS = ("train", "val", "test")
+# imagery.bands -> (name of the extra members, LR channels and dtype, HR channels and dtype, what they hold)
+BANDS = ("rgb", "rgbn", "raw")
+EXTRA: dict[str, tuple[str, int, str, int, str, tuple[str, ...], tuple[str, ...]]] = {
+    "rgbn": ("nir", 1, "uint16", 1, "uint8", ("B08",), ("N",)),
+    "raw": ("raw", 4, "uint16", 4, "uint8", ("B02", "B03", "B04", "B08"), ("R", "G", "B", "N")),
+}
+REFLECTANCE_SCALE = 1e-4  # extra LR members: reflectance = value * scale + offset (harmonised: offset 0)
+REFLECTANCE_OFFSET = 0.0
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -63,12 +88,64 @@ HR_FIELDS = tuple(hr_field(i) for i in range(N_TILES))
 FIELDS = (LR_FIELD, *HR_FIELDS, LABELS_FIELD, TILE_FRAC_FIELD, META_FIELD)
 
 
+def check_bands(bands: str) -> str:
+    if bands not in BANDS:
+        raise SampleError(f"bands must be one of {', '.join(BANDS)}, got {bands!r}")
+    return bands
+
+
+def lr_extra_field(bands: str) -> str:
+    """``lr_nir.npz`` / ``lr_raw.npz``: the LR image's extra member for `bands` (not ``rgb``)."""
+    return f"lr_{EXTRA[bands][0]}.npz"
+
+
+def hr_extra_field(i: int, bands: str) -> str:
+    """``hr_07_nir.npz`` / ``hr_07_raw.npz``: HR tile `i`'s extra member for `bands`."""
+    return f"hr_{int(i):02d}_{EXTRA[bands][0]}.npz"
+
+
+def fields_for(bands: str = "rgb") -> tuple[str, ...]:
+    """Every field of a sample built with `bands` (the rgb fields, then the extra ones)."""
+    if check_bands(bands) == "rgb":
+        return FIELDS
+    return (*FIELDS, lr_extra_field(bands), *(hr_extra_field(i, bands) for i in range(N_TILES)))
+
+
+def extra_channels(bands: str) -> list[int]:
+    """Which of the 4 bands a provider delivers (S2 B02, B03, B04, B08; NAIP R, G, B, N) `bands`
+    stores: ``[3]`` (the NIR) for rgbn, all four for raw."""
+    return [3] if check_bands(bands) == "rgbn" else [0, 1, 2, 3]
+
+
+def extra_meta(bands: str) -> dict:
+    """What ``meta.json`` says about the extra members of `bands` (not ``rgb``)."""
+    name, lc, ld, hc, hd, lb, hb = EXTRA[check_bands(bands)]
+    return {"mode": bands,
+            "lr": {"field": lr_extra_field(bands), "array": name, "bands": list(lb), "dtype": ld,
+                   "shape": [TILE_PX, TILE_PX, lc], "scale": REFLECTANCE_SCALE, "offset": REFLECTANCE_OFFSET,
+                   "nodata": 0, "units": "surface reflectance = value * scale + offset (harmonised: the "
+                                         "L2A +1000 DN offset already removed)"},
+            "hr": {"field": f"hr_NN_{name}.npz", "array": name, "bands": list(hb), "dtype": hd,
+                   "shape": [TILE_PX, TILE_PX, hc], "nodata": 0, "units": "NAIP digital numbers (uint8), "
+                                                                          "mosaicked like the RGB tiles"}}
+
+
+def bands_of(names: Iterable[str]) -> str:
+    """The bands mode a set of field names was written with (``rgb`` when no extra member)."""
+    names = set(names)
+    for b in BANDS[1:]:
+        if lr_extra_field(b) in names:
+            return b
+    return "rgb"
+
+
 @dataclass
 class Sample:
     """One scene in memory.
 
     ``hr`` holds the tiles listed in ``tiles`` (all 100, index order, unless a reader asked
-    for a subset), [len(tiles), 268, 268, 3] uint8.
+    for a subset), [len(tiles), 268, 268, 3] uint8. With ``bands`` other than ``rgb``,
+    ``lr_extra`` and ``hr_extra`` hold the extra bands (:data:`EXTRA`).
     """
 
     key: str
@@ -79,6 +156,9 @@ class Sample:
     tile_frac: np.ndarray
     meta: dict
     tiles: tuple[int, ...] = field(default=tuple(range(N_TILES)))
+    bands: str = "rgb"
+    lr_extra: np.ndarray | None = None  # [268, 268, C] (see EXTRA), None for rgb or when not decoded
+    hr_extra: np.ndarray | None = None  # [len(tiles), 268, 268, C]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +219,58 @@ def decode_npy(data: bytes, what: str) -> np.ndarray:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as e:
         raise SampleError(f"{what}: not a plain .npy array ({e})") from None
+
+
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+def encode_npz(arr: np.ndarray, name: str) -> bytes:
+    """One array as ``.npz`` bytes (deflate, level 6), byte-identical for the same array: a zip with
+    one member ``{name}.npy`` and a fixed timestamp (what ``np.load`` and ``np.savez_compressed`` use)."""
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
+        info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME)
+        info.compress_type = zipfile.ZIP_DEFLATED
+        info.external_attr = 0o644 << 16
+        zf.writestr(info, encode_npy(arr), compress_type=zipfile.ZIP_DEFLATED, compresslevel=6)
+    return buf.getvalue()
+
+
+def decode_npz(data: bytes, name: str, what: str) -> np.ndarray:
+    """``.npz`` bytes -> its array `name`, never unpickling; a SampleError naming `what` otherwise."""
+    import zipfile
+
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            if list(z.files) != [name]:
+                raise SampleError(f"{what}: expected one array {name!r}, found {list(z.files)}")
+            return z[name]
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise SampleError(f"{what}: not a plain .npz array ({type(e).__name__}: {e})") from None
+
+
+def _check_extra(a: np.ndarray, bands: str, lr: bool, what: str, n: int | None = None) -> np.ndarray:
+    _, lc, ld, hc, hd, _, _ = EXTRA[bands]
+    c, d = (lc, ld) if lr else (hc, hd)
+    shape = (TILE_PX, TILE_PX, c) if n is None else (n, TILE_PX, TILE_PX, c)
+    a = np.asarray(a)
+    if a.shape != shape or a.dtype != np.dtype(d):
+        raise SampleError(f"{what}: expected {d} {shape}, got {a.dtype} {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+def encode_extra(arr: np.ndarray, bands: str, *, lr: bool) -> bytes:
+    """The LR image's (`lr`) or one HR tile's extra bands as ``.npz`` bytes (shape/dtype checked)."""
+    what = lr_extra_field(bands) if lr else f"hr_NN_{EXTRA[bands][0]}.npz"
+    return encode_npz(_check_extra(arr, bands, lr, what), EXTRA[bands][0])
+
+
+def decode_extra(data: bytes, bands: str, *, lr: bool, what: str = "") -> np.ndarray:
+    """Inverse of :func:`encode_extra`; a SampleError when the member is not the expected array."""
+    what = what or (lr_extra_field(bands) if lr else f"hr_NN_{EXTRA[bands][0]}.npz")
+    return _check_extra(decode_npz(data, EXTRA[bands][0], what), bands, lr, what)
 
 
 def encode_labels(labels: np.ndarray) -> bytes:
@@ -258,13 +390,18 @@ def _check_sample(s: Sample) -> None:
         raise SampleError(f"sample {s.key}: hr is {hr.dtype} {hr.shape}, expected uint8 ({N_TILES}, {TILE_PX}, {TILE_PX}, 3)")
     if tuple(s.tiles) != tuple(range(N_TILES)):
         raise SampleError(f"sample {s.key}: only a full sample (all {N_TILES} tiles) can be written")
+    if check_bands(s.bands) != "rgb":
+        if s.lr_extra is None or s.hr_extra is None:
+            raise SampleError(f"sample {s.key}: bands {s.bands!r} needs lr_extra and hr_extra")
+        _check_extra(s.lr_extra, s.bands, True, f"sample {s.key}: lr_extra")
+        _check_extra(s.hr_extra, s.bands, False, f"sample {s.key}: hr_extra", N_TILES)
     n = np.asarray(s.labels).shape[0]
     if np.asarray(s.tile_frac).shape != (N_TILES, n):
         raise SampleError(f"sample {s.key}: tile_frac shape {np.asarray(s.tile_frac).shape} != ({N_TILES}, {n})")
 
 
 def encode_sample(s: Sample) -> dict[str, bytes]:
-    """All fields of a full sample as bytes, in :data:`FIELDS` order. ``meta.json`` carries the
+    """All fields of a full sample as bytes, in :func:`fields_for` order. ``meta.json`` carries the
     sample's key and split (they override any in ``s.meta``)."""
     _check_sample(s)
     meta = dict(s.meta)
@@ -275,6 +412,11 @@ def encode_sample(s: Sample) -> dict[str, bytes]:
     out[LABELS_FIELD] = encode_labels(s.labels)
     out[TILE_FRAC_FIELD] = encode_tile_frac(s.tile_frac)
     out[META_FIELD] = encode_meta(meta)
+    if s.bands != "rgb":
+        name = EXTRA[s.bands][0]
+        out[lr_extra_field(s.bands)] = encode_npz(np.ascontiguousarray(s.lr_extra), name)
+        for i in range(N_TILES):
+            out[hr_extra_field(i, s.bands)] = encode_npz(np.ascontiguousarray(s.hr_extra[i]), name)
     return out
 
 
@@ -291,11 +433,17 @@ def _tile_list(tiles: Iterable[int] | str | None) -> tuple[int, ...]:
     return out
 
 
-def decode_sample(fields: Mapping[str, bytes], *, tiles: Iterable[int] | None = None) -> Sample:
+def decode_sample(fields: Mapping[str, bytes], *, tiles: Iterable[int] | None = None,
+                  bands: str | None = None) -> Sample:
     """Fields (name -> bytes) -> Sample, decoding only the HR tiles in `tiles` (default all),
-    in the order given. Fields not needed (unselected tiles) may be absent from `fields`."""
+    in the order given. Fields not needed (unselected tiles) may be absent from `fields`.
+    `bands`: also decode that mode's extra members (default: the mode the fields were written
+    with, :func:`bands_of`; ``"rgb"`` decodes none)."""
     idx = _tile_list(tiles)
+    bands = check_bands(bands_of(fields) if bands is None else bands)
     need = [LR_FIELD, LABELS_FIELD, TILE_FRAC_FIELD, META_FIELD, *(hr_field(i) for i in idx)]
+    if bands != "rgb":
+        need += [lr_extra_field(bands), *(hr_extra_field(i, bands) for i in idx)]
     missing = [f for f in need if f not in fields]
     if missing:
         raise SampleError(f"sample is missing field(s) {', '.join(missing[:3])}")
@@ -303,9 +451,15 @@ def decode_sample(fields: Mapping[str, bytes], *, tiles: Iterable[int] | None = 
     hr = np.empty((len(idx), TILE_PX, TILE_PX, 3), dtype=np.uint8)
     for j, i in enumerate(idx):
         hr[j] = decode_tile(fields[hr_field(i)])
+    lr_x = hr_x = None
+    if bands != "rgb":
+        lr_x = decode_extra(fields[lr_extra_field(bands)], bands, lr=True)
+        hr_x = np.stack([decode_extra(fields[hr_extra_field(i, bands)], bands, lr=False,
+                                      what=hr_extra_field(i, bands)) for i in idx]) if idx else \
+            np.zeros((0, TILE_PX, TILE_PX, EXTRA[bands][3]), EXTRA[bands][4])
     return Sample(key=meta.get("key", ""), split=meta.get("split", ""), lr=decode_lr(fields[LR_FIELD]), hr=hr,
                   labels=decode_labels(fields[LABELS_FIELD]), tile_frac=decode_tile_frac(fields[TILE_FRAC_FIELD]),
-                  meta=meta, tiles=idx)
+                  meta=meta, tiles=idx, bands=bands, lr_extra=lr_x, hr_extra=hr_x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,10 +535,11 @@ def write_staged(workdir: str | Path, sample: Sample, *, durable: bool = True,
 
 
 def read_fields(path: str | Path, names: Iterable[str] | None = None) -> dict[str, bytes]:
-    """The raw bytes of a staged sample's fields (all of them in :data:`FIELDS` order, or
+    """The raw bytes of a staged sample's fields (all of them in :func:`fields_for` order, or
     `names`): the one reader of staged folders (the shard stage copies these bytes). The folder
-    must hold exactly the schema's files; names starting with a dot (leftovers of interrupted
-    atomic writes) are never part of a sample."""
+    must hold exactly the schema's files (those of the bands mode its extra members say,
+    :func:`bands_of`); names starting with a dot (leftovers of interrupted atomic writes) are
+    never part of a sample."""
     path = Path(path)
     if not path.is_dir():
         raise SampleError(f"staged sample {path} does not exist")
@@ -395,19 +550,24 @@ def read_fields(path: str | Path, names: Iterable[str] | None = None) -> dict[st
         if not p.is_file():
             raise SampleError(f"staged sample {path}: {p.name} is not a file (a staged sample holds only files)")
         present.add(p.name)
-    extra = sorted(present - set(FIELDS))
-    missing = [f for f in FIELDS if f not in present]
+    schema = fields_for(bands_of(present))
+    extra = sorted(present - set(schema))
+    missing = [f for f in schema if f not in present]
     if missing or extra:
         what = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(extra[:3])}"
         raise SampleError(f"staged sample {path} is not a complete sample ({what})")
-    return {n: (path / n).read_bytes() for n in (FIELDS if names is None else names)}
+    return {n: (path / n).read_bytes() for n in (schema if names is None else names)}
 
 
 def read_staged(path: str | Path, *, tiles: Iterable[int] | None = None) -> Sample:
-    """Read and decode the staged sample folder `path`, decoding only `tiles` (default all)."""
+    """Read and decode the staged sample folder `path`, decoding only `tiles` (default all), with
+    its extra bands if it has them."""
     idx = _tile_list(tiles)
+    bands = bands_of(p.name for p in Path(path).iterdir()) if Path(path).is_dir() else "rgb"
     names = [LR_FIELD, LABELS_FIELD, TILE_FRAC_FIELD, META_FIELD, *(hr_field(i) for i in idx)]
-    return decode_sample(read_fields(path, names), tiles=idx)
+    if bands != "rgb":
+        names += [lr_extra_field(bands), *(hr_extra_field(i, bands) for i in idx)]
+    return decode_sample(read_fields(path, names), tiles=idx, bands=bands)
 
 
 def clean_staged_temp(workdir: str | Path) -> int:

@@ -449,9 +449,11 @@ class VerifyError(ShardError):
 
 
 def verify(out_dir: str | Path, *, decode: bool = True, progress=None) -> dict:
-    """Check every shard against the index: member names, field sets, offsets and sizes, sample
-    checksums, image sizes and labels, and each scene's georeferencing (meta.json's ``georef``
-    against its footprint: :func:`gl10m.geometry.georef_problems`). Sizes and offsets (from the index and from every tar
+    """Check every shard against the index: member names, field sets (with the extra bands'
+    members when the dataset has them, in every sample), offsets and sizes, sample checksums,
+    image sizes, extra bands (decodable, shape and dtype), labels, and each scene's
+    georeferencing (meta.json's ``georef`` against its footprint: :func:`gl10m.geometry.georef_problems`).
+    Sizes and offsets (from the index and from every tar
     header) are checked against the file and :data:`MAX_MEMBER_BYTES` before anything is read.
 
     Every shard is checked; a bad one gives one line naming the shard and the (first) bad sample.
@@ -469,11 +471,18 @@ def verify(out_dir: str | Path, *, decode: bool = True, progress=None) -> dict:
     problems: list[str] = []
     seen: set[str] = set()
     n = 0
+    from gl10m import samples as smp
+
+    # the bands the samples hold (extra members, gl10m/samples.py EXTRA): one set for the dataset
+    modes = sorted({smp.bands_of(f) for f in idx["fields"]}) if len(idx) else ["rgb"]
+    if len(modes) > 1:
+        raise VerifyError([f"{out_dir / INDEX_NAME}: samples hold different band sets ({', '.join(modes)}); "
+                           "every sample of a dataset must have the same fields"])
     by_shard = {s: g for s, g in idx.groupby(["split", "shard"], sort=True)}
     for (split, shard), g in by_shard.items():
         state = {"key": None}
         try:
-            n += _verify_shard(out_dir, str(split), str(shard), g, seen, decode, progress, state)
+            n += _verify_shard(out_dir, str(split), str(shard), g, seen, decode, progress, state, modes[0])
         except ShardError as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if f"{split}/{shard}" not in msg:  # a tar-level error (iter_tar): say where and after which sample
@@ -508,10 +517,11 @@ def _verify_georef(files: dict[str, bytes], where: str) -> None:
             raise ShardError(f"{where}: {bad[0]}"[:500])
 
 
-def _verify_shard(out_dir: Path, split: str, shard: str, g, seen: set, decode: bool, progress, state) -> int:
+def _verify_shard(out_dir: Path, split: str, shard: str, g, seen: set, decode: bool, progress, state,
+                  bands: str = "rgb") -> int:
     from gl10m import samples as smp
 
-    expected = list(smp.FIELDS)
+    expected = list(smp.fields_for(bands))
     if "/" in shard or "\\" in shard or shard in ("", ".", "..") or "/" in split or split in ("", ".", ".."):
         raise ShardError(f"{split}/{shard}: the index names an unsafe shard path")
     path = out_dir / split / shard
@@ -544,7 +554,7 @@ def _verify_shard(out_dir: Path, split: str, shard: str, g, seen: set, decode: b
             raise ShardError(f"{where}: member order differs from the index")
         if decode:
             try:
-                s = smp.decode_sample(files)
+                s = smp.decode_sample(files, bands=bands)  # extra bands: decodable, right shape and dtype
             except Exception as e:  # noqa: BLE001 - a bad image or array, whatever the decoder raises
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise ShardError(f"{where}: does not decode ({type(e).__name__}: {msg})"[:500]) from None

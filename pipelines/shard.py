@@ -175,6 +175,8 @@ def run_shard(profile: Profile, workdir: str | Path, *, regions: Sequence[str] |
                  "missing": [{"key": k, "why": v} for k, v in res.missing.items()]}
         if subset is not None:  # --concepts: only scenes holding one of these, subsampled within them
             extra["concept_subset"] = {"concepts": subset, "ids": sorted({int(c) for c in concepts})}
+        if profile.imagery.bands != "rgb":  # the extra members (gl10m/samples.py EXTRA); rgb manifests unchanged
+            extra["bands"] = profile.imagery.bands
 
         def on_ok(unit, manifest) -> None:  # the scenes dropped at split borders, then the stage's "done"
             ledger.forget("shard-scene")

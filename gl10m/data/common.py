@@ -15,8 +15,24 @@ except ImportError:  # pragma: no cover - exercised only where torch is missing
 
 TileSpec = Union[str, Sequence[int], Callable[[Any], Any]]
 
-N_FIELDS = len(smp.FIELDS)
+N_FIELDS = len(smp.FIELDS)  # the rgb schema's; a sample with extra bands has smp.fields_for(bands)
 FIELD_POS = {f: i for i, f in enumerate(smp.FIELDS)}
+BANDS = smp.BANDS
+
+
+def field_pos(bands: str = "rgb") -> dict[str, int]:
+    """Field -> position in the schema of a sample written with `bands` (rgb: :data:`FIELD_POS`)."""
+    return FIELD_POS if bands == "rgb" else {f: i for i, f in enumerate(smp.fields_for(bands))}
+
+
+def check_bands(want: str | None, have: str, where: str) -> None:
+    """A one-line LoaderError when shards holding `have` cannot give the bands `want` (rgbn can
+    be taken from raw shards: their fourth band is the NIR)."""
+    if want in (None, "rgb") or want == have or (want == "rgbn" and have == "raw"):
+        return
+    held = "no extra bands (imagery.bands: rgb)" if have == "rgb" else f"bands {have!r}"
+    raise LoaderError(f"{where}: bands={want!r} asked for, but these shards hold {held}; "
+                      f"build them with imagery.bands: {want} in the profile")
 HEAD_FIELDS = (smp.META_FIELD, smp.LABELS_FIELD, smp.LR_FIELD, smp.TILE_FRAC_FIELD)
 
 

@@ -10,8 +10,8 @@ import numpy as np
 
 from gl10m import samples as smp
 from gl10m.data import tar as _tar
-from gl10m.data.common import HEAD_FIELDS, N_FIELDS, IterableDataset, LoaderError, TileSpec, torch
-from gl10m.data.decode import _chw, _decode_lr, _decode_tiles, _tile_indices, decoded_tile_px
+from gl10m.data.common import HEAD_FIELDS, IterableDataset, LoaderError, TileSpec, check_bands, torch
+from gl10m.data.decode import _chw, _decode_extra, _decode_lr, _decode_tiles, _tile_indices, decoded_tile_px
 from gl10m.data.sources import INDEX_NAME, _Index, _resolve, _Shard
 from gl10m.data.tar import _NotSeekable, _open_reader, _open_stream, _read_members
 from gl10m.shards import ShardError, iter_tar
@@ -62,7 +62,8 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, shards: list[_Shard], index: _Index | None, *, split: str | None, tiles: TileSpec,
                  shuffle: int, seed: int, rank: int, world_size: int, with_epoch: int | None, verify: bool,
-                 decode_meta: bool, split_by: str, tile_px: int | None = None, georef: bool = False):
+                 decode_meta: bool, split_by: str, tile_px: int | None = None, georef: bool = False,
+                 bands: str | None = None):
         self._shards, self._index, self.split = shards, index, split
         self._tiles_fn = tiles if callable(tiles) else None
         self._tiles = None if callable(tiles) else (
@@ -74,6 +75,7 @@ class ShardDataset(IterableDataset):
         self.epoch = 0
         self.tile_px = tile_px
         self.georef = georef
+        self.bands = None if bands in (None, "rgb") else bands  # extra bands to return, or None
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -195,7 +197,8 @@ class ShardDataset(IterableDataset):
 
         def finish(c):
             where = f"{s.name}: sample {c['key']}"
-            if set(c["names"]) != set(smp.FIELDS) or len(c["names"]) != N_FIELDS:
+            schema = smp.fields_for(smp.bands_of(c["names"]))
+            if set(c["names"]) != set(schema) or len(c["names"]) != len(schema):
                 raise LoaderError(f"{where}: its fields differ from the schema")
             if not c["keep"]:
                 return None
@@ -211,8 +214,14 @@ class ShardDataset(IterableDataset):
                 c["lr"] = _decode_lr(c["data"][smp.LR_FIELD], where)
                 sel = _tile_indices(self._tiles_fn(_chw(c["lr"])), where)
             data = {f: c["data"][f] for f in head}
+            if self.bands is not None:
+                have = smp.bands_of(c["names"])
+                check_bands(self.bands, have, where)
+                data[smp.lr_extra_field(have)] = c["data"][smp.lr_extra_field(have)]
             for i in sel:
-                data[smp.hr_field(i)] = c["data"][smp.hr_field(i)]
+                for f in _names((i,), self.bands is not None):
+                    if f in c["data"]:
+                        data[f] = c["data"][f]
             return _Partial(c["key"], s.name, data, c["lr"], sel)
 
         fh = _open_stream(s.url)
@@ -231,14 +240,16 @@ class ShardDataset(IterableDataset):
                 if not cur["keep"]:
                     continue
                 if (self.verify or field in head or field == smp.LR_FIELD
-                        or (field.startswith("hr_") and (cur["tiles"] is None or field in _names(cur["tiles"])))):
+                        or (self.bands is not None and field.startswith("lr_"))
+                        or (field.startswith("hr_") and (cur["tiles"] is None
+                                                         or field in _names(cur["tiles"], self.bands is not None)))):
                     cur["data"][field] = m.read()
                 if field == smp.LR_FIELD and self._tiles_fn is not None and cur["tiles"] is None:
                     where = f"{s.name}: sample {key}"
                     cur["lr"] = _decode_lr(cur["data"][field], where)
                     cur["tiles"] = _tile_indices(self._tiles_fn(_chw(cur["lr"])), where)
                     if not self.verify:  # drop tiles that came before LR and are not selected
-                        names = _names(cur["tiles"])
+                        names = _names(cur["tiles"], self.bands is not None)
                         for f in [f for f in cur["data"] if f.startswith("hr_") and f not in names]:
                             del cur["data"][f]
             if cur is not None:
@@ -264,24 +275,30 @@ class ShardDataset(IterableDataset):
             where = f"{s.name}: sample {key}"
             reader = self._reader(s, readers)
             offs, sizes = ix.offsets[row], ix.sizes[row]
+            have = ix.bands
+            extra = self.bands is not None
+            if extra:
+                check_bands(self.bands, have, where)
             if self.verify:
-                data = _read_members(reader, s.name, key, offs, sizes, smp.FIELDS)
+                data = _read_members(reader, s.name, key, offs, sizes, smp.fields_for(have), ix.pos)
                 from gl10m.shards import sample_digest
 
                 if sample_digest(data) != ix.sha256[row]:
                     raise LoaderError(f"{where}: checksum mismatch")
             else:
                 want = list(self._needed_head())
+                if extra:
+                    want.append(smp.lr_extra_field(have))
                 if self._tiles is not None:
-                    want += _names(self._tiles)
-                data = _read_members(reader, s.name, key, offs, sizes, want)
+                    want += _names(self._tiles, extra, have)
+                data = _read_members(reader, s.name, key, offs, sizes, want, ix.pos)
             lr, sel = None, self._tiles
             if sel is None:
                 lr = _decode_lr(data[smp.LR_FIELD], where)
                 sel = _tile_indices(self._tiles_fn(_chw(lr)), where)
-                missing = [f for f in _names(sel) if f not in data]
+                missing = [f for f in _names(sel, extra, have) if f not in data]
                 if missing:
-                    data.update(_read_members(reader, s.name, key, offs, sizes, missing))
+                    data.update(_read_members(reader, s.name, key, offs, sizes, missing, ix.pos))
         if lr is None:
             lr = _decode_lr(data[smp.LR_FIELD], where)
         out: dict[str, Any] = {"key": key}
@@ -305,6 +322,12 @@ class ShardDataset(IterableDataset):
         out.update(lr=_chw(lr), hr=_chw(hr), tiles=torch.tensor(sel, dtype=torch.int64).reshape(-1),
                    labels=torch.from_numpy(np.ascontiguousarray(labels, dtype=np.uint8)),
                    tile_frac=torch.from_numpy(np.ascontiguousarray(frac[list(sel)])))
+        if self.bands is not None:
+            have = smp.bands_of(data)
+            check_bands(self.bands, have, where)
+            lr_x, hr_x = _decode_extra(sel, data, where, have, self.bands)
+            # uint16 reflectance as int32 (torch's uint16 supports few operations); NAIP stays uint8
+            out.update(lr_extra=_chw(lr_x.astype(np.int32)), hr_extra=_chw(hr_x))
         if self.georef:
             out.update(_georef_fields(meta, sel, where))
         return out
@@ -328,8 +351,15 @@ def _georef_fields(meta: dict, sel, where: str) -> dict:
         raise LoaderError(f"{where}: georef=True but {e}") from None
 
 
-def _names(idx: Iterable[int]) -> list[str]:
-    return [smp.hr_field(i) for i in idx]
+def _names(idx: Iterable[int], extra: bool = False, have: str | None = None) -> list[str]:
+    """The members of tiles `idx`: their JPEGs, and with `extra` their extra bands (of the mode
+    `have`, or of every mode when it is not known yet: a streamed sample)."""
+    out = []
+    for i in idx:
+        out.append(smp.hr_field(i))
+        if extra:
+            out += [smp.hr_extra_field(i, b) for b in ((have,) if have else smp.BANDS[1:])]
+    return out
 
 
 def _take(it: Iterator, n: int) -> Iterator:
@@ -348,7 +378,7 @@ def load(source, split: str | None = None, tiles: TileSpec = "all", *, shuffle: 
          rank: int | None = None, world_size: int | None = None, with_epoch: int | None = None,
          verify: bool = False, decode_meta: bool = True, split_by: str = "auto",
          index: str | os.PathLike | None = None, tile_px: int | None = None,
-         georef: bool = False) -> ShardDataset:
+         georef: bool = False, bands: str = "rgb") -> ShardDataset:
     """gl10m shards -> a torch IterableDataset of decoded sample dicts (see the module doc).
 
     `source`: a shards folder (local or URL), a shard path/URL, a brace pattern, or a list of
@@ -365,6 +395,11 @@ def load(source, split: str | None = None, tiles: TileSpec = "all", *, shuffle: 
     (:func:`decoded_tile_px`: 64 -> 67 x 67) instead of 268, for a model that resizes them down.
     `georef`: add each sample's georeferencing from its meta.json (``crs``, ``bounds``,
     ``transform``, ``tile_bounds``, ``tile_transform``; see the module doc).
+    `bands`: ``"rgb"`` (default: the RGB images only), ``"rgbn"`` or ``"raw"``: also return the
+    shards' extra bands (``lr_extra`` int32 [C, 268, 268], reflectance * 10000; ``hr_extra`` uint8
+    [n, C, 268, 268] for the returned tiles; :data:`gl10m.samples.EXTRA`), reading only the
+    extra members of the returned tiles; ``rgbn`` can be read from ``raw`` shards (their fourth
+    band). A one-line LoaderError when the shards do not hold them.
 
     Batching: pass ``collate_fn=gl10m.data.collate`` to a ``torch.utils.data.DataLoader``
     (``DataLoader(load(...), batch_size=4, collate_fn=collate)``); torch's default collate fails
@@ -389,13 +424,18 @@ def load(source, split: str | None = None, tiles: TileSpec = "all", *, shuffle: 
         rank, world_size = _default_rank()
     if not (isinstance(world_size, (int, np.integer)) and world_size >= 1 and 0 <= rank < world_size):
         raise LoaderError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
+    if bands not in smp.BANDS:
+        raise LoaderError(f"bands must be one of {', '.join(smp.BANDS)}, got {bands!r}")
     shards, ix, split = _resolve(source, split, index)
+    if ix is not None and len(ix.keys):
+        check_bands(bands, ix.bands, f"{shards[0].url}")
     if verify and ix is None:
         raise LoaderError(f"verify=True needs the shard index ({INDEX_NAME}); none was found for {shards[0].url}")
     return ShardDataset(shards, ix, split=split, tiles=tiles, shuffle=int(shuffle), seed=int(seed), rank=int(rank),
                         world_size=int(world_size), with_epoch=None if with_epoch is None else int(with_epoch),
                         verify=verify, decode_meta=decode_meta, split_by=split_by,
-                        tile_px=None if tile_px is None else int(decoded_tile_px(tile_px)), georef=bool(georef))
+                        tile_px=None if tile_px is None else int(decoded_tile_px(tile_px)), georef=bool(georef),
+                        bands=bands)
 
 
 def collate(batch: Sequence[dict]) -> dict:

@@ -82,6 +82,27 @@ def _decode_lr(data: bytes, where: str) -> np.ndarray:
     return lr
 
 
+def _decode_extra(idx: Sequence[int], data: dict[str, bytes], where: str, have: str,
+                  want: str) -> tuple[np.ndarray, np.ndarray]:
+    """The extra bands of a sample written with `have` (rgbn or raw), as `want` asks (rgbn from
+    raw shards: their fourth band): (LR [268, 268, C] uint16, HR [n, 268, 268, C] uint8)."""
+    def one(field: str, lr: bool) -> np.ndarray:
+        if field not in data:
+            raise LoaderError(f"{where}: has no {field} (bands {have!r} asked for)")
+        try:
+            a = smp.decode_extra(data[field], have, lr=lr, what=field)
+        except smp.SampleError as e:
+            raise LoaderError(f"{where}: {e}") from None
+        return a[..., 3:4] if want != have else a
+
+    lr = one(smp.lr_extra_field(have), True)
+    c, dtype = smp.EXTRA[want][3], smp.EXTRA[want][4]
+    hr = np.empty((len(idx), smp.TILE_PX, smp.TILE_PX, c), dtype)
+    for j, i in enumerate(idx):
+        hr[j] = one(smp.hr_extra_field(i, have), False)
+    return lr, hr
+
+
 def _chw(a: np.ndarray):
     t = torch.from_numpy(a)
     return t.permute(2, 0, 1) if a.ndim == 3 else t.permute(0, 3, 1, 2)

@@ -13,7 +13,7 @@ from typing import Iterable
 import numpy as np
 
 from gl10m import samples as smp
-from gl10m.data.common import FIELD_POS, N_FIELDS, LoaderError
+from gl10m.data.common import N_FIELDS, LoaderError, field_pos
 from gl10m.io import is_url
 from gl10m.shards import INDEX_NAME, MANIFEST_NAME, MAX_MEMBER_BYTES
 
@@ -102,8 +102,13 @@ class _Shard:
 class _Index:
     keys: list
     sha256: list
-    offsets: np.ndarray  # [n, N_FIELDS] int64, FIELDS order
-    sizes: np.ndarray    # [n, N_FIELDS] int32
+    offsets: np.ndarray  # [n, n_fields] int64, smp.fields_for(bands) order
+    sizes: np.ndarray    # [n, n_fields] int32
+    bands: str = "rgb"   # what the samples hold (every sample the same: the index is refused otherwise)
+
+    @property
+    def pos(self) -> dict[str, int]:
+        return field_pos(self.bands)
 
 
 def _read_index(raw: bytes, split: str | None, shard_names: Iterable[str]) -> tuple[_Index, dict[str, np.ndarray]]:
@@ -126,22 +131,27 @@ def _read_index(raw: bytes, split: str | None, shard_names: Iterable[str]) -> tu
     if n == 0:
         return _Index([], [], np.zeros((0, N_FIELDS), np.int64), np.zeros((0, N_FIELDS), np.int32)), {}
 
+    bands = smp.bands_of(t["fields"].combine_chunks().flatten().unique().to_pylist())
+    pos = field_pos(bands)
+    nf = len(pos)
+
     def square(col: str) -> pa.Array:
         arr = t[col].combine_chunks()
-        if not (pc.list_value_length(arr).to_numpy(zero_copy_only=False) == N_FIELDS).all():
-            raise LoaderError(f"{INDEX_NAME}: a sample's {col} do not list the {N_FIELDS} schema fields")
+        if not (pc.list_value_length(arr).to_numpy(zero_copy_only=False) == nf).all():
+            raise LoaderError(f"{INDEX_NAME}: a sample's {col} do not list the {nf} schema fields"
+                              + (f" (bands {bands})" if bands != "rgb" else ""))
         return arr.flatten()
 
     enc = square("fields").dictionary_encode()
     vocab = enc.dictionary.to_pylist()
-    unknown = [v for v in vocab if v not in FIELD_POS]
+    unknown = [v for v in vocab if v not in pos]
     if unknown:
         raise LoaderError(f"{INDEX_NAME}: field {unknown[0]!r} is not in the sample schema")
-    canon = np.asarray([FIELD_POS[v] for v in vocab], np.int64)[enc.indices.to_numpy().reshape(n, N_FIELDS)]
-    if not (np.sort(canon, axis=1) == np.arange(N_FIELDS)).all():
+    canon = np.asarray([pos[v] for v in vocab], np.int64)[enc.indices.to_numpy().reshape(n, nf)]
+    if not (np.sort(canon, axis=1) == np.arange(nf)).all():
         raise LoaderError(f"{INDEX_NAME}: a sample's field set differs from the schema")
-    offs = square("offsets").to_numpy().reshape(n, N_FIELDS).astype(np.int64)
-    sizes = square("sizes").to_numpy().reshape(n, N_FIELDS)
+    offs = square("offsets").to_numpy().reshape(n, nf).astype(np.int64)
+    sizes = square("sizes").to_numpy().reshape(n, nf)
     if offs.min() < _BLOCK or sizes.min() < 0:
         raise LoaderError(f"{INDEX_NAME}: offsets/sizes out of range")
     if sizes.max() > MAX_MEMBER_BYTES:  # checked before any read: a size is also a read length
@@ -166,7 +176,7 @@ def _read_index(raw: bytes, split: str | None, shard_names: Iterable[str]) -> tu
         rows = np.flatnonzero(shard_col == name)
         if len(rows):
             by_shard[name] = rows[np.argsort(first[rows], kind="stable")]
-    return _Index(keys, t["sha256"].to_pylist(), o2, s2), by_shard
+    return _Index(keys, t["sha256"].to_pylist(), o2, s2, bands), by_shard
 
 
 def _resolve(source, split: str | None, index: str | os.PathLike | None):

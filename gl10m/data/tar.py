@@ -152,12 +152,13 @@ def _open_stream(url: str):
 
 
 def _read_members(reader, shard: str, key: str, offs: np.ndarray, sizes: np.ndarray,
-                  fields: Sequence[str]) -> dict[str, bytes]:
+                  fields: Sequence[str], pos: dict[str, int] = FIELD_POS) -> dict[str, bytes]:
     """Read `fields` of one sample at their indexed offsets with :func:`gl10m.shards.read_members`
-    (adjacent members in one read, each tar header checked against the index)."""
+    (adjacent members in one read, each tar header checked against the index). `pos`: the index's
+    field positions (``_Index.pos``)."""
     try:
         return read_members(reader.read, shard, key,
-                            [(f, offs[FIELD_POS[f]], sizes[FIELD_POS[f]]) for f in fields])
+                            [(f, offs[pos[f]], sizes[pos[f]]) for f in fields])
     except ShardError as e:
         raise LoaderError(str(e)) from None
 
@@ -195,7 +196,7 @@ class SampleReader:
     def read(self, i: int, fields: Sequence[str]) -> dict[str, bytes]:
         if not 0 <= i < len(self._rows):
             raise LoaderError(f"sample {i} is outside 0..{len(self._rows) - 1}")
-        bad = [f for f in fields if f not in FIELD_POS]
+        bad = [f for f in fields if f not in self._index.pos]
         if bad:
             raise LoaderError(f"{bad[0]!r} is not a field of the sample schema")
         si, row = self._rows[i]
@@ -209,7 +210,7 @@ class SampleReader:
                 raise LoaderError(f"{s.url}: random access needs a seekable shard (a local file or "
                                   "an HTTP server that honours Range)") from None
         return _read_members(self._readers[s.url], s.name, self._index.keys[row],
-                             self._index.offsets[row], self._index.sizes[row], list(fields))
+                             self._index.offsets[row], self._index.sizes[row], list(fields), self._index.pos)
 
     def close(self) -> None:
         for r in self._readers.values():

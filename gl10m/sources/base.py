@@ -38,7 +38,7 @@ baseline       Sentinel-2 processing baseline (``05.09``), or None
 datatake       Sentinel-2 datatake key, baseline-free (``S2B_20230610T183919_R070``), or None
 naip_state     NAIP state, upper case (``CA``), or None
 naip_year      NAIP year (int), or None
-hrefs          {canonical asset key: UNSIGNED href}; Sentinel-2 ``B02 B03 B04 SCL``, NAIP ``image``
+hrefs          {canonical asset key: UNSIGNED href}; Sentinel-2 ``B02 B03 B04 B08 SCL``, NAIP ``image``
 properties     the item's raw properties (provenance)
 =============  ==============================================================================
 """
@@ -60,7 +60,7 @@ ITEM_FIELDS: tuple[str, ...] = (
     "id", "collection", "provider", "datetime", "geometry", "bbox", "epsg", "gsd", "cloud_cover",
     "mgrs_tile", "baseline", "datatake", "naip_state", "naip_year", "hrefs", "properties",
 )
-S2_ASSETS: tuple[str, ...] = ("B02", "B03", "B04", "SCL")
+S2_ASSETS: tuple[str, ...] = ("B02", "B03", "B04", "B08", "SCL")
 NAIP_ASSETS: tuple[str, ...] = ("image",)
 
 Bbox = tuple[float, float, float, float]
@@ -137,24 +137,29 @@ class LRImage:
     any valid observation are 0), ``count`` [H, W] valid dates per pixel, ``n_dates`` the dates
     composited; ``info`` the items used and excluded (``items``, ``excluded``) for the QC detail
     and the metadata; ``meta`` what the provider adds to or replaces in the sample metadata (one
-    level deep: ``{"s2": {"collection": ...}}`` updates ``meta["s2"]``)."""
+    level deep: ``{"s2": {"collection": ...}}`` updates ``meta["s2"]``). ``extra``: when the
+    profile's ``imagery.bands`` is not ``rgb``, B02, B03, B04, B08 as [H, W, 4] uint16 harmonised
+    surface reflectance * 10000 (0 without a valid observation); None otherwise."""
 
     rgb: np.ndarray
     count: np.ndarray
     n_dates: int
     info: dict
     meta: dict = field(default_factory=dict)
+    extra: np.ndarray | None = None
 
 
 @dataclass
 class HRImage:
     """A provider's NAIP mosaic on the HR grid: ``rgb`` [H, W, 3] uint8 (0 where uncovered),
-    ``covered`` [H, W] bool; ``info`` (``items``) and ``meta`` as in :class:`LRImage`."""
+    ``covered`` [H, W] bool; ``info`` (``items``) and ``meta`` as in :class:`LRImage`; ``extra``:
+    when ``imagery.bands`` is not ``rgb``, R, G, B, N as [H, W, 4] uint8 (0 where uncovered)."""
 
     rgb: np.ndarray
     covered: np.ndarray
     info: dict
     meta: dict = field(default_factory=dict)
+    extra: np.ndarray | None = None
 
 
 @runtime_checkable

@@ -1,8 +1,8 @@
 """Reading Sentinel-2 and NAIP COGs over HTTP (``/vsicurl/``) or from files: the pixels of the
 STAC provider (:class:`CogReader`, used by :class:`gl10m.sources.stac.StacProvider`).
 
-:meth:`CogReader.read_lr` reads every selected Sentinel-2 granule's B04/B03/B02 and SCL windows
-over the footprint and composes the LR image (:mod:`gl10m.compose`: harmonise, mask, warp,
+:meth:`CogReader.read_lr` reads every selected Sentinel-2 granule's B04/B03/B02 (and B08 when the
+profile's ``imagery.bands`` is not ``rgb``) and SCL windows over the footprint and composes the LR image (:mod:`gl10m.compose`: harmonise, mask, warp,
 median, stretch); :meth:`CogReader.read_hr` reads every NAIP quarter-quad of the chosen
 state-year and mosaics it onto the HR grid. QC and staging are :mod:`gl10m.fetch`'s.
 
@@ -46,6 +46,7 @@ from gl10m.sources.retry import (RETRY_STATUSES, TransientError, is_transient, p
                                  unit_budget)
 
 S2_RGB = ("B04", "B03", "B02")  # R, G, B
+S2_NIR = "B08"  # read too when imagery.bands is not rgb
 # retried within a time budget per scene (UNIT_BUDGET_S, shared by all its reads), not a count
 DEFAULT_RETRY = {"attempts": None, "base_delay": 0.5, "max_delay": 10.0}
 UNIT_BUDGET_S = 300.0
@@ -236,8 +237,9 @@ def _window_reader(grid: compose.Grid, indexes, *, need_rgb: bool = False, item:
                    epsg: Any = None):
     def fn(ds):
         _check_georef(ds, epsg, item, asset)
-        if need_rgb and ds.count < 3:
-            raise Rejection(ASSET_CORRUPT, f"{item} {asset}: {ds.count} band(s), needs R, G, B",
+        if need_rgb and ds.count < (3 if indexes == list(compose.RGB_BANDS) else 4):
+            need = "R, G, B" if indexes == list(compose.RGB_BANDS) else "R, G, B, N"
+            raise Rejection(ASSET_CORRUPT, f"{item} {asset}: {ds.count} band(s), needs {need}",
                             item=item, asset=asset)
         win = compose.source_window(ds, grid.bounds)
         if win is None:
@@ -309,6 +311,8 @@ class CogReader:
 # ---------------------------------------------------------------------------------------------
 def _compose_lr(s2_items: list[dict], profile, grid: compose.Grid, gather, timed) -> LRImage:
     s2p = profile.imagery.s2
+    bands = (*S2_RGB, S2_NIR) if profile.imagery.bands != "rgb" else S2_RGB
+    nb = len(bands)
     jobs, plan, excluded, missing = [], [], [], None
     for it in s2_items:  # what to read, in plan order, up to the first href the plan lacks
         iid = str(it["id"])
@@ -318,21 +322,21 @@ def _compose_lr(s2_items: list[dict], profile, grid: compose.Grid, gather, timed
             excluded.append({"id": iid, "datetime": it.get("datetime"), "why": str(e)})
             continue
         hrefs = it.get("hrefs") or {}
-        lacking = [band for band in ("SCL", *S2_RGB) if not hrefs.get(band)]
+        lacking = [band for band in ("SCL", *bands) if not hrefs.get(band)]
         if lacking:
-            band = sorted(lacking, key=(*S2_RGB, "SCL").index)[0]
+            band = sorted(lacking, key=(*bands, "SCL").index)[0]
             missing = Rejection(ASSET_MISSING, f"{iid} {band}: no href in the plan", item=iid, asset=band)
             break
         epsg = it.get("epsg")
         plan.append((it, offset))
         jobs += [(hrefs[band], _window_reader(grid, 1, item=iid, asset=band, epsg=epsg), iid, band)
-                 for band in ("SCL", *S2_RGB)]
+                 for band in ("SCL", *bands)]
     got = gather(jobs)
     if missing is not None:
         raise missing
     obs, used = [], []
     for k, (it, offset) in enumerate(plan):
-        scl_got, *bands_got = got[4 * k:4 * k + 4]
+        scl_got, *bands_got = got[(nb + 1) * k:(nb + 1) * (k + 1)]
         with timed("s2 warp + scl mask"):
             refl, scl = _s2_date(it, scl_got, bands_got, profile, grid)
         obs.append((refl, scl))
@@ -344,26 +348,32 @@ def _compose_lr(s2_items: list[dict], profile, grid: compose.Grid, gather, timed
     if not obs:
         raise Rejection(S2_MASKED, "no usable Sentinel-2 item", **info)
     with timed("s2 median + stretch"):
-        rgb, count = compose.s2_composite(obs, s2p.scl_mask, tuple(s2p.stretch))
-    return LRImage(rgb, count, len(obs), info)
+        if nb == 3:
+            rgb, count = compose.s2_composite(obs, s2p.scl_mask, tuple(s2p.stretch))
+            return LRImage(rgb, count, len(obs), info)
+        med, count = compose.s2_median(obs, s2p.scl_mask)
+        rgb = compose.stretch(med[:3], *s2p.stretch)
+        extra = compose.reflectance_dn(med[[2, 1, 0, 3]])  # B02, B03, B04, B08
+    return LRImage(rgb, count, len(obs), info, extra=extra)
 
 
 def _s2_date(it: dict, scl_got, bands_got: list, profile, grid: compose.Grid) -> tuple[np.ndarray, np.ndarray]:
-    """One date's windows -> (reflectance [3, H, W] on the LR grid, NaN where masked or without
-    data; SCL [H, W] on the LR grid). The SCL is put on the bands' 10 m grid once (nearest) and
-    masks there, before the one bilinear warp of the three bands."""
+    """One date's windows -> (reflectance [B, H, W] on the LR grid (B04, B03, B02, and B08 when
+    read), NaN where masked or without data; SCL [H, W] on the LR grid). The SCL is put on the
+    bands' 10 m grid once (nearest) and masks there, before the one bilinear warp of the bands."""
     s2p = profile.imagery.s2
+    nb = len(bands_got)
     if scl_got is None or any(g is None for g in bands_got):
-        refl = np.full((3, *grid.shape), np.nan, np.float32)
+        refl = np.full((nb, *grid.shape), np.nan, np.float32)
         if scl_got is None:
             return refl, np.zeros(grid.shape, np.uint8)
         return refl, compose.warp_scl(scl_got[0], scl_got[2], scl_got[3], grid)
     dn0, _, tr, crs = bands_got[0]
     if any(g[0].shape != dn0.shape or g[2] != tr for g in bands_got):  # not one grid: warp each on its own
-        parts = [_s2_date(it, scl_got, [g] * 3, profile, grid)[0][0] for g in bands_got]
+        parts = [_s2_date(it, scl_got, [g] * nb, profile, grid)[0][0] for g in bands_got]
         return np.stack(parts), compose.warp_scl(scl_got[0], scl_got[2], scl_got[3], grid)
     native = compose.scl_to_band_grid(scl_got[0], scl_got[2], dn0.shape, tr, crs)
-    refl = np.empty((3, *dn0.shape), np.float32)
+    refl = np.empty((nb, *dn0.shape), np.float32)
     for b, g in enumerate(bands_got):
         refl[b] = compose.harmonise(g[0], it.get("baseline"), profile)
     bad = np.isin(native, np.asarray(sorted(s2p.scl_mask), dtype=np.uint8)) | np.isnan(refl).any(axis=0)
@@ -376,13 +386,14 @@ def _compose_hr(naip_items: list[dict], profile, grid: compose.Grid, gather, tim
     # priority: newest first, then id (deterministic); each fills the others' holes
     order = sorted(naip_items, key=lambda it: str(it["id"]))
     order = sorted(order, key=lambda it: str(it.get("datetime") or ""), reverse=True)  # stable
+    indexes = list(compose.RGB_BANDS if profile.imagery.bands == "rgb" else compose.RGBN_BANDS)
     jobs, missing = [], None
     for it in order:  # up to the first href the plan lacks
         iid = str(it["id"])
         if not it.get("href"):
             missing = Rejection(ASSET_MISSING, f"{iid} image: no href in the plan", item=iid, asset="image")
             break
-        jobs.append((it["href"], _window_reader(grid, list(compose.RGB_BANDS), need_rgb=True, item=iid,
+        jobs.append((it["href"], _window_reader(grid, indexes, need_rgb=True, item=iid,
                                                 asset="image", epsg=it.get("epsg")), iid, "image"))
     got = gather(jobs)
     if missing is not None:
@@ -390,7 +401,7 @@ def _compose_hr(naip_items: list[dict], profile, grid: compose.Grid, gather, tim
     from rasterio.transform import array_bounds
     from rasterio.warp import transform_bounds
 
-    used, mos = [], compose.Mosaic(grid.shape)
+    used, mos = [], compose.Mosaic(grid.shape, len(indexes))
     for k, (it, g) in enumerate(zip(order, got)):
         used.append({"id": str(it["id"]), "datetime": it.get("datetime"), "epsg": it.get("epsg"),
                      "gsd": it.get("gsd"), "overlaps": g is not None})
@@ -413,4 +424,6 @@ def _compose_hr(naip_items: list[dict], profile, grid: compose.Grid, gather, tim
         with timed("naip mosaic"):
             mos.add(layer, box[0], box[1])
     mosaic, covered = mos.result()
-    return HRImage(mosaic, covered, {"items": used})
+    if len(indexes) == 3:
+        return HRImage(mosaic, covered, {"items": used})
+    return HRImage(mosaic[..., :3], covered, {"items": used}, extra=mosaic)

@@ -24,7 +24,10 @@ collection names (``imagery.s2.collection``, ``imagery.naip.collection``) map on
   DOQQs (``filter`` by id, sorted by date so the newest is on top, bilinear, then ``mosaic``, not
   ``first()``), R/G/B, 2680 x 2680, requested in blocks that respect ``max_request_bytes`` and
   ``max_request_px`` and reassembled. :func:`gl10m.fetch.assemble` checks and stages them like
-  the stac path's (QC, sample format); the provenance names Earth Engine asset ids and dates. A
+  the stac path's (QC, sample format); the provenance names Earth Engine asset ids and dates.
+  With ``imagery.bands`` other than ``rgb`` the same expressions also select B8 and NAIP's N
+  (one more band in the same requests): the median B2/B3/B4/B8 as harmonised reflectance *
+  10000 (uint16) and the mosaic's R/G/B/N are the sample's extra bands. A
   permanent Earth Engine error naming a missing or unreadable asset is its typed rejection.
 * **Quotas**: every call runs inside the pipeline's limiter (a concurrency cap shared by all
   workers) and is retried with backoff on "Too many requests", "Too many concurrent
@@ -52,7 +55,9 @@ from gl10m.sources.retry import TransientError, retry
 S2_COLLECTION = "COPERNICUS/S2_SR_HARMONIZED"
 NAIP_COLLECTION = "USDA/NAIP/DOQQ"
 S2_BANDS = ("B4", "B3", "B2")          # R, G, B
+S2_NIR = "B8"                          # also read when imagery.bands is not rgb
 NAIP_BANDS = ("R", "G", "B")
+NAIP_NIR = "N"
 S2_SCALE = 10000.0
 S2_PROPS = ("system:index", "system:time_start", "system:footprint", "CLOUDY_PIXEL_PERCENTAGE", "MGRS_TILE",
             "PROCESSING_BASELINE", "PRODUCT_ID", "SENSING_ORBIT_NUMBER", "SPACECRAFT_NAME")
@@ -192,7 +197,7 @@ def s2_item(props: dict, collection: str) -> dict:
         geometry=geom, epsg=epsg, gsd=10.0, cloud_cover=props.get("CLOUDY_PIXEL_PERCENTAGE"),
         mgrs_tile=mgrs, baseline=_fmt_baseline(props.get("PROCESSING_BASELINE")),
         datatake=f"{plat}_{when}" if plat else None,  # the stac provider's key: platform + sensing time
-        hrefs={b: f"ee://{S2_COLLECTION}/{iid}#{b}" for b in ("B02", "B03", "B04", "SCL")},
+        hrefs={b: f"ee://{S2_COLLECTION}/{iid}#{b}" for b in ("B02", "B03", "B04", "B08", "SCL")},
         properties={k: v for k, v in props.items() if k != "system:footprint"})
 
 
@@ -318,8 +323,8 @@ class EarthEngineProvider(Provider):
                     out[i, r0:r0 + rows, c0:c0 + cols] = arr[b]
         return out
 
-    def s2_image(self, ids: list[str], max_cloud: float, scl_mask: list[int]):
-        """The LR expression: masked median of the plan's S2 images + the count of valid dates."""
+    def s2_image(self, ids: list[str], max_cloud: float, scl_mask: list[int], bands: tuple[str, ...] = S2_BANDS):
+        """The LR expression: masked median of the plan's S2 images (`bands`) + the count of valid dates."""
         ee = self.ee()
         col = (ee.ImageCollection(S2_COLLECTION)
                .filter(ee.Filter.And(ee.Filter.inList("system:index", list(ids)),
@@ -327,17 +332,17 @@ class EarthEngineProvider(Provider):
 
         def mask(img):
             keep = img.select("SCL").remap(list(scl_mask), [0] * len(scl_mask), 1)
-            return img.select(list(S2_BANDS)).resample("bilinear").updateMask(keep)
+            return img.select(list(bands)).resample("bilinear").updateMask(keep)
 
         masked = col.map(mask)
         return masked.median().addBands(masked.select([S2_BANDS[0]]).count().rename(["n_obs"]))
 
-    def naip_image(self, ids: list[str]):
+    def naip_image(self, ids: list[str], bands: tuple[str, ...] = NAIP_BANDS):
         """The HR expression: the DOQQs by id, oldest first (the newest ends on top), mosaicked."""
         ee = self.ee()
         col = (ee.ImageCollection(NAIP_COLLECTION).filter(ee.Filter.inList("system:index", list(ids)))
                .sort("system:time_start"))
-        return col.map(lambda img: img.select(list(NAIP_BANDS)).resample("bilinear")).mosaic()
+        return col.map(lambda img: img.select(list(bands)).resample("bilinear")).mosaic()
 
     # -- reads of one scene (gl10m.fetch assembles them) -------------------------------------
     def pixels_or_rejection(self, what):
@@ -363,45 +368,52 @@ class EarthEngineProvider(Provider):
         self.limiter = ctx.limiter
         s2p = profile.imagery.s2
         items = list(row["s2_items"])
+        bands = S2_BANDS if profile.imagery.bands == "rgb" else (*S2_BANDS, S2_NIR)
+        nb = len(bands)
 
         def pixels():
-            img = self.s2_image([str(it["id"]) for it in items], s2p.max_cloud_pct, list(s2p.scl_mask))
-            return self.compute_pixels(img, grid.bounds, grid.width, grid.height, (*S2_BANDS, "n_obs"), 4 * 8,
+            img = self.s2_image([str(it["id"]) for it in items], s2p.max_cloud_pct, list(s2p.scl_mask), bands)
+            return self.compute_pixels(img, grid.bounds, grid.width, grid.height, (*bands, "n_obs"), (nb + 1) * 8,
                                        timed=ctx.timed)
 
         px = self.pixels_or_rejection(pixels)
+        extra = None
         with ctx.timed("s2 composite"):
-            count = px[3].astype(np.int32)
-            refl = px[:3].astype(np.float32) / np.float32(S2_SCALE)
+            count = px[nb].astype(np.int32)
+            refl = px[:nb].astype(np.float32) / np.float32(S2_SCALE)
             refl[:, count == 0] = np.nan
-            rgb = compose.stretch(refl, *s2p.stretch)
+            rgb = compose.stretch(refl[:3], *s2p.stretch)
+            if nb == 4:  # B2, B3, B4, B8 as harmonised reflectance * 10000
+                extra = compose.reflectance_dn(refl[[2, 1, 0, 3]])
         used = [{"id": str(it["id"]), "asset": f"{S2_COLLECTION}/{it['id']}", "datetime": it.get("datetime"),
                  "baseline": it.get("baseline"), "offset_subtracted": "by Earth Engine (S2_SR_HARMONIZED)",
                  "cloud_cover": it.get("cloud_cover"), "mgrs_tile": it.get("mgrs_tile")} for it in items]
         meta = {"provider": self.name,
                 "s2": {"collection": S2_COLLECTION,
                        "harmonisation": {"enabled": True, "by": f"Earth Engine {S2_COLLECTION}", "scale": S2_SCALE}}}
-        return LRImage(rgb, count, len(used), {"items": used, "excluded": []}, meta)
+        return LRImage(rgb, count, len(used), {"items": used, "excluded": []}, meta, extra=extra)
 
     def read_hr(self, row: Mapping, grid, profile, ctx: ReadContext) -> HRImage:
         """The mosaic of the row's NAIP DOQQs on `grid`, computed by Earth Engine."""
         self.limiter = ctx.limiter
         items = list(row["naip_items"])
+        bands = NAIP_BANDS if profile.imagery.bands == "rgb" else (*NAIP_BANDS, NAIP_NIR)
 
         def pixels():
-            img = self.naip_image([str(it["id"]) for it in items])
-            return self.compute_pixels(img, grid.bounds, grid.width, grid.height, NAIP_BANDS, 3, timed=ctx.timed)
+            img = self.naip_image([str(it["id"]) for it in items], bands)
+            return self.compute_pixels(img, grid.bounds, grid.width, grid.height, bands, len(bands), timed=ctx.timed)
 
         hr = self.pixels_or_rejection(pixels)
         with ctx.timed("naip mosaic"):
             hr = hr.astype(np.uint8, copy=False)
             covered = (hr[0] | hr[1] | hr[2]) != 0
-            mosaic = np.moveaxis(hr, 0, -1)  # [H, W, 3], a view: the tiles are cut from it in one copy
+            full = np.moveaxis(hr, 0, -1)  # [H, W, bands], a view: the tiles are cut from it in one copy
+            mosaic = full[..., :3]
         info = {"items": [{"id": str(it["id"]), "asset": f"{NAIP_COLLECTION}/{it['id']}",
                            "datetime": it.get("datetime")} for it in items]}
         meta = {"naip": {"collection": NAIP_COLLECTION,
                          "mosaic": "ImageCollection.mosaic of the DOQQs sorted by date (newest on top)"}}
-        return HRImage(mosaic, covered, info, meta)
+        return HRImage(mosaic, covered, info, meta, extra=full if len(bands) == 4 else None)
 
 
 def provider_from_profile(profile, **over) -> EarthEngineProvider:

@@ -10,7 +10,7 @@ Earth Search) through pystac-client, with retries, full paging and local normali
   (:mod:`gl10m.sources.retry`).
 * Items are normalised to the shape of :mod:`gl10m.sources.base` whatever the server calls
   things: Planetary Computer (``s2:mgrs_tile``, ``s2:processing_baseline``, ``s2:datatake_id``,
-  ``proj:epsg`` / ``proj:code``, ``naip:state``, ``naip:year``, assets ``B02 B03 B04 SCL``) and
+  ``proj:epsg`` / ``proj:code``, ``naip:state``, ``naip:year``, assets ``B02 B03 B04 B08 SCL``) and
   Earth Search (``mgrs:utm_zone`` + ``mgrs:latitude_band`` + ``mgrs:grid_square``, the older
   ``sentinel:*`` names, assets ``blue green red scl``).
 * Pixels (``read_lr`` / ``read_hr``): the COG windows of the plan's hrefs, signed right before
@@ -47,6 +47,7 @@ ASSET_ALIASES: dict[str, tuple[str, ...]] = {
     "B02": ("B02", "blue"),
     "B03": ("B03", "green"),
     "B04": ("B04", "red"),
+    "B08": ("B08", "nir"),
     "SCL": ("SCL", "scl"),
     "image": ("image",),
 }
