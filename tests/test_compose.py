@@ -370,6 +370,18 @@ def test_naip_warp_keeps_colours_next_to_no_data_and_matches_gdal(seed):
     assert both.sum() > 0.9 * (cov > 0).sum()
     diff = np.abs(np.floor(ref[:, both] + 0.5) - layer[:3, both])
     assert diff.max() <= 1 and diff.mean() < 0.05
+    # with the N band (imagery.bands rgbn/raw): R, G, B and coverage are the 3-band layer's, and
+    # N goes through the same warp (a copy of R as N comes out as R)
+    rgbn = np.concatenate([rgb, rgb[:1]])
+    layer4 = compose.warp_naip(rgbn, compose.naip_valid(rgbn), src_t, "EPSG:26911", g)
+    assert layer4.shape == (5, g.height, g.width)
+    assert np.array_equal(layer4[[0, 1, 2, 4]], layer) and np.array_equal(layer4[3], layer[0])
+    m4 = compose.Mosaic(g.shape, 4)
+    m4.add(layer4)
+    m3 = compose.Mosaic(g.shape)
+    m3.add(layer)
+    (a4, c4), (a3, c3) = m4.result(), m3.result()
+    assert a4.shape[-1] == 4 and np.array_equal(a4[..., :3], a3) and np.array_equal(c4, c3)
 
 
 def _textured(rng, bands, h, w):

@@ -137,7 +137,7 @@ def test_windows_aligned_fallback_and_cloud(profile):
     assert (r["s2_window"], r["s2_start"], r["s2_end"]) == ("aligned", "2023-01-01", "2023-01-31")
     its = json.loads(r["s2_items"])
     assert [i["datetime"][:10] for i in its] == ["2023-01-15"]
-    assert set(its[0]["hrefs"]) == {"B02", "B03", "B04", "SCL"} and its[0]["baseline"] == "05.09"
+    assert set(its[0]["hrefs"]) == {"B02", "B03", "B04", "B08", "SCL"} and its[0]["baseline"] == "05.09"
     # an item that lacks an asset stays in the plan with a None href: fetch rejects it, typed
     broken = pc_s2_item("11SLT", "2023-01-15T18:39:19", BIG_S2, 0.5)
     del broken["assets"]["SCL"]

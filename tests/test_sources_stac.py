@@ -217,7 +217,7 @@ def test_planetary_computer_item_normalised():
     assert it["mgrs_tile"] == "11SLT" and it["baseline"] == "04.00" and it["epsg"] == 32611
     assert it["datatake"] == "S2B_20230610T183919"
     assert it["datetime"] == "2023-06-10T18:39:19Z" and it["cloud_cover"] == 1.5
-    assert set(it["hrefs"]) == {"B02", "B03", "B04", "SCL"}
+    assert set(it["hrefs"]) == {"B02", "B03", "B04", "B08", "SCL"}
     assert it["hrefs"]["B04"].endswith("/B04.tif") and "?" not in it["hrefs"]["B04"]
     n = normalise_item(pc_naip_item("ca_m_1", "ca", 2022, "2022-05-20", (-118.1, 34.0, -118.0, 34.1)))
     assert (n["naip_state"], n["naip_year"], n["epsg"], n["gsd"]) == ("CA", 2022, 26911, 0.6)

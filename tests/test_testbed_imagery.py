@@ -418,7 +418,7 @@ def test_stac_items_read_by_pystac(world):
                 assert {"eo:cloud_cover", "s2:mgrs_tile", "s2:processing_baseline", "s2:datatake_id",
                         "s2:product_uri"} <= set(p)
                 assert p["s2:product_uri"].split("_")[3] == "N" + p["s2:processing_baseline"].replace(".", "")
-                assert set(d["assets"]) == {"B02", "B03", "B04", "SCL"}
+                assert set(d["assets"]) == {"B02", "B03", "B04", "B08", "SCL"}
                 assert d["assets"]["SCL"]["gsd"] == 20.0 and d["assets"]["B02"]["gsd"] == 10.0
     baselines = {i["properties"]["s2:processing_baseline"] for i in _items(root, "sentinel-2-l2a")}
     assert "03.01" in baselines and any(I.has_offset(b) for b in baselines)

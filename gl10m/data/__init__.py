@@ -17,6 +17,9 @@ Each item is a dict:
   ``crs`` (str, ``"EPSG:4326"``), ``bounds`` float64 [4] (west, south, east, north of the LR
   image: the footprint) and ``transform`` float64 [6] (its GDAL geotransform), ``tile_bounds``
   float64 [n, 4] and ``tile_transform`` float64 [n, 6] of the returned tiles, in their order.
+* with ``bands="rgbn"`` or ``"raw"`` (shards built with that ``imagery.bands``; rgbn also from raw
+  shards): ``lr_extra`` int32 [C, 268, 268] (Sentinel-2 reflectance * 10000) and ``hr_extra``
+  uint8 [n, C, 268, 268] (NAIP) of the returned tiles (:data:`gl10m.samples.EXTRA`).
 
 ``lr`` and ``hr`` are channels-last views (shape C, H, W over H, W, C memory, as decoded): no
 CPU copy is spent on a transpose. Ship them to the GPU as uint8 and normalise there; call
