@@ -2,9 +2,11 @@
 STAC provider (:class:`CogReader`, used by :class:`gl10m.sources.stac.StacProvider`).
 
 :meth:`CogReader.read_lr` reads every selected Sentinel-2 granule's B04/B03/B02 (and B08 when the
-profile's ``imagery.bands`` is not ``rgb``) and SCL windows over the footprint and composes the LR image (:mod:`gl10m.compose`: harmonise, mask, warp,
-median, stretch); :meth:`CogReader.read_hr` reads every NAIP quarter-quad of the chosen
-state-year and mosaics it onto the HR grid. QC and staging are :mod:`gl10m.fetch`'s.
+profile's ``imagery.bands`` is not ``rgb``) and SCL windows over the footprint and composes the
+LR image (:mod:`gl10m.compose`: harmonise, mask, warp, median, stretch; the extra bands as
+harmonised reflectance); :meth:`CogReader.read_hr` reads every NAIP quarter-quad of the chosen
+state-year (bands 1-3, and 4 when ``imagery.bands`` asks) and mosaics it onto the HR grid. QC and
+staging are :mod:`gl10m.fetch`'s.
 
 Reads: hrefs in the plan are unsigned; ``sign(href)`` is called right before each open and
 ``resign(href)`` (default: ``sign``) once more after an HTTP 403. Each asset open+read runs
