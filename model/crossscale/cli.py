@@ -85,8 +85,8 @@ def model_fit(shards: Path = typer.Option(..., "--shards", help="A shards folder
               device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (default: the config's)."),
               dry_run: bool = typer.Option(False, "--dry-run", help="Say which parts would run or resume; run nothing.")):
     """Train the whole model from image shards: encoder bootstrap, feature cache, sampler (+ the
-    structural ablation), predictor stage I (+ no-LR ablation) and stage II, with novel concepts
-    held out everywhere. Reruns skip finished parts, resume unfinished ones and redo what changed."""
+    structural ablation), predictor stage I (+ no-LR ablation) and stage II, and the scene head
+    every evaluation row is scored through, with novel concepts held out everywhere. Reruns skip finished parts, resume unfinished ones and redo what changed."""
     from gl10m.model.crossscale.fit import cli_fit
 
     if dry_run:

@@ -33,6 +33,11 @@ the stage II predictor when there is one, else stage I):
 - ``default_stage1``: the same completed by the stage I predictor (when there is a stage II one);
 - ``sampler_<variant>``: samplers trained on other supervision variants, + the predictor.
 
+Beside the rows, when ``full_hr`` and ``default`` both run, the report's ``completion`` says
+whether the predictor uses LR (:mod:`gl10m.model.crossscale.completion`): the centred cosine of
+its predicted to the true tokens of the default's unobserved tiles, with the scene's own LR,
+another scene's LR, and from the no-LR predictor.
+
 A scene with no observed tile in an observed-only row pools to the target centre (nothing
 known), in the same space as every other scene.
 
