@@ -51,7 +51,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_FIT_CONFIG = CONFIGS / "fit-cpu.yaml"
 STATE_NAME = "fit.json"
 FIT_VERSION = 1
-VARIANT_NAMES = ("structural", "semantic", "additive")
+VARIANT_NAMES = ("multiplicative", "structural", "semantic", "additive", "coverage")
 SECTIONS = ("device", "novel", "profile", "encoder", "features", "sampler", "variants", "predictor",
             "predictor_nolr", "stage2", "scene_head")
 

@@ -18,7 +18,7 @@ Config: the trainer's config (``model/configs/sampler-train*.yaml``) with ``task
 reads), and two task keys (:attr:`SamplerTask.config_keys`); other keys belong to the trainer::
 
     model:       {hidden: int, kernel: odd int, layers: int >= 0}
-    supervision: {variant: multiplicative|structural|semantic|additive, lam: float,
+    supervision: {variant: multiplicative|structural|semantic|additive|coverage, lam: float,
                   novel_concepts: null | [concept ids]}   # held out of s_gain; null: the encoder's
                                                           # held-out list (feature cache), else the profile's
     selection:   {threshold: float in [0, 1] | null, top_k: int in [1, 100]}
@@ -210,7 +210,7 @@ class SamplerTask:
 
     name = "sampler"
     config_keys = ("supervision", "selection")
-    needs = ("lr_tokens", "s_vis", "hr_embed", "lr_embed", "labels")
+    needs = ("lr_tokens", "s_vis", "hr_embed", "lr_embed", "labels", "tile_frac")
 
     def __init__(self, cfg: dict | None = None):
         self.cfg = resolve_config(cfg)
@@ -234,7 +234,8 @@ class SamplerTask:
         dev = batch["s_vis"].device
         with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
             return g_star(batch["s_vis"], batch["hr_embed"], batch["lr_embed"], text.to(dev),
-                          batch["labels"], lam=sup["lam"], variant=sup["variant"], novel=sup["novel_concepts"])
+                          batch["labels"], lam=sup["lam"], variant=sup["variant"], novel=sup["novel_concepts"],
+                          tile_frac=batch["tile_frac"])
 
     def loss(self, model: nn.Module, batch: dict, text: torch.Tensor,
              step: int) -> tuple[torch.Tensor, dict[str, float]]:

@@ -32,6 +32,15 @@ Variants (ablations of the paper's supervision):
 - ``additive``: minmax((minmax(s_vis) + minmax(s_gain)) / 2); each term is normalised first
   and the mean is normalised again so that every variant's G* has the same range (max 1
   unless the map is constant).
+- ``coverage`` (ours, not the paper's): minmax(s_cover), where the scene's concepts *are*,
+  from the sample's own per-tile concept fractions (``tile_frac``) instead of a frozen
+  encoder's features: ``s_cover(p) = sum_{c in labels} [frac(p, c) > 0] / n_c`` with ``n_c``
+  the number of the scene's tiles that hold concept c. A concept in one tile makes that tile
+  worth a whole concept; large cover spread over 60 tiles adds 1/60 to each (LR sees it
+  anyway). Novel concepts are held out as in s_gain. Why it exists: with the CPU bootstrap
+  encoder, the paper's feature-derived G* picks tiles that do not hold the scene's concepts
+  on the held-out states (an oracle sampler regressing G* perfectly gains little there, one
+  covering the labelled concepts recovers most of the full-HR gap; README, "The model").
 """
 from __future__ import annotations
 
@@ -44,7 +53,7 @@ import torch.nn.functional as F
 from gl10m.errors import UserError
 from gl10m.samples import N_TILES
 
-VARIANTS = ("multiplicative", "structural", "semantic", "additive")
+VARIANTS = ("multiplicative", "structural", "semantic", "additive", "coverage")
 
 
 def minmax(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -138,15 +147,42 @@ def s_gain(hr_embed: torch.Tensor, lr_embed: torch.Tensor, text: torch.Tensor,
     return gain.clamp(min=0.0)
 
 
+def s_cover(tile_frac: torch.Tensor, labels: torch.Tensor, *, novel=None) -> torch.Tensor:
+    """Where the scene's concepts are, [B, 100] (>= 0): ``sum_c [frac(p, c) > 0] / n_c`` over
+    the scene's labelled, non-novel concepts c, with ``n_c`` the number of tiles holding c (a
+    labelled concept found in no tile adds nothing). ``tile_frac`` [B, 100, C]: the sample's
+    per-tile concept fractions."""
+    _check("tile_frac", tile_frac, (None, N_TILES, None))
+    b, _, c = tile_frac.shape
+    _check("labels", labels, (b, c))
+    lab = labels
+    if novel:
+        bad = [k for k in novel if not 0 <= int(k) < c]
+        if bad:
+            raise UserError(f"novel concept {bad[0]} is outside 0..{c - 1}")
+        lab = _drop_novel(labels, [int(k) for k in novel])
+    present = (tile_frac.float() > 0) & (lab > 0)[:, None, :]  # [B, 100, C]
+    n = present.sum(dim=1, keepdim=True)  # tiles per concept
+    w = present.float() / n.clamp(min=1).float()
+    return w.sum(dim=-1)
+
+
 def g_star(s_vis: torch.Tensor, hr_embed: torch.Tensor, lr_embed: torch.Tensor,
            text: torch.Tensor, labels: torch.Tensor, *, lam: float = 0.5,
-           variant: str = "multiplicative", eps: float = 1e-6, novel=None) -> torch.Tensor:
+           variant: str = "multiplicative", eps: float = 1e-6, novel=None,
+           tile_frac: torch.Tensor | None = None) -> torch.Tensor:
     """The sampler's soft target G* [B, 100] in [0, 1] (see the module docstring); ``novel``
-    concept ids are held out of s_gain."""
+    concept ids are held out of s_gain (and s_cover). ``tile_frac`` [B, 100, C]: needed by
+    the ``coverage`` variant only."""
     if variant not in VARIANTS:
         raise UserError(f"unknown G* variant {variant!r}; expected one of {', '.join(VARIANTS)}")
     if not (isinstance(eps, (int, float)) and eps >= 0):
         raise UserError(f"eps: expected a number >= 0, got {eps!r}")
+    if variant == "coverage":
+        if tile_frac is None:
+            raise UserError("G* variant 'coverage' needs the per-tile concept fractions (tile_frac)")
+        _check("s_vis", s_vis, (None, N_TILES))
+        return minmax(s_cover(tile_frac, labels, novel=novel), eps)
     _check("s_vis", s_vis, (None, N_TILES))
     vis = s_vis.float()
     if variant == "structural":
@@ -171,11 +207,12 @@ def cache_g_star(batches: Iterable[dict], text: torch.Tensor, *, lam: float = 0.
     (or ``"__key__"``) entry when present, else running integer indices."""
     seen = 0
     for batch in batches:
-        missing = [k for k in ("s_vis", "hr_embed", "lr_embed", "labels") if k not in batch]
+        need = ("s_vis", "hr_embed", "lr_embed", "labels") + (("tile_frac",) if variant == "coverage" else ())
+        missing = [k for k in need if k not in batch]
         if missing:
             raise UserError(f"feature batch lacks {', '.join(missing)}")
         g = g_star(batch["s_vis"], batch["hr_embed"], batch["lr_embed"], text, batch["labels"],
-                   lam=lam, variant=variant, eps=eps, novel=novel)
+                   lam=lam, variant=variant, eps=eps, novel=novel, tile_frac=batch.get("tile_frac"))
         keys = batch.get("key", batch.get("__key__"))
         if keys is None:
             keys = list(range(seen, seen + g.shape[0]))
