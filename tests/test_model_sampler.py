@@ -286,6 +286,13 @@ def test_task_loss_and_metrics():
                                      batch["labels"], variant="structural"))
     with pytest.raises(UserError, match="lacks"):
         task.loss(model, {"lr_tokens": batch["lr_tokens"]}, text, step=0)
+    # coverage: the target is where the labelled concepts are (the batch's tile fractions)
+    task3 = SamplerTask()
+    task3.build_model({**cfg, "supervision": {"variant": "coverage", "novel_concepts": [1]}}, {"D": 6, "n_concepts": 4})
+    t3 = task3.targets(batch, text)
+    assert torch.allclose(t3, g_star(batch["s_vis"], batch["hr_embed"], batch["lr_embed"], text, batch["labels"],
+                                     variant="coverage", novel=[1], tile_frac=batch["tile_frac"]))
+    assert not torch.allclose(t3, target)
 
 
 def test_sampler_overfits_a_few_samples():

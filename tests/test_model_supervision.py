@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gl10m.errors import UserError
-from gl10m.model.crossscale.supervision import cache_g_star, g_star, minmax, s_gain
+from gl10m.model.crossscale.supervision import cache_g_star, g_star, minmax, s_cover, s_gain
 
 
 def unit(*v):
@@ -179,3 +179,74 @@ def test_s_gain_never_sees_novel_concepts():
     assert torch.equal(held, s_gain(hr, lr, text, base))                # == as if the label were absent
     s_vis = torch.rand(2, 100, generator=g)
     assert torch.equal(g_star(s_vis, hr, lr, text, labels, novel=[2]), g_star(s_vis, hr, lr, text, base))
+
+
+# -- the coverage variant ---------------------------------------------------------------------
+def _frac(c=3, **tiles):
+    """[1, 100, c] per-tile fractions: tiles={concept: [tile ids]} (fraction 0.3 there)."""
+    f = torch.zeros(1, 100, c)
+    for k, ids in tiles.items():
+        f[0, ids, int(k[1:])] = 0.3
+    return f
+
+
+def test_s_cover_hand_values_rarity_and_novel():
+    # c0: one pool in tile 7; c1: forest over tiles 0..59; c2 (novel): tile 8 only.
+    frac = _frac(c0=[7], c1=list(range(60)), c2=[8])
+    lab = torch.tensor([[1, 1, 1]], dtype=torch.uint8)
+    s = s_cover(frac, lab, novel=[2])[0]
+    assert s[7] == pytest.approx(1 + 1 / 60)  # the only tile with c0 is worth a whole concept
+    assert s[0] == pytest.approx(1 / 60) and s[59] == pytest.approx(1 / 60)
+    assert s[8] == pytest.approx(1 / 60)  # the novel concept adds nothing
+    assert s[60:].abs().sum() == 0 and s[8] < s[7]
+    assert int(s.argmax()) == 7
+    # without the novel hold-out, tile 8 holds a whole concept too
+    assert s_cover(frac, lab)[0][8] == pytest.approx(1 + 1 / 60)
+    # an unlabelled concept counts for nothing, even where the fractions say it is there
+    s = s_cover(frac, torch.tensor([[0, 1, 0]], dtype=torch.uint8))[0]
+    assert s[7] == pytest.approx(1 / 60) and s.max() == pytest.approx(1 / 60)
+    # a labelled concept in no tile, or no label at all: zeros, no NaN
+    assert torch.equal(s_cover(torch.zeros(1, 100, 3), lab), torch.zeros(1, 100))
+    assert torch.equal(s_cover(frac, torch.zeros(1, 3, dtype=torch.uint8)), torch.zeros(1, 100))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_coverage_g_star_ranks_the_rare_concepts_tiles_first(seed):
+    """On random scenes: every tile holding a concept found in <= 2 tiles ranks above every tile
+    holding only concepts spread over >= 30 tiles, and G* is min-max normalised."""
+    g = torch.Generator().manual_seed(seed)
+    b, c = 6, 8
+    frac = torch.zeros(b, 100, c)
+    rare, common = [], []
+    for i in range(b):
+        perm = torch.randperm(100, generator=g)
+        rare.append(perm[:4].tolist())  # concepts 0, 1 in two tiles each
+        frac[i, perm[:2], 0] = 0.1
+        frac[i, perm[2:4], 1] = 0.1
+        common.append(perm[4:70].tolist())  # concepts 2..7 spread over ~30+ tiles each
+        for k in range(2, c):
+            idx = perm[4 + torch.randperm(66, generator=g)[:30 + k]]
+            frac[i, idx, k] = torch.rand(len(idx), generator=g) * 0.9 + 0.05
+    lab = torch.ones(b, c, dtype=torch.uint8)
+    vis = torch.rand(b, 100, generator=g)
+    hr, lr, text = torch.randn(b, 100, 4, generator=g), torch.randn(b, 4, generator=g), torch.randn(c, 4, generator=g)
+    gs = g_star(vis, hr, lr, text, lab, variant="coverage", tile_frac=frac)
+    assert gs.shape == (b, 100) and float(gs.min()) == 0.0 and torch.allclose(gs.amax(1), torch.ones(b))
+    for i in range(b):
+        assert gs[i, rare[i]].min() > gs[i, common[i]].max()
+    # it reads neither the features nor s_vis: only where the labelled concepts are
+    assert torch.equal(gs, g_star(torch.rand(b, 100), hr * 2, -lr, text, lab, variant="coverage", tile_frac=frac))
+
+
+def test_coverage_needs_tile_fractions_and_batches_carry_them():
+    vis, hr, lr, text, lab = scene([unit(1, 0)], unit(1, 0), [1, 0])
+    with pytest.raises(UserError, match="tile_frac"):
+        g_star(vis, hr, lr, text, lab, variant="coverage")
+    with pytest.raises(UserError, match="tile_frac: expected shape"):
+        g_star(vis, hr, lr, text, lab, variant="coverage", tile_frac=torch.zeros(1, 99, 2))
+    batch = {"s_vis": vis, "hr_embed": hr, "lr_embed": lr, "labels": lab}
+    with pytest.raises(UserError, match="lacks tile_frac"):
+        list(cache_g_star([batch], text, variant="coverage"))
+    frac = _frac(c=2, c0=[5])
+    (_, got), = cache_g_star([{**batch, "tile_frac": frac}], text, variant="coverage")
+    assert int(got[0].argmax()) == 5 and got[0].sum() == 1.0
