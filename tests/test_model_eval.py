@@ -253,7 +253,7 @@ def test_report_of_a_tiny_trained_model(model_env, tmp_path):
     assert rep["scenes"] == 5 and rep["split"] == "val" and rep["small_split"] is True
     rows = rep["rows"]
     assert list(rows) == ["lr_only", "full_hr", "random", "random_predictor", "sampler_only", "lr_fill",
-                          "predictor_nolr", "default", "default_stage1", "sampler_structural"]
+                          "predictor_nolr", "default", "default_stage1", "sampler_structural", "oracle_cover"]
     assert rep["scoring"]["space"].startswith("the stage II head")
     assert rep["selection"]["threshold"] == 0.55 and rep["selection"]["source"] == "sampler's config"
     assert rep["novel_holdout"] == {"encoder": "not recorded", "sampler": ["Tennis", "Pool", "Golf course"],
@@ -264,6 +264,7 @@ def test_report_of_a_tiny_trained_model(model_env, tmp_path):
     assert len(per) == 5 and rows["default"]["obr"] == pytest.approx(sum(per.values()) / 5, abs=1e-6)
     assert rows["random"]["obr"] == pytest.approx(rows["default"]["obr"], abs=1e-6)
     assert rows["sampler_only"]["obr"] == pytest.approx(rows["default"]["obr"], abs=1e-6)
+    assert rows["oracle_cover"]["obr"] == pytest.approx(rows["default"]["obr"], abs=1e-6)
     # novel = --novel plus the stage II checkpoint's held-out concepts
     assert rep["concepts"]["novel"] == [EV.load_bundle(md).labels[i] for i in (0, 3, 4)]
     for r in rows.values():

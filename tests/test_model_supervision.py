@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gl10m.errors import UserError
-from gl10m.model.crossscale.supervision import cache_g_star, g_star, minmax, s_cover, s_gain
+from gl10m.model.crossscale.supervision import cache_g_star, cover_order, g_star, minmax, s_cover, s_gain
 
 
 def unit(*v):
@@ -250,3 +250,30 @@ def test_coverage_needs_tile_fractions_and_batches_carry_them():
     frac = _frac(c=2, c0=[5])
     (_, got), = cache_g_star([{**batch, "tile_frac": frac}], text, variant="coverage")
     assert int(got[0].argmax()) == 5 and got[0].sum() == 1.0
+
+
+def test_cover_order_is_a_greedy_cover_of_the_labelled_concepts():
+    # c0 in tiles 1, 2; c1 in 2, 3; c2 in 50; c3 (unlabelled) in 70 only
+    frac = _frac(c=4, c0=[1, 2], c1=[2, 3], c2=[50], c3=[70])
+    lab = torch.tensor([[1, 1, 1, 0]], dtype=torch.uint8)
+    o = cover_order(frac, lab)[0]
+    first = o.argsort(descending=True)[:2].tolist()
+    assert first == [2, 50]  # two tiles cover all three labelled concepts
+    assert sorted(o.tolist()) == [float(v) for v in range(1, 101)]  # a full order, no ties
+    assert o[70] < o[1] and o[70] < o[3]  # what the labels do not name comes after what they do
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cover_order_covers_with_few_tiles(seed):
+    """Random scenes: the greedy cover's first k tiles hold every labelled concept that some tile
+    holds whenever k tiles could (checked against k = the number of such concepts, a loose bound)."""
+    g = torch.Generator().manual_seed(seed)
+    b, c = 5, 10
+    frac = (torch.rand(b, 100, c, generator=g) > 0.97).float() * 0.2
+    lab = (torch.rand(b, c, generator=g) > 0.3).to(torch.uint8)
+    o = cover_order(frac, lab)
+    for i in range(b):
+        present = (frac[i] > 0) & (lab[i] > 0)[None]
+        want = int(present.any(0).sum())
+        top = o[i].topk(max(want, 1)).indices
+        assert int(present[top].any(0).sum()) == want

@@ -31,7 +31,11 @@ the stage II predictor when there is one, else stage I):
 - ``predictor_nolr``: the sampler's tiles completed by a predictor trained without LR context;
 - ``default``: the sampler's tiles completed by the predictor;
 - ``default_stage1``: the same completed by the stage I predictor (when there is a stage II one);
-- ``sampler_<variant>``: samplers trained on other supervision variants, + the predictor.
+- ``sampler_<variant>``: samplers trained on other supervision variants, + the predictor;
+- ``oracle_cover``: **an upper bound, not a method**: as many tiles per scene as the default
+  selects, chosen with the scene's own labels and per-tile concept fractions (a greedy cover of
+  its labelled concepts, :func:`gl10m.model.crossscale.supervision.cover_order`), + the
+  predictor: how far any LR-only sampler could go at that cost with this predictor and space.
 
 Beside the rows, when ``full_hr`` and ``default`` both run, the report's ``completion`` says
 whether the predictor uses LR (:mod:`gl10m.model.crossscale.completion`): the centred cosine of
@@ -85,7 +89,7 @@ from .scene_head import load_scene_head
 from .sampler import load_sampler
 from .scoring import SceneSpace, mean_half
 from .selection import RULE, calibrate_threshold, select
-from .supervision import VARIANTS
+from .supervision import VARIANTS, cover_order
 
 N_TILES = smp.N_TILES
 GRID = smp.GRID
@@ -351,6 +355,7 @@ class _Batch:
         with shared("io_lr"):
             heads = [reader.read(i, (smp.LR_FIELD, smp.LABELS_FIELD)) for i in idx]
         self.labels = np.stack([gdata.decode_labels(h[smp.LABELS_FIELD], k) for h, k in zip(heads, self.keys)])
+        self.reader = reader
         with shared("decode_lr"):
             lr = np.stack([gdata.decode_lr(h[smp.LR_FIELD], k) for h, k in zip(heads, self.keys)])
             self.lr = torch.from_numpy(lr).permute(0, 3, 1, 2)
@@ -364,6 +369,19 @@ class _Batch:
                 self.scores[v] = s(self.lr_tokens).float()
         self._masks: dict[tuple, torch.Tensor] = {}
         self.full: torch.Tensor | None = None  # every tile's tokens, once the full_hr row has read them
+
+    def oracle_mask(self, counts: Sequence[int]) -> torch.Tensor:
+        """The ``oracle_cover`` row's tiles: each scene's ``counts`` first tiles of a greedy cover
+        of its labelled concepts (read from its labels and tile fractions, outside every timer:
+        no method could read them)."""
+        frac = np.stack([smp.decode_tile_frac(self.reader.read(i, (smp.TILE_FRAC_FIELD,))[smp.TILE_FRAC_FIELD])
+                         for i in self.idx])
+        order = cover_order(torch.from_numpy(frac.astype(np.float32)), torch.from_numpy(self.labels))
+        m = torch.zeros(len(self.idx), N_TILES, dtype=torch.bool)
+        for j, c in enumerate(counts):
+            if c:
+                m[j, order[j].topk(int(c)).indices] = True
+        return m
 
     def mask(self, sampler: str = "default", threshold: float | None = None, top_k: int | None = None) -> torch.Tensor:
         key = (sampler, threshold, top_k)
@@ -503,6 +521,12 @@ class Evaluator:
         for v in b.variants:
             rows.append(Row(f"sampler_{v}", f"sampler trained on {v} supervision + predictor",
                             ("decode_lr", "encode_lr", f"sampler_{v}"), sampled("predictor", main, v)))
+
+        def oracle(bt, t):
+            m = bt.oracle_mask(bt.mask("default", th, k).sum(1).tolist())
+            return self._run(bt, t, m, "predictor", main), m
+        rows.append(Row("oracle_cover", "upper bound, not a method: tiles covering the scene's labelled concepts "
+                        "(read from its labels) at the default's OBR + predictor", lrs, oracle))
         return rows
 
     def sweep_points(self) -> list[tuple[str, float | None, int | None]]:
@@ -596,7 +620,7 @@ def describe(checkpoint: str | os.PathLike | None, shards: str | os.PathLike, *,
     rows = ["lr_only", "full_hr", "random", "random_predictor", "sampler_only", "lr_fill"]
     rows += ["predictor_nolr"] if "predictor-nolr" in parts else []
     rows += ["default"] + (["default_stage1"] if "predictor-stage2" in parts else [])
-    rows += [f"sampler_{v}" for v in VARIANTS if f"sampler-{v}" in parts]
+    rows += [f"sampler_{v}" for v in VARIANTS if f"sampler-{v}" in parts] + ["oracle_cover"]
     return {"parts": parts, "split": split, "scenes": n, "rows": rows}
 
 

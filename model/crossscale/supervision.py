@@ -167,6 +167,31 @@ def s_cover(tile_frac: torch.Tensor, labels: torch.Tensor, *, novel=None) -> tor
     return w.sum(dim=-1)
 
 
+def cover_order(tile_frac: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Scores [B, 100] whose order is a greedy cover of each scene's labelled concepts: the tile
+    holding the most concepts not yet covered first (ties: the higher :func:`s_cover`, then the
+    lower index), and so on; the first tile scores 100, the last 1. Reads the labels: an
+    upper bound for a sampler (the evaluation's ``oracle_cover`` row), never a method."""
+    _check("tile_frac", tile_frac, (None, N_TILES, None))
+    b, n, c = tile_frac.shape
+    _check("labels", labels, (b, c))
+    present = (tile_frac.float() > 0) & (labels > 0)[:, None, :]
+    tie = s_cover(tile_frac, labels)
+    tie = tie / tie.amax(dim=1, keepdim=True).clamp(min=1e-9) * 1e-3  # < 1: only breaks ties
+    covered = torch.zeros(b, c, dtype=torch.bool)
+    taken = torch.zeros(b, n, dtype=torch.bool)
+    out = torch.zeros(b, n)
+    rows = torch.arange(b)
+    for r in range(n):
+        gain = (present & ~covered[:, None, :]).sum(dim=-1).float() + tie
+        gain = gain.masked_fill(taken, -1.0)
+        j = gain.argmax(dim=1)
+        out[rows, j] = float(n - r)
+        taken[rows, j] = True
+        covered |= present[rows, j]
+    return out
+
+
 def g_star(s_vis: torch.Tensor, hr_embed: torch.Tensor, lr_embed: torch.Tensor,
            text: torch.Tensor, labels: torch.Tensor, *, lam: float = 0.5,
            variant: str = "multiplicative", eps: float = 1e-6, novel=None,
