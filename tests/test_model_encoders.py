@@ -448,3 +448,11 @@ def test_pretraining_never_sees_novel_concepts(colour_shards, text_encoder, tmp_
     assert E.load_encoder(c)[1]["novel"] == []                               # the default profile marks none
     with pytest.raises(UserError, match="not one of"):
         P.pretrain_encoder(sd, tmp_path / "d", cfg, text_encoder=text_encoder, novel=["volcano"])
+
+
+def test_text_encoder_prints_no_raw_bar_off_a_terminal():
+    """Loading MiniLM in a pipeline or log (stderr not a terminal) prints no "Loading weights" bar."""
+    r = subprocess.run([sys.executable, "-c", "from gl10m.model.encoders import TextEncoder; TextEncoder()"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Loading weights" not in r.stderr and "it/s" not in r.stderr, r.stderr
