@@ -279,6 +279,9 @@ def test_report_of_a_tiny_trained_model(model_env, tmp_path):
                 assert v is None or lo is None or lo - 1e-9 <= hi
         assert r["time"]["per_scene_s"] >= 0 and r["time"]["io_per_scene_s"] >= 0
     assert "default-lr_only" in rep["paired"] and "gap_recovered" in rep["paired"]
+    assert "default-sampler_structural" in rep["paired"] and "oracle_cover-default" in rep["paired"]
+    d = rep["paired"]["oracle_cover-default"]["map100"]["all"]
+    assert d["diff"] == pytest.approx(rows["oracle_cover"]["map100"]["all"] - rows["default"]["map100"]["all"])
     assert rows["full_hr"]["time"]["stages_s"]["encode_hr"] > 0
     assert "predictor" in rows["default"]["time"]["stages_s"] and "predictor" not in rows["sampler_only"]["time"]["stages_s"]
     assert "encode_lr" not in rows["full_hr"]["time"]["stages_s"]

@@ -105,7 +105,9 @@ def _ci(v: np.ndarray) -> list[float | None]:
 def paired(point: Mapping[str, dict], boot: Mapping[str, dict], groups: Sequence[str]) -> dict:
     """Differences of rows (same resamples) and the gap recovered, with 95 % intervals."""
     out = {}
-    for a, b in PAIRS:
+    # and the default against every sampler variant, and the oracle's headroom over the default
+    extra = tuple(("default", r) for r in sorted(boot) if r.startswith("sampler_") and r != "sampler_only")
+    for a, b in PAIRS + extra + (("oracle_cover", "default"),):
         if a not in boot or b not in boot:
             continue
         d = {}
