@@ -1,6 +1,6 @@
 """Benchmark: does the cross-scale model do what the paper claims, on a held-out model-scale world?
 
-    .venv/bin/python bench/model_quality.py [--seed 4409] [--out bench/out/model_quality] [--scenes N] [--workers K]
+    .venv/bin/python bench/model_quality.py [--seed 6661] [--out bench/out/model_quality] [--scenes N] [--workers K]
         [--config model/configs/fit-cpu.yaml] [--target-obr 0.12] [--json PATH]
 
 One run, four commands, each the user's own:
@@ -20,8 +20,9 @@ One run, four commands, each the user's own:
 
 It prints and records mAP@100 (all concepts) of: lr_only, full_hr, default (the sampler's tiles +
 the stage II predictor), random and random_predictor (random tiles at the default's OBR),
-sampler_only, lr_fill, predictor_nolr, sampler_multiplicative (a sampler trained on the paper's
-s_vis x s_gain target instead of the default's concept coverage, + the predictor), oracle_cover (an
+sampler_only, lr_fill, predictor_nolr, sampler_coverage and sampler_structural (samplers trained
+on other targets than the paper's s_vis x s_gain: where the labelled concepts are, and s_vis alone;
++ the predictor), oracle_cover (an
 upper bound, not a method: the tiles covering each scene's labelled concepts, read from its labels,
 + the predictor), and "gap recovered" = (default - lr_only) / (full_hr -
 lr_only); and checks the issue's targets (full_hr - lr_only >= 0.05; gap recovered >= 0.8 at OBR
@@ -34,14 +35,18 @@ loss) was done on seed 101 and on the train/val splits of seed 2027 (whose test 
 reported once, before that tuning, and is spent); the scene head (model/crossscale/
 scene_head.py) and the per-scene budget were then tried on seed 7373, whose test split had been
 reported once (session 4) and was looked at again to find why the effect was missing there, so
-7373 is a tuning seed too. The sampler's `coverage` supervision (fit-cpu.yaml) came from a
-diagnosis on the spent test splits of 8819 and 3137 (an oracle sampler choosing the top 12 tiles
-of the paper's G* itself, computed with HR, recovered only 0.54 / 0.77 of the gap there; one
-covering the scenes' labelled concepts 0.87-0.96 / 0.78-0.80) and was tried on both splits of
-tuning seed 7373 (gap recovered 0.80 -> 0.88 on val, 0.87 -> 0.99 on test) before it was judged
-on a fresh seed. Reported held-out results (README, bench/RESULTS.md): seed 5151 (2,000
-scenes), seeds 8819 and 3137 (3,400 scenes, the default size): their test splits are spent, so a
-change judged on them is judged on a split it has been looked at on; the default is a fresh seed, 4409.
+7373 is a tuning seed too. The sampler's `coverage` supervision came from a diagnosis on the
+spent test splits of 8819 and 3137 (an oracle sampler choosing the top 12 tiles of the paper's G*
+itself, computed with HR, recovered only 0.54 / 0.77 of the gap there; one covering the scenes'
+labelled concepts 0.87-0.96 / 0.78-0.80), was tried on both splits of tuning seed 7373 (gap
+recovered 0.80 -> 0.88 on val, 0.87 -> 0.99 on test) and was the default for one held-out run,
+seed 4409, where it recovered 0.62 against 0.81 for the paper's target and 0.96 for s_vis alone
+(ablation rows of the same run). The default went back to the paper's target, the one reported on
+8819 and 3137 (not to the best row on 4409); coverage and structural stay as ablation rows.
+Reported held-out results (README, bench/RESULTS.md): seed 5151 (2,000
+scenes), seeds 8819, 3137 and 4409 (3,400 scenes, the default size): their test splits are spent,
+so a change judged on them is judged on a split it has been looked at on; the default is a fresh
+seed, 6661.
 The default size, 3,400 scenes,
 gives ~2,800 train / ~270 val / ~300 test scenes (the paper's 83 / 8 / 9 %).
 """
@@ -62,9 +67,9 @@ sys.path.insert(0, str(ROOT))
 from _results import add_json_arg, record, write_json  # noqa: E402
 
 ROWS = ("lr_only", "full_hr", "default", "random", "random_predictor", "sampler_only", "lr_fill", "predictor_nolr",
-        "sampler_multiplicative", "oracle_cover")
+        "sampler_coverage", "sampler_structural", "oracle_cover")
 TUNED_ON_SEEDS = (101, 2027, 7373)
-REPORTED_SEEDS = (3137, 5151, 8819)  # held-out results already reported: their test splits are spent
+REPORTED_SEEDS = (3137, 4409, 5151, 8819)  # held-out results already reported: their test splits are spent
 
 
 def _gl10m() -> list[str]:
@@ -158,8 +163,8 @@ def summarise(rep: dict, title: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seed", type=int, default=4409,
-                    help=f"world seed (default 4409; tuned on {', '.join(map(str, TUNED_ON_SEEDS))}: report on another)")
+    ap.add_argument("--seed", type=int, default=6661,
+                    help=f"world seed (default 6661; tuned on {', '.join(map(str, TUNED_ON_SEEDS))}: report on another)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "model_quality",
                     help="work folder: world/, model/, eval/ (default bench/out/model_quality; reused when there)")
     ap.add_argument("--scenes", type=int, default=3400, help="scenes in the world (default 3400)")

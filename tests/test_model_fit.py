@@ -194,8 +194,8 @@ def test_shipped_fit_configs_resolve(name, shards, tmp_path):
     EncoderConfig.from_dict(cfg["encoder"]["config"]["encoder"])
     assert len(F.resolve_novel(cfg["novel"], concept_labels())) == 10
     plans, info = F.plan(shards, tmp_path / "m", F.CONFIGS / name, device="cpu", echo=lambda m: None)
-    assert [p.name for p in plans] == PARTS[:3] + ["sampler-multiplicative"] + PARTS[3:]
+    assert [p.name for p in plans] == PARTS[:3] + ["sampler-coverage"] + PARTS[3:]
     assert not (tmp_path / "m").exists()
-    # the default sampler learns concept coverage; the paper's G* is the multiplicative ablation
-    assert cfg["sampler"]["supervision"]["variant"] == "coverage"
-    assert cfg["variants"] == ["multiplicative", "structural"]
+    # the default sampler learns the paper's G*; coverage and structural are ablation rows
+    assert cfg["sampler"]["supervision"]["variant"] == "multiplicative"
+    assert cfg["variants"] == ["coverage", "structural"]
