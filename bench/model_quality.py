@@ -1,3 +1,4 @@
+# run_all: timeout 5400
 """Benchmark: does the cross-scale model do what the paper claims, on a held-out model-scale world?
 
     .venv/bin/python bench/model_quality.py [--seed 6661] [--out bench/out/model_quality] [--scenes N] [--workers K]
@@ -50,7 +51,6 @@ seed, 6661.
 The default size, 3,400 scenes,
 gives ~2,800 train / ~270 val / ~300 test scenes (the paper's 83 / 8 / 9 %).
 """
-# run_all: timeout 5400
 from __future__ import annotations
 
 import argparse
