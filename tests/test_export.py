@@ -219,7 +219,7 @@ def test_the_cards_recipe_gives_every_tiles_transform_from_meta_json_alone(seed)
 
     from gl10m import card
 
-    text = "\n".join(card._georef_section())
+    text = "\n".join(card.georef_section())
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     rng = np.random.default_rng(seed)
     lon, lat = rng.uniform(-125, -67), rng.uniform(24, 49)

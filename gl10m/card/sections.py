@@ -1,344 +1,18 @@
-"""The dataset card: ``W/shards/README.md`` and its plots in ``W/shards/card/``.
-
-:func:`write_card` reads the sidecar index and the manifest (counts), the ``meta.json`` of the
-samples (QC statistics and provenance; every sample up to ``max_qc_samples``, else an evenly
-spaced, key-ordered subset, each read by seek from its shard) and a few whole samples (example
-mosaics), and writes:
-
-* ``README.md``: what the data is, how it was built, the sample schema, per-split and per-state
-  counts, every concept's count per split next to the GL-10M paper count, the QC rules and
-  statistics, how to load it, licences and attribution;
-* ``card/label_frequency.png``: scenes containing each concept, per split, log scale, sorted,
-  with the GL-10M Figure 6 counts (scaled to this dataset's size) as reference markers;
-* ``card/qc.png``: histograms of whatever QC statistics the samples' meta.json hold;
-* ``card/example_{i}.png``: LR next to the HR mosaic with the per-tile dominant concept.
-
-Nothing in it depends on the clock or the machine: the same shards give the same card (PNGs
-are written without software/date metadata).
-"""
+"""The card's Markdown text: one function per section, :func:`card_text` puts them in order."""
 from __future__ import annotations
 
 import importlib.util
-from collections import Counter
 from pathlib import Path
-from typing import Iterable
-
-import numpy as np
 
 from gl10m import inspect as gi
 from gl10m import samples as smp
-from gl10m.errors import UserError
+from gl10m.card.markdown import md_escape, table
+from gl10m.card.plots import GL10M_TRAIN_VAL, card_splits, reference_scale
+from gl10m.card.qc import meta_get, qc_summary
 from gl10m.io import is_url
+from gl10m.shards import INDEX_NAME
 
-CARD_DIR = "card"
-README = "README.md"
-SPLIT_COLOURS = {"train": "#1f77b4", "val": "#ff7f0e", "test": "#2ca02c"}
-GL10M_TRAIN_VAL = 86_008 + 8_069  # scenes behind the paper's Figure 6 counts (train + val)
 GL10M_PAPER = "Observe Less, Understand More: Cost-aware Cross-scale Observation for Remote Sensing Understanding"
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------
-def _save(fig, path: Path) -> Path:
-    return gi.save_figure(fig, path)
-
-
-def _splits(st: dict) -> list[str]:
-    return list(st["samples"])
-
-
-def _colour(split: str, k: int = 0) -> str:
-    return SPLIT_COLOURS.get(split, ["#9467bd", "#8c564b", "#7f7f7f"][k % 3])
-
-
-def _get(d: dict, path: str):
-    """d["a"]["b"] for path "a.b", None when any part is missing."""
-    for part in path.split("."):
-        if not isinstance(d, dict) or part not in d:
-            return None
-        d = d[part]
-    return d
-
-
-def _num(v) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if np.isfinite(f) else None
-
-
-def _fmt(v: float | None, nd: int = 4) -> str:
-    if v is None:
-        return "n/a"
-    if float(v).is_integer():
-        return str(int(v))
-    return f"{v:.{nd}g}"
-
-
-def _md_escape(s) -> str:
-    return str(s).replace("|", "\\|")
-
-
-# ---------------------------------------------------------------------------------------------
-# label frequency
-# ---------------------------------------------------------------------------------------------
-def reference_scale(st: dict) -> tuple[float, int]:
-    """(factor, n): the paper's train+val counts are scaled by n / 94,077, n being this dataset's
-    train+val samples (all samples when it has neither), so the markers show what the GL-10M
-    label distribution would give at this dataset's size."""
-    n = sum(v for s, v in st["samples"].items() if s in ("train", "val")) or st["total_samples"]
-    return n / GL10M_TRAIN_VAL, n
-
-
-def plot_label_frequency(st: dict, profile, path: Path) -> Path:
-    """Horizontal bars: scenes containing each concept per split (log x), sorted by total,
-    most frequent on top; black ticks: GL-10M Fig. 6 counts scaled to this dataset."""
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
-    counts, splits = st["concept_counts"], _splits(st)
-    n = profile.n_concepts
-    order = sorted(range(n), key=lambda i: (-counts["all"][i], -profile.concepts[i].count, i))
-    factor, n_ref = reference_scale(st)
-    y = np.arange(n)[::-1].astype(float)  # first in order at the top
-    fig_h, top_in, bottom_in = 0.2 * n + 1.6, 1.05, 0.35
-    fig = Figure(figsize=(8.5, fig_h), dpi=gi.DPI)
-    ax = fig.add_axes((0.22, bottom_in / fig_h, 0.74, 1 - (top_in + bottom_in) / fig_h))
-    h = 0.8 / max(1, len(splits))
-    for k, s in enumerate(splits):
-        vals = np.array([counts[s][i] for i in order], dtype=float)
-        off = (len(splits) - 1) / 2 * h - k * h
-        ax.barh(y + off, np.where(vals > 0, vals, np.nan), height=h, color=_colour(s, k), label=f"{s} ({st['samples'][s]})")
-    ref = np.array([profile.concepts[i].count for i in order], dtype=float) * factor
-    ax.scatter(np.where(ref > 0, ref, np.nan), y, marker="|", s=60, color="black", linewidths=1.5, zorder=3)
-    ax.set_xscale("log")
-    top = max([max(counts["all"]) if counts["all"] else 1, float(np.nanmax(ref)) if n else 1, 1])
-    # markers of concepts that GL-10M itself rarely has fall below 0.05 scenes at small sizes: clipped
-    low = max(0.05, min(0.5, float(np.nanmin(np.where(ref > 0, ref, np.nan))) * 0.8)) if (ref > 0).any() else 0.5
-    ax.set_xlim(low, top * 1.6)
-    ax.set_ylim(-0.7, n - 0.3)
-    ax.set_yticks(y, [f"{profile.concepts[i].label} ({i})" for i in order], fontsize=7)
-    ax.tick_params(axis="x", labelsize=8)
-    ax.xaxis.tick_top()
-    ax.xaxis.set_label_position("top")
-    ax.set_xlabel("scenes containing the concept (log scale)", fontsize=9)
-    ax.grid(axis="x", which="major", color="0.85", lw=0.6)
-    ax.set_axisbelow(True)
-    handles = [Patch(color=_colour(s, k), label=f"{s} ({st['samples'][s]} scenes)") for k, s in enumerate(splits)]
-    handles.append(Line2D([], [], color="black", marker="|", ls="none", markersize=8, mew=1.5,
-                          label=f"GL-10M Fig. 6 (train+val) x {n_ref}/{GL10M_TRAIN_VAL:,}"))
-    ax.legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.9)
-    fig.suptitle(f"{profile.name}: label frequency per split", y=1 - 0.15 / fig_h, fontsize=11)
-    return _save(fig, path)
-
-
-# ---------------------------------------------------------------------------------------------
-# QC statistics
-# ---------------------------------------------------------------------------------------------
-# (title, kind, extractor(meta) -> list of values, threshold attr on profile.qc or None)
-def _scl(meta: dict, part: str) -> list:
-    items = _get(meta, "s2.items") or []
-    return [_get(it, f"scl.{part}") for it in items if isinstance(it, dict)]
-
-
-QC_PANELS = [
-    ("LR black ratio", "hist", lambda m: [_get(m, "qc.lr_black_ratio")], "max_black_ratio"),
-    ("HR max tile black ratio", "hist", lambda m: [_get(m, "qc.hr_black_ratio_max")], "max_black_ratio"),
-    ("S2 cloud fraction per used date (SCL 8,9,10)", "hist", lambda m: _scl(m, "cloud"), None),
-    ("S2 shadow fraction per used date (SCL 3)", "hist", lambda m: _scl(m, "shadow"), None),
-    ("S2 nodata fraction per used date (SCL 0)", "hist", lambda m: _scl(m, "nodata"), None),
-    ("S2 dates used per scene", "int",
-     lambda m: [len(m["s2"]["items"])] if isinstance(_get(m, "s2.items"), list) else [], None),
-    ("S2 min valid dates per LR pixel", "int", lambda m: [_get(m, "qc.s2_composite.min_obs")], None),
-    ("S2 mean valid dates per LR pixel", "hist", lambda m: [_get(m, "qc.s2_composite.mean_obs")], None),
-    ("S2 LR pixels with no valid date (fraction)", "hist", lambda m: [_get(m, "qc.s2_composite.uncovered")], None),
-    ("NAIP year", "cat", lambda m: [_get(m, "naip.year")], None),
-    ("S2 window mode", "cat", lambda m: [_get(m, "s2.window")], None),
-    ("NAIP quarter-quads per scene", "int",
-     lambda m: [len(m["naip"]["items"])] if isinstance(_get(m, "naip.items"), list) else [], None),
-]
-
-
-def qc_values(metas: Iterable[tuple[str, dict]]) -> dict[str, dict[str, list]]:
-    """{panel title: {split: [values]}} for the QC panels that have any value (missing keys are
-    skipped, per sample)."""
-    out: dict[str, dict[str, list]] = {}
-    for _, m in metas:
-        split = str(m.get("split", "?"))
-        for title, kind, fn, _thr in QC_PANELS:
-            try:
-                vals = fn(m)
-            except (KeyError, TypeError):
-                vals = []
-            for v in vals:
-                if v is None:
-                    continue
-                if kind != "cat":
-                    v = _num(v)
-                    if v is None:
-                        continue
-                out.setdefault(title, {}).setdefault(split, []).append(v if kind != "cat" else str(v))
-    return {t: out[t] for t, *_ in QC_PANELS if t in out}
-
-
-def plot_qc(values: dict[str, dict[str, list]], profile, path: Path, n_meta: int, n_total: int) -> Path:
-    """One panel per QC statistic present: histograms stacked by split (thresholds as dashed
-    lines), integer and categorical statistics as grouped bars."""
-    from matplotlib.figure import Figure
-
-    kinds = {t: (k, thr) for t, k, _f, thr in QC_PANELS}
-    titles = list(values)
-    ncol = 3
-    nrow = max(1, (len(titles) + ncol - 1) // ncol)
-    fig = Figure(figsize=(13, 3.1 * nrow + 0.8), dpi=gi.DPI)
-    axs = fig.subplots(nrow, ncol, squeeze=False)
-    for ax in axs.flat[len(titles):]:
-        ax.set_axis_off()
-    if not titles:
-        axs[0, 0].text(0.5, 0.5, "the samples' meta.json hold no QC statistics", ha="center", va="center")
-    order = [s for s in smp.SPLITS if any(s in values[t] for t in titles)]
-    order += sorted({s for t in titles for s in values[t]} - set(order))
-    for ax, title in zip(axs.flat, titles):
-        kind, thr = kinds[title]
-        per = values[title]
-        splits = [s for s in order if s in per]
-        if kind == "hist":
-            allv = np.concatenate([np.asarray(per[s], float) for s in splits])
-            lo, hi = float(allv.min()), float(allv.max())
-            thr_v = getattr(profile.qc, thr) if thr else None
-            if thr_v is not None:
-                hi = max(hi, thr_v)
-            if hi <= lo:  # one value: a narrow range around it
-                d = max(abs(lo) * 0.05, 0.01)
-                lo, hi = (max(0.0, lo - d) if lo >= 0 else lo - d), hi + d
-            bins = np.linspace(lo, hi, 31)
-            ax.hist([np.asarray(per[s], float) for s in splits], bins=bins, stacked=True,
-                    color=[_colour(s, k) for k, s in enumerate(splits)], label=splits)
-            if thr_v is not None:
-                ax.axvline(thr_v, color="red", ls="--", lw=1, label=f"reject at >= {thr_v}")
-            ax.locator_params(axis="x", nbins=6)
-        else:
-            if kind == "int":
-                cats = sorted({int(v) for s in splits for v in per[s]})
-                cnt = {s: Counter(int(v) for v in per[s]) for s in splits}
-            else:
-                cats = sorted({v for s in splits for v in per[s]})
-                cnt = {s: Counter(per[s]) for s in splits}
-            x = np.arange(len(cats))
-            w = 0.8 / max(1, len(splits))
-            for k, s in enumerate(splits):
-                ax.bar(x - 0.4 + w * (k + 0.5), [cnt[s][c] for c in cats], width=w, color=_colour(s, k), label=s)
-            ax.set_xticks(x, [str(c) for c in cats], fontsize=8)
-        n_vals = sum(len(per[s]) for s in splits)
-        ax.set_title(f"{title}  (n={n_vals})", fontsize=9)
-        ax.tick_params(labelsize=8)
-        ax.legend(fontsize=7)
-    sub = f"{n_meta} of {n_total} samples" if n_meta < n_total else f"all {n_total} samples"
-    fig.suptitle(f"{profile.name}: QC statistics from meta.json ({sub})", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (3.1 * nrow + 0.8)))
-    return _save(fig, path)
-
-
-def qc_summary(values: dict[str, dict[str, list]]) -> list[list[str]]:
-    """Rows (statistic, n, min, median, mean, max) for numeric panels; counts for categorical."""
-    kinds = {t: k for t, k, _f, _t in QC_PANELS}
-    rows = []
-    for title, per in values.items():
-        vals = [v for s in per for v in per[s]]
-        if kinds[title] == "cat":
-            c = Counter(vals)
-            rows.append([title, str(len(vals)), ", ".join(f"{k}: {v}" for k, v in sorted(c.items())), "", "", ""])
-        else:
-            a = np.asarray(vals, float)
-            rows.append([title, str(len(a)), _fmt(a.min()), _fmt(float(np.median(a))), _fmt(float(a.mean())),
-                         _fmt(a.max())])
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# examples
-# ---------------------------------------------------------------------------------------------
-def pick_examples(index, n: int) -> list[str]:
-    """`n` keys, round-robin over the splits (train, val, test), in each split the samples with
-    the most concepts first (ties by key): deterministic and informative."""
-    per: dict[str, list[str]] = {}
-    for s in [*smp.SPLITS, *sorted(set(index["split"]) - set(smp.SPLITS))]:
-        g = index[index["split"] == s]
-        if len(g):
-            nlab = [int(np.asarray(x).sum()) for x in g["labels"]]
-            per[s] = [k for _, k in sorted(zip((-v for v in nlab), g["key"].tolist()))]
-    out: list[str] = []
-    depth = 0
-    while len(out) < n and any(depth < len(v) for v in per.values()):
-        for s, keys in per.items():
-            if depth < len(keys) and len(out) < n:
-                out.append(keys[depth])
-        depth += 1
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# the card
-# ---------------------------------------------------------------------------------------------
-def _meta_subset(index, max_n: int | None):
-    rows = index.sort_values("key", kind="stable")
-    if max_n is not None and len(rows) > max_n:
-        pick = np.unique(np.linspace(0, len(rows) - 1, max_n).round().astype(int))
-        rows = rows.iloc[pick]
-    return rows
-
-
-def write_card(shards_dir: str | Path, profile, *, n_examples: int = 3, max_qc_samples: int | None = 20000) -> Path:
-    """Write ``{shards_dir}/README.md`` and ``{shards_dir}/card/*.png``; return the README path."""
-    root = gi.shards_root(shards_dir)
-    index = gi.read_index(root)
-    manifest = gi.read_manifest(root)
-    if len(index) == 0:  # an empty build still gets a card that says so (and no stale plots)
-        for old in (root / CARD_DIR).glob("*.png"):
-            old.unlink()
-        return gi.write_public(root / README, (
-            f"# {profile.name}: a GL-10M-style Sentinel-2 / NAIP dataset with OpenStreetMap concepts\n\n"
-            f"This shards folder holds no samples: the build (profile `{profile.name}` version {profile.version}, "
-            f"hash `{profile.hash()}`) produced none. Run `gl10m download` and `gl10m shard` again once scenes "
-            "are fetched.\n" + "".join(f"\n{line}\n" for line in _build_outcome(manifest, 0))).encode("utf-8"))
-    n_lab = len(index["labels"].iloc[0])
-    if n_lab != profile.n_concepts:
-        raise UserError(f"{root}: samples have {n_lab} labels but profile {profile.name} has "
-                        f"{profile.n_concepts} concepts")
-    st = gi.stats(root, profile)
-    card = root / CARD_DIR
-    card.mkdir(parents=True, exist_ok=True)
-
-    plot_label_frequency(st, profile, card / "label_frequency.png")
-    rows = _meta_subset(index, max_qc_samples)
-    metas = list(gi.iter_meta(root, rows))
-    values = qc_values(metas)
-    plot_qc(values, profile, card / "qc.png", len(metas), len(index))
-
-    examples = pick_examples(index, max(0, int(n_examples)))
-    labels = [c.label for c in profile.concepts]
-    for i, key in enumerate(examples):
-        s = gi.load_sample(root, key)
-        _save(gi.render(s, mode="dominant", concept_labels=labels, zoom=2), card / f"example_{i}.png")
-    for old in card.glob("example_*.png"):
-        stem = old.stem.split("_", 1)[1]
-        if not stem.isdigit() or int(stem) >= len(examples):
-            old.unlink()
-
-    text = card_text(st, manifest, profile, metas, values, examples, n_meta=len(metas))
-    out = root / README
-    gi.write_public(out, text.encode("utf-8"))
-    return out
-
-
-def _table(header: list[str], rows: list[list], align: list[str] | None = None) -> list[str]:
-    align = align or ["---"] * len(header)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(_md_escape(c) for c in r) + " |" for r in rows]
-    return lines
 
 
 SCHEMA = [
@@ -384,8 +58,6 @@ BANDS_META_KEY = ("bands", "(`imagery.bands` rgbn or raw only) mode, and for `lr
 
 def _extra_rows(bands: str) -> list[tuple[str, str, str, str]]:
     """Schema rows of the extra members of `bands` (none for rgb)."""
-    from gl10m import samples as smp
-
     if bands == "rgb":
         return []
     name, lc, ld, hc, hd, lb, hb = smp.EXTRA[bands]
@@ -411,7 +83,7 @@ def _data_load_call() -> str | None:
 
 def _pbf_sources(profile, st: dict) -> str:
     """Where the OSM data of the regions in the data came from, as the profile says."""
-    regions = sorted({k for s in _splits(st) for k in st["states"][s]} & set(profile.regions)) or sorted(profile.regions)
+    regions = sorted({k for s in card_splits(st) for k in st["states"][s]} & set(profile.regions)) or sorted(profile.regions)
     pinned = [r for r in regions if profile.regions[r].pbf]
     dated = [r for r in regions if not profile.regions[r].pbf]
     parts = []
@@ -431,7 +103,7 @@ def _pbf_name(pbf: str) -> str:
     return redact(pbf) if is_url(pbf) else Path(pbf).name
 
 
-def _build_outcome(manifest: dict, total: int) -> list[str]:
+def build_outcome(manifest: dict, total: int) -> list[str]:
     """What became of the planned scenes: rejections by reason, what is missing and why."""
     if "planned" not in manifest:
         return [f"- Planned but not fetched: {manifest['not_fetched']}."] if "not_fetched" in manifest else []
@@ -447,7 +119,7 @@ def _build_outcome(manifest: dict, total: int) -> list[str]:
                    + ", ".join(f"`{k}` {v}" for k, v in sorted(npl.items(), key=lambda kv: (-kv[1], kv[0]))) + ").")
     missing = manifest.get("missing") or []
     if missing:
-        shown = ", ".join(f"`{m['key']}` ({_md_escape(m['why'])})" for m in missing[:10])
+        shown = ", ".join(f"`{m['key']}` ({md_escape(m['why'])})" for m in missing[:10])
         out.append(f"- **Incomplete build** (`--allow-incomplete`): {len(missing)} planned scene(s) have no sample: "
                    f"{shown}" + (f" and {len(missing) - 10} more (all in `manifest.json`)" if len(missing) > 10 else "")
                    + ".")
@@ -487,7 +159,7 @@ def _intro(st: dict, profile, splits: list[str]) -> list[str]:
         ["shards", *[str(st["shards"][s]) for s in splits], str(st["total_shards"])],
         ["size on disk", *[gi.human_bytes(st["shard_bytes"][s]) for s in splits], gi.human_bytes(st["total_bytes"])],
     ]
-    L += _table(["", *splits, "total"], rows, ["---"] + ["--:"] * (len(splits) + 1))
+    L += table(["", *splits, "total"], rows, ["---"] + ["--:"] * (len(splits) + 1))
     A("")
     A(f"Mean sample payload: {gi.human_bytes(st['mean_sample_bytes'])}. Concepts present in at least one "
       f"scene: {sum(1 for v in counts['all'] if v > 0)} of {profile.n_concepts}.")
@@ -505,10 +177,10 @@ def _provenance(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]]
     prof_m = manifest.get("profile") or {"name": profile.name, "version": profile.version, "hash": profile.hash()}
     builder = manifest.get("builder") or {}
     providers = sorted({str(m.get("provider")) for _, m in metas if m.get("provider")})
-    builders = sorted({f"{_get(m, 'builder.name')} {_get(m, 'builder.version')}" for _, m in metas
-                       if _get(m, "builder.version")})
-    prof_hashes = sorted({str(_get(m, "profile.hash")) for _, m in metas if _get(m, "profile.hash")})
-    naip_years = sorted({str(_get(m, "naip.year")) for _, m in metas if _get(m, "naip.year") is not None})
+    builders = sorted({f"{meta_get(m, 'builder.name')} {meta_get(m, 'builder.version')}" for _, m in metas
+                       if meta_get(m, "builder.version")})
+    prof_hashes = sorted({str(meta_get(m, "profile.hash")) for _, m in metas if meta_get(m, "profile.hash")})
+    naip_years = sorted({str(meta_get(m, "naip.year")) for _, m in metas if meta_get(m, "naip.year") is not None})
     total = st["total_samples"]
     L: list[str] = []
     A = L.append
@@ -555,7 +227,7 @@ def _provenance(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]]
       f"{', '.join(sch.train) or '-'}; val {', '.join(sch.val) or '-'}; test {', '.join(sch.test) or '-'}. Scenes within "
       f"{profile.splits.border_buffer_deg:g} degrees of a state of another split are dropped from the smaller split"
       + (f" ({manifest['dropped_border']} dropped in this build)" if "dropped_border" in manifest else "") + ".")
-    L += _build_outcome(manifest, total)
+    L += build_outcome(manifest, total)
     A("")
     return L
 
@@ -571,7 +243,7 @@ def _per_state(st: dict, profile, splits: list[str]) -> list[str]:
         for state, n in st["states"][s].items():
             reg = profile.regions.get(state)
             rows.append([s, state, reg.name if reg else "", str(n), str(reg.target) if reg else ""])
-    L += _table(["split", "state", "name", "samples", "profile download target"], rows,
+    L += table(["split", "state", "name", "samples", "profile download target"], rows,
                 ["---", "---", "---", "--:", "--:"])
     A("")
     return L
@@ -589,7 +261,7 @@ def _schema(profile) -> list[str]:
       "`hr_99.jpg`, so a reader that needs only the LR image stops early.")
     A("")
     bands = getattr(profile.imagery, "bands", "rgb")
-    L += _table(["field", "dtype", "shape", "meaning"], [list(r) for r in SCHEMA + _extra_rows(bands)])
+    L += table(["field", "dtype", "shape", "meaning"], [list(r) for r in SCHEMA + _extra_rows(bands)])
     A("")
     if bands != "rgb":
         A(f"**Extra bands** (`imagery.bands: {bands}`): one more member for the LR image and one per HR tile, "
@@ -607,10 +279,10 @@ def _schema(profile) -> list[str]:
     A("")
     A("`meta.json` keys:")
     A("")
-    L += _table(["key(s)", "content"], [list(r) for r in META_KEYS + ([BANDS_META_KEY] if bands != "rgb" else [])])
+    L += table(["key(s)", "content"], [list(r) for r in META_KEYS + ([BANDS_META_KEY] if bands != "rgb" else [])])
     A("")
-    L += _georef_section()
-    A(f"The sidecar `{gi._INDEX}` has one row per sample: `key`, `split`, `state`, `shard`, `fields`, `offsets` and "
+    L += georef_section()
+    A(f"The sidecar `{INDEX_NAME}` has one row per sample: `key`, `split`, `state`, `shard`, `fields`, `offsets` and "
       f"`sizes` (byte offset and length of each member's data in the shard), `sha256` (of the sample's fields), "
       f"`labels` ({profile.n_concepts} uint8) and `nbytes`. `manifest.json` lists the shards (name, bytes, samples, "
       "sha256), samples and states per split, and the profile and builder.")
@@ -618,7 +290,7 @@ def _schema(profile) -> list[str]:
     return L
 
 
-def _georef_section() -> list[str]:
+def georef_section() -> list[str]:
     """How to place the LR image and any HR tile on the map from meta.json alone."""
     return [
         "**Georeferencing.** `meta.json`'s `georef` block places every image in EPSG:4326 (`crs`): "
@@ -677,7 +349,7 @@ def _concepts(st: dict, profile, splits: list[str]) -> list[str]:
     for c in profile.concepts:
         rows.append([str(c.id), f"`{c.name}`", c.label, *[str(counts[s][c.id]) for s in splits],
                      str(counts["all"][c.id]), f"{c.count:,}", "/".join(c.kinds)])
-    L += _table(["id", "name", "label", *splits, "total", "GL-10M count", "OSM kinds"], rows,
+    L += table(["id", "name", "label", *splits, "total", "GL-10M count", "OSM kinds"], rows,
                 ["--:", "---", "---"] + ["--:"] * (len(splits) + 2) + ["---"])
     A("")
     return L
@@ -713,7 +385,7 @@ def _quality(st: dict, profile, values: dict, n_meta: int) -> list[str]:
     A("")
     summary = qc_summary(values)
     if summary:
-        L += _table(["statistic", "n", "min / counts", "median", "mean", "max"], summary,
+        L += table(["statistic", "n", "min / counts", "median", "mean", "max"], summary,
                     ["---", "--:", "--:", "--:", "--:", "--:"])
     else:
         A("(the samples' meta.json hold no QC statistics)")
@@ -765,8 +437,6 @@ def _loading(bands: str = "rgb") -> list[str]:
     A("    lr, tile_00, labels = s[\"lr.png\"], s[\"hr_00.jpg\"], s[\"labels.npy\"]")
     A("    tile_frac, meta = s[\"tile_frac.npy\"], s[\"meta.json\"]")
     if bands != "rgb":
-        from gl10m import samples as smp
-
         nm = smp.EXTRA[bands][0]
         A(f"    lr_{nm}, tile_00_{nm} = s[\"lr_{nm}.npz\"][\"{nm}\"], s[\"hr_00_{nm}.npz\"][\"{nm}\"]  # npz -> dict of arrays")
     A("```")
@@ -800,7 +470,7 @@ def _loading(bands: str = "rgb") -> list[str]:
 def _licences(profile, metas: list[tuple[str, dict]]) -> list[str]:
     """Licences and attribution of the three sources."""
     s2p = profile.imagery.s2
-    s2_years = sorted({str(it.get("datetime"))[:4] for _, m in metas for it in (_get(m, "s2.items") or [])
+    s2_years = sorted({str(it.get("datetime"))[:4] for _, m in metas for it in (meta_get(m, "s2.items") or [])
                        if isinstance(it, dict) and it.get("datetime")})
     if not s2_years:
         s2_years = sorted({str(s2p.clip_start.year), str(s2p.clip_end.year)})
@@ -830,7 +500,7 @@ def _licences(profile, metas: list[tuple[str, dict]]) -> list[str]:
 def card_text(st: dict, manifest: dict, profile, metas: list[tuple[str, dict]], values: dict,
               examples: list[str], *, n_meta: int) -> str:
     """The card's Markdown: its sections in order."""
-    splits = _splits(st)
+    splits = card_splits(st)
     sections = [_intro(st, profile, splits), _provenance(st, manifest, profile, metas),
                 _per_state(st, profile, splits), _schema(profile), _concepts(st, profile, splits),
                 _quality(st, profile, values, n_meta), _examples(examples), _loading(getattr(profile.imagery, "bands", "rgb")),
