@@ -345,7 +345,7 @@ def test_ddp_two_ranks_two_workers_see_every_sample_once(sd, split_by):
 def test_sample_reader_reads_members_by_index_order(sd, monkeypatch):
     """Random access to raw member bytes (the eval's IO): equal to the shard's bytes, bounded
     open files, one-line errors."""
-    monkeypatch.setattr(data.tar, "_MAX_OPEN", 1)  # the bound on open shard readers
+    monkeypatch.setattr(data.tar, "MAX_OPEN", 1)  # the bound on open shard readers
     want = full_samples(sd, "train")
     with data.SampleReader(sd, "train") as r:
         assert sorted(r.keys) == sorted(want) and len(r) == len(want)

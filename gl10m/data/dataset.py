@@ -11,9 +11,9 @@ import numpy as np
 from gl10m import samples as smp
 from gl10m.data import tar as _tar
 from gl10m.data.common import HEAD_FIELDS, IterableDataset, LoaderError, TileSpec, check_bands, torch
-from gl10m.data.decode import _chw, _decode_extra, _decode_lr, _decode_tiles, _tile_indices, decoded_tile_px
-from gl10m.data.sources import INDEX_NAME, _Index, _resolve, _Shard
-from gl10m.data.tar import _NotSeekable, _open_reader, _open_stream, _read_members
+from gl10m.data.decode import chw, decode_extra, decode_lr, decode_tiles, decoded_tile_px, tile_indices
+from gl10m.data.sources import INDEX_NAME, Shard, ShardIndex, resolve
+from gl10m.data.tar import NotSeekable, open_reader, open_stream, read_sample_members
 from gl10m.shards import ShardError, iter_tar
 
 
@@ -60,7 +60,7 @@ def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Ite
 class ShardDataset(IterableDataset):
     """The dataset :func:`load` returns (see the module doc for items, splitting and shuffling)."""
 
-    def __init__(self, shards: list[_Shard], index: _Index | None, *, split: str | None, tiles: TileSpec,
+    def __init__(self, shards: list[Shard], index: ShardIndex | None, *, split: str | None, tiles: TileSpec,
                  shuffle: int, seed: int, rank: int, world_size: int, with_epoch: int | None, verify: bool,
                  decode_meta: bool, split_by: str, tile_px: int | None = None, georef: bool = False,
                  bands: str | None = None):
@@ -68,8 +68,8 @@ class ShardDataset(IterableDataset):
         self._tiles_fn = tiles if callable(tiles) else None
         self._tiles = None if callable(tiles) else (
             tuple(range(smp.N_TILES)) if isinstance(tiles, str)
-            else _tile_indices(tiles if isinstance(tiles, np.ndarray) or (torch is not None and isinstance(tiles, torch.Tensor))
-                               else list(tiles), "tiles"))
+            else tile_indices(tiles if isinstance(tiles, np.ndarray) or (torch is not None and isinstance(tiles, torch.Tensor))
+                              else list(tiles), "tiles"))
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
         self.with_epoch, self.verify, self.decode_meta, self.split_by = with_epoch, verify, decode_meta, split_by
         self.epoch = 0
@@ -170,15 +170,15 @@ class ShardDataset(IterableDataset):
                               f"for this shard")
         yield from self._stream(s, keep, counter)
 
-    def _reader(self, s: _Shard, readers: dict):
+    def _reader(self, s: Shard, readers: dict):
         if s.url not in readers:
-            while len(readers) >= _tar._MAX_OPEN:
+            while len(readers) >= _tar.MAX_OPEN:
                 old = readers.pop(next(iter(readers)))
                 if old is not None:
                     old.close()
             try:
-                readers[s.url] = _open_reader(s.url)
-            except _NotSeekable:
+                readers[s.url] = open_reader(s.url)
+            except NotSeekable:
                 readers[s.url] = None
         else:
             readers[s.url] = readers.pop(s.url)  # most recently used last
@@ -188,7 +188,7 @@ class ShardDataset(IterableDataset):
     def _needed_head(self) -> tuple[str, ...]:
         return HEAD_FIELDS if self.decode_meta or self.georef else HEAD_FIELDS[1:]
 
-    def _stream(self, s: _Shard, keep, counter) -> Iterator[_Partial]:
+    def _stream(self, s: Shard, keep, counter) -> Iterator[_Partial]:
         ix = self._index
         by_key = {ix.keys[r]: r for r in s.rows} if s.rows is not None else None
         head = set(self._needed_head())
@@ -211,8 +211,8 @@ class ShardDataset(IterableDataset):
                     raise LoaderError(f"{where}: checksum mismatch")
             sel = c["tiles"]
             if sel is None:  # the LR image came after tiles (not gl10m's order): choose now
-                c["lr"] = _decode_lr(c["data"][smp.LR_FIELD], where)
-                sel = _tile_indices(self._tiles_fn(_chw(c["lr"])), where)
+                c["lr"] = decode_lr(c["data"][smp.LR_FIELD], where)
+                sel = tile_indices(self._tiles_fn(chw(c["lr"])), where)
             data = {f: c["data"][f] for f in head}
             if self.bands is not None:
                 have = smp.bands_of(c["names"])
@@ -224,7 +224,7 @@ class ShardDataset(IterableDataset):
                         data[f] = c["data"][f]
             return _Partial(c["key"], s.name, data, c["lr"], sel)
 
-        fh = _open_stream(s.url)
+        fh = open_stream(s.url)
         try:
             for m in iter_tar(fh, s.name):  # names, types and sizes checked before anything is read
                 key, field = m.key, m.field
@@ -246,8 +246,8 @@ class ShardDataset(IterableDataset):
                     cur["data"][field] = m.read()
                 if field == smp.LR_FIELD and self._tiles_fn is not None and cur["tiles"] is None:
                     where = f"{s.name}: sample {key}"
-                    cur["lr"] = _decode_lr(cur["data"][field], where)
-                    cur["tiles"] = _tile_indices(self._tiles_fn(_chw(cur["lr"])), where)
+                    cur["lr"] = decode_lr(cur["data"][field], where)
+                    cur["tiles"] = tile_indices(self._tiles_fn(chw(cur["lr"])), where)
                     if not self.verify:  # drop tiles that came before LR and are not selected
                         names = _names(cur["tiles"], self.bands is not None)
                         for f in [f for f in cur["data"] if f.startswith("hr_") and f not in names]:
@@ -280,7 +280,7 @@ class ShardDataset(IterableDataset):
             if extra:
                 check_bands(self.bands, have, where)
             if self.verify:
-                data = _read_members(reader, s.name, key, offs, sizes, smp.fields_for(have), ix.pos)
+                data = read_sample_members(reader, s.name, key, offs, sizes, smp.fields_for(have), ix.pos)
                 from gl10m.shards import sample_digest
 
                 if sample_digest(data) != ix.sha256[row]:
@@ -291,16 +291,16 @@ class ShardDataset(IterableDataset):
                     want.append(smp.lr_extra_field(have))
                 if self._tiles is not None:
                     want += _names(self._tiles, extra, have)
-                data = _read_members(reader, s.name, key, offs, sizes, want, ix.pos)
+                data = read_sample_members(reader, s.name, key, offs, sizes, want, ix.pos)
             lr, sel = None, self._tiles
             if sel is None:
-                lr = _decode_lr(data[smp.LR_FIELD], where)
-                sel = _tile_indices(self._tiles_fn(_chw(lr)), where)
+                lr = decode_lr(data[smp.LR_FIELD], where)
+                sel = tile_indices(self._tiles_fn(chw(lr)), where)
                 missing = [f for f in _names(sel, extra, have) if f not in data]
                 if missing:
-                    data.update(_read_members(reader, s.name, key, offs, sizes, missing, ix.pos))
+                    data.update(read_sample_members(reader, s.name, key, offs, sizes, missing, ix.pos))
         if lr is None:
-            lr = _decode_lr(data[smp.LR_FIELD], where)
+            lr = decode_lr(data[smp.LR_FIELD], where)
         out: dict[str, Any] = {"key": key}
         if self.decode_meta or self.georef:
             try:
@@ -318,16 +318,16 @@ class ShardDataset(IterableDataset):
             raise LoaderError(f"{where}: {e}") from None
         if labels.ndim != 1 or frac.ndim != 2 or frac.shape[0] != smp.N_TILES:
             raise LoaderError(f"{where}: labels {labels.shape} / tile_frac {frac.shape} have the wrong shape")
-        hr = _decode_tiles(sel, data, where, self.tile_px)
-        out.update(lr=_chw(lr), hr=_chw(hr), tiles=torch.tensor(sel, dtype=torch.int64).reshape(-1),
+        hr = decode_tiles(sel, data, where, self.tile_px)
+        out.update(lr=chw(lr), hr=chw(hr), tiles=torch.tensor(sel, dtype=torch.int64).reshape(-1),
                    labels=torch.from_numpy(np.ascontiguousarray(labels, dtype=np.uint8)),
                    tile_frac=torch.from_numpy(np.ascontiguousarray(frac[list(sel)])))
         if self.bands is not None:
             have = smp.bands_of(data)
             check_bands(self.bands, have, where)
-            lr_x, hr_x = _decode_extra(sel, data, where, have, self.bands)
+            lr_x, hr_x = decode_extra(sel, data, where, have, self.bands)
             # uint16 reflectance as int32 (torch's uint16 supports few operations); NAIP stays uint8
-            out.update(lr_extra=_chw(lr_x.astype(np.int32)), hr_extra=_chw(hr_x))
+            out.update(lr_extra=chw(lr_x.astype(np.int32)), hr_extra=chw(hr_x))
         if self.georef:
             out.update(_georef_fields(meta, sel, where))
         return out
@@ -426,7 +426,7 @@ def load(source, split: str | None = None, tiles: TileSpec = "all", *, shuffle: 
         raise LoaderError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
     if bands not in smp.BANDS:
         raise LoaderError(f"bands must be one of {', '.join(smp.BANDS)}, got {bands!r}")
-    shards, ix, split = _resolve(source, split, index)
+    shards, ix, split = resolve(source, split, index)
     if ix is not None and len(ix.keys):
         check_bands(bands, ix.bands, f"{shards[0].url}")
     if verify and ix is None:

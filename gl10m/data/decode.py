@@ -12,7 +12,9 @@ from gl10m.data.common import LoaderError, torch
 # ---------------------------------------------------------------------------------------------
 # Tiles and decoding
 # ---------------------------------------------------------------------------------------------
-def _tile_indices(sel, where: str) -> tuple[int, ...]:
+def tile_indices(sel, where: str) -> tuple[int, ...]:
+    """A tile selection (indices, a boolean mask, a tensor) as a tuple of distinct tile indices, or a
+    one-line LoaderError naming `where`."""
     if torch is not None and isinstance(sel, torch.Tensor):
         sel = sel.detach().cpu().numpy()
     arr = np.asarray(sel)
@@ -49,12 +51,14 @@ def decoded_tile_px(tile_px: int | None) -> int:
     return smp.TILE_PX
 
 
-def _decode_tiles(idx: Sequence[int], data: dict[str, bytes], where: str, tile_px: int | None = None) -> np.ndarray:
-    """Decode the HR tiles `idx` straight into one [n, S, S, 3] buffer with
-    :func:`gl10m.samples.decode_tile`; S = 268, or with ``tile_px`` the reduced size of
-    :func:`decoded_tile_px`, scaled inside the JPEG decoder (its DCT scaling: a model that resizes
+def decode_tiles(idx: Sequence[int], data: dict[str, bytes], where: str = "sample",
+                 tile_px: int | None = None) -> np.ndarray:
+    """The HR tiles ``idx`` from ``{hr_XX.jpg: bytes}`` -> uint8 [n, S, S, 3] (NHWC), decoded straight
+    into one buffer with :func:`gl10m.samples.decode_tile`; S = 268, or with ``tile_px`` the reduced
+    size of :func:`decoded_tile_px`, scaled inside the JPEG decoder (its DCT scaling: a model that resizes
     tiles to 64 px decodes them at 67 px, ~1.6x faster than in full and with no 268 px resize to
     follow; the result differs from full decode + antialiased resize by ~0.4 DN on average)."""
+    idx = tuple(int(i) for i in idx)
     side = decoded_tile_px(tile_px)
     min_side = None if side == smp.TILE_PX else side
     hr = np.empty((len(idx), side, side, 3), dtype=np.uint8)
@@ -70,7 +74,8 @@ def _decode_tiles(idx: Sequence[int], data: dict[str, bytes], where: str, tile_p
     return hr
 
 
-def _decode_lr(data: bytes, where: str) -> np.ndarray:
+def decode_lr(data: bytes, where: str = "lr") -> np.ndarray:
+    """``lr.png`` bytes -> uint8 [268, 268, 3] (HWC), or a one-line :class:`LoaderError`."""
     try:
         lr = smp.decode_lr(data)
     except smp.SampleError as e:
@@ -82,7 +87,7 @@ def _decode_lr(data: bytes, where: str) -> np.ndarray:
     return lr
 
 
-def _decode_extra(idx: Sequence[int], data: dict[str, bytes], where: str, have: str,
+def decode_extra(idx: Sequence[int], data: dict[str, bytes], where: str, have: str,
                   want: str) -> tuple[np.ndarray, np.ndarray]:
     """The extra bands of a sample written with `have` (rgbn or raw), as `want` asks (rgbn from
     raw shards: their fourth band): (LR [268, 268, C] uint16, HR [n, 268, 268, C] uint8)."""
@@ -103,21 +108,10 @@ def _decode_extra(idx: Sequence[int], data: dict[str, bytes], where: str, have: 
     return lr, hr
 
 
-def _chw(a: np.ndarray):
+def chw(a: np.ndarray):
+    """An HWC image or NHWC stack as a CHW / NCHW torch tensor (a view, no copy)."""
     t = torch.from_numpy(a)
     return t.permute(2, 0, 1) if a.ndim == 3 else t.permute(0, 3, 1, 2)
-
-
-def decode_lr(data: bytes, where: str = "lr") -> np.ndarray:
-    """``lr.png`` bytes -> uint8 [268, 268, 3] (HWC), or a one-line :class:`LoaderError`."""
-    return _decode_lr(data, where)
-
-
-def decode_tiles(idx: Sequence[int], data: dict[str, bytes], where: str = "sample",
-                 tile_px: int | None = None) -> np.ndarray:
-    """The HR tiles ``idx`` from ``{hr_XX.jpg: bytes}`` -> uint8 [n, 268, 268, 3] (NHWC); with
-    ``tile_px``, [n, S, S, 3] at the reduced size of :func:`decoded_tile_px`."""
-    return _decode_tiles(tuple(int(i) for i in idx), data, where, tile_px)
 
 
 def decode_labels(data: bytes, where: str = "sample") -> np.ndarray:

@@ -23,7 +23,7 @@ _BLOCK = 512  # a tar header: no member starts before the first one ends
 # ---------------------------------------------------------------------------------------------
 # Sources
 # ---------------------------------------------------------------------------------------------
-def _local(s: str) -> str | None:
+def local_path(s: str) -> str | None:
     """The local path of `s` (plain path or file:// URL), else None."""
     if s.startswith("file://"):
         return s[len("file://"):]
@@ -31,7 +31,7 @@ def _local(s: str) -> str | None:
 
 
 def _join(base: str, *parts: str) -> str:
-    loc = _local(base)
+    loc = local_path(base)
     if loc is not None:
         return str(Path(loc).joinpath(*parts))
     return posixpath.join(base.rstrip("/"), *parts)
@@ -43,7 +43,8 @@ def _expand(pattern: str) -> list[str]:
     return list(braceexpand.braceexpand(pattern))
 
 
-def _fsspec_fs(url: str):
+def fsspec_fs(url: str):
+    """(filesystem, path) of an fsspec URL, or a one-line LoaderError (no backend, bad URL)."""
     import fsspec
 
     try:
@@ -55,7 +56,8 @@ def _fsspec_fs(url: str):
         raise LoaderError(f"{url}: {e}") from None
 
 
-def _http_session():
+def http_session():
+    """A requests session that asks for the bytes as stored (no Content-Encoding)."""
     import requests
 
     s = requests.Session()
@@ -64,18 +66,18 @@ def _http_session():
 
 
 def _read_bytes(url: str) -> bytes:
-    loc = _local(url)
+    loc = local_path(url)
     try:
         if loc is not None:
             return Path(loc).read_bytes()
         if url.startswith(("http://", "https://")):
-            with _http_session() as s:
+            with http_session() as s:
                 r = s.get(url, timeout=60)
                 if r.status_code == 404:
                     raise FileNotFoundError(url)
                 r.raise_for_status()
                 return r.content
-        fs, path = _fsspec_fs(url)
+        fs, path = fsspec_fs(url)
         with fs.open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
@@ -92,14 +94,18 @@ def _safe_shard_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Shard:
+class Shard:
+    """One shard of a resolved source: its URL, its file name and its rows in the index."""
+
     url: str
     name: str
-    rows: np.ndarray | None = None  # index rows (into _Index arrays) of this shard, in tar order
+    rows: np.ndarray | None = None  # index rows (into ShardIndex arrays) of this shard, in tar order
 
 
 @dataclass(frozen=True)
-class _Index:
+class ShardIndex:
+    """The sidecar index rows of the split read, as arrays: keys, sha256, member offsets and sizes."""
+
     keys: list
     sha256: list
     offsets: np.ndarray  # [n, n_fields] int64, smp.fields_for(bands) order
@@ -111,7 +117,8 @@ class _Index:
         return field_pos(self.bands)
 
 
-def _read_index(raw: bytes, split: str | None, shard_names: Iterable[str]) -> tuple[_Index, dict[str, np.ndarray]]:
+def _read_index(raw: bytes, split: str | None,
+                shard_names: Iterable[str]) -> tuple[ShardIndex, dict[str, np.ndarray]]:
     """Index rows of `split` (all splits when None) whose shard is in `shard_names`, as arrays in
     FIELDS order; and, per shard name, its rows sorted by offset (tar order)."""
     import pyarrow as pa
@@ -129,7 +136,7 @@ def _read_index(raw: bytes, split: str | None, shard_names: Iterable[str]) -> tu
     t = t.filter(mask)
     n = t.num_rows
     if n == 0:
-        return _Index([], [], np.zeros((0, N_FIELDS), np.int64), np.zeros((0, N_FIELDS), np.int32)), {}
+        return ShardIndex([], [], np.zeros((0, N_FIELDS), np.int64), np.zeros((0, N_FIELDS), np.int32)), {}
 
     bands = smp.bands_of(t["fields"].combine_chunks().flatten().unique().to_pylist())
     pos = field_pos(bands)
@@ -176,11 +183,11 @@ def _read_index(raw: bytes, split: str | None, shard_names: Iterable[str]) -> tu
         rows = np.flatnonzero(shard_col == name)
         if len(rows):
             by_shard[name] = rows[np.argsort(first[rows], kind="stable")]
-    return _Index(keys, t["sha256"].to_pylist(), o2, s2, bands), by_shard
+    return ShardIndex(keys, t["sha256"].to_pylist(), o2, s2, bands), by_shard
 
 
-def _resolve(source, split: str | None, index: str | os.PathLike | None):
-    """-> (shards, _Index or None, split)."""
+def resolve(source, split: str | None, index: str | os.PathLike | None):
+    """-> (shards, ShardIndex or None, split)."""
     if isinstance(source, (str, os.PathLike)):
         urls = _expand(os.fspath(source))
     elif isinstance(source, Iterable):
@@ -198,20 +205,20 @@ def _resolve(source, split: str | None, index: str | os.PathLike | None):
     names = [posixpath.basename(u.rstrip("/")) for u in urls]
     idx_url = os.fspath(index) if index is not None else None
     if idx_url is None:
-        loc = _local(urls[0])
+        loc = local_path(urls[0])
         if loc is not None:
             cand = Path(loc).parent.parent / INDEX_NAME
             if cand.exists():
                 idx_url = str(cand)
                 split = split or Path(loc).parent.name
     if idx_url is None:
-        return [_Shard(u, n) for u, n in zip(urls, names)], None, split
+        return [Shard(u, n) for u, n in zip(urls, names)], None, split
     try:
         raw = _read_bytes(idx_url)
     except FileNotFoundError:
         raise LoaderError(f"{idx_url}: no shard index there") from None
     ix, by_shard = _read_index(raw, split, names)
-    return [_Shard(u, n, by_shard.get(n)) for u, n in zip(urls, names)], ix, split
+    return [Shard(u, n, by_shard.get(n)) for u, n in zip(urls, names)], ix, split
 
 
 def _resolve_dir(base: str, split: str | None, index):
@@ -240,6 +247,6 @@ def _resolve_dir(base: str, split: str | None, index):
     except FileNotFoundError:
         if index is not None:
             raise LoaderError(f"{idx_url}: no shard index there") from None
-        return [_Shard(u, n) for u, n in zip(urls, names)], None, split
+        return [Shard(u, n) for u, n in zip(urls, names)], None, split
     ix, by_shard = _read_index(raw, split, names)
-    return [_Shard(u, n, by_shard.get(n)) for u, n in zip(urls, names)], ix, split
+    return [Shard(u, n, by_shard.get(n)) for u, n in zip(urls, names)], ix, split

@@ -11,17 +11,17 @@ from typing import Any, Sequence
 import numpy as np
 
 from gl10m.data.common import FIELD_POS, LoaderError
-from gl10m.data.sources import INDEX_NAME, _fsspec_fs, _http_session, _local, _resolve
+from gl10m.data.sources import INDEX_NAME, fsspec_fs, http_session, local_path, resolve
 from gl10m.shards import ShardError, read_members
 
-_MAX_OPEN = 8  # open shard readers per consumer (least recently used closed first)
+MAX_OPEN = 8  # open shard readers per consumer (least recently used closed first)
 
 
 # ---------------------------------------------------------------------------------------------
 # Byte access: random reads (sparse) and streams (fallback)
 # ---------------------------------------------------------------------------------------------
-class _NotSeekable(Exception):
-    pass
+class NotSeekable(Exception):
+    """The shard's store cannot read by offset: the caller streams it instead."""
 
 
 class _LocalReader:
@@ -46,7 +46,7 @@ class _HttpReader:
     def __init__(self, url: str):
         import requests
 
-        self.url, self.s = url, _http_session()
+        self.url, self.s = url, http_session()
         try:
             r = self.s.get(url, headers={"Range": "bytes=0-0"}, stream=True, timeout=60)
             r.close()
@@ -56,7 +56,7 @@ class _HttpReader:
         if r.status_code != 206:
             self.s.close()
             if r.status_code in (200, 416):
-                raise _NotSeekable(url)
+                raise NotSeekable(url)
             raise LoaderError(f"{url}: HTTP {r.status_code}")
 
     def read(self, offset: int, size: int) -> bytes:
@@ -76,14 +76,14 @@ class _HttpReader:
 
 class _FsspecReader:
     def __init__(self, url: str):
-        fs, path = _fsspec_fs(url)
+        fs, path = fsspec_fs(url)
         try:
             self.f = fs.open(path, "rb")
         except FileNotFoundError:
             raise LoaderError(f"{url}: shard not found") from None
         if not self.f.seekable():
             self.f.close()
-            raise _NotSeekable(url)
+            raise NotSeekable(url)
         self.url = url
 
     def read(self, offset: int, size: int) -> bytes:
@@ -97,8 +97,10 @@ class _FsspecReader:
         self.f.close()
 
 
-def _open_reader(url: str):
-    loc = _local(url)
+def open_reader(url: str):
+    """A reader of byte ranges of the shard at `url` (local file, HTTP Range or fsspec); raises
+    NotSeekable where the store cannot seek."""
+    loc = local_path(url)
     if loc is not None:
         return _LocalReader(loc)
     if url.startswith(("http://", "https://")):
@@ -110,7 +112,7 @@ class _HttpStream(io.RawIOBase):
     """A streaming GET as a readable file that closes its session too."""
 
     def __init__(self, url: str):
-        self.s = _http_session()
+        self.s = http_session()
         try:
             self.r = self.s.get(url, stream=True, timeout=60)
             self.r.raise_for_status()
@@ -134,14 +136,15 @@ class _HttpStream(io.RawIOBase):
         super().close()
 
 
-def _open_stream(url: str):
-    loc = _local(url)
+def open_stream(url: str):
+    """The shard at `url` as a readable binary stream (the fallback to reads by offset)."""
+    loc = local_path(url)
     try:
         if loc is not None:
             return open(loc, "rb")
         if url.startswith(("http://", "https://")):
             return io.BufferedReader(_HttpStream(url), 1 << 20)
-        fs, path = _fsspec_fs(url)
+        fs, path = fsspec_fs(url)
         return fs.open(path, "rb")
     except OSError as e:
         raise LoaderError(f"{url}: cannot open shard ({e})") from None
@@ -151,11 +154,11 @@ def _open_stream(url: str):
         raise
 
 
-def _read_members(reader, shard: str, key: str, offs: np.ndarray, sizes: np.ndarray,
-                  fields: Sequence[str], pos: dict[str, int] = FIELD_POS) -> dict[str, bytes]:
+def read_sample_members(reader, shard: str, key: str, offs: np.ndarray, sizes: np.ndarray,
+                        fields: Sequence[str], pos: dict[str, int] = FIELD_POS) -> dict[str, bytes]:
     """Read `fields` of one sample at their indexed offsets with :func:`gl10m.shards.read_members`
     (adjacent members in one read, each tar header checked against the index). `pos`: the index's
-    field positions (``_Index.pos``)."""
+    field positions (``ShardIndex.pos``)."""
     try:
         return read_members(reader.read, shard, key,
                             [(f, offs[pos[f]], sizes[pos[f]]) for f in fields])
@@ -177,7 +180,7 @@ class SampleReader:
     """
 
     def __init__(self, source, split: str | None = None, *, index: str | os.PathLike | None = None):
-        shards, ix, self.split = _resolve(source, split, index)
+        shards, ix, self.split = resolve(source, split, index)
         if ix is None:
             raise LoaderError(f"{shards[0].url}: random access needs the shard index ({INDEX_NAME})")
         self._index = ix
@@ -202,14 +205,14 @@ class SampleReader:
         si, row = self._rows[i]
         s = self._shards[si]
         if s.url not in self._readers:
-            while len(self._readers) >= _MAX_OPEN:  # bounded: a split may have hundreds of shards
+            while len(self._readers) >= MAX_OPEN:  # bounded: a split may have hundreds of shards
                 self._readers.pop(next(iter(self._readers))).close()
             try:
-                self._readers[s.url] = _open_reader(s.url)
-            except _NotSeekable:
+                self._readers[s.url] = open_reader(s.url)
+            except NotSeekable:
                 raise LoaderError(f"{s.url}: random access needs a seekable shard (a local file or "
                                   "an HTTP server that honours Range)") from None
-        return _read_members(self._readers[s.url], s.name, self._index.keys[row],
+        return read_sample_members(self._readers[s.url], s.name, self._index.keys[row],
                              self._index.offsets[row], self._index.sizes[row], list(fields), self._index.pos)
 
     def close(self) -> None:
