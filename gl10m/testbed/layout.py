@@ -20,9 +20,9 @@ from gl10m.profile import Profile
 from gl10m.testbed import classes as C
 from gl10m.testbed.classes import (MARK, MATERIAL, Z_BRIDGE, Z_CONTAINER, Z_COVER, Z_MAJOR, Z_MINOR, Z_SMALL,
                                    Z_WATER)
-from gl10m.testbed.recipes import _residential_block
-from gl10m.testbed.shapes import _blob, _box, _jrect, _transformer
-from gl10m.testbed.sites import _LEFTOVER, _SITE_ORDER
+from gl10m.testbed.recipes import residential_block
+from gl10m.testbed.shapes import blob, box, jrect, transformer
+from gl10m.testbed.sites import LEFTOVER, SITE_ORDER
 from gl10m.testbed.spec import BIOMES, COASTAL, TestbedSpec
 
 
@@ -89,7 +89,8 @@ def concept_targets(spec: TestbedSpec, profile: Profile, rng: np.random.Generato
 # ------------------------------------------------------------------------------------------
 # The region builder
 # ------------------------------------------------------------------------------------------
-class _Builder:
+class Builder:
+    """One region's layout under construction: its cell grid, budget, features and marks; the recipes add to it."""
     def __init__(self, spec: TestbedSpec, code: str, rng: np.random.Generator, budget: dict[str, int],
                  matcher, fid_base: int):
         self.spec, self.code, self.rng, self.budget = spec, code, rng, dict(budget)
@@ -100,7 +101,7 @@ class _Builder:
         lon, lat = self.rs.center
         z = utm_zone(lon)
         self.epsg_nad83, self.epsg_wgs84 = 26900 + z, 32600 + z
-        fwd = _transformer(4326, self.epsg_nad83)
+        fwd = transformer(4326, self.epsg_nad83)
         w, s, e, n = self.bbox
         cx, cy = fwd.transform([w, e, e, w], [s, s, n, n])
         # inner axis-aligned rectangle of the (slightly rotated) bbox in UTM, minus a small margin
@@ -242,7 +243,7 @@ class _Builder:
         outer = [self.coast_xy(u, -self.cell) for u in (us[-1], us[0])]
         poly_pts = [self.coast_xy(u, coast_v(u)) for u in us] + outer
         from shapely.geometry import Polygon
-        sea = Polygon(poly_pts).intersection(_box(self.x0 - 5, self.y0 - 5, self.x1 + 5, self.y1 + 5))
+        sea = Polygon(poly_pts).intersection(box(self.x0 - 5, self.y0 - 5, self.x1 + 5, self.y1 + 5))
         # sea: a bay area (OSM natural=bay), background class "sea"
         self.area(sea, {"natural": "bay", "name": f"{self.code} Bay"}, "sea", Z_COVER)
         for i in range(sw):
@@ -346,7 +347,7 @@ class _Builder:
         ys = y_riv_mid + 42 * np.sin(xs / 230 + ph) + 8 * np.sin(xs / 61 + 2 * ph)
         from shapely.geometry import LineString, Point
         river = LineString(np.column_stack([xs, ys]).round(2)).intersection(
-            _box(lx0 - (self.sea_cells * cell if self.rs.coast == "west" else 0) - 60, ly0,
+            box(lx0 - (self.sea_cells * cell if self.rs.coast == "west" else 0) - 60, ly0,
                  lx1 + (self.sea_cells * cell if self.rs.coast == "east" else 0) + 60, ly1))
         if river.geom_type == "MultiLineString":
             river = max(river.geoms, key=lambda g: g.length)
@@ -384,7 +385,7 @@ class _Builder:
             i = self.node(Point(round(xt, 2), round(y_hw, 2)), {"barrier": "toll_booth", "name": "Toll Plaza"},
                           14, "toll_booth", Z_SMALL, "toll_booth")
             for dx in (-4, 0, 4):
-                self.mark(i, "vehicle", _box(xt + dx - 1, y_hw - 6, xt + dx + 1, y_hw + 6))
+                self.mark(i, "vehicle", box(xt + dx - 1, y_hw - 6, xt + dx + 1, y_hw + 6))
         # tertiary road along r_ter; secondary road along c_sec crossing the highway on a bridge
         for (a, b, tag) in self._split_line((lx0, lx1), y_ter, True, [(x_sec - 20, x_sec + 20, "rb"),
                                                                        (x_rl - 8, x_rl + 8, "xing")]
@@ -446,10 +447,10 @@ class _Builder:
                         self.used[r, c] = True
                         rect = self.cell_rect(r, c, inset=0)
                         if self.take("forest"):
-                            self.area(_jrect(rect, self.rng, 6), {"natural": "wood", "leaf_type": "mixed"},
+                            self.area(jrect(rect, self.rng, 6), {"natural": "wood", "leaf_type": "mixed"},
                                       "forest", Z_COVER, "forest")
                         else:
-                            self.area(_jrect(rect, self.rng, 6), {"natural": "scrub"}, "chaparral", Z_COVER,
+                            self.area(jrect(rect, self.rng, 6), {"natural": "scrub"}, "chaparral", Z_COVER,
                                       "chaparral")
         # dams across the river
         dam_xs = [x for x in np.linspace(lx0 + 150, lx1 - 150, 7)
@@ -492,7 +493,7 @@ class _Builder:
         # landuse=residential over the town (a container)
         x0, y0 = self.ox + tc0 * self.cell, self.oy + tr0 * self.cell
         x1, y1 = x0 + tw * self.cell, y0 + th * self.cell
-        self.area(_box(x0 + 4, y0 + 4, x1 - 4, y1 - 4), {"landuse": "residential"}, "residential", Z_CONTAINER)
+        self.area(box(x0 + 4, y0 + 4, x1 - 4, y1 - 4), {"landuse": "residential"}, "residential", Z_CONTAINER)
         # streets on the internal cell boundaries (not on the main roads)
         k = 0
         for r in range(tr0 + 1, tr0 + th):
@@ -529,7 +530,7 @@ class _Builder:
 
     # -- sites -----------------------------------------------------------------------------
     def place_sites(self):
-        for name, fn in _SITE_ORDER:
+        for name, fn in SITE_ORDER:
             guard = 0
             while self.budget.get(name, 0) > 0 and guard < 200:
                 guard += 1
@@ -544,10 +545,10 @@ class _Builder:
             for c in range(tc0, tc0 + tw):
                 if self.zone[r, c] == 3 and not self.used[r, c]:
                     self.used[r, c] = True
-                    _residential_block(self, self.cell_rect(r, c))
+                    residential_block(self, self.cell_rect(r, c))
 
     def place_leftovers(self):
-        for name, fn in _LEFTOVER:
+        for name, fn in LEFTOVER:
             guard = 0
             while self.budget.get(name, 0) > 0 and guard < 100:
                 guard += 1
@@ -569,9 +570,9 @@ class _Builder:
                 self.used[r, c] = True
                 rect = self.cell_rect(r, c)
                 if base == "bare_soil":
-                    self.area(_blob(rect, rng), {"landuse": "grass"}, "grass", Z_COVER)
+                    self.area(blob(rect, rng), {"landuse": "grass"}, "grass", Z_COVER)
                 else:
-                    self.area(_jrect(rect, rng, 8), {"landuse": "grass"}, "grass", Z_COVER)
+                    self.area(jrect(rect, rng, 8), {"landuse": "grass"}, "grass", Z_COVER)
 
 
 _STREETS = ["Oak", "Pine", "Maple", "Cedar", "Elm", "Walnut", "Spruce", "Birch", "Willow", "Ash", "Chestnut",
@@ -603,7 +604,7 @@ def generate(spec: TestbedSpec, seed: int | None = None) -> list[RegionWorld]:
 
 def build_region(spec: TestbedSpec, code: str, rng: np.random.Generator, budget: dict[str, int], matcher,
                  id_base: int, *, split: str | None = None, budget_network: bool = False) -> RegionWorld:
-    """Lay out one region of `spec` with the recipes (`_Builder`) and return it in EPSG:4326.
+    """Lay out one region of `spec` with the recipes (`Builder`) and return it in EPSG:4326.
 
     budget: planned instances per concept name; id_base: its OSM ids are id_base + 1 ...
     budget_network: draw the highway, railway, river and main roads only where the budget asks
@@ -614,10 +615,10 @@ def build_region(spec: TestbedSpec, code: str, rng: np.random.Generator, budget:
     import shapely
     from pyproj import Transformer
 
-    b = _Builder(spec, code, rng, budget, matcher, id_base)
+    b = Builder(spec, code, rng, budget, matcher, id_base)
     b.budget_network = budget_network
     b.build()
-    inv = _transformer(b.epsg_nad83, 4326)
+    inv = transformer(b.epsg_nad83, 4326)
 
     def to_ll(xy, inv=inv):
         x, y = inv.transform(xy[:, 0], xy[:, 1])

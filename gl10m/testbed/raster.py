@@ -15,7 +15,7 @@ import numpy as np
 
 from gl10m.testbed import classes as C
 from gl10m.testbed.classes import NODATA
-from gl10m.testbed.shapes import _to_crs
+from gl10m.testbed.shapes import to_crs
 
 if TYPE_CHECKING:
     from gl10m.testbed.layout import RegionWorld
@@ -27,7 +27,7 @@ def draw_shapes(region: RegionWorld, crs) -> tuple[list, np.ndarray, np.ndarray]
     df = region.features
     order = np.lexsort((df["fid"].to_numpy(), df["z"].to_numpy()))
     df = df.iloc[order]
-    geoms = _to_crs(df.geometry.to_numpy(), crs)
+    geoms = to_crs(df.geometry.to_numpy(), crs)
     width = df["width_m"].to_numpy()
     kinds = shapely.get_type_id(geoms)  # 0 point, 1 linestring, 3 polygon, 6 multipolygon
     out = np.empty(len(geoms), dtype=object)
@@ -84,7 +84,7 @@ def rasterize_layers(region: RegionWorld, crs, transform, shape) -> dict[str, np
     lut_z = np.concatenate([[0], z]).astype(np.int16)
     classes = np.take(lut_c, idx)
     material = np.take(np.concatenate([[C.CLASS_MATERIAL[region.base_cover]], mat]).astype(np.uint8), idx)
-    bbox = _to_crs([box(*region.bbox)], crs)[0]
+    bbox = to_crs([box(*region.bbox)], crs)[0]
     if not bbox.contains(box(*rasterio_bounds(transform, H, W))):  # else every pixel is inside the region
         inside = rfeat.rasterize([(bbox, 1)], out_shape=(H, W), transform=transform, fill=0, dtype="uint8")
         classes[inside == 0] = NODATA
@@ -93,7 +93,7 @@ def rasterize_layers(region: RegionWorld, crs, transform, shape) -> dict[str, np
     m = region.marks
     if m is not None and len(m):
         mo = np.lexsort((np.arange(len(m)), m["z"].to_numpy()))
-        mg = _to_crs(m.geometry.to_numpy()[mo], crs)
+        mg = to_crs(m.geometry.to_numpy()[mo], crs)
         mid = m["mark"].to_numpy()[mo]
         mz = m["z"].to_numpy()[mo]
         j = rfeat.rasterize(((g, i + 1) for i, g in enumerate(mg) if g is not None and not g.is_empty),

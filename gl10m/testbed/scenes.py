@@ -1,7 +1,7 @@
 """The model-scale world: thousands of synthetic GL-10M scenes, straight to staged samples.
 
 Each scene is its own small seeded layout: a mini "region" around the scene footprint, built
-by the testbed's recipes (gl10m.testbed.layout `build_region` / `_Builder`) with a per-scene
+by the testbed's recipes (gl10m.testbed.layout `build_region` / `Builder`) with a per-scene
 concept budget, then rendered by the testbed's renderer (gl10m.testbed.imagery) and labelled by
 the pipeline's own osm and anchors code. Nothing here draws, shades or measures on its own:
 
@@ -272,10 +272,10 @@ def metric_grid(bounds, size: int):
     """(crs, transform, xs, ys) of the `size` x `size` EPSG:4326 grid over `bounds`, in local_crs."""
     from affine import Affine
 
-    from gl10m.testbed.shapes import _transformer_from_4326
+    from gl10m.testbed.shapes import transformer_from_4326
 
     crs = local_crs(bounds)
-    tr = _transformer_from_4326(crs)  # the one rasterize_layers then uses for this scene
+    tr = transformer_from_4326(crs)  # the one rasterize_layers then uses for this scene
     w, s, e, n = bounds
     (x0, x1), (y0, y1) = tr.transform([w, e], [n, s])[0], tr.transform([w, e], [n, s])[1]
     px, py = (x1 - x0) / size, (y0 - y1) / size

@@ -191,8 +191,9 @@ def make_http_server(root: str | Path, host: str = "127.0.0.1", port: int = 0) -
     return _Server((host, port), Handler)
 
 
-def _http_main(argv: list[str]) -> int:
-    """Child process: serve `root`, print ``PORT <n>``, stop on SIGTERM or when stdin closes."""
+def http_main(argv: list[str]) -> int:
+    """The files server's child process (run by `python -c`): serve `root`, print ``PORT <n>``, stop
+    on SIGTERM or when stdin closes."""
     root, host, port = argv[0], argv[1], int(argv[2])
     srv = make_http_server(root, host, port)
     print(f"PORT {srv.server_address[1]}", flush=True)
@@ -538,7 +539,7 @@ class Servers:
 
 
 def _start_http(s: Servers, http_port: int) -> None:
-    cmd = [sys.executable, "-c", "import sys; from gl10m.testbed.serve import _http_main; sys.exit(_http_main(sys.argv[1:]))",
+    cmd = [sys.executable, "-c", "import sys; from gl10m.testbed.serve import http_main; sys.exit(http_main(sys.argv[1:]))",
            str(s.world), s.host, str(http_port)]
     s._http = _popen(cmd, s._tmp / "http.log", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     line = s._http.stdout.readline().decode().strip()

@@ -13,7 +13,7 @@ def _shp():
     return shapely, LineString, MultiPolygon, Point, Polygon, box
 
 
-def _blob(rect, rng, n=28, rough=0.22, fill=0.96):
+def blob(rect, rng, n=28, rough=0.22, fill=0.96):
     """A smooth, irregular polygon inscribed in rect (x0, y0, x1, y1)."""
     from shapely.geometry import Polygon
     x0, y0, x1, y1 = rect
@@ -32,7 +32,7 @@ def _blob(rect, rng, n=28, rough=0.22, fill=0.96):
     return Polygon(np.column_stack([px, py]).round(2))
 
 
-def _jrect(rect, rng, j=4.0):
+def jrect(rect, rng, j=4.0):
     """A rectangle with its corners jittered inward by up to j metres."""
     from shapely.geometry import Polygon
     x0, y0, x1, y1 = rect
@@ -40,18 +40,20 @@ def _jrect(rect, rng, j=4.0):
     return Polygon([(x0 + d[0], y0 + d[1]), (x1 - d[2], y0 + d[3]), (x1 - d[4], y1 - d[5]), (x0 + d[6], y1 - d[7])])
 
 
-def _box(x0, y0, x1, y1):
-    from shapely.geometry import box
-    return box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+def box(x0, y0, x1, y1):
+    """An axis-aligned shapely box from two corners in any order."""
+    from shapely.geometry import box as shapely_box
+    return shapely_box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
 
 
-def _sub(rect, fx0, fy0, fx1, fy1):
+def sub_rect(rect, fx0, fy0, fx1, fy1):
+    """The part of rect (x0, y0, x1, y1) between the fractions fx0..fx1 and fy0..fy1 of its width and height."""
     x0, y0, x1, y1 = rect
     w, h = x1 - x0, y1 - y0
     return (x0 + fx0 * w, y0 + fy0 * h, x0 + fx1 * w, y0 + fy1 * h)
 
 
-def _lines_across(poly, spacing, angle_deg, rng):
+def lines_across(poly, spacing, angle_deg, rng):
     """Parallel lines across a polygon (crop rows, solar rows, parking stripes), clipped to it."""
     from shapely.geometry import MultiLineString
     from shapely import affinity
@@ -66,21 +68,23 @@ def _lines_across(poly, spacing, angle_deg, rng):
 
 
 @functools.lru_cache(maxsize=64)
-def _transformer(src, dst):
+def transformer(src, dst):
     """A cached always_xy pyproj Transformer (building one costs ~5 ms)."""
     from pyproj import Transformer
     return Transformer.from_crs(src, dst, always_xy=True)
 
 
 @functools.lru_cache(maxsize=32)
-def _transformer_from_4326(crs):
+def transformer_from_4326(crs):
+    """A cached always_xy pyproj Transformer from EPSG:4326 to `crs` (any form pyproj reads)."""
     from pyproj import CRS, Transformer
     return Transformer.from_crs(4326, CRS.from_user_input(crs), always_xy=True)
 
 
-def _to_crs(geoms, crs):
+def to_crs(geoms, crs):
+    """An array of shapely geometries in EPSG:4326 transformed to `crs`."""
     import shapely
-    tr = _transformer_from_4326(crs)
+    tr = transformer_from_4326(crs)
 
     def f(xy):
         x, y = tr.transform(xy[:, 0], xy[:, 1])

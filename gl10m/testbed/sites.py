@@ -1,6 +1,6 @@
 """The site recipes of the layout (hospital, airport, golf course, land cover, energy, industry,
-coast, stations, towers, sports) and the order the builder places them in (_SITE_ORDER, then
-_LEFTOVER for what the budget still holds).
+coast, stations, towers, sports) and the order the builder places them in (SITE_ORDER, then
+LEFTOVER for what the budget still holds).
 """
 from __future__ import annotations
 
@@ -9,27 +9,26 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from gl10m.testbed.classes import Z_BUILDING, Z_CONTAINER, Z_COVER, Z_GROUND, Z_SMALL, Z_WATER
-from gl10m.testbed.recipes import (_building, _civic_block, _civic_grounds, _fit, _lot_fire, _lot_site,
-                                   _lot_skate, _lot_substation, _parking, _pitch, _pool, _pt, _quarters,
-                                   _residential_block, _school, _split)
-from gl10m.testbed.shapes import _blob, _box, _jrect, _lines_across, _sub
+from gl10m.testbed.recipes import (building, civic_block, civic_grounds, fit, lot_fire, lot_site, lot_skate,
+                                   lot_substation, parking, pitch, pool, pt, quarters, residential_block, school, split)
+from gl10m.testbed.shapes import blob, box, jrect, lines_across, sub_rect
 
 if TYPE_CHECKING:
-    from gl10m.testbed.layout import _Builder
+    from gl10m.testbed.layout import Builder
 
 
-@_lot_site()
-def _hospital(b: _Builder, rect):
+@lot_site()
+def _hospital(b: Builder, rect):
     if not b.take("hospital"):
         return
     x0, y0, x1, y1 = rect
-    _civic_grounds(b, rect, {"amenity": "hospital", "healthcare": "hospital", "name": "General Hospital"},
+    civic_grounds(b, rect, {"amenity": "hospital", "healthcare": "hospital", "name": "General Hospital"},
                    "hospital", "hospital")
     from shapely.geometry import Polygon
     H = Polygon([(x0 + 10, y1 - 90), (x0 + 100, y1 - 90), (x0 + 100, y1 - 70), (x0 + 65, y1 - 70),
                  (x0 + 65, y1 - 10), (x0 + 45, y1 - 10), (x0 + 45, y1 - 70), (x0 + 10, y1 - 70)])
-    _building(b, H, {"building": "hospital"}, "hospital", ridge=False)
-    _parking(b, (x0 + 6, y0 + 6, x0 + 100, y0 + 50), garage=True) or _parking(b, (x0 + 6, y0 + 6, x0 + 100, y0 + 50))
+    building(b, H, {"building": "hospital"}, "hospital", ridge=False)
+    parking(b, (x0 + 6, y0 + 6, x0 + 100, y0 + 50), garage=True) or parking(b, (x0 + 6, y0 + 6, x0 + 100, y0 + 50))
     _helipad(b, x1 - 28, y1 - 28)
 
 
@@ -37,7 +36,7 @@ def _helipad(b, x, y, d=20.0):
     if not b.take("helipad"):
         return None
     from shapely.geometry import LineString
-    poly = _pt(x, y).buffer(d / 2, 16)
+    poly = pt(x, y).buffer(d / 2, 16)
     i = b.area(poly, {"aeroway": "helipad", "surface": "concrete"}, "helipad", Z_SMALL, "helipad")
     b.mark(i, "helipad_marking", poly.buffer(-1.5).exterior)
     h = d * 0.22
@@ -48,66 +47,66 @@ def _helipad(b, x, y, d=20.0):
     return i
 
 
-@_lot_site(size=(1, 2))
-def _mall(b: _Builder, rect):
+@lot_site(size=(1, 2))
+def _mall(b: Builder, rect):
     if not b.take("shopping_mall"):
         return
     x0, y0, x1, y1 = rect
     w = x1 - x0
-    _building(b, (x0 + w * 0.25, y0 + (y1 - y0) * 0.55, x1 - w * 0.25, y1 - 8),
+    building(b, (x0 + w * 0.25, y0 + (y1 - y0) * 0.55, x1 - w * 0.25, y1 - 8),
               {"shop": "mall", "building": "retail", "name": "Town Center Mall"}, "shopping_mall", "shopping_mall",
               ridge=False)
-    _parking(b, (x0 + 6, y0 + 6, x0 + w * 0.48, y0 + (y1 - y0) * 0.5))
-    _parking(b, (x0 + w * 0.52, y0 + 6, x1 - 6, y0 + (y1 - y0) * 0.5))
-    _parking(b, (x0 + 6, y0 + (y1 - y0) * 0.55, x0 + w * 0.22, y1 - 8), garage=True)
+    parking(b, (x0 + 6, y0 + 6, x0 + w * 0.48, y0 + (y1 - y0) * 0.5))
+    parking(b, (x0 + w * 0.52, y0 + 6, x1 - 6, y0 + (y1 - y0) * 0.5))
+    parking(b, (x0 + 6, y0 + (y1 - y0) * 0.55, x0 + w * 0.22, y1 - 8), garage=True)
 
 
-@_lot_site(size=(2, 2), zones=(0,), fallback=(0, 3))
-def _university(b: _Builder, rect):
+@lot_site(size=(2, 2), zones=(0,), fallback=(0, 3))
+def _university(b: Builder, rect):
     if not b.take("university"):
         return
     rng = b.rng
     x0, y0, x1, y1 = rect
-    _civic_grounds(b, rect, {"amenity": "university", "name": f"{b.code} State University"}, "university",
+    civic_grounds(b, rect, {"amenity": "university", "name": f"{b.code} State University"}, "university",
                    "university")
     # quad of buildings around a lawn
     for (fx0, fy0, fx1, fy1) in ((0.05, 0.6, 0.3, 0.9), (0.35, 0.75, 0.65, 0.95), (0.7, 0.6, 0.95, 0.9),
                                  (0.05, 0.3, 0.2, 0.55), (0.8, 0.3, 0.95, 0.55)):
-        _building(b, _sub(rect, fx0, fy0, fx1, fy1), {"building": "yes"}, "university")
-    _parking(b, _sub(rect, 0.05, 0.04, 0.45, 0.22))
-    _parking(b, _sub(rect, 0.55, 0.04, 0.95, 0.22), garage=True)
-    r = _fit(_sub(rect, 0.25, 0.3, 0.75, 0.55), 100, 60, rng)
+        building(b, sub_rect(rect, fx0, fy0, fx1, fy1), {"building": "yes"}, "university")
+    parking(b, sub_rect(rect, 0.05, 0.04, 0.45, 0.22))
+    parking(b, sub_rect(rect, 0.55, 0.04, 0.95, 0.22), garage=True)
+    r = fit(sub_rect(rect, 0.25, 0.3, 0.75, 0.55), 100, 60, rng)
     if r:
-        _pitch(b, r, "soccer") or _pitch(b, r, "american_football")
+        pitch(b, r, "soccer") or pitch(b, r, "american_football")
     for k in range(3):
-        _pitch(b, (x0 + 40 + k * 38, y0 + (y1 - y0) * 0.24, x0 + 74 + k * 38, y0 + (y1 - y0) * 0.24 + 17), "tennis")
+        pitch(b, (x0 + 40 + k * 38, y0 + (y1 - y0) * 0.24, x0 + 74 + k * 38, y0 + (y1 - y0) * 0.24 + 17), "tennis")
 
 
-@_lot_site(size=(1, 2), zones=(0, 3), fallback=(4,))
-def _stadium(b: _Builder, rect):
+@lot_site(size=(1, 2), zones=(0, 3), fallback=(4,))
+def _stadium(b: Builder, rect):
     if not b.take("stadium"):
         return
     rng = b.rng
     x0, y0, x1, y1 = rect
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2 + 20
     from shapely import affinity
-    outer = affinity.scale(_pt(cx, cy).buffer(1, 32), 95, 70)
-    inner = affinity.scale(_pt(cx, cy).buffer(1, 32), 70, 45)
+    outer = affinity.scale(pt(cx, cy).buffer(1, 32), 95, 70)
+    inner = affinity.scale(pt(cx, cy).buffer(1, 32), 70, 45)
     sport = "american_football" if b.budget.get("american_football", 0) >= b.budget.get("soccer", 0) else "soccer"
     b.area(outer, {"leisure": "stadium", "name": "Memorial Stadium", "sport": sport}, "stadium", Z_GROUND,
            "stadium")
-    _building(b, outer.difference(inner), {"building": "grandstand"}, "stadium", ridge=False)
+    building(b, outer.difference(inner), {"building": "grandstand"}, "stadium", ridge=False)
     r = (cx - 50, cy - 25, cx + 50, cy + 25)
-    _pitch(b, r, sport) or _pitch(b, r, "soccer" if sport != "soccer" else "american_football")
-    _parking(b, (x0 + 6, y0 + 4, x1 - 6, cy - 75))
+    pitch(b, r, sport) or pitch(b, r, "soccer" if sport != "soccer" else "american_football")
+    parking(b, (x0 + 6, y0 + 4, x1 - 6, cy - 75))
 
 
-@_lot_site(size=(1, 2), zones=(0, 4))
-def _prison(b: _Builder, rect):
+@lot_site(size=(1, 2), zones=(0, 4))
+def _prison(b: Builder, rect):
     if not b.take("prison"):
         return
     x0, y0, x1, y1 = rect
-    poly = _box(*rect)
+    poly = box(*rect)
     i = b.area(poly, {"amenity": "prison", "landuse": "prison", "name": "County Correctional Facility"},
                "prison", Z_CONTAINER, "prison")
     b.mark(i, "fence", poly.buffer(-3).exterior, Z_BUILDING)
@@ -115,19 +114,19 @@ def _prison(b: _Builder, rect):
     w = x1 - x0
     for k in range(4):
         bx = x0 + 20 + k * (w - 40) / 4
-        _building(b, (bx, y0 + 40, bx + (w - 40) / 4 - 12, y0 + 70), {"building": "yes"}, "prison")
-        _building(b, (bx, y1 - 70, bx + (w - 40) / 4 - 12, y1 - 40), {"building": "yes"}, "prison")
-    _pitch(b, (x0 + w / 2 - 17, (y0 + y1) / 2 - 8, x0 + w / 2 + 17, (y0 + y1) / 2 + 9), "tennis") or \
-        _parking(b, (x0 + w / 2 - 30, (y0 + y1) / 2 - 15, x0 + w / 2 + 30, (y0 + y1) / 2 + 15))
+        building(b, (bx, y0 + 40, bx + (w - 40) / 4 - 12, y0 + 70), {"building": "yes"}, "prison")
+        building(b, (bx, y1 - 70, bx + (w - 40) / 4 - 12, y1 - 40), {"building": "yes"}, "prison")
+    pitch(b, (x0 + w / 2 - 17, (y0 + y1) / 2 - 8, x0 + w / 2 + 17, (y0 + y1) / 2 + 9), "tennis") or \
+        parking(b, (x0 + w / 2 - 30, (y0 + y1) / 2 - 15, x0 + w / 2 + 30, (y0 + y1) / 2 + 15))
 
 
-@_lot_site(size=(2, 4), zones=(0,), fallback=(0, 5))
-def _airport(b: _Builder, rect):
+@lot_site(size=(2, 4), zones=(0,), fallback=(0, 5))
+def _airport(b: Builder, rect):
     if not b.take("airport"):
         return
     from shapely.geometry import LineString
     x0, y0, x1, y1 = rect
-    poly = _box(*rect)
+    poly = box(*rect)
     b.area(poly, {"aeroway": "aerodrome", "name": f"{b.code} Municipal Airport", "iata": "XTB"}, "airport",
            Z_CONTAINER, "airport")
     ry = y0 + (y1 - y0) * 0.62
@@ -139,32 +138,32 @@ def _airport(b: _Builder, rect):
     for xe in (x0 + 44, x1 - 56):
         for k in range(6):
             yk = ry - 12 + k * 4.5
-            b.mark(i, "runway_marking", _box(xe, yk, xe + 12, yk + 1.8))
+            b.mark(i, "runway_marking", box(xe, yk, xe + 12, yk + 1.8))
     ty = ry - 60
     b.way(LineString([(x0 + 60, ty), (x1 - 60, ty)]), {"aeroway": "taxiway"}, 15, "paved", Z_GROUND)
     for xc in (x0 + 60, x1 - 60):
         b.way(LineString([(xc, ty), (xc, ry)]), {"aeroway": "taxiway"}, 15, "paved", Z_GROUND)
     apron = (x0 + 120, y0 + 20, x1 - 120, ty - 12)
-    b.area(_box(*apron), {"aeroway": "apron", "surface": "concrete"}, "paved", Z_GROUND)
+    b.area(box(*apron), {"aeroway": "apron", "surface": "concrete"}, "paved", Z_GROUND)
     ax0, ay0, ax1, ay1 = apron
     k = 0
     while b.budget.get("airport_hangar", 0) > 0 and k < 4:
         hx = ax0 + 8 + k * 45
         if hx + 35 > (ax0 + ax1) / 2 - 10:
             break
-        _building(b, (hx, ay0 + 6, hx + 35, ay0 + 36), {"aeroway": "hangar", "building": "hangar"},
+        building(b, (hx, ay0 + 6, hx + 35, ay0 + 36), {"aeroway": "hangar", "building": "hangar"},
                   "airport_hangar", "airport_hangar")
         b.take("airport_hangar")
         k += 1
     if b.take("airport_terminal"):
-        _building(b, ((ax0 + ax1) / 2 + 10, ay0 + 6, ax1 - 8, ay0 + 40),
+        building(b, ((ax0 + ax1) / 2 + 10, ay0 + 6, ax1 - 8, ay0 + 40),
                   {"aeroway": "terminal", "building": "terminal", "name": "Terminal"}, "airport_terminal",
                   "airport_terminal", ridge=False)
     for k in range(3):
         px = (ax0 + ax1) / 2 - 5 + k * 25
-        b.mark(len(b.feats) - 1, "vehicle", _box(px, ay1 - 20, px + 14, ay1 - 8), Z_GROUND)
+        b.mark(len(b.feats) - 1, "vehicle", box(px, ay1 - 20, px + 14, ay1 - 8), Z_GROUND)
     _helipad(b, x1 - 70, ay0 + 25)
-    _parking(b, (x0 + 20, y0 + 20, x0 + 110, y0 + 70))
+    parking(b, (x0 + 20, y0 + 20, x0 + 110, y0 + 70))
     if b.budget.get("tower", 0) > 0:
         _tower(b, x0 + 115, ry - 30, "observation")
 
@@ -172,38 +171,38 @@ def _airport(b: _Builder, rect):
 def _tower(b, x, y, kind="communication"):
     if not b.take("tower"):
         return None
-    i = b.node(_pt(x, y), {"man_made": "tower", "tower:type": kind, "height": "40"}, 7, "tower", Z_SMALL, "tower")
+    i = b.node(pt(x, y), {"man_made": "tower", "tower:type": kind, "height": "40"}, 7, "tower", Z_SMALL, "tower")
     from shapely.geometry import LineString
     b.mark(i, "shadow", LineString([(x + 2, y - 2), (x + 28, y - 22)]).buffer(1.2))
     return i
 
 
-@_lot_site(size=(2, 2), zones=(0,), fallback=(0, 5))
-def _golf(b: _Builder, rect):
+@lot_site(size=(2, 2), zones=(0,), fallback=(0, 5))
+def _golf(b: Builder, rect):
     if not b.take("golf_course"):
         return
     rng = b.rng
-    poly = _blob(rect, rng, rough=0.12, fill=1.0)
+    poly = blob(rect, rng, rough=0.12, fill=1.0)
     b.area(poly, {"leisure": "golf_course", "name": "Valley Golf Club"}, "golf_course", Z_COVER, "golf_course")
     x0, y0, x1, y1 = rect
     # a water hazard pond
     if b.take("pond"):
-        b.area(_blob(_sub(rect, 0.4, 0.4, 0.6, 0.55), rng), {"natural": "water", "water": "pond"}, "pond", Z_WATER,
+        b.area(blob(sub_rect(rect, 0.4, 0.4, 0.6, 0.55), rng), {"natural": "water", "water": "pond"}, "pond", Z_WATER,
                "pond")
     for k in range(5):
-        c = _pt(rng.uniform(x0 + 40, x1 - 40), rng.uniform(y0 + 40, y1 - 40))
+        c = pt(rng.uniform(x0 + 40, x1 - 40), rng.uniform(y0 + 40, y1 - 40))
         b.set_material(b.area(c.buffer(rng.uniform(5, 9), 8), {"golf": "bunker"}, "golf_course", Z_GROUND), "sand")
 
 
-@_lot_site(size=(3, 3), zones=(0, 5), fallback=(0,))
-def _reserve(b: _Builder, rect):
+@lot_site(size=(3, 3), zones=(0, 5), fallback=(0,))
+def _reserve(b: Builder, rect):
     if not b.take("nature_reserve"):
         return
     rng = b.rng
-    poly = _jrect(rect, rng, 20)
+    poly = jrect(rect, rng, 20)
     b.area(poly, {"boundary": "protected_area", "leisure": "nature_reserve", "protect_class": "4",
                   "name": "Heron Marsh Preserve"}, "nature_reserve", Z_CONTAINER, "nature_reserve")
-    subs = [_sub(rect, fx, fy, fx + 0.3, fy + 0.3) for fx in (0.02, 0.35, 0.68) for fy in (0.02, 0.35, 0.68)]
+    subs = [sub_rect(rect, fx, fy, fx + 0.3, fy + 0.3) for fx in (0.02, 0.35, 0.68) for fy in (0.02, 0.35, 0.68)]
     for s in subs:
         opts = [o for o in ("forest", "wetland", "meadow", "pond") if b.budget.get(o, 0) > 0]
         if not opts or rng.random() < 0.25:
@@ -218,7 +217,7 @@ def _cover_recipe(name, tags_options, cover=None, shape="blob"):
             return
         rng = b.rng
         tags = tags_options[int(rng.integers(len(tags_options)))]
-        poly = _blob(rect, rng) if shape == "blob" else _jrect(rect, rng, 6)
+        poly = blob(rect, rng) if shape == "blob" else jrect(rect, rng, 6)
         b.area(poly, tags, cover or name, Z_COVER if name not in ("pond", "lake") else Z_WATER, name)
     return fn
 
@@ -229,10 +228,10 @@ def _forest_recipe(b, rect):
     rng = b.rng
     tags = [{"landuse": "forest", "leaf_type": "needleleaved"}, {"natural": "wood", "leaf_type": "broadleaved"},
             {"natural": "wood", "leaf_type": "mixed"}][int(rng.integers(3))]
-    poly = _blob(rect, rng, rough=0.18)
+    poly = blob(rect, rng, rough=0.18)
     w = rect[2] - rect[0]
     if w > 150 and rng.random() < 0.4:
-        hole = _blob(_sub(rect, 0.35, 0.35, 0.62, 0.6), rng)
+        hole = blob(sub_rect(rect, 0.35, 0.35, 0.62, 0.6), rng)
         poly = poly.difference(hole)
     b.area(poly, tags, "forest", Z_COVER, "forest")
 
@@ -241,9 +240,9 @@ def _lake_recipe(b, rect):
     if not b.take("lake"):
         return
     rng = b.rng
-    poly = _blob(rect, rng, rough=0.25)
+    poly = blob(rect, rng, rough=0.25)
     if rect[2] - rect[0] > 150 and rng.random() < 0.6:
-        poly = poly.difference(_blob(_sub(rect, 0.4, 0.4, 0.58, 0.58), rng))
+        poly = poly.difference(blob(sub_rect(rect, 0.4, 0.4, 0.58, 0.58), rng))
     b.area(poly, {"natural": "water", "water": "lake", "name": "Clear Lake"}, "lake", Z_WATER, "lake")
 
 
@@ -253,40 +252,40 @@ def _farm_recipe(b, rect):
     rng = b.rng
     x0, y0, x1, y1 = rect
     vertical = rng.random() < 0.5
-    parts = list(_split(rect, rng.uniform(0.35, 0.65), vertical, gap=5))
+    parts = list(split(rect, rng.uniform(0.35, 0.65), vertical, gap=5))
     crop = ["wheat", "maize", "soy", "vegetables", "alfalfa"][int(rng.integers(5))]
     ang = 0 if rng.random() < 0.5 else 90
     if rng.random() < 0.35:
         # one field as a multipolygon of two parts
-        geom = _jrect(parts[0], rng, 3).union(_jrect(parts[1], rng, 3))
+        geom = jrect(parts[0], rng, 3).union(jrect(parts[1], rng, 3))
         i = b.area(geom, {"landuse": "farmland", "crop": crop}, "farmland", Z_COVER, "farmland")
-        b.mark(i, "crop_row", _lines_across(geom, 4.0, ang, rng))
+        b.mark(i, "crop_row", lines_across(geom, 4.0, ang, rng))
         barn_in = parts[1]
     else:
-        poly = _jrect(parts[0], rng, 3)
+        poly = jrect(parts[0], rng, 3)
         i = b.area(poly, {"landuse": "farmland", "crop": crop}, "farmland", Z_COVER, "farmland")
-        b.mark(i, "crop_row", _lines_across(poly, 4.0, ang, rng))
+        b.mark(i, "crop_row", lines_across(poly, 4.0, ang, rng))
         barn_in = parts[1]
         if b.take("farmland"):
-            poly2 = _jrect(parts[1], rng, 3)
+            poly2 = jrect(parts[1], rng, 3)
             crop2 = ["wheat", "maize", "soy", "vegetables", "alfalfa"][int(rng.integers(5))]
             i = b.area(poly2, {"landuse": "farmland", "crop": crop2}, "farmland", Z_COVER, "farmland")
-            b.mark(i, "crop_row", _lines_across(poly2, 4.0, 90 - ang, rng))
+            b.mark(i, "crop_row", lines_across(poly2, 4.0, 90 - ang, rng))
     if b.take("barn"):
         bx, by = barn_in[0] + 8, barn_in[1] + 8
-        b.set_material(b.area(_box(bx - 4, by - 4, bx + 50, by + 40), {"landuse": "farmyard"}, "bare_soil", Z_GROUND),
+        b.set_material(b.area(box(bx - 4, by - 4, bx + 50, by + 40), {"landuse": "farmyard"}, "bare_soil", Z_GROUND),
                        "gravel")
-        _building(b, (bx, by, bx + 30, by + 18), {"building": "barn"}, "barn", "barn")
+        building(b, (bx, by, bx + 30, by + 18), {"building": "barn"}, "barn", "barn")
     if b.budget.get("pond", 0) > 0 and rng.random() < 0.3:
         b.take("pond")
-        b.area(_blob((x1 - 40, y1 - 35, x1 - 8, y1 - 8), rng), {"natural": "water", "water": "pond"}, "pond",
+        b.area(blob((x1 - 40, y1 - 35, x1 - 8, y1 - 8), rng), {"natural": "water", "water": "pond"}, "pond",
                Z_WATER, "pond")
 
 
 def _ponds_recipe(b, rect):
     rng = b.rng
     k = 0
-    for s in _quarters(rect):
+    for s in quarters(rect):
         if rng.random() < 0.5 and k > 0:
             continue
         if not b.take("pond"):
@@ -294,7 +293,7 @@ def _ponds_recipe(b, rect):
         k += 1
         x0, y0, x1, y1 = s
         d = rng.uniform(25, min(x1 - x0, y1 - y0))
-        b.area(_blob(_fit(s, d, d * rng.uniform(0.6, 1), rng), rng), {"natural": "water", "water": "pond"}, "pond",
+        b.area(blob(fit(s, d, d * rng.uniform(0.6, 1), rng), rng), {"natural": "water", "water": "pond"}, "pond",
                Z_WATER, "pond")
 
 
@@ -303,7 +302,7 @@ def _wetland_recipe(b, rect):
         return
     rng = b.rng
     kind = ["marsh", "swamp", "wet_meadow", "reedbed"][int(rng.integers(4))]
-    b.area(_blob(rect, rng, rough=0.3), {"natural": "wetland", "wetland": kind}, "wetland", Z_COVER, "wetland")
+    b.area(blob(rect, rng, rough=0.3), {"natural": "wetland", "wetland": kind}, "wetland", Z_COVER, "wetland")
 
 
 _COVER_RECIPES: dict[str, Callable] = {
@@ -325,7 +324,7 @@ _COVER_RECIPES: dict[str, Callable] = {
 
 
 def _cover_site(name, size=(1, 1), zones=(0,), fallback=(0, 5)):
-    @_lot_site(size=size, zones=zones, fallback=fallback)
+    @lot_site(size=size, zones=zones, fallback=fallback)
     def run(b, rect):
         _COVER_RECIPES[name](b, rect)
     return run
@@ -336,7 +335,7 @@ def _random_size(b, opts):
 
 
 def _sized_cover(name, sizes, zones=(0,), fallback=(0, 5)):
-    def run(b: _Builder):
+    def run(b: Builder):
         h, w = _random_size(b, sizes)
         rect, _ = b.alloc(h, w, zones)
         if rect is None:
@@ -348,43 +347,43 @@ def _sized_cover(name, sizes, zones=(0,), fallback=(0, 5)):
     return run
 
 
-@_lot_site(size=(1, 2), zones=(0,), fallback=(0, 4, 5))
-def _solar(b: _Builder, rect):
+@lot_site(size=(1, 2), zones=(0,), fallback=(0, 4, 5))
+def _solar(b: Builder, rect):
     if not b.take("solar_farm"):
         return
     rng = b.rng
     x0, y0, x1, y1 = rect
     if rng.random() < 0.5:
-        poly = _box(*rect)
+        poly = box(*rect)
         tags = {"power": "plant", "plant:source": "solar", "plant:method": "photovoltaic", "name": "Sun Ranch Solar"}
     else:
-        poly = _box(*_sub(rect, 0, 0, 0.47, 1)).union(_box(*_sub(rect, 0.53, 0.1, 1, 0.9)))
+        poly = box(*sub_rect(rect, 0, 0, 0.47, 1)).union(box(*sub_rect(rect, 0.53, 0.1, 1, 0.9)))
         tags = {"power": "plant", "plant:source": "solar", "plant:method": "photovoltaic", "name": "Mesa Solar"}
     i = b.area(poly, tags, "solar_farm", Z_GROUND, "solar_farm")
-    b.mark(i, "solar_row", _lines_across(poly.buffer(-4), 6.0, 0, rng))
+    b.mark(i, "solar_row", lines_across(poly.buffer(-4), 6.0, 0, rng))
 
 
-@_lot_site(size=(2, 3), zones=(0,), fallback=(0, 5))
-def _wind(b: _Builder, rect):
+@lot_site(size=(2, 3), zones=(0,), fallback=(0, 5))
+def _wind(b: Builder, rect):
     if not b.take("wind_farm"):
         return
     rng = b.rng
     x0, y0, x1, y1 = rect
-    b.area(_box(*rect), {"power": "plant", "plant:source": "wind", "name": "Prairie Wind"}, "wind_farm",
+    b.area(box(*rect), {"power": "plant", "plant:source": "wind", "name": "Prairie Wind"}, "wind_farm",
            Z_CONTAINER, "wind_farm")
     # farmland underneath, like real wind farms
-    for part in _quarters(rect):
+    for part in quarters(rect):
         if b.take("farmland"):
-            poly = _jrect(part, rng, 4)
+            poly = jrect(part, rng, 4)
             i = b.area(poly, {"landuse": "farmland", "crop": "wheat"}, "farmland", Z_COVER, "farmland")
-            b.mark(i, "crop_row", _lines_across(poly, 4.0, 0, rng))
+            b.mark(i, "crop_row", lines_across(poly, 4.0, 0, rng))
     from shapely.geometry import LineString
     for gx in np.linspace(x0 + 80, x1 - 80, 2):
         for gy in np.linspace(y0 + 70, y1 - 70, 2):
             x, y = gx + rng.uniform(-20, 20), gy + rng.uniform(-20, 20)
             tags = {"power": "generator", "generator:source": "wind", "generator:method": "wind_turbine",
                     "generator:type": "horizontal_axis"}
-            i = b.node(_pt(x, y), tags, 5, "wind_farm", Z_SMALL, "wind_farm")
+            i = b.node(pt(x, y), tags, 5, "wind_farm", Z_SMALL, "wind_farm")
             a = rng.uniform(0, 2 * np.pi)
             for k in range(3):
                 t = a + k * 2 * np.pi / 3
@@ -392,107 +391,107 @@ def _wind(b: _Builder, rect):
             b.mark(i, "shadow", LineString([(x + 2, y - 2), (x + 60, y - 50)]).buffer(1.5))
 
 
-@_lot_site(size=(1, 1), zones=(4,), fallback=(0,))
-def _industrial(b: _Builder, rect):
+@lot_site(size=(1, 1), zones=(4,), fallback=(0,))
+def _industrial(b: Builder, rect):
     if not b.take("industrial"):
         return
     rng = b.rng
     x0, y0, x1, y1 = rect
-    b.area(_box(*rect), {"landuse": "industrial"}, "industrial", Z_CONTAINER, "industrial")
-    for q in _quarters(rect):
+    b.area(box(*rect), {"landuse": "industrial"}, "industrial", Z_CONTAINER, "industrial")
+    for q in quarters(rect):
         qx0, qy0, qx1, qy1 = q
         o = rng.random()
         if b.budget.get("warehouse", 0) > 0 and o < 0.5:
             b.take("warehouse")
-            _building(b, (qx0 + 4, qy0 + 4, qx1 - 4, qy1 - 20), {"building": "warehouse"}, "warehouse", "warehouse",
+            building(b, (qx0 + 4, qy0 + 4, qx1 - 4, qy1 - 20), {"building": "warehouse"}, "warehouse", "warehouse",
                       ridge=False)
-            i = b.area(_box(qx0 + 4, qy1 - 17, qx1 - 4, qy1 - 4), {"area:highway": "service"}, "paved", Z_GROUND)
+            i = b.area(box(qx0 + 4, qy1 - 17, qx1 - 4, qy1 - 4), {"area:highway": "service"}, "paved", Z_GROUND)
             for k in range(int((qx1 - qx0 - 10) // 16)):
-                b.mark(i, "vehicle", _box(qx0 + 6 + k * 16, qy1 - 16, qx0 + 9 + k * 16, qy1 - 5))
+                b.mark(i, "vehicle", box(qx0 + 6 + k * 16, qy1 - 16, qx0 + 9 + k * 16, qy1 - 5))
         elif b.budget.get("electric_substation", 0) > 0 and o < 0.65:
-            _lot_substation(b, q)
+            lot_substation(b, q)
         elif b.budget.get("tower", 0) > 0 and o < 0.75:
             _tower(b, (qx0 + qx1) / 2, (qy0 + qy1) / 2)
         elif b.budget.get("construction_site", 0) > 0 and o < 0.85:
             _COVER_RECIPES["construction_site"](b, q)
         else:
-            _building(b, (qx0 + 6, qy0 + 6, qx1 - 6, qy1 - 10), {"building": "industrial"}, "building")
+            building(b, (qx0 + 6, qy0 + 6, qx1 - 6, qy1 - 10), {"building": "industrial"}, "building")
 
 
-@_lot_site(size=(1, 1), zones=(0, 4), fallback=(0, 5))
-def _water_treatment(b: _Builder, rect):
+@lot_site(size=(1, 1), zones=(0, 4), fallback=(0, 5))
+def _water_treatment(b: Builder, rect):
     if not b.take("water_treatment_facility"):
         return
     rng = b.rng
     x0, y0, x1, y1 = rect
     tags = [{"man_made": "wastewater_plant", "name": "Wastewater Plant"},
             {"man_made": "water_works", "name": "Water Works"}][int(rng.integers(2))]
-    poly = _box(*rect)
+    poly = box(*rect)
     i = b.area(poly, tags, "water_treatment_facility", Z_CONTAINER, "water_treatment_facility")
     b.mark(i, "fence", poly.exterior)
     for k in range(3):
         cx, cy = x0 + 30 + k * 45, y1 - 35
-        c = _pt(cx, cy).buffer(17, 24)
+        c = pt(cx, cy).buffer(17, 24)
         j = b.set_material(b.area(c, {"man_made": "storage_tank", "content": "water"}, "water_treatment_facility",
                                   Z_BUILDING), "water")
         b.mark(j, "tank_rim", c.buffer(-1).exterior)
-        b.mark(j, "tank_rim", _pt(cx, cy).buffer(3).exterior)
+        b.mark(j, "tank_rim", pt(cx, cy).buffer(3).exterior)
     for k in range(2):
         bx = x0 + 15 + k * 65
-        j = b.set_material(b.area(_box(bx, y0 + 15, bx + 55, y0 + 70), {"man_made": "basin", "natural": "water",
+        j = b.set_material(b.area(box(bx, y0 + 15, bx + 55, y0 + 70), {"man_made": "basin", "natural": "water",
                                                                         "water": "basin"},
                                   "water_treatment_facility", Z_WATER), "water")
-        b.mark(j, "fence", _box(bx, y0 + 15, bx + 55, y0 + 70).exterior)
+        b.mark(j, "fence", box(bx, y0 + 15, bx + 55, y0 + 70).exterior)
 
 
-@_lot_site(size=(1, 1), zones=(0,), fallback=(0, 5))
-def _aquaculture(b: _Builder, rect):
+@lot_site(size=(1, 1), zones=(0,), fallback=(0, 5))
+def _aquaculture(b: Builder, rect):
     if not b.take("aquaculture"):
         return
     x0, y0, x1, y1 = rect
-    b.area(_box(*rect), {"landuse": "aquaculture", "aquaculture": "fish"}, "aquaculture", Z_CONTAINER,
+    b.area(box(*rect), {"landuse": "aquaculture", "aquaculture": "fish"}, "aquaculture", Z_CONTAINER,
            "aquaculture")
     for gx in range(4):
         for gy in range(3):
             px = x0 + 6 + gx * (x1 - x0 - 6) / 4
             py = y0 + 6 + gy * (y1 - y0 - 6) / 3
             r = (px, py, px + (x1 - x0 - 6) / 4 - 6, py + (y1 - y0 - 6) / 3 - 6)
-            b.area(_box(*r), {"natural": "water", "water": "basin"}, "aquaculture", Z_WATER)
+            b.area(box(*r), {"natural": "water", "water": "basin"}, "aquaculture", Z_WATER)
 
 
-@_lot_site(size=(1, 1), zones=(0,), fallback=(0, 5))
-def _park(b: _Builder, rect):
+@lot_site(size=(1, 1), zones=(0,), fallback=(0, 5))
+def _park(b: Builder, rect):
     if not b.take("park"):
         return
     rng = b.rng
     x0, y0, x1, y1 = rect
-    poly = _jrect(rect, rng, 4)
+    poly = jrect(rect, rng, 4)
     b.area(poly, {"leisure": "park", "name": "Riverside Park"}, "park", Z_COVER, "park")
     from shapely.geometry import LineString
     b.way(LineString([(x0 + 5, y0 + 5), ((x0 + x1) / 2, (y0 + y1) / 2 + 10), (x1 - 5, y1 - 5)]),
           {"highway": "footway"}, 3, "paved", Z_GROUND)
     for k in range(int(rng.integers(3, 8))):
-        b.node(_pt(rng.uniform(x0 + 8, x1 - 8), rng.uniform(y0 + 8, y1 - 8)), {"natural": "tree"},
+        b.node(pt(rng.uniform(x0 + 8, x1 - 8), rng.uniform(y0 + 8, y1 - 8)), {"natural": "tree"},
                rng.uniform(6, 11), "trees", Z_SMALL)
     opts = [o for o in ("tennis", "baseball_field", "skate_park", "swimming_pool", "pond") if b.budget.get(o, 0) > 0]
     if opts:
         o = opts[int(rng.integers(len(opts)))]
-        sub = _sub(rect, 0.55, 0.05, 0.97, 0.45)
+        sub = sub_rect(rect, 0.55, 0.05, 0.97, 0.45)
         if o == "tennis":
-            _pitch(b, (sub[0], sub[1], sub[0] + 34, sub[1] + 17), "tennis")
+            pitch(b, (sub[0], sub[1], sub[0] + 34, sub[1] + 17), "tennis")
         elif o == "baseball_field":
-            r = _fit(sub, 60, 60, rng)
+            r = fit(sub, 60, 60, rng)
             if r:
-                _pitch(b, r, "baseball")
+                pitch(b, r, "baseball")
         elif o == "skate_park":
-            _lot_skate(b, sub)
+            lot_skate(b, sub)
         elif o == "swimming_pool":
-            _pool(b, (sub[0] + sub[2]) / 2, (sub[1] + sub[3]) / 2, rng, public=True)
+            pool(b, (sub[0] + sub[2]) / 2, (sub[1] + sub[3]) / 2, rng, public=True)
         else:
             _ponds_recipe(b, sub)
 
 
-def _coast_site(b: _Builder, n_cells=1):
+def _coast_site(b: Builder, n_cells=1):
     """Reserve n consecutive coast cells; return (u0, u1) along the coast or None."""
     side = b.rs.coast
     if side == "none":
@@ -537,7 +536,7 @@ def _coast_poly(b, u0, u1, v_from_coast0, v1, n=20):
     return Polygon(near + far)
 
 
-def _beach(b: _Builder):
+def _beach(b: Builder):
     s = _coast_site(b, 1)
     if s is None or not b.take("beach"):
         return False
@@ -547,7 +546,7 @@ def _beach(b: _Builder):
     return True
 
 
-def _port(b: _Builder):
+def _port(b: Builder):
     s = _coast_site(b, 2)
     if s is None or not b.take("port"):
         return False
@@ -563,20 +562,20 @@ def _port(b: _Builder):
         for vv in (v0 + 20, v0 + 50, v0 + 80):
             x0_, y0_ = b.coast_xy(u, vv)
             x1_, y1_ = b.coast_xy(u + 12, vv + 2.5)
-            b.mark(i, "vehicle", _box(x0_, y0_, x1_, y1_))
+            b.mark(i, "vehicle", box(x0_, y0_, x1_, y1_))
     for k in range(3):
         u = u0 + 30 + k * (u1 - u0 - 60) / 2
         x, y = b.coast_xy(u, b.coast_v(u) - 10)
-        b.mark(i, "shadow", _box(x - 3, y - 3, x + 3, y + 3).buffer(6))
+        b.mark(i, "shadow", box(x - 3, y - 3, x + 3, y + 3).buffer(6))
     ux = (u0 + u1) / 2
     if b.take("warehouse"):
         xa, ya = b.coast_xy(ux - 40, depth - 60)
         xb, yb = b.coast_xy(ux + 40, depth - 10)
-        _building(b, _box(xa, ya, xb, yb), {"building": "warehouse"}, "warehouse", "warehouse", ridge=False)
+        building(b, box(xa, ya, xb, yb), {"building": "warehouse"}, "warehouse", "warehouse", ridge=False)
     return True
 
 
-def _shipyard(b: _Builder):
+def _shipyard(b: Builder):
     s = _coast_site(b, 1)
     if s is None or not b.take("shipyard"):
         return False
@@ -589,15 +588,15 @@ def _shipyard(b: _Builder):
     um = (u0 + u1) / 2
     xa, ya = b.coast_xy(um - 15, b.coast_v(um) - 10)
     xb, yb = b.coast_xy(um + 15, b.coast_v(um) + 90)
-    b.set_material(b.area(_box(xa, ya, xb, yb), {"waterway": "dock", "dock": "drydock"}, "shipyard", Z_WATER),
+    b.set_material(b.area(box(xa, ya, xb, yb), {"waterway": "dock", "dock": "drydock"}, "shipyard", Z_WATER),
                    "water")
     xa, ya = b.coast_xy(u0 + 5, depth - 60)
     xb, yb = b.coast_xy(um - 25, depth - 5)
-    _building(b, _box(xa, ya, xb, yb), {"building": "industrial"}, "shipyard", ridge=False)
+    building(b, box(xa, ya, xb, yb), {"building": "industrial"}, "shipyard", ridge=False)
     return True
 
 
-def _marina(b: _Builder):
+def _marina(b: Builder):
     s = _coast_site(b, 1)
     if s is None or not b.take("marina"):
         return False
@@ -614,11 +613,11 @@ def _marina(b: _Builder):
         for t in np.linspace(10, 85, 6):
             for side in (-1, 1):
                 x, y = b.coast_xy(u + side * 5, b.coast_v(u) - t)
-                b.mark(j, "boat", _box(x - 2, y - 1.2, x + 2, y + 1.2).buffer(0.4), Z_SMALL)
+                b.mark(j, "boat", box(x - 2, y - 1.2, x + 2, y + 1.2).buffer(0.4), Z_SMALL)
     return True
 
 
-def _station(b: _Builder):
+def _station(b: Builder):
     """A railway station beside the line, preferably in town."""
     cl = b.c_rl
     rect, rc = b.alloc(1, 1, (3, 4, 0), pick=lambda r, c: c == cl)
@@ -627,15 +626,15 @@ def _station(b: _Builder):
     x0, y0, x1, y1 = rect
     xr = b.x_rl
     plat = (xr + 5, y0 + 10, xr + 12, y1 - 10)
-    j = b.area(_box(*plat), {"railway": "platform", "public_transport": "platform"}, "paved", Z_GROUND)
-    i = b.area(_box(xr + 14, y0 + 60, xr + 50, y0 + 95), {"railway": "station", "public_transport": "station",
+    j = b.area(box(*plat), {"railway": "platform", "public_transport": "platform"}, "paved", Z_GROUND)
+    i = b.area(box(xr + 14, y0 + 60, xr + 50, y0 + 95), {"railway": "station", "public_transport": "station",
                                                           "building": "train_station", "name": "Union Station"},
                "railway_station", Z_BUILDING, "railway_station")
-    _parking(b, (xr + 55, y0 + 10, x1 - 4, y1 - 10))
+    parking(b, (xr + 55, y0 + 10, x1 - 4, y1 - 10))
     return True
 
 
-def _tower_site(b: _Builder):
+def _tower_site(b: Builder):
     rect, _ = b.alloc(1, 1, (0, 4, 5))
     if rect is None:
         return False
@@ -643,27 +642,27 @@ def _tower_site(b: _Builder):
     x, y = (x0 + x1) / 2, (y0 + y1) / 2
     if _tower(b, x, y) is None:
         return False
-    b.set_material(b.area(_box(x - 12, y - 12, x + 12, y + 12), {"surface": "gravel", "area:highway": "service"},
+    b.set_material(b.area(box(x - 12, y - 12, x + 12, y + 12), {"surface": "gravel", "area:highway": "service"},
                           "bare_soil", Z_GROUND), "gravel")
     if b.budget.get("electric_substation", 0) > 0:
-        _lot_substation(b, (x0, y0, (x0 + x1) / 2, (y0 + y1) / 2 - 15))
+        lot_substation(b, (x0, y0, (x0 + x1) / 2, (y0 + y1) / 2 - 15))
     return True
 
 
-def _helipad_site(b: _Builder):
+def _helipad_site(b: Builder):
     rect, _ = b.alloc(1, 1, (0, 4, 3))
     if rect is None:
         return False
     x0, y0, x1, y1 = rect
-    b.area(_box(x0 + 40, y0 + 40, x1 - 40, y1 - 40), {"surface": "grass", "landuse": "grass"}, "grass", Z_COVER)
+    b.area(box(x0 + 40, y0 + 40, x1 - 40, y1 - 40), {"surface": "grass", "landuse": "grass"}, "grass", Z_COVER)
     if _helipad(b, (x0 + x1) / 2, (y0 + y1) / 2) is None:
         return False
     if b.budget.get("fire_station", 0) > 0:
-        _lot_fire(b, (x0, y0, (x0 + x1) / 2, (y0 + y1) / 2))
+        lot_fire(b, (x0, y0, (x0 + x1) / 2, (y0 + y1) / 2))
     return True
 
 
-def _sports_site(b: _Builder):
+def _sports_site(b: Builder):
     """A sports complex for pitches left over after schools, parks and blocks."""
     rect, _ = b.alloc(1, 1, (0, 3, 5))
     if rect is None:
@@ -671,31 +670,31 @@ def _sports_site(b: _Builder):
     rng = b.rng
     x0, y0, x1, y1 = rect
     did = False
-    lots = _quarters(rect)
+    lots = quarters(rect)
     for q in lots:
         for sport, name, (w, h) in (("soccer", "soccer", (70, 45)), ("american_football", "american_football",
                                                                       (70, 40)), ("baseball", "baseball_field",
                                                                                   (60, 60)),
                                     ("skateboard", "skate_park", (30, 25)), ("tennis", "tennis", (34, 17))):
             if b.budget.get(name, 0) > 0:
-                r = _fit(q, w, h, rng)
-                if r and _pitch(b, r, sport) is not None:
+                r = fit(q, w, h, rng)
+                if r and pitch(b, r, sport) is not None:
                     did = True
                     break
     if not did:
-        _parking(b, lots[0])
+        parking(b, lots[0])
     return True
 
 
-def _pool_site(b: _Builder):
+def _pool_site(b: Builder):
     rect, _ = b.alloc(1, 1, (3, 0))
     if rect is None:
         return False
-    _residential_block(b, rect)
+    residential_block(b, rect)
     return True
 
 
-_SITE_ORDER: list[tuple[str, Callable]] = [
+SITE_ORDER: list[tuple[str, Callable]] = [
     ("airport", _airport), ("nature_reserve", _reserve), ("golf_course", _golf), ("wind_farm", _wind),
     ("university", _university), ("stadium", _stadium), ("shopping_mall", _mall), ("prison", _prison),
     ("port", _port), ("shipyard", _shipyard), ("marina", _marina), ("beach", _beach),
@@ -704,8 +703,8 @@ _SITE_ORDER: list[tuple[str, Callable]] = [
     ("solar_farm", _solar), ("surface_mine", _sized_cover("surface_mine", [(1, 2), (1, 1)])),
     ("waste_disposal", _sized_cover("waste_disposal", [(1, 1)])),
     ("water_treatment_facility", _water_treatment), ("aquaculture", _aquaculture),
-    ("school", _school), ("hospital", _hospital), ("industrial", _industrial),
-    ("religious_building", _civic_block), ("gas_station", _civic_block),
+    ("school", school), ("hospital", _hospital), ("industrial", _industrial),
+    ("religious_building", civic_block), ("gas_station", civic_block),
     ("park", _park),
     ("farmland", _sized_cover("farmland", [(1, 1), (1, 2), (2, 1), (2, 2)], zones=(0,))),
     ("forest", _sized_cover("forest", [(1, 1), (2, 2), (1, 2), (2, 3)], zones=(0, 5))),
@@ -716,16 +715,16 @@ _SITE_ORDER: list[tuple[str, Callable]] = [
     ("sand", _sized_cover("sand", [(1, 1)])),
     ("bareland", _sized_cover("bareland", [(1, 1)])),
     ("construction_site", _sized_cover("construction_site", [(1, 1)], zones=(0, 3, 4))),
-    ("cemetery", _civic_block), ("pond", _sized_cover("pond", [(1, 1)], zones=(0, 5))),
+    ("cemetery", civic_block), ("pond", _sized_cover("pond", [(1, 1)], zones=(0, 5))),
 ]
 
-_LEFTOVER: list[tuple[str, Callable]] = [
+LEFTOVER: list[tuple[str, Callable]] = [
     ("swimming_pool", _pool_site), ("tennis", _sports_site), ("soccer", _sports_site),
     ("american_football", _sports_site), ("baseball_field", _sports_site), ("skate_park", _sports_site),
     ("tower", _tower_site), ("helipad", _helipad_site), ("electric_substation", _tower_site),
-    ("warehouse", _industrial), ("office", _civic_block), ("police_station", _civic_block),
-    ("fire_station", _civic_block), ("supermarket", _civic_block), ("car_dealership", _civic_block),
-    ("parking_lot", _civic_block), ("parking_garage", _civic_block),
+    ("warehouse", _industrial), ("office", civic_block), ("police_station", civic_block),
+    ("fire_station", civic_block), ("supermarket", civic_block), ("car_dealership", civic_block),
+    ("parking_lot", civic_block), ("parking_garage", civic_block),
 ]
 
 
