@@ -1,6 +1,7 @@
 """Benchmark: fetch_scene scenes/s against a served world vs the bare window reads of the same COGs.
 
-    .venv/bin/python bench/fetch.py [--scenes 6] [--workers 1,2] [--keep DIR | --world BUILT_TESTBED] [--json PATH]
+    .venv/bin/python bench/fetch.py [--scenes 6] [--workers 1,2] [--io-threads N] [--keep DIR | --world BUILT_TESTBED]
+                                    [--no-ee] [--json PATH]
 
 The world is served like the testbed (``gl10m.testbed.serve.serve``: the Range HTTP server and
 the rustac STAC API on 127.0.0.1); every read goes through ``/vsicurl/`` over loopback. It is a
@@ -19,9 +20,19 @@ For 1 and 2 worker processes it prints, measured in the same run:
     one) during fetch, and the cores the fetch run kept busy on average ((workers + servers) CPU
     / wall): on a machine with as many cores as workers, that bounds the parallel speed-up.
 
-Then where the time of ``fetch_scene`` goes (1 worker, seconds per scene per part, from
-:class:`gl10m.sources.base.Timings`: reads, S2 warps + SCL masking, median + stretch, NAIP warp,
-NAIP mosaic, tiling, QC, JPEG/PNG encode, staging writes; "other" is the rest), the LR/HR
+Then what bounds the 2-worker speed-up: fetch's speed-up beside the bare reads' own, and the
+ceiling the CPU puts on it (the machine's cores / the CPU seconds a scene takes with 2 workers,
+servers included, against the 1-worker scenes/s).
+
+Then where the time of ``fetch_scene`` goes (seconds per scene per part, from
+:class:`gl10m.sources.base.Timings`: reads (the time the composing thread waited for a read not
+yet in: each window is composed as soon as it and those before it are in, so the rest of the
+reading hides behind the composing), S2 warps + SCL masking, median + stretch, NAIP warp, NAIP
+mosaic, tiling, QC, JPEG/PNG encode, staging writes; "other" is the rest): wall seconds with 1
+worker, and the composing thread's CPU seconds per part with each worker count (the same
+single-threaded code: CPU seconds that rise with more workers are the machine's contention,
+cores and caches shared with the other workers, their I/O threads and the servers, not more
+work), with the I/O threads' CPU (the reads' decoding) on a line of its own. Then the LR/HR
 agreement of the staged samples (per sample, the mean over R, G, B of the correlation between
 the 10 x 10 block means of the HR mosaic and the LR image), and the same for the Earth Engine
 path through the testbed's stand-in (``gl10m.testbed.eeserver``), measured against the raw
@@ -217,14 +228,18 @@ _PROVIDERS: dict = {}
 
 def do_fetch(args: tuple) -> dict:
     """``fetch_scene`` of one row -> its label, seconds per part and in all, the worker's peak RSS.
-    args: (row, out, profile path or None, Earth Engine stand-in URL or None)."""
+    args: (row, out, profile path or None, Earth Engine stand-in URL or None, I/O threads or None)."""
     from gl10m import fetch, profile
     from gl10m.sources.base import Timings
 
     _worker_setup()
-    row, out, prof, ee_url = (*args, None, None)[:4]
+    row, out, prof, ee_url, io_threads = (*args, None, None, None)[:5]
     p = profile.load(prof)
     provider = None
+    if io_threads and not ee_url:
+        from gl10m.sources.cog import CogReader
+
+        provider = CogReader(io_threads=io_threads)
     if ee_url:
         from gl10m.sources import earthengine as E
 
@@ -234,11 +249,12 @@ def do_fetch(args: tuple) -> dict:
                 p.imagery.naip.collection: E.NAIP_COLLECTION, p.imagery.s2.collection: E.S2_COLLECTION})
         provider = _PROVIDERS[ee_url]
     t = Timings()
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
     res = fetch.fetch_scene(row, p, out, provider, timings=t)
     total = time.perf_counter() - t0
-    return {"label": res.label, "seconds": dict(t.seconds), "total": total, "rss_mb": _peak_rss_mb(),
-            "path": str(res.path) if res.path else None, "cpu": time.process_time() - c0, "pid": os.getpid()}
+    return {"label": res.label, "seconds": dict(t.seconds), "cpu_parts": dict(t.cpu), "total": total,
+            "rss_mb": _peak_rss_mb(), "path": str(res.path) if res.path else None,
+            "cpu": time.process_time() - c0, "main_cpu": time.thread_time() - m0, "pid": os.getpid()}
 
 
 def testbed_rows(world: Path, stac_url: str, wd: Path, n: int) -> list[dict]:
@@ -299,17 +315,41 @@ PART_ORDER = ("reads", "s2 warp + scl mask", "s2 median + stretch", "s2 composit
               "ee block reassembly", "tiling", "qc", "encode", "staging writes")
 
 
-def breakdown(results: list[dict]) -> dict[str, float]:
-    """Mean seconds per scene of each part (and "other": the rest of fetch_scene's time)."""
+def breakdown(results: list[dict], field: str = "seconds", total: str = "total") -> dict[str, float]:
+    """Mean seconds per scene of each part (and "other": the rest of fetch_scene's time); with
+    ``field="cpu_parts", total="main_cpu"`` the composing thread's CPU seconds instead."""
     n = len(results)
     parts: dict[str, float] = {}
     for r in results:
-        for k, v in r["seconds"].items():
+        for k, v in r[field].items():
             parts[k] = parts.get(k, 0.0) + v / n
     out = {k: parts[k] for k in PART_ORDER if k in parts}
     out.update({k: v for k, v in parts.items() if k not in out})
-    out["other"] = max(0.0, sum(r["total"] for r in results) / n - sum(out.values()))
+    out["other"] = max(0.0, sum(r[total] for r in results) / n - sum(out.values()))
     return out
+
+
+def _print_cpu_parts(wall: dict[str, float], by_workers: dict[int, list[dict]]) -> list[dict]:
+    """Per part: wall seconds (first worker count) and the composing thread's CPU seconds per
+    scene for each worker count, the last count's CPU against the first's; then the I/O threads'."""
+    ws = list(by_workers)
+    cpu = {w: breakdown(res, "cpu_parts", "main_cpu") for w, res in by_workers.items()}
+    io = {w: sum(r["cpu"] - r["main_cpu"] for r in res) / len(res) for w, res in by_workers.items()}
+    head = "".join(f"  cpu {w}w" for w in ws)
+    print(f"  {'part':<22} wall {ws[0]}w{head}" + (f"  cpu {ws[-1]}w/{ws[0]}w" if len(ws) > 1 else ""))
+    recs = []
+    rows = [(k, wall.get(k, 0.0), {w: cpu[w].get(k, 0.0) for w in ws}) for k in [*wall, *(
+        k for k in cpu[ws[-1]] if k not in wall)]]
+    rows.append(("(I/O threads)", float("nan"), io))
+    for k, v, c in rows:
+        ratio = c[ws[-1]] / c[ws[0]] if len(ws) > 1 and c[ws[0]] > 0.002 else float("nan")
+        print(f"  {k:<22} " + (f"{v:7.3f}" if math.isfinite(v) else " " * 7) + "".join(f" {c[w]:7.3f}" for w in ws)
+              + (f" {ratio:10.2f}x" if len(ws) > 1 and math.isfinite(ratio) else ""))
+        if len(ws) > 1 and math.isfinite(ratio):
+            recs.append(record(f"CPU of fetch_scene part: {k}, {ws[-1]} worker(s)", c[ws[-1]], "cpu-s/scene",
+                               f"the same, {ws[0]} worker(s)", c[ws[0]], ratio, False,
+                               "the same code's CPU seconds with more workers: above 1 is the machine's contention"))
+    return recs
 
 
 def agreement(results: list[dict]) -> list[float]:
@@ -340,12 +380,13 @@ def _print_breakdown(title: str, parts: dict[str, float], total: float, base_nam
 def _run(a, scenes: list[dict], tmp: Path, prof: str | None, mode: str, ee_url: str | None) -> int:
     print(f"{'workers':>7} {'bare scenes/s':>14} {'fetch scenes/s':>15} {'fetch/bare time':>16} {'peak RSS/worker':>16}"
           f"  CPU s/scene: {'bare':>5} {'fetch':>6} {'servers':>8} {'cores busy':>10}")
-    recs, first, one = [], {}, None
+    recs, first, one, runs = [], {}, None, {}
     strict = prof is None
     n = len(scenes)
     for w in (int(x) for x in a.workers.split(",")):
         tb, bres, bsrv = timed(bare_read, scenes, w, strict=False)
-        tf, res, fsrv = timed(do_fetch, [(r, str(tmp / f"W{w}"), prof) for r in scenes], w, strict=strict)
+        tf, res, fsrv = timed(do_fetch, [(r, str(tmp / f"W{w}"), prof, None, a.io_threads) for r in scenes], w,
+                              strict=strict)
         rss = max(r["rss_mb"] for r in res)
         bcpu, fcpu = sum(r["cpu"] for r in bres) / n, sum(r["cpu"] for r in res) / n
         busy = (fcpu + fsrv / n) * n / tf
@@ -358,8 +399,10 @@ def _run(a, scenes: list[dict], tmp: Path, prof: str | None, mode: str, ee_url: 
                            f"CPU of the bare window reads, {w} worker(s)", bcpu, None, False,
                            "CPU seconds per scene in the worker (I/O threads included) / the bare reads' (the "
                            f"servers spent {fsrv / n:.3f} s/scene more during fetch; cores busy {busy:.2f})"))
+        runs[w] = {"tb": tb, "tf": tf, "res": res, "cpu": fcpu + fsrv / n}
         if one is None:
             one = (w, tb, tf, res)
+    recs += _scaling(runs, n)
     w, tb, tf, res = one
     parts = breakdown(res)
     total = sum(r["total"] for r in res) / n
@@ -367,6 +410,8 @@ def _run(a, scenes: list[dict], tmp: Path, prof: str | None, mode: str, ee_url: 
     for k, v in parts.items():
         recs.append(record(f"fetch_scene part: {k}", v, "s/scene", "fetch_scene in all", total, v / total, False,
                            "share of fetch_scene's time per scene (1 worker)"))
+    print("the composing thread's CPU seconds per scene and part, by worker count (the same code each time):")
+    recs += _print_cpu_parts(parts, {k: v["res"] for k, v in runs.items()})
     agree = agreement(res)
     if agree:
         print(f"LR/HR agreement: corr(block-mean HR, LR) mean {np.mean(agree):.6f}, min {np.min(agree):.6f} "
@@ -393,6 +438,29 @@ def _run(a, scenes: list[dict], tmp: Path, prof: str | None, mode: str, ee_url: 
     return 0
 
 
+def _scaling(runs: dict[int, dict], n: int) -> list[dict]:
+    """What bounds the speed-up of the last worker count over the first: fetch's against the bare
+    reads' own, and the ceiling the CPU sets (the machine's cores / the CPU seconds per scene of
+    that run, workers' and servers', against the first run's scenes/s)."""
+    ws = sorted(runs)
+    if len(ws) < 2:
+        return []
+    w0, w1 = ws[0], ws[-1]
+    f0, f1 = runs[w0], runs[w1]
+    fetch_x, bare_x = f0["tf"] / f1["tf"], f0["tb"] / f1["tb"]
+    cores = os.cpu_count() or 1
+    ceiling = min(cores, w1) / f1["cpu"] / (n / f0["tf"])
+    print(f"{w1} workers vs {w0}: fetch {fetch_x:.2f}x the scenes/s, the bare reads {bare_x:.2f}x "
+          f"(fetch / bare scaling {fetch_x / bare_x:.2f}); CPU ceiling on this {cores}-core machine "
+          f"{ceiling:.2f}x ({min(cores, w1)} cores / {f1['cpu']:.3f} cpu-s per scene, servers included, vs "
+          f"{f0['cpu']:.3f} with {w0}); fetch reached {fetch_x / ceiling:.0%} of it")
+    return [record(f"fetch speed-up, {w1} vs {w0} worker(s)", fetch_x, "x", "the bare reads' speed-up", bare_x,
+                   fetch_x / bare_x, True, "fetch's parallel speed-up / the bare reads' own"),
+            record(f"fetch speed-up, {w1} vs {w0} worker(s)", fetch_x, "x",
+                   f"the CPU ceiling on {cores} cores", ceiling, fetch_x / ceiling, True,
+                   "the speed-up / what the machine's cores allow at that run's CPU seconds per scene")]
+
+
 def _records(w: int, n: int, tb: float, tf: float, first: dict) -> list[dict]:
     """JSON records of one worker count: fetch vs bare reads, and vs the first worker count."""
     out = [record(f"fetch_scene, {w} worker(s)", tf / n, "s/scene", f"bare window reads, {w} worker(s)", tb / n,
@@ -414,6 +482,8 @@ def main(argv=None) -> int:
                     help="a world built by `gl10m testbed build`: plan rows come from the real index/catalog/plan "
                          "stages, and scenes hit its deliberate faults like a real run (rejections are timed too)")
     ap.add_argument("--no-ee", action="store_true", help="skip the Earth Engine stand-in part")
+    ap.add_argument("--io-threads", type=int, default=None,
+                    help="concurrent reads per scene (gl10m.sources.cog.CogReader's io_threads; default: its own)")
     add_json_arg(ap)
     a = ap.parse_args(argv)
     from gl10m.testbed.serve import serve
