@@ -22,7 +22,9 @@ For 1 and 2 worker processes it prints, measured in the same run:
 
 Then what bounds the 2-worker speed-up: fetch's speed-up beside the bare reads' own, and the
 ceiling the CPU puts on it (the machine's cores / the CPU seconds a scene takes with 2 workers,
-servers included, against the 1-worker scenes/s).
+servers included, against the 1-worker scenes/s), and how much more CPU the same single-threaded
+step (the NAIP warp of a fixed window) takes with 2 processes at once than with one alone (shared
+cores and caches: what the machine takes back when all its cores are busy).
 
 Then where the time of ``fetch_scene`` goes (seconds per scene per part, from
 :class:`gl10m.sources.base.Timings`: reads (the time the composing thread waited for a read not
@@ -438,6 +440,48 @@ def _run(a, scenes: list[dict], tmp: Path, prof: str | None, mode: str, ee_url: 
     return 0
 
 
+def contention_task(seconds: float) -> float:
+    """CPU seconds per run of a fixed single-threaded step (the NAIP warp of a synthetic 1 m
+    window onto a 1340 x 1340 grid, as fetch's), repeated for `seconds` of wall time."""
+    from rasterio.transform import from_origin
+    from rasterio.warp import transform_bounds
+
+    from gl10m import compose
+
+    _worker_setup()
+    w, s = ORIGIN
+    grid = compose.footprint_grid((w, s, w + SIZE / 2, s + SIZE / 2), 1340)
+    x0, y0, x1, y1 = (math.floor(v) for v in transform_bounds(compose.WGS84, "EPSG:26911", *grid.bounds))
+    x0, y0, x1, y1 = x0 - 5, y0 - 5, x1 + 5, y1 + 5
+    pixels = np.random.default_rng(0).integers(1, 256, (3, y1 - y0, x1 - x0), dtype=np.uint8)
+    valid = np.ones(pixels.shape[1:], bool)
+    tr = from_origin(x0, y1, 1.0, 1.0)
+    crs = compose.CRS.from_epsg(26911)
+    compose.warp_naip(pixels, valid, tr, crs, grid)
+    n, t0, c0 = 0, time.perf_counter(), time.thread_time()
+    while time.perf_counter() - t0 < seconds:
+        compose.warp_naip(pixels, valid, tr, crs, grid)
+        n += 1
+    return (time.thread_time() - c0) / n
+
+
+def contention(workers: int, seconds: float = 2.0, rounds: int = 2) -> float:
+    """The CPU seconds of the same single-threaded step with `workers` processes at once / with
+    one alone (alternated `rounds` times): above 1 is what the machine takes back when its cores
+    are all busy."""
+    with ProcessPoolExecutor(workers) as ex:
+        list(ex.map(_worker_setup_task, range(workers)))
+        alone, together = [], []
+        for _ in range(rounds):
+            alone.append(ex.submit(contention_task, seconds).result())
+            together += list(ex.map(contention_task, [seconds] * workers))
+    return float(np.mean(together) / np.mean(alone))
+
+
+def _worker_setup_task(_: int) -> None:
+    _worker_setup()
+
+
 def _scaling(runs: dict[int, dict], n: int) -> list[dict]:
     """What bounds the speed-up of the last worker count over the first: fetch's against the bare
     reads' own, and the ceiling the CPU sets (the machine's cores / the CPU seconds per scene of
@@ -454,7 +498,13 @@ def _scaling(runs: dict[int, dict], n: int) -> list[dict]:
           f"(fetch / bare scaling {fetch_x / bare_x:.2f}); CPU ceiling on this {cores}-core machine "
           f"{ceiling:.2f}x ({min(cores, w1)} cores / {f1['cpu']:.3f} cpu-s per scene, servers included, vs "
           f"{f0['cpu']:.3f} with {w0}); fetch reached {fetch_x / ceiling:.0%} of it")
-    return [record(f"fetch speed-up, {w1} vs {w0} worker(s)", fetch_x, "x", "the bare reads' speed-up", bare_x,
+    slow = contention(w1)
+    print(f"  the same single-threaded step (the NAIP warp of a fixed window) takes {slow:.2f}x the CPU seconds "
+          f"with {w1} processes at once as with one alone: on a CPU-bound step {w1} workers reach at most "
+          f"{min(cores, w1) / slow:.2f}x of 1")
+    return [record(f"CPU of a fixed single-threaded step, {w1} processes at once", slow, "x", None, None, None, False,
+                   "CPU seconds of the same work with all workers busy / with one alone: the machine's contention"),
+            record(f"fetch speed-up, {w1} vs {w0} worker(s)", fetch_x, "x", "the bare reads' speed-up", bare_x,
                    fetch_x / bare_x, True, "fetch's parallel speed-up / the bare reads' own"),
             record(f"fetch speed-up, {w1} vs {w0} worker(s)", fetch_x, "x",
                    f"the CPU ceiling on {cores} cores", ceiling, fetch_x / ceiling, True,
