@@ -401,7 +401,7 @@ def _run(a, scenes: list[dict], tmp: Path, prof: str | None, mode: str, ee_url: 
                            f"CPU of the bare window reads, {w} worker(s)", bcpu, None, False,
                            "CPU seconds per scene in the worker (I/O threads included) / the bare reads' (the "
                            f"servers spent {fsrv / n:.3f} s/scene more during fetch; cores busy {busy:.2f})"))
-        runs[w] = {"tb": tb, "tf": tf, "res": res, "cpu": fcpu + fsrv / n}
+        runs[w] = {"tb": tb, "tf": tf, "res": res, "cpu": fcpu + fsrv / n, "busy": busy}
         if one is None:
             one = (w, tb, tf, res)
     recs += _scaling(runs, n)
@@ -497,7 +497,8 @@ def _scaling(runs: dict[int, dict], n: int) -> list[dict]:
     print(f"{w1} workers vs {w0}: fetch {fetch_x:.2f}x the scenes/s, the bare reads {bare_x:.2f}x "
           f"(fetch / bare scaling {fetch_x / bare_x:.2f}); CPU ceiling on this {cores}-core machine "
           f"{ceiling:.2f}x ({min(cores, w1)} cores / {f1['cpu']:.3f} cpu-s per scene, servers included, vs "
-          f"{f0['cpu']:.3f} with {w0}); fetch reached {fetch_x / ceiling:.0%} of it")
+          f"{f0['cpu']:.3f} with {w0}, which kept {f0['busy']:.2f} cores busy); fetch reached {fetch_x / ceiling:.0%} "
+          "of it")
     slow = contention(w1)
     print(f"  the same single-threaded step (the NAIP warp of a fixed window) takes {slow:.2f}x the CPU seconds "
           f"with {w1} processes at once as with one alone: on a CPU-bound step {w1} workers reach at most "
