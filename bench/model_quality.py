@@ -1,7 +1,7 @@
 # run_all: timeout 5400
 """Benchmark: does the cross-scale model do what the paper claims, on a held-out model-scale world?
 
-    .venv/bin/python bench/model_quality.py [--seed 6661] [--out bench/out/model_quality] [--scenes N] [--workers K]
+    .venv/bin/python bench/model_quality.py [--seed 7127] [--out bench/out/model_quality] [--scenes N] [--workers K]
         [--config model/configs/fit-cpu.yaml] [--target-obr 0.12] [--json PATH]
 
 One run, four commands, each the user's own:
@@ -45,9 +45,9 @@ seed 4409, where it recovered 0.62 against 0.81 for the paper's target and 0.96 
 (ablation rows of the same run). The default went back to the paper's target, the one reported on
 8819 and 3137 (not to the best row on 4409); coverage and structural stay as ablation rows.
 Reported held-out results (README, bench/RESULTS.md): seed 5151 (2,000
-scenes), seeds 8819, 3137 and 4409 (3,400 scenes, the default size): their test splits are spent,
-so a change judged on them is judged on a split it has been looked at on; the default is a fresh
-seed, 6661.
+scenes), seeds 8819, 3137, 4409 and 6661 (3,400 scenes, the default size): their test splits are
+spent, so a change judged on them is judged on a split it has been looked at on; the default is a
+fresh seed, 7127.
 The default size, 3,400 scenes,
 gives ~2,800 train / ~270 val / ~300 test scenes (the paper's 83 / 8 / 9 %).
 """
@@ -69,7 +69,7 @@ from _results import add_json_arg, record, write_json  # noqa: E402
 ROWS = ("lr_only", "full_hr", "default", "random", "random_predictor", "sampler_only", "lr_fill", "predictor_nolr",
         "sampler_coverage", "sampler_structural", "oracle_cover")
 TUNED_ON_SEEDS = (101, 2027, 7373)
-REPORTED_SEEDS = (3137, 4409, 5151, 8819)  # held-out results already reported: their test splits are spent
+REPORTED_SEEDS = (3137, 4409, 5151, 6661, 8819)  # held-out results already reported: their test splits are spent
 
 
 def _gl10m() -> list[str]:
@@ -163,8 +163,8 @@ def summarise(rep: dict, title: str):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seed", type=int, default=6661,
-                    help=f"world seed (default 6661; tuned on {', '.join(map(str, TUNED_ON_SEEDS))}: report on another)")
+    ap.add_argument("--seed", type=int, default=7127,
+                    help=f"world seed (default 7127; tuned on {', '.join(map(str, TUNED_ON_SEEDS))}: report on another)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "model_quality",
                     help="work folder: world/, model/, eval/ (default bench/out/model_quality; reused when there)")
     ap.add_argument("--scenes", type=int, default=3400, help="scenes in the world (default 3400)")
