@@ -13,7 +13,7 @@ import importlib
 _FROM = {
     "model": ("IGNORE", "NODATA_OUT", "MapSRError", "MapSRConfig", "FeatureMap", "dense_features", "train_probe",
               "PromptAccumulator", "cosine_scores", "heat", "sha256_arrays", "encoder_hash", "MapSR", "confusion",
-              "scores_from_confusion", "evaluate", "upsample_coarse", "majority_pool"),
+              "scores_from_confusion", "evaluate", "upsample_coarse", "majority_pool", "coarse_prior"),
     "io": ("TESTBED_BASE", "ClassMap", "TestbedScene", "coarse_on_grid", "read_image", "read_truth",
            "sample_profile", "sample_scene", "testbed_scene", "write_map", "stretch_uint8", "material_to_base"),
     "graph": ("RefineConfig",),

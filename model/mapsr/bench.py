@@ -46,7 +46,8 @@ from gl10m.model.mapsr.model import (FeatureMap, MapSR, MapSRConfig, MapSRError,
                                      majority_pool, scores_from_confusion)
 
 SPLIT_SEEDS = {"train": 101, "val": 2027, "test": 7919}
-METHODS = ("coarse", "cosine", "refined", "supervised")
+METHODS = ("coarse", "cosine", "refined", "supervised", "cosine_noprior")
+PRIORS = (0.0, 0.05, 0.1, 0.2, 0.4)  # coarse-prior weights tried on val (0: none)
 MAX_UNLABELLED = 0.05
 
 
@@ -252,6 +253,7 @@ def describe(cfg: RefineConfig | None) -> str:
 class Scored:
     window: BenchWindow
     fmap: FeatureMap
+    coarse: np.ndarray | None = None  # the coarse map the model may use as a prior (``MapSRConfig.prior``)
 
 
 def select_refinement(model: MapSR, val: Sequence[Scored], candidates: Sequence[RefineConfig | None],
@@ -266,10 +268,10 @@ def select_refinement(model: MapSR, val: Sequence[Scored], candidates: Sequence[
         conf = np.zeros((n, n + 1), np.int64)
         for it in val:
             if cand is None:
-                pred = model.predict(it.window.image, refine=False, fmap=it.fmap)["cosine"]
+                pred = model.predict(it.window.image, refine=False, fmap=it.fmap, coarse=it.coarse)["cosine"]
             else:
                 model.refine_cfg = cand.resolved()
-                pred = model.predict(it.window.image, refine=True, fmap=it.fmap)["refined"]
+                pred = model.predict(it.window.image, refine=True, fmap=it.fmap, coarse=it.coarse)["refined"]
             conf += confusion(pred, it.window.truth, n)
         rows.append({"refine": describe(cand), "val_miou": scores_from_confusion(conf)["miou"],
                      "seconds_per_window": (time.perf_counter() - t0) / max(1, len(val)), "cfg": cand})
@@ -277,6 +279,29 @@ def select_refinement(model: MapSR, val: Sequence[Scored], candidates: Sequence[
             progress(f"  val {rows[-1]['refine']:45s} mIoU {rows[-1]['val_miou']:.4f}")
     best = max(range(len(rows)), key=lambda i: (rows[i]["val_miou"], -i))
     return rows[best]["cfg"], rows
+
+
+def select_prior(model: MapSR, val: Sequence[Scored], weights: Sequence[float], radius: int,
+                 progress: Callable[[str], None] | None = None) -> tuple[float, list[dict]]:
+    """The coarse map as a prior at prediction time (``MapSRConfig.prior``, :func:`coarse_prior` within
+    ``radius`` px): score every weight (0: no prior) by the pooled mIoU of cosine matching over the
+    *val* windows (their own coarse maps, ``Scored.coarse``), set the best on ``model.cfg`` and
+    return ``(best, table)``; ties go to the earlier weight (put 0 first: the prior must earn its
+    place). Only the windows given are looked at."""
+    n = len(model.classes)
+    rows = []
+    for wgt in weights:
+        model.cfg.prior, model.cfg.prior_radius = float(wgt), int(radius)
+        conf = np.zeros((n, n + 1), np.int64)
+        for it in val:
+            conf += confusion(model.predict(it.window.image, refine=False, fmap=it.fmap, coarse=it.coarse)["cosine"],
+                              it.window.truth, n)
+        rows.append({"prior": float(wgt), "val_miou": scores_from_confusion(conf)["miou"]})
+        if progress:
+            progress(f"  val prior {wgt:<6g} (radius {radius} px) cosine mIoU {rows[-1]['val_miou']:.4f}")
+    best = max(range(len(rows)), key=lambda i: (rows[i]["val_miou"], -i))
+    model.cfg.prior = rows[best]["prior"]
+    return rows[best]["prior"], rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,14 +361,18 @@ class BenchConfig:
     probe_steps: int = 100
     head_hidden: int = 32
     head_steps: int = 300
+    features: dict = field(default_factory=dict)  # encoder name -> dense_features settings (chip, shifts, color)
+    priors: tuple[float, ...] = PRIORS
+    prior_radius: float = 0.5  # in cells: the prior's box reaches half a cell around a pixel
     spec: Any = None
     seed: int = 0
 
 
-def _features(encoder, wins: Sequence[BenchWindow]) -> tuple[list[FeatureMap], float]:
-    """Every window's dense features (chips of the encoder's ``hr_size``) and the seconds taken."""
+def _features(encoder, wins: Sequence[BenchWindow], settings: dict | None = None) -> tuple[list[FeatureMap], float]:
+    """Every window's dense features (:func:`dense_features` with ``settings``: ``chip``, ``shifts``,
+    ``color``; by default chips of the encoder's ``hr_size``) and the seconds taken."""
     t0 = time.perf_counter()
-    out = [dense_features(encoder, w.image, progress=False) for w in wins]
+    out = [dense_features(encoder, w.image, progress=False, **(settings or {})) for w in wins]
     return out, time.perf_counter() - t0
 
 
@@ -370,8 +399,12 @@ def run(encoders: dict[str, Any], cfg: BenchConfig | None = None, log: Callable[
     fitted: dict[str, dict] = {}
     for ename, enc in encoders.items():
         enc.eval()
-        ftr, s_tr = _features(enc, train)
-        fva, s_va = _features(enc, val)
+        fset = dict(cfg.features.get(ename) or {})
+        bad = sorted(set(fset) - {"chip", "shifts", "color"})
+        if bad:
+            raise MapSRError(f"bench features for {ename}: unknown setting {bad[0]!r} (chip, shifts, color)")
+        ftr, s_tr = _features(enc, train, fset)
+        fva, s_va = _features(enc, val, fset)
         feat_s = (s_tr + s_va) / (len(train) + len(val))
         # supervised: HR truth of the train windows
         t1 = time.perf_counter()
@@ -381,28 +414,37 @@ def run(encoders: dict[str, Any], cfg: BenchConfig | None = None, log: Callable[
         per_cell = {}
         for cell in cells:
             t1 = time.perf_counter()
-            m = MapSR(enc, classes, MapSRConfig(probe_pixels=cfg.pixels, probe_steps=cfg.probe_steps, seed=cfg.seed,
+            m = MapSR(enc, classes, MapSRConfig(chip=fset.get("chip"), shifts=int(fset.get("shifts", 1)),
+                                                color_feature=float(fset.get("color", 0.0)),
+                                                probe_pixels=cfg.pixels, probe_steps=cfg.probe_steps, seed=cfg.seed,
                                                 progress=False))
             m.fit([(w.image, w.coarse[cell]) for w in train], fmaps=ftr)
             fit_s = time.perf_counter() - t1
             t1 = time.perf_counter()
-            best, table = select(m, [Scored(w, f) for w, f in zip(val, fva)], grid,
-                                 progress=lambda s: log(f"{ename} cell {cell}:{s}"))
+            scored = [Scored(w, f, w.coarse[cell]) for w, f in zip(val, fva)]
+            radius = int(round(cfg.prior_radius * cell))
+            prior, prior_table = select_prior(m, scored, cfg.priors, radius,
+                                              progress=lambda s: log(f"{ename} cell {cell}:{s}"))
+            log(f"{ename} cell {cell}: coarse prior chosen on val: {prior:g}")
+            best, table = select(m, scored, grid, progress=lambda s: log(f"{ename} cell {cell}:{s}"))
             sel_s = time.perf_counter() - t1
             log(f"{ename} cell {cell}: refinement chosen on val: {describe(best)}")
             per_cell[cell] = {"model": m, "fit_seconds": fit_s, "select_seconds": sel_s, "refine": best,
+                              "prior": prior, "prior_radius": radius, "prior_table": prior_table,
                               "val_table": [{k: v for k, v in r.items() if k != "cfg"} for r in table]}
-        fitted[ename] = {"supervised": sup, "cells": per_cell, "feature_seconds_per_window": feat_s}
+        fitted[ename] = {"supervised": sup, "cells": per_cell, "feature_seconds_per_window": feat_s,
+                         "features": fset, "stride": ftr[0].stride}
     # only now: the test windows
     test = worlds["test"].render("test", cfg.n_test, cfg.size, cells, cfg.seed)
     log(f"rendered {len(test)} test windows")
     results: dict[str, Any] = {}
     for ename, enc in encoders.items():
-        fte, _ = _features(enc, test)
         fz = fitted[ename]
+        fte, _ = _features(enc, test, fz["features"])
         sup = fz["supervised"]
         sup_conf = [confusion(sup["head"].predict(f), w.truth, nc) for w, f in zip(test, fte)]
-        res_e: dict[str, Any] = {"feature_seconds_per_window": fz["feature_seconds_per_window"], "cells": {}}
+        res_e: dict[str, Any] = {"feature_seconds_per_window": fz["feature_seconds_per_window"], "cells": {},
+                                 "features": fz["features"], "stride": fz["stride"]}
         for cell, pc in fz["cells"].items():
             m: MapSR = pc["model"]
             per: dict[str, list] = {k: [] for k in METHODS}
@@ -410,16 +452,24 @@ def run(encoders: dict[str, Any], cfg: BenchConfig | None = None, log: Callable[
             for w, f in zip(test, fte):
                 per["coarse"].append(confusion(w.coarse[cell], w.truth, nc))
                 if pc["refine"] is None:
-                    p = m.predict(w.image, refine=False, fmap=f)
+                    p = m.predict(w.image, refine=False, fmap=f, coarse=w.coarse[cell])
                     p["refined"] = p["cosine"]
                 else:
                     m.refine_cfg = pc["refine"].resolved()
-                    p = m.predict(w.image, refine=True, fmap=f)
+                    p = m.predict(w.image, refine=True, fmap=f, coarse=w.coarse[cell])
                 per["cosine"].append(confusion(p["cosine"], w.truth, nc))
                 per["refined"].append(confusion(p["refined"], w.truth, nc))
+                if pc["prior"]:  # cosine matching without the coarse prior, for comparison
+                    m.cfg.prior = 0.0
+                    per["cosine_noprior"].append(confusion(m.predict(w.image, refine=False, fmap=f)["cosine"],
+                                                           w.truth, nc))
+                    m.cfg.prior = pc["prior"]
+                else:
+                    per["cosine_noprior"].append(per["cosine"][-1])
             per["supervised"] = sup_conf
             probe_params = n_params(m.probe)
             meta = {"coarse": (0, 0.0), "cosine": (probe_params, pc["fit_seconds"]),
+                    "cosine_noprior": (probe_params, pc["fit_seconds"]),
                     "refined": (probe_params, pc["fit_seconds"] + pc["select_seconds"]),
                     "supervised": (sup["params"], sup["train_seconds"])}
             rows = {}
@@ -433,10 +483,11 @@ def run(encoders: dict[str, Any], cfg: BenchConfig | None = None, log: Callable[
                            "per_window_miou": mi, "params": meta[k][0], "train_seconds": meta[k][1]}
             diffs = {}
             for a, b in (("refined", "cosine"), ("cosine", "coarse"), ("refined", "coarse"),
-                         ("supervised", "refined")):
+                         ("supervised", "refined"), ("cosine", "cosine_noprior")):
                 diffs[f"{a}-{b}"] = pooled_ci(np.stack(per[a]), np.stack(per[b]), seed=cfg.seed)
             res_e["cells"][cell] = {"rows": rows, "diffs": diffs, "refine": describe(pc["refine"]),
-                                    "val_table": pc["val_table"],
+                                    "val_table": pc["val_table"], "prior": pc["prior"],
+                                    "prior_radius": pc["prior_radius"], "prior_table": pc["prior_table"],
                                     "predict_seconds_per_window": (time.perf_counter() - t1) / len(test)}
         results[ename] = res_e
     return {"config": {k: v for k, v in vars(cfg).items() if k != "spec"},
@@ -457,7 +508,11 @@ def table(report: dict) -> str:
     for ename, re_ in report["results"].items():
         for cell, rc in re_["cells"].items():
             lines.append("")
-            lines.append(f"encoder {ename}, coarse cell {cell} px (refinement: {rc['refine']})")
+            fs = re_.get("features") or {}
+            fdesc = ", ".join(f"{k} {v}" for k, v in sorted(fs.items())) or "chips of hr_size"
+            lines.append(f"encoder {ename} (features: {fdesc}; a token every {re_.get('stride')} px), coarse cell "
+                         f"{cell} px (coarse prior {rc['prior']:g} within {rc['prior_radius']} px; "
+                         f"refinement: {rc['refine']})")
             lines.append(f"  {'method':11s} {'mIoU (pooled)':>24s} {'OA':>24s} {'per-window mIoU':>24s} "
                          f"{'params':>8s} {'train s':>8s}")
             for k in METHODS:

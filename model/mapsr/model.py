@@ -122,11 +122,20 @@ def _progress(it, total=None, desc="", enable=True):
 @dataclass
 class MapSRConfig:
     """MapSR settings; see the module docstring. ``chip``/``overlap`` in pixels (``None``: the
-    encoder's ``hr_size`` and a quarter of it), ``batch``: chips per encoder call."""
+    encoder's ``hr_size`` and a quarter of it), ``batch``: chips per encoder call, ``shifts``: shifted
+    passes per side (:func:`dense_features`; 1 = none), ``color_feature``: weight of the image's own
+    colour as extra feature channels (:func:`dense_features`'s ``color``; 0 = off). ``prior``: weight of the coarse map as a prior
+    at prediction time (0 = off; > 0: ``predict`` needs the coarse map, and every class's cosine
+    score gets ``prior`` times that class's share of the coarse map within ``prior_radius`` pixels,
+    :func:`coarse_prior`)."""
 
     chip: int | None = None
     overlap: int | None = None
     batch: int = 16
+    shifts: int = 1
+    color_feature: float = 0.0
+    prior: float = 0.0
+    prior_radius: int = 0
     probe_steps: int = 200
     probe_lr: float = 1e-2
     probe_pixels: int = 200_000
@@ -163,11 +172,22 @@ class MapSRConfig:
 class FeatureMap:
     """Stitched token features of one image: ``tokens [D, Ht, Wt]`` (float32), ``stride`` pixels a
     token, ``shape`` the image's (H, W). Pixel ``(r, c)``'s feature is the bilinear interpolation
-    of the tokens at ``((r + 0.5) / stride - 0.5, (c + 0.5) / stride - 0.5)``."""
+    of the tokens at ``((r + 0.5) / stride - 0.5, (c + 0.5) / stride - 0.5)``. ``color``: optional
+    per-pixel channels ``[K, H, W]`` (the image's own colour, :func:`dense_features`'s ``color``):
+    when given, a pixel's feature is its L2-normalised token feature followed by these ``K`` values
+    (``D + K`` channels)."""
 
     tokens: torch.Tensor
     stride: int
     shape: tuple[int, int]
+    color: torch.Tensor | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.tokens.shape[0]) + (0 if self.color is None else int(self.color.shape[0]))
+
+    def _with_color(self, feats: torch.Tensor, color: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.normalize(feats, dim=0), color.to(feats.device, feats.dtype)], 0)
 
     def window(self, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
         """Pixel features ``[D, r1 - r0, c1 - c0]`` of an image window (bilinear upsampling of the
@@ -184,7 +204,8 @@ class FeatureMap:
             # where the full grid clamps the same way)
         else:
             up = sub
-        return up[:, r0 - t0 * s:r1 - t0 * s, c0 - u0 * s:c1 - u0 * s]
+        out = up[:, r0 - t0 * s:r1 - t0 * s, c0 - u0 * s:c1 - u0 * s]
+        return out if self.color is None else self._with_color(out, self.color[:, r0:r1, c0:c1])
 
     def points(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Pixel features ``[N, D]`` at pixel indices (bilinear, as :meth:`window`)."""
@@ -196,8 +217,10 @@ class FeatureMap:
         gy = ty / ht * 2 - 1
         gx = tx / wt * 2 - 1
         grid = torch.stack([gx, gy], -1).to(self.tokens.device).view(1, 1, -1, 2)
-        out = F.grid_sample(self.tokens[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return out[0, :, 0].T
+        out = F.grid_sample(self.tokens[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0]
+        if self.color is not None:
+            out = self._with_color(out, self.color[:, rows.long(), cols.long()])
+        return out.T
 
 
 def _tent(n: int) -> torch.Tensor:
@@ -218,34 +241,21 @@ def _as_uint8_rgb(image) -> torch.Tensor:
     return x
 
 
-@torch.no_grad()
-def dense_features(encoder, image, chip: int | None = None, overlap: int | None = None, batch: int = 16,
-                   progress: bool = True) -> FeatureMap:
-    """A frozen encoder's dense patch tokens over a whole image (see the module docstring, step 1).
-
-    ``image``: uint8 ``[3+, H, W]`` (numpy or torch; bands after the third ignored). ``chip``: chip
-    size in pixels (default ``encoder.cfg.hr_size``; the encoder resizes chips to ``hr_size``, so
-    ``chip`` must be a multiple of its token grid side). ``overlap``: pixels shared by neighbouring
-    chips (default ``chip // 4``, rounded down to whole tokens). The image is zero-padded to whole
-    chips; the returned grid is cropped back to the image."""
-    cfg = encoder.cfg
-    chip = int(chip or cfg.hr_size)
-    g = cfg.hr_grid
-    if chip % g:
-        raise MapSRError(f"chip {chip} px is not a multiple of the encoder's {g} tokens a side")
-    s = chip // g
-    overlap = chip // 4 if overlap is None else int(overlap)
-    overlap = (overlap // s) * s
-    if not 0 <= overlap < chip:
-        raise MapSRError(f"overlap {overlap} must be in [0, chip {chip})")
-    step = chip - overlap
-    x = _as_uint8_rgb(image)
+def _token_grid(encoder, x: torch.Tensor, chip: int, step: int, s: int, batch: int, progress: bool,
+                pad_mode: str = "constant") -> torch.Tensor:
+    """Token grid ``[D, hp/s, wp/s]`` of uint8 ``x [3, H, W]`` cut into ``chip`` px chips ``step`` px
+    apart (padded at the bottom/right to whole chips: zeros, or ``pad_mode="replicate"``), the
+    chips' tokens averaged with a tent window where chips overlap."""
+    g = chip // s
     h, w = x.shape[1:]
     nr = max(1, math.ceil((h - chip) / step) + 1) if h > chip else 1
     nc = max(1, math.ceil((w - chip) / step) + 1) if w > chip else 1
     hp, wp = (nr - 1) * step + chip, (nc - 1) * step + chip
     if (hp, wp) != (h, w):
-        x = F.pad(x, (0, wp - w, 0, hp - h))
+        if pad_mode == "constant":
+            x = F.pad(x, (0, wp - w, 0, hp - h))
+        else:
+            x = F.pad(x[None].float(), (0, wp - w, 0, hp - h), mode=pad_mode)[0].to(torch.uint8)
     dev = next(encoder.parameters()).device
     d = encoder.token_dim
     acc = torch.zeros(d, hp // s, wp // s, device=dev)
@@ -262,9 +272,74 @@ def dense_features(encoder, image, chip: int | None = None, overlap: int | None 
             tr, tc = r // s, c // s
             acc[:, tr:tr + g, tc:tc + g] += dense[k] * win
             wsum[:, tr:tr + g, tc:tc + g] += win
-    tok = acc / wsum.clamp_min(1e-6)
-    th, tw = -(-h // s), -(-w // s)
-    return FeatureMap(tok[:, :th, :tw].contiguous(), s, (int(h), int(w)))
+    return acc / wsum.clamp_min(1e-6)
+
+
+@torch.no_grad()
+def dense_features(encoder, image, chip: int | None = None, overlap: int | None = None, batch: int = 16,
+                   progress: bool = True, shifts: int = 1, color: float = 0.0) -> FeatureMap:
+    """A frozen encoder's dense patch tokens over a whole image (see the module docstring, step 1).
+
+    ``image``: uint8 ``[3+, H, W]`` (numpy or torch; bands after the third ignored). ``chip``: chip
+    size in pixels (default ``encoder.cfg.hr_size``; the encoder resizes chips to ``hr_size``, so
+    ``chip`` must be a multiple of its token grid side, and a chip larger than ``hr_size`` is seen
+    shrunk: e.g. 268 px GL-10M tiles for an encoder trained on them at 64 px). ``overlap``: pixels
+    shared by neighbouring chips (default ``chip // 4``, rounded down to whole tokens). The image is
+    zero-padded to whole chips; the returned grid is cropped back to the image.
+
+    ``shifts`` (``n``): the token stride ``s = chip / grid`` is cut ``n`` times finer by running the
+    encoder on ``n x n`` copies of the image shifted by multiples of ``u = s / n`` pixels (padded by
+    replicating its edge) and interleaving their token grids, so a token sits every ``u`` pixels:
+    pass ``(a, b)`` is shifted by ``((s - u) / 2 + a u, (s - u) / 2 + b u)`` pixels, which puts its
+    token centres exactly on the finer grid's (``n ** 2`` times the encoder calls). ``s`` must be a
+    multiple of ``n`` and ``s - u`` even.
+
+    ``color`` (> 0): the image's own RGB, per pixel, joins the features (``FeatureMap.color``:
+    ``color * (2 rgb / 255 - 1)``, so in ``[-color, color]`` beside the unit-norm token feature):
+    the encoder's tokens are coarser than the pixels; the colour says where inside a token a
+    boundary runs."""
+    cfg = encoder.cfg
+    chip = int(chip or cfg.hr_size)
+    g = cfg.hr_grid
+    if chip % g:
+        raise MapSRError(f"chip {chip} px is not a multiple of the encoder's {g} tokens a side")
+    s = chip // g
+    overlap = chip // 4 if overlap is None else int(overlap)
+    overlap = (overlap // s) * s
+    if not 0 <= overlap < chip:
+        raise MapSRError(f"overlap {overlap} must be in [0, chip {chip})")
+    n = int(shifts)
+    if n < 1 or s % n or (s - s // n) % 2:
+        raise MapSRError(f"shifts {shifts}: the token stride {s} px must be a multiple of it, and the stride "
+                         f"minus stride/shifts even")
+    step = chip - overlap
+    x = _as_uint8_rgb(image)
+    h, w = x.shape[1:]
+    col = None
+    if color and color > 0:
+        col = (x.float() * (2.0 / 255.0) - 1.0) * float(color)
+        col = col.to(next(encoder.parameters()).device)
+    if n == 1:
+        tok = _token_grid(encoder, x, chip, step, s, batch, progress)
+        th, tw = -(-h // s), -(-w // s)
+        return FeatureMap(tok[:, :th, :tw].contiguous(), s, (int(h), int(w)), col)
+    u = s // n
+    th, tw = -(-h // u), -(-w // u)
+    fine = None
+    xf = x[None].float()
+    for a in range(n):
+        for b in range(n):
+            top, left = (s - u) // 2 + a * u, (s - u) // 2 + b * u
+            xs = F.pad(xf, (left, s, top, s), mode="replicate")[0].to(torch.uint8)
+            tok = _token_grid(encoder, xs, chip, step, s, batch, False, "replicate")
+            if fine is None:
+                fine = torch.zeros(tok.shape[0], th, tw, device=tok.device)
+            # pass token (i, j) is centred on the fine token (i n - a, j n - b)
+            ra, cb = (n - a) % n, (n - b) % n
+            sub = tok[:, (1 if a else 0):, (1 if b else 0):]
+            dst = fine[:, ra::n, cb::n]
+            dst.copy_(sub[:, :dst.shape[1], :dst.shape[2]])
+    return FeatureMap(fine.contiguous(), u, (int(h), int(w)), col)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +448,29 @@ def encoder_hash(encoder) -> str:
     return h.hexdigest()
 
 
+def coarse_prior(coarse, n_classes: int, radius: int = 0) -> torch.Tensor:
+    """The coarse map as a per-pixel class prior: ``[C, H, W]``, class ``c``'s share of the labelled
+    coarse pixels within ``radius`` pixels (a ``2 radius + 1`` square box, clipped at the image
+    edge) of each pixel; all 0 where that box has no labelled pixel. ``radius=0``: the pixel's own
+    coarse label, one-hot. With a coarse map of cells, ``radius`` about half a cell lets a pixel near
+    a cell edge see the neighbouring cell's class."""
+    c = torch.as_tensor(np.asarray(coarse)).long()
+    if c.dim() != 2:
+        raise MapSRError(f"coarse map must be [H, W], got shape {tuple(c.shape)}")
+    ok = (c >= 0) & (c < n_classes)
+    oh = F.one_hot(torch.where(ok, c, torch.zeros_like(c)), n_classes).permute(2, 0, 1).float() * ok.float()
+    r = int(radius)
+    if r <= 0:
+        return oh
+    # box sums by cumulative sums (exact, any radius, O(H W C))
+    k = 2 * r + 1
+    pad = F.pad(oh[None], (r + 1, r, r + 1, r))[0].double()
+    cs = pad.cumsum(1).cumsum(2)
+    box = cs[:, k:, k:] - cs[:, :-k, k:] - cs[:, k:, :-k] + cs[:, :-k, :-k]
+    tot = box.sum(0, keepdim=True)
+    return torch.where(tot > 0, box / tot.clamp_min(1e-12), torch.zeros_like(box)).float()
+
+
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +498,8 @@ class MapSR:
         return next(self.encoder.parameters()).device
 
     def features(self, image) -> FeatureMap:
-        return dense_features(self.encoder, image, self.cfg.chip, self.cfg.overlap, self.cfg.batch, self.cfg.progress)
+        return dense_features(self.encoder, image, self.cfg.chip, self.cfg.overlap, self.cfg.batch, self.cfg.progress,
+                              self.cfg.shifts, self.cfg.color_feature)
 
     def _check_labels(self, coarse, shape) -> torch.Tensor:
         lab = torch.as_tensor(np.asarray(coarse)).long()
@@ -450,7 +549,7 @@ class MapSR:
             ys.append(lab.flatten()[pick].to(self.device))
         self.probe = train_probe(torch.cat(xs), torch.cat(ys), len(self.classes), self.cfg.probe_steps,
                                  self.cfg.probe_lr, self.cfg.probe_balanced, self.cfg.seed)
-        acc = PromptAccumulator(len(self.classes), fmaps[0].tokens.shape[0], self.device)
+        acc = PromptAccumulator(len(self.classes), fmaps[0].dim, self.device)
         for fm, lab in zip(fmaps, labs):
             for r0, r1, c0, c1 in _windows(fm.shape, 256):
                 f = fm.window(r0, r1, c0, c1)
@@ -459,10 +558,13 @@ class MapSR:
         return self
 
     @torch.no_grad()
-    def predict(self, image, refine: bool = True, fmap: FeatureMap | None = None) -> dict[str, np.ndarray]:
+    def predict(self, image, refine: bool = True, fmap: FeatureMap | None = None,
+                coarse=None) -> dict[str, np.ndarray]:
         """-> ``{"cosine": int16 [H, W], "refined": int16 [H, W]}`` (class indices; ``refined`` only
         with ``refine=True``). ``fmap``: the image's features when already computed (``image`` may
-        then be None unless the refinement uses colour)."""
+        then be None unless the refinement uses colour). ``coarse``: the coarse labels on the image
+        grid (``[H, W]``, ``-1`` unlabelled), needed only when ``cfg.prior > 0``: the cosine scores
+        (and so the refinement's seeds) then get ``prior`` x :func:`coarse_prior`."""
         if self.prompts is None:
             raise MapSRError("mapsr: predict before fit (no prompts)")
         fm = fmap or self.features(image)
@@ -472,6 +574,11 @@ class MapSR:
                 raise MapSRError("mapsr: refinement with color > 0 needs the image")
             img = _as_uint8_rgb(image)
         h, w = fm.shape
+        pri = None
+        if self.cfg.prior > 0:
+            if coarse is None:
+                raise MapSRError(f"mapsr: prior {self.cfg.prior:g} needs the coarse map at prediction time")
+            pri = coarse_prior(self._check_labels(coarse, (h, w)), len(self.classes), self.cfg.prior_radius)
         cos = np.zeros((h, w), np.int16)
         ref = np.zeros((h, w), np.int16) if refine else None
         win = self.refine_cfg.window
@@ -480,6 +587,8 @@ class MapSR:
                                         enable=self.cfg.progress and len(wins) > 1):
             f = fm.window(r0, r1, c0, c1)
             s = cosine_scores(f, self.prompts, self.has_prompt)
+            if pri is not None:
+                s = s + self.cfg.prior * pri[:, r0:r1, c0:c1].to(s.device)
             cos[r0:r1, c0:c1] = s.argmax(0).cpu().numpy()
             if refine:
                 out = refine_window(f, heat(s, self.has_prompt), self.refine_cfg,
