@@ -36,6 +36,10 @@ sys.path.insert(0, str(ROOT))
 from _results import add_json_arg, record, write_json  # noqa: E402
 
 DEFAULT_BOOTSTRAP = ROOT / "bench" / "out" / "model_quality" / "model" / "encoder"
+# How the bootstrap encoder is fed (chosen on the val windows, see the module docstring): 256 px chips
+# shrunk to its 64 px input (near the 268 px tiles it was trained on), 4 x 4 shifted passes (a token
+# every 16 px), the image's colour as extra channels.
+BOOTSTRAP_FEATURES = {"chip": 256, "shifts": 4, "color": 0.5}
 
 
 def encoders(bootstrap: Path | None, seed: int) -> tuple[dict, list[str]]:
@@ -86,6 +90,12 @@ def main(argv=None) -> int:
     ap.add_argument("--val", type=int, default=12, help="val windows (world seed 2027)")
     ap.add_argument("--test", type=int, default=50, help="test windows (world seed 7919)")
     ap.add_argument("--grid", default="default", choices=["default", "tiny"], help="refinement candidates")
+    ap.add_argument("--chip", type=int, default=BOOTSTRAP_FEATURES["chip"],
+                    help="bootstrap encoder: chip size in 1 m pixels (shrunk to its hr_size)")
+    ap.add_argument("--shifts", type=int, default=BOOTSTRAP_FEATURES["shifts"],
+                    help="bootstrap encoder: shifted passes per side (a token every chip/grid/shifts px)")
+    ap.add_argument("--color", type=float, default=BOOTSTRAP_FEATURES["color"],
+                    help="bootstrap encoder: weight of the image's colour as extra feature channels (0: off)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--seed", type=int, default=0)
     add_json_arg(ap)
@@ -98,7 +108,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     encs, notes = encoders(a.bootstrap, a.seed)
     cfg = B.BenchConfig(size=a.size, cells=tuple(int(c) for c in a.cells.split(",")), n_train=a.train, n_val=a.val,
-                        n_test=a.test, grid=a.grid, seed=a.seed)
+                        n_test=a.test, grid=a.grid, seed=a.seed,
+                        features={"bootstrap": {"chip": a.chip, "shifts": a.shifts, "color": a.color}})
     report = B.run(encs, cfg, log=lambda s: print(s, flush=True))
     print()
     print(B.table(report))
@@ -106,6 +117,7 @@ def main(argv=None) -> int:
         print(f"note: {n}")
     print(f"total {time.perf_counter() - t0:.0f} s")
     write_json(a.json, "mapsr", records(report), size=a.size, cells=a.cells, train=a.train, val=a.val, test=a.test,
+               bootstrap_features=cfg.features["bootstrap"],
                seeds=cfg.seeds, encoders=list(encs), bootstrap=str(a.bootstrap) if "bootstrap" in encs else None,
                threads=a.threads, seconds=round(time.perf_counter() - t0, 1), notes=notes)
     return 0

@@ -122,7 +122,7 @@ class _Model:
     def __init__(self):
         self.refine_cfg = None
 
-    def predict(self, image, refine=True, fmap=None):
+    def predict(self, image, refine=True, fmap=None, coarse=None):
         t = fmap  # the truth is passed as the "feature map"
         if not refine:
             return {"cosine": np.where(np.arange(t.size).reshape(t.shape) % 3 == 0, 1 - t, t)}
@@ -142,14 +142,14 @@ def test_select_refinement_takes_the_best_on_the_windows_given_and_none_on_a_tie
     assert rows[2]["val_miou"] == 1.0 and rows[1]["val_miou"] < 1.0 and rows[0]["val_miou"] < rows[1]["val_miou"]
 
     class Same(_Model):
-        def predict(self, image, refine=True, fmap=None):
+        def predict(self, image, refine=True, fmap=None, coarse=None):
             return {"cosine": fmap, "refined": fmap}
     best, _ = B.select_refinement(Same(), items, [None, c5, c9])
     assert best is None  # a tie: refinement does not earn its place
 
 
 TINY_CFG = dict(size=64, cells=(16, 64), n_train=3, n_val=2, n_test=3, grid="tiny", pixels=3000, probe_steps=30,
-                head_steps=40)
+                head_steps=40, priors=(0.0, 0.3, 5.0))
 
 
 @pytest.fixture(scope="module")
@@ -171,28 +171,38 @@ def tiny_bench():
         events.append(("select", {it.window.window.split for it in items}, [it.window.window for it in items]))
         return B.select_refinement(model, items, candidates, progress)
 
+    select_prior = B.select_prior
+
+    def spy_prior(model, items, weights, radius, progress=None):
+        events.append(("prior", {it.window.window.split for it in items}, [it.window.window for it in items]))
+        assert all(it.coarse is not None for it in items)
+        return select_prior(model, items, weights, radius, progress)
+
     torch.manual_seed(0)
     enc = build_encoder(dict(TINY_ENCODER))[0]
-    cfg = B.BenchConfig(**TINY_CFG, seeds={"train": 11, "val": 12, "test": 13}, spec=_small_spec())
+    cfg = B.BenchConfig(**TINY_CFG, seeds={"train": 11, "val": 12, "test": 13}, spec=_small_spec(),
+                        features={"tiny": {"chip": 64, "shifts": 2}})
     B.WorldWindows.render = spy_render
+    B.select_prior = spy_prior
     try:
         rep = B.run({"tiny": enc}, cfg, select=spy_select)
     finally:
         B.WorldWindows.render = render
+        B.select_prior = select_prior
     return rep, events
 
 
 def test_refinement_is_chosen_on_val_windows_only_before_test_windows_exist(tiny_bench):
     rep, events = tiny_bench
     kinds = [e[0] for e in events]
-    selects = [e for e in events if e[0] == "select"]
-    assert len(selects) == 2  # one per coarse cell size
+    selects = [e for e in events if e[0] in ("select", "prior")]
+    assert len(selects) == 4  # refinement and coarse prior, one each per coarse cell size
     for _, splits, wins in selects:
         assert splits == {"val"}, splits
         assert {w.key for w in wins} == set(rep["windows"]["val"])
     # test windows are rendered once, after every selection
     test_idx = [i for i, e in enumerate(events) if e[0] == "render" and e[1] == "test"]
-    assert len(test_idx) == 1 and test_idx[0] > max(i for i, k in enumerate(kinds) if k == "select")
+    assert len(test_idx) == 1 and test_idx[0] > max(i for i, k in enumerate(kinds) if k in ("select", "prior"))
 
 
 def test_tiny_bench_report_and_records(tiny_bench, monkeypatch):
@@ -208,6 +218,7 @@ def test_tiny_bench_report_and_records(tiny_bench, monkeypatch):
                 assert abs(x.row - y.row) >= 64 or abs(x.col - y.col) >= 64
     res = rep["results"]["tiny"]
     assert set(res["cells"]) == {16, 64}
+    assert res["stride"] == 4 and res["features"] == {"chip": 64, "shifts": 2}  # 8 px tokens, 2 shifts
     for cell, rc in res["cells"].items():
         assert set(rc["rows"]) == set(B.METHODS)
         for k, r in rc["rows"].items():
@@ -221,12 +232,19 @@ def test_tiny_bench_report_and_records(tiny_bench, monkeypatch):
         assert rc["rows"]["cosine"]["params"] == (64 + 1) * 5  # the probe: Linear(D=64, 5 classes)
         assert rc["rows"]["supervised"]["params"] == 64 * 32 + 32 + 32 * 5 + 5
         assert rc["refine"] in {r["refine"] for r in rc["val_table"]}
+        # the prior: the best weight on val (ties to the earlier), its radius half a cell
+        assert [r["prior"] for r in rc["prior_table"]] == [0.0, 0.3, 5.0] and rc["prior_radius"] == cell // 2
+        best = max(rc["prior_table"], key=lambda r: r["val_miou"])
+        assert rc["prior"] == best["prior"]
+        if rc["prior"] == 0:
+            assert rc["rows"]["cosine_noprior"]["per_window_miou"] == rc["rows"]["cosine"]["per_window_miou"]
         if rc["refine"] == "none":
             assert rc["rows"]["refined"]["per_window_miou"] == rc["rows"]["cosine"]["per_window_miou"]
         d = rc["diffs"]["cosine-coarse"][0]
         assert d == pytest.approx(rc["rows"]["cosine"]["miou"][0] - rc["rows"]["coarse"]["miou"][0])
     txt = B.table(rep)
-    assert "encoder tiny, coarse cell 16 px" in txt and "supervised" in txt
+    assert "encoder tiny (features: chip 64, shifts 2; a token every 4 px), coarse cell 16 px" in txt
+    assert "supervised" in txt and "cosine_noprior" in txt
     monkeypatch.syspath_prepend(str(ROOT / "bench"))  # the bench scripts import bench/_results.py
     spec = importlib.util.spec_from_file_location("bench_mapsr", ROOT / "bench" / "mapsr.py")
     mod = importlib.util.module_from_spec(spec)
@@ -234,7 +252,7 @@ def test_tiny_bench_report_and_records(tiny_bench, monkeypatch):
     recs = mod.records(rep)
     names = {r["name"] for r in recs}
     assert "tiny/cell16/refined/miou" in names and "tiny/cell64/refined-cosine" in names
-    assert len(recs) == 2 * (4 + 4)
+    assert len(recs) == 2 * (5 + 5)
     for r in recs:
         assert set(r) >= {"name", "value", "unit", "baseline_name", "baseline_value", "ratio", "meaning"}
 

@@ -513,12 +513,12 @@ def table(report: dict) -> str:
             lines.append(f"encoder {ename} (features: {fdesc}; a token every {re_.get('stride')} px), coarse cell "
                          f"{cell} px (coarse prior {rc['prior']:g} within {rc['prior_radius']} px; "
                          f"refinement: {rc['refine']})")
-            lines.append(f"  {'method':11s} {'mIoU (pooled)':>24s} {'OA':>24s} {'per-window mIoU':>24s} "
+            lines.append(f"  {'method':14s} {'mIoU (pooled)':>24s} {'OA':>24s} {'per-window mIoU':>24s} "
                          f"{'params':>8s} {'train s':>8s}")
             for k in METHODS:
                 r = rc["rows"][k]
                 mi, oa, wm = r["miou"], r["oa"], r["window_miou"]
-                lines.append(f"  {k:11s} {mi[0]:8.3f} [{mi[1]:.3f}, {mi[2]:.3f}] {oa[0]:8.3f} [{oa[1]:.3f}, {oa[2]:.3f}] "
+                lines.append(f"  {k:14s} {mi[0]:8.3f} [{mi[1]:.3f}, {mi[2]:.3f}] {oa[0]:8.3f} [{oa[1]:.3f}, {oa[2]:.3f}] "
                              f"{wm[0]:8.3f} [{wm[1]:.3f}, {wm[2]:.3f}] {r['params']:8d} {r['train_seconds']:8.1f}")
             ds = ", ".join(f"{k} {v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]" for k, v in rc["diffs"].items())
             lines.append(f"  pooled mIoU, paired: {ds}")
