@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gl10m.model import mapsr as M
-from tests.test_mapsr import _tiny_encoder  # patch 4, hr_size 32: 8 x 8 tokens a chip
+from tests.test_mapsr import _tiny_encoder, geo  # noqa: F401  (geo: a fixture); patch 4, hr_size 32
 
 
 def _img(seed, h, w):
@@ -149,3 +149,36 @@ def test_prior_pulls_cosine_matching_toward_the_coarse_map(seed):
         m.predict(img, refine=False)
     with pytest.raises(M.MapSRError, match="not on the image grid"):
         m.predict(img, refine=False, coarse=coarse[:40])
+
+
+def test_cli_fit_with_shifts_and_colour_predict_with_the_coarse_prior(geo):
+    """`mapsr fit --shifts --color-feature` saves them (predict's features follow); `predict --prior W
+    --coarse nlcd.tif` pulls the map to the coarse labels; --prior without --coarse is a one-line error."""
+    import json
+
+    import rasterio
+    from typer.testing import CliRunner
+
+    from gl10m.model.mapsr import io as IO
+    from gl10m.model.mapsr.cli import mapsr_app
+    from tests.test_mapsr import TINY
+
+    enc_yaml = geo / "enc.yaml"
+    enc_yaml.write_text("encoder:\n" + "".join(f"  {k}: {v}\n" for k, v in TINY.items()))
+    r = CliRunner()
+    res = r.invoke(mapsr_app, ["fit", "--image", str(geo / "naip.tif"), "--coarse", str(geo / "nlcd.tif"),
+                               "--classes", str(geo / "classes.yaml"), "-e", str(enc_yaml), "-o", str(geo / "m.pt"),
+                               "--probe-steps", "30", "--shifts", "2", "--color-feature", "0.5", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((geo / "m.pt.json").read_text())["config"]
+    assert cfg["shifts"] == 2 and cfg["color_feature"] == 0.5
+    base = ["predict", "-m", str(geo / "m.pt"), "--image", str(geo / "naip.tif"), "--no-refine", "--device", "cpu"]
+    res = r.invoke(mapsr_app, base + ["-o", str(geo / "p.tif"), "--prior", "10", "--coarse", str(geo / "nlcd.tif")])
+    assert res.exit_code == 0, res.output
+    lab = IO.coarse_on_grid(geo / "nlcd.tif", IO.read_image(geo / "naip.tif")[1], IO.ClassMap.load(geo / "classes.yaml"))
+    with rasterio.open(geo / "p.tif") as b:
+        out = b.read(1).astype(int) - 1
+    assert np.array_equal(out[lab >= 0], lab[lab >= 0])
+    res = r.invoke(mapsr_app, base + ["-o", str(geo / "q.tif"), "--prior", "0.5"])
+    assert res.exit_code == 2 and "--prior needs --coarse" in res.output
+    assert len(res.output.strip().splitlines()) == 1

@@ -110,6 +110,10 @@ def fit_cmd(
     balanced: bool = typer.Option(True, "--balanced/--no-balanced", help="Class-balanced probe loss."),
     chip: Optional[int] = typer.Option(None, help="Chip size in pixels (default: the encoder's hr_size)."),
     overlap: Optional[int] = typer.Option(None, help="Overlap between chips in pixels (default chip/4)."),
+    shifts: int = typer.Option(1, help="Shifted encoder passes per side: a token every chip/grid/shifts pixels "
+                               "(shifts^2 times the encoder calls; 1: none)."),
+    color_feature: float = typer.Option(0.0, help="Weight of the image's own colour as extra feature channels "
+                                        "(0: off)."),
     seed: int = typer.Option(0, help="Seed (probe init and pixel sampling; random-init encoders)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N or auto."),
 ):
@@ -119,8 +123,8 @@ def fit_cmd(
         from gl10m.testbed.classes import CONCEPT_NAMES
 
         dev = _device(device)
-        cfg = MapSRConfig(chip=chip, overlap=overlap, probe_steps=probe_steps, probe_pixels=probe_pixels,
-                          probe_balanced=balanced, seed=seed)
+        cfg = MapSRConfig(chip=chip, overlap=overlap, shifts=shifts, color_feature=color_feature,
+                          probe_steps=probe_steps, probe_pixels=probe_pixels, probe_balanced=balanced, seed=seed)
         if shards is not None:
             if image or coarse:
                 raise MapSRError("give either --shards or --image/--coarse, not both")
@@ -160,6 +164,12 @@ def predict_cmd(
     encoder: Optional[str] = typer.Option(None, "--encoder", "-e", help=_ENC_HELP + " Default: the one fit used."),
     refine: bool = typer.Option(True, "--refine/--no-refine", help="Graph refinement after cosine matching."),
     cosine_out: Optional[Path] = typer.Option(None, help="Also write the cosine-matching map here (--image)."),
+    coarse: Optional[Path] = typer.Option(None, "--coarse", help="The image's coarse land-cover GeoTIFF (class map "
+                                          "of fit), for --prior (with --shards: each tile's dominant concept)."),
+    prior: float = typer.Option(0.0, help="Weight of the coarse map as a prior on the cosine scores (0: off; "
+                                "bench/mapsr.py chooses it on val windows)."),
+    prior_radius: int = typer.Option(0, help="The prior is each class's share of the coarse map within this "
+                                     "many pixels (0: the pixel's own coarse label)."),
     refine_mode: str = typer.Option("window", help="window (pixel nodes) or blocks (block x block pixel nodes)."),
     window: int = typer.Option(112, help="Refinement window in pixels."),
     k: Optional[int] = typer.Option(None, "-k", help="kNN neighbours (default 400 window, 100 blocks)."),
@@ -183,12 +193,21 @@ def predict_cmd(
         enc, _ = _encoder(encoder or meta.get("encoder_spec"), seed, dev)
         m, meta = MapSR.load(model, enc)
         m.refine_cfg = _refine_cfg(refine_mode, window, k, gamma, alpha, sigma, maxiter, color)
+        m.cfg.prior, m.cfg.prior_radius = float(prior), int(prior_radius)
         key = "refined" if refine else "cosine"
         if (image is None) == (shards is None):
             raise MapSRError("give exactly one of --image or --shards")
         if image is not None:
             img, prof = read_image(image)
-            res = m.predict(img, refine=refine)
+            grid = None
+            if prior > 0:
+                if coarse is None:
+                    raise MapSRError("--prior needs --coarse (the image's coarse land-cover GeoTIFF)")
+                if not meta.get("class_map"):
+                    raise MapSRError(f"model {model}: fitted without a class map, so --coarse cannot be read")
+                from gl10m.model.mapsr import ClassMap, coarse_on_grid
+                grid = coarse_on_grid(coarse, prof, ClassMap.from_dict(meta["class_map"]))
+            res = m.predict(img, refine=refine, coarse=grid)
             write_map(out, res[key], prof, m.classes, {"mapsr": key, "fit_hash": m.fit_hash})
             if cosine_out:
                 write_map(cosine_out, res["cosine"], prof, m.classes, {"mapsr": "cosine"})
@@ -197,8 +216,8 @@ def predict_cmd(
         if not shards.exists():
             raise MapSRError(f"shards {shards}: no such folder")
         n = 0
-        for s, img, _ in _shard_scenes(shards, split, max_samples, 0.0):
-            res = m.predict(img, refine=refine)
+        for s, img, tiles in _shard_scenes(shards, split, max_samples, 0.0):
+            res = m.predict(img, refine=refine, coarse=tiles if prior > 0 else None)
             write_map(out / f"{s['key']}.tif", res[key], sample_profile(s, img.shape[1:]), m.classes, {"mapsr": key})
             n += 1
         typer.echo(f"wrote {n} maps to {out}")
