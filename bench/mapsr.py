@@ -39,7 +39,7 @@ DEFAULT_BOOTSTRAP = ROOT / "bench" / "out" / "model_quality" / "model" / "encode
 # How the bootstrap encoder is fed (chosen on the val windows, see the module docstring): 256 px chips
 # shrunk to its 64 px input (near the 268 px tiles it was trained on), 4 x 4 shifted passes (a token
 # every 16 px), the image's colour as extra channels.
-BOOTSTRAP_FEATURES = {"chip": 256, "shifts": 4, "color": 0.5}
+BOOTSTRAP_FEATURES = {"chip": 256, "shifts": 4, "color": 1.0}
 
 
 def encoders(bootstrap: Path | None, seed: int) -> tuple[dict, list[str]]:

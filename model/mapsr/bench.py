@@ -11,13 +11,17 @@ checked offline (:func:`run`):
   regions, and a window with more than 5 % unlabelled truth is skipped.
 * **Coarse labels** from the truth, majority per cell (:func:`majority_pool`): NLCD-like 30 m cells
   and GL-10M's 268 px tiles (with 268 px windows: one label per window, the tile's dominant class).
-* **Methods**, all on the same frozen encoder's dense features (:func:`dense_features`):
+* **Methods**, all on the same frozen encoder's dense features (:func:`dense_features`, with the
+  encoder's settings in ``BenchConfig.features``: chip size, shifted passes, colour channels):
   ``coarse`` (the coarse map upsampled, nothing trained); ``cosine`` (MapSR fitted on the *coarse*
-  labels of the train windows: linear probe, prompts, cosine matching); ``refined`` (graph
-  refinement on top, its settings chosen on the val windows, :func:`select_refinement`, among a
-  small grid that includes "no refinement", so on val it is never below cosine);
-  ``supervised`` (:class:`DenseHead`, a small per-pixel MLP trained on the train windows' *1 m*
-  truth: what HR labels buy).
+  labels of the train windows: linear probe, prompts, cosine matching, with the window's own coarse
+  map as a prior at prediction time, its weight chosen on the val windows among
+  ``BenchConfig.priors``, 0 = none, :func:`select_prior`: MapSR's task gives it the coarse map);
+  ``refined`` (graph refinement on top, its settings chosen on the val windows,
+  :func:`select_refinement`, among a small grid that includes "no refinement", so on val it is
+  never below cosine); ``supervised`` (:class:`DenseHead`, a small per-pixel MLP trained on the
+  train windows' *1 m* truth: what HR labels buy); ``cosine_noprior`` (cosine matching without the
+  prior, to show what the prior does).
 * **Scores.** The headline is the *pooled* mIoU over the test windows (one confusion matrix summed
   over all windows, the usual segmentation score), with a bootstrap 95 % interval that resamples
   windows (:func:`pooled_ci`); paired differences (refined - cosine, cosine - coarse, ...) use the
@@ -47,7 +51,7 @@ from gl10m.model.mapsr.model import (FeatureMap, MapSR, MapSRConfig, MapSRError,
 
 SPLIT_SEEDS = {"train": 101, "val": 2027, "test": 7919}
 METHODS = ("coarse", "cosine", "refined", "supervised", "cosine_noprior")
-PRIORS = (0.0, 0.05, 0.1, 0.2, 0.4)  # coarse-prior weights tried on val (0: none)
+PRIORS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4, 1.0)  # coarse-prior weights tried on val (0: none)
 MAX_UNLABELLED = 0.05
 
 

@@ -11,6 +11,11 @@ implementation). Four steps:
    token grids are stitched into one token grid by a weighted average (a tent window per chip, so
    token estimates near a chip edge count less), and upsampled to pixels bilinearly (token centres
    at pixel centres) on demand, window by window (only the token grid is held in memory).
+   Options: ``chip`` larger than ``hr_size`` feeds the encoder at a coarser scale (an encoder
+   trained on 268 px GL-10M tiles shrunk to 64 px sees 256 px chips as it saw its tiles);
+   ``shifts=n`` runs it on ``n x n`` copies of the image shifted by sub-token offsets and interleaves
+   the token grids (a token every ``stride / n`` pixels); ``color_feature`` appends the image's own
+   RGB to every pixel's (L2-normalised) token feature.
 2. **Linear probe** (fitted once on the coarse labels). A single ``nn.Linear(D, C)`` on
    L2-normalised pixel features, trained with cross-entropy on up to ``probe_pixels`` pixels
    sampled at random (seeded) from the pixels that carry a coarse label, AdamW, full batch,
@@ -31,7 +36,10 @@ implementation). Four steps:
    takes the argmax. Defaults: pixel windows of 112 px, k=400, gamma=3, alpha=0.95, sigma=0.01
    (``--refine-mode blocks``: 4x4-pixel blocks as nodes, k=100, gamma=1, alpha=0.5, sigma=0); an
    optional colour term ``exp(-color |c_i - c_j|)`` on the image's RGB, off by default, lets the image
-   say where a boundary runs inside one encoder token).
+   say where a boundary runs inside one encoder token). Optionally (``prior > 0``), the coarse map,
+   which MapSR has at prediction time anyway (its task: HR image + LR map -> HR map), is a prior:
+   every class's cosine score gets ``prior`` times its share of the coarse map within
+   ``prior_radius`` pixels (:func:`coarse_prior`) before the argmax and the refinement.
 
 Nothing is cached between calls: features are recomputed from the inputs every time, and a fitted
 model (probe + prompts) records the sha256 of the inputs it was fitted on (``fit_hash``), so a
