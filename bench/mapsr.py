@@ -1,7 +1,7 @@
 """Benchmark: MapSR on held-out testbed windows with known 1 m truth, against a supervised baseline.
 
     .venv/bin/python bench/mapsr.py [--bootstrap DIR] [--size 268] [--cells 30,268] [--train 24]
-        [--val 12] [--test 50] [--threads 1] [--json PATH]
+        [--val 12] [--test 50] [--chip 256] [--shifts 4] [--color 1.0] [--threads 1] [--json PATH]
 
 For each frozen encoder (the tiny random ViT of `gl10m mapsr`, and the bootstrap encoder that
 `gl10m model fit` trains on the model-scale world's shards, when it is there) and each coarse cell
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from _results import add_json_arg, record, write_json  # noqa: E402
 
 DEFAULT_BOOTSTRAP = ROOT / "bench" / "out" / "model_quality" / "model" / "encoder"
-# How the bootstrap encoder is fed (chosen on the val windows, see the module docstring): 256 px chips
+# How the bootstrap encoder is fed (chosen on the val windows; the README's MapSR section): 256 px chips
 # shrunk to its 64 px input (near the 268 px tiles it was trained on), 4 x 4 shifted passes (a token
 # every 16 px), the image's colour as extra channels.
 BOOTSTRAP_FEATURES = {"chip": 256, "shifts": 4, "color": 1.0}
