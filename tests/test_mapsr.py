@@ -492,7 +492,9 @@ def test_cli_fit_predict_eval_geotiffs_keep_crs_and_transform(geo):
         assert res.exit_code == 2, (args, res.output)
         assert msg in res.output and "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
     from affine import Affine
-    _write_tif(geo / "nocrs.tif", np.zeros((3, 8, 8), np.uint8), None, Affine.identity())
+    from rasterio.errors import NotGeoreferencedWarning
+    with pytest.warns(NotGeoreferencedWarning):  # on purpose: an image without georeferencing
+        _write_tif(geo / "nocrs.tif", np.zeros((3, 8, 8), np.uint8), None, Affine.identity())
     with pytest.raises(M.MapSRError, match="no CRS"):
         IO.read_image(geo / "nocrs.tif")
     res = r.invoke(mapsr_app, ["--help"])
