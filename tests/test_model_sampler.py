@@ -293,6 +293,11 @@ def test_task_loss_and_metrics():
     assert torch.allclose(t3, g_star(batch["s_vis"], batch["hr_embed"], batch["lr_embed"], text, batch["labels"],
                                      variant="coverage", novel=[1], tile_frac=batch["tile_frac"]))
     assert not torch.allclose(t3, target)
+    # only the coverage variant needs the tile fractions
+    no_frac = {k: v for k, v in batch.items() if k != "tile_frac"}
+    assert torch.allclose(task.targets(no_frac, text), target)
+    with pytest.raises(UserError, match="lacks tile_frac"):
+        task3.targets(no_frac, text)
 
 
 def test_sampler_overfits_a_few_samples():

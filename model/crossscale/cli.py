@@ -85,7 +85,7 @@ def model_fit(shards: Path = typer.Option(..., "--shards", help="A shards folder
               device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda (default: the config's)."),
               dry_run: bool = typer.Option(False, "--dry-run", help="Say which parts would run or resume; run nothing.")):
     """Train the whole model from image shards: encoder bootstrap, feature cache, sampler (+ the
-    structural ablation), predictor stage I (+ no-LR ablation) and stage II, and the scene head
+    ablation samplers the config names: coverage and structural), predictor stage I (+ no-LR ablation) and stage II, and the scene head
     every evaluation row is scored through, with novel concepts held out everywhere. Reruns skip finished parts, resume unfinished ones and redo what changed."""
     from gl10m.model.crossscale.fit import cli_fit
 
@@ -111,7 +111,7 @@ def model_eval(checkpoint: Optional[Path] = typer.Option(
                    None, "--predictor-stage2", help="A stage II predictor (row scored by its SigLIP head)."),
                variant: Optional[list[str]] = typer.Option(
                    None, "--variant", help="VARIANT=RUN: a sampler trained on another supervision variant "
-                   "(structural, semantic, additive, multiplicative); repeatable."),
+                   "(multiplicative, structural, semantic, additive, coverage); repeatable."),
                novel: Optional[str] = typer.Option(
                    None, "--novel", help="Comma-separated novel concepts (names or ids), reported apart from base."),
                threshold: Optional[float] = typer.Option(

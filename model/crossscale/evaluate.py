@@ -355,7 +355,6 @@ class _Batch:
         with shared("io_lr"):
             heads = [reader.read(i, (smp.LR_FIELD, smp.LABELS_FIELD)) for i in idx]
         self.labels = np.stack([gdata.decode_labels(h[smp.LABELS_FIELD], k) for h, k in zip(heads, self.keys)])
-        self.reader = reader
         with shared("decode_lr"):
             lr = np.stack([gdata.decode_lr(h[smp.LR_FIELD], k) for h, k in zip(heads, self.keys)])
             self.lr = torch.from_numpy(lr).permute(0, 3, 1, 2)
@@ -374,7 +373,7 @@ class _Batch:
         """The ``oracle_cover`` row's tiles: each scene's ``counts`` first tiles of a greedy cover
         of its labelled concepts (read from its labels and tile fractions, outside every timer:
         no method could read them)."""
-        frac = np.stack([smp.decode_tile_frac(self.reader.read(i, (smp.TILE_FRAC_FIELD,))[smp.TILE_FRAC_FIELD])
+        frac = np.stack([smp.decode_tile_frac(self.ev.reader.read(i, (smp.TILE_FRAC_FIELD,))[smp.TILE_FRAC_FIELD])
                          for i in self.idx])
         order = cover_order(torch.from_numpy(frac.astype(np.float32)), torch.from_numpy(self.labels))
         m = torch.zeros(len(self.idx), N_TILES, dtype=torch.bool)

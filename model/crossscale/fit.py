@@ -51,7 +51,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_FIT_CONFIG = CONFIGS / "fit-cpu.yaml"
 STATE_NAME = "fit.json"
 FIT_VERSION = 1
-VARIANT_NAMES = ("multiplicative", "structural", "semantic", "additive", "coverage")
 SECTIONS = ("device", "novel", "profile", "encoder", "features", "sampler", "variants", "predictor",
             "predictor_nolr", "stage2", "scene_head")
 
@@ -106,10 +105,12 @@ def load_fit_config(config: str | os.PathLike | dict | None = None) -> dict:
     dev = raw.get("device", "auto")
     if dev not in ("auto", "cpu", "cuda") and not str(dev).startswith("cuda:"):
         raise FitError(f"fit config: device must be auto, cpu or cuda, got {dev!r}")
+    from .supervision import VARIANTS  # the one list of G* variants (imports torch: not at module import)
+
     variants = list(raw.get("variants") or [])
-    bad = [v for v in variants if v not in VARIANT_NAMES]
+    bad = [v for v in variants if v not in VARIANTS]
     if bad:
-        raise FitError(f"fit config: unknown sampler variant {bad[0]!r} (one of {', '.join(VARIANT_NAMES)})")
+        raise FitError(f"fit config: unknown sampler variant {bad[0]!r} (one of {', '.join(VARIANTS)})")
     enc = dict(raw.get("encoder") or {})
     weights = enc.pop("weights", None)
     return {

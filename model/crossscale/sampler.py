@@ -210,7 +210,7 @@ class SamplerTask:
 
     name = "sampler"
     config_keys = ("supervision", "selection")
-    needs = ("lr_tokens", "s_vis", "hr_embed", "lr_embed", "labels", "tile_frac")
+    needs = ("lr_tokens", "s_vis", "hr_embed", "lr_embed", "labels")  # + tile_frac for the coverage variant
 
     def __init__(self, cfg: dict | None = None):
         self.cfg = resolve_config(cfg)
@@ -227,7 +227,8 @@ class SamplerTask:
         return build_sampler(self.cfg, dims.get("D_lr", dims.get("D")))
 
     def targets(self, batch: dict, text: torch.Tensor) -> torch.Tensor:
-        missing = [k for k in self.needs if k not in batch]
+        need = self.needs + (("tile_frac",) if self.cfg["supervision"]["variant"] == "coverage" else ())
+        missing = [k for k in need if k not in batch]
         if missing:
             raise UserError(f"sampler batch lacks {', '.join(missing)}")
         sup = self.cfg["supervision"]
@@ -235,7 +236,7 @@ class SamplerTask:
         with torch.no_grad(), torch.autocast(device_type=dev.type, enabled=False):
             return g_star(batch["s_vis"], batch["hr_embed"], batch["lr_embed"], text.to(dev),
                           batch["labels"], lam=sup["lam"], variant=sup["variant"], novel=sup["novel_concepts"],
-                          tile_frac=batch["tile_frac"])
+                          tile_frac=batch.get("tile_frac"))
 
     def loss(self, model: nn.Module, batch: dict, text: torch.Tensor,
              step: int) -> tuple[torch.Tensor, dict[str, float]]:
